@@ -1,0 +1,266 @@
+"""``PersistentKernel``: a Mirage-MPK-style builder for decode-step megakernels.
+
+    mpk = PersistentKernel(num_workers=132, meta_tensors={"step": step, "tokens": tokens})
+    w = mpk.attach_input(weight, name="layers.0.qkv_proj")
+    y = mpk.new_tensor((mpk.max_batch, n), torch.bfloat16, "qkv", "cuda_tensor")
+    mpk.rmsnorm_linear_layer(input=x, weight_norm=wn, weight_linear=w, output=y,
+                             grid_dim=(96, 1, 1), block_dim=(128, 1, 1), eps=1e-6)
+    plan = mpk.compile()
+
+What differs from Mirage, because the plan here is static:
+- ``num_local_schedulers`` and ``num_remote_schedulers`` are accepted and checked (non-negative;
+  remote schedulers only with ``world_size > 1``) but take no SMs: the host computes the per-worker
+  queues ahead of time, and the GPU side only waits on and signals event counters.
+- The per-step inputs of a decode step (``input_ids``, ``positions``, ``seq_lens``,
+  ``block_tables``, ``slot_mapping``) are plan inputs the kernel owns (``mpk.input_ids`` ...). In
+  standalone mode they are derived from the ``step`` and ``tokens`` meta tensors each step; under
+  vLLM they are bound to vLLM's own buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from vllm_mpk.graph.ir import Op, Role, TensorHandle
+from vllm_mpk.graph.ops import REGISTRY
+from vllm_mpk.graph.plan import Plan, build_plan
+
+SUPPORTED_BLOCK_DIMS = ((128, 1, 1), (256, 1, 1))
+IO_CATEGORIES = {"cuda_tensor": Role.INTERMEDIATE, "nvshmem_tensor": Role.SYMMETRIC}
+STEP_INPUT_DTYPES = {"input_ids": torch.int32, "positions": torch.int64, "seq_lens": torch.int32,
+                     "slot_mapping": torch.int64}
+
+Dim3 = int | Sequence[int]
+
+
+def _dim3(value: Dim3, what: str) -> tuple[int, int, int]:
+    dims = (value,) if isinstance(value, int) else tuple(value)
+    if not 1 <= len(dims) <= 3 or not all(isinstance(d, int) and d >= 1 for d in dims):
+        raise ValueError(f"{what} must be a positive int or a tuple of 1 to 3 positive ints, got {value!r}")
+    return (*dims, *(1,) * (3 - len(dims)))  # type: ignore[return-value]
+
+
+class PersistentKernel:
+    def __init__(
+        self,
+        world_size: int = 1,
+        mpi_rank: int = 0,
+        num_workers: int = 132,
+        num_local_schedulers: int = 0,
+        num_remote_schedulers: int = 0,
+        meta_tensors: Mapping[str, torch.Tensor] | Sequence[torch.Tensor] | None = None,
+        profiler_tensor: torch.Tensor | None = None,
+        max_batch: int | None = None,
+        max_seq_len: int | None = None,
+        page_size: int = 16,
+        schedule: str = "earliest_finish",
+    ):
+        if world_size < 1 or not 0 <= mpi_rank < world_size:
+            raise ValueError(f"mpi_rank {mpi_rank} must be in [0, world_size={world_size})")
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+        if num_local_schedulers < 0 or num_remote_schedulers < 0:
+            raise ValueError("scheduler counts must be non-negative")
+        if num_remote_schedulers and world_size == 1:
+            raise ValueError("num_remote_schedulers > 0 needs world_size > 1")
+        if page_size < 1 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {page_size}")
+        self.world_size, self.mpi_rank, self.num_workers = world_size, mpi_rank, num_workers
+        self.num_local_schedulers, self.num_remote_schedulers = num_local_schedulers, num_remote_schedulers
+        self.page_size, self.schedule = page_size, schedule
+        self.meta = self._check_meta(meta_tensors)
+        self.max_batch = self._infer("max_batch", max_batch, self.meta.get("step"), 0)
+        self.max_seq_len = self._infer("max_seq_len", max_seq_len, self.meta.get("tokens"), 1)
+        if "tokens" in self.meta and tuple(self.meta["tokens"].shape[:1]) != (self.max_batch,):
+            raise ValueError(f"meta tensor 'tokens' has shape {tuple(self.meta['tokens'].shape)}, "
+                             f"expected ({self.max_batch}, max_seq_len)")
+        self.profiler_tensor = profiler_tensor
+        self.tensors: dict[str, TensorHandle] = {}
+        self.attached: dict[str, torch.Tensor] = {}
+        self.ops: list[Op] = []
+        self.plan: Plan | None = None
+        self.max_blocks_per_seq = -(-self.max_seq_len // page_size)
+        for name, dtype in STEP_INPUT_DTYPES.items():
+            setattr(self, name, self._declare(name, (self.max_batch,), dtype, Role.INPUT))
+        self.block_tables = self._declare("block_tables", (self.max_batch, self.max_blocks_per_seq),
+                                          torch.int32, Role.INPUT)
+
+    @staticmethod
+    def _check_meta(meta: Mapping[str, torch.Tensor] | Sequence[torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        if meta is None:
+            return {}
+        if not isinstance(meta, Mapping):
+            meta = dict(zip(("step", "tokens"), meta))
+        unknown = set(meta) - {"step", "tokens"}
+        if unknown:
+            raise ValueError(f"unknown meta tensors {sorted(unknown)}; expected 'step' and 'tokens'")
+        if "step" in meta and meta["step"].dim() != 1:
+            raise ValueError(f"meta tensor 'step' must be [batch], got shape {tuple(meta['step'].shape)}")
+        if "tokens" in meta and meta["tokens"].dim() != 2:
+            raise ValueError(f"meta tensor 'tokens' must be [batch, max_seq_len], got {tuple(meta['tokens'].shape)}")
+        return dict(meta)
+
+    @staticmethod
+    def _infer(what: str, given: int | None, meta: torch.Tensor | None, dim: int) -> int:
+        if given is None and meta is None:
+            raise ValueError(f"give {what} or the meta tensors it is read from")
+        if given is not None and meta is not None and meta.shape[dim] != given:
+            raise ValueError(f"{what}={given} disagrees with the meta tensors ({meta.shape[dim]})")
+        value = given if given is not None else int(meta.shape[dim])  # type: ignore[union-attr]
+        if value < 1:
+            raise ValueError(f"{what} must be positive, got {value}")
+        return value
+
+    # tensors ------------------------------------------------------------------------------------
+
+    def _declare(self, name: str, dims: Sequence[int], dtype: torch.dtype, role: Role) -> TensorHandle:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
+        if name in self.tensors:
+            raise ValueError(f"a tensor named '{name}' already exists in this kernel")
+        if not all(isinstance(d, int) and d >= 1 for d in dims):
+            raise ValueError(f"tensor '{name}' has dims {tuple(dims)}; expected positive ints")
+        handle = TensorHandle(name, tuple(dims), dtype, role)
+        self.tensors[name] = handle
+        return handle
+
+    def attach_input(self, torch_tensor: torch.Tensor, name: str) -> TensorHandle:
+        """Use an existing tensor (a weight, a KV cache) in place; the plan never copies it."""
+        if not isinstance(torch_tensor, torch.Tensor):
+            raise ValueError(f"attach_input('{name}') needs a torch.Tensor, got {type(torch_tensor).__name__}")
+        handle = self._declare(name, tuple(torch_tensor.shape), torch_tensor.dtype, Role.INPUT)
+        self.attached[name] = torch_tensor
+        return handle
+
+    def new_tensor(self, dims: Sequence[int], dtype: torch.dtype, name: str,
+                   io_category: str = "cuda_tensor") -> TensorHandle:
+        """An intermediate the kernel allocates; ``nvshmem_tensor`` ones are symmetric across ranks."""
+        if io_category not in IO_CATEGORIES:
+            raise ValueError(f"tensor '{name}': io_category '{io_category}' is not one of {sorted(IO_CATEGORIES)}")
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"tensor '{name}': dtype must be a torch.dtype, got {dtype!r}")
+        return self._declare(name, tuple(dims), dtype, IO_CATEGORIES[io_category])
+
+    # layers -------------------------------------------------------------------------------------
+
+    def _add(self, kind: str, inputs: dict[str, Any], outputs: dict[str, Any], grid_dim: Dim3,
+             block_dim: Dim3, **attrs: Any) -> None:
+        opdef = REGISTRY[kind]
+        name = attrs.pop("name", None) or f"{kind}_{len(self.ops)}"
+        where = f"{kind}_layer '{name}'"
+        handles = {}
+        for role, value in (*inputs.items(), *outputs.items()):
+            if value is None:
+                if role in (*opdef.required_inputs, *opdef.required_outputs):
+                    raise ValueError(f"{where}: {role} is required")
+                continue
+            if not isinstance(value, TensorHandle) or self.tensors.get(value.name) is not value:
+                raise ValueError(f"{where}: {role} must be a tensor of this kernel (from attach_input or "
+                                 f"new_tensor), got {value!r}")
+            handles[role] = value
+        for role in outputs:
+            if role in handles and handles[role].role is Role.INPUT:
+                raise ValueError(f"{where}: output '{handles[role].name}' is an attached input; "
+                                 f"outputs must come from new_tensor")
+        block = _dim3(block_dim, f"{where}: block_dim")
+        if block not in SUPPORTED_BLOCK_DIMS:
+            raise ValueError(f"{where}: block_dim {block} is not supported; the runtime runs {SUPPORTED_BLOCK_DIMS}")
+        op = Op(len(self.ops), kind, name, {r: h for r, h in handles.items() if r in inputs},
+                {r: h for r, h in handles.items() if r in outputs}, attrs, _dim3(grid_dim, f"{where}: grid_dim"), block)
+        opdef.check(op)
+        self.ops.append(op)
+        self.plan = None
+
+    def embed_layer(self, input: TensorHandle | None, weight: TensorHandle, output: TensorHandle,
+                    grid_dim: Dim3, block_dim: Dim3, vocab_start: int = 0, name: str | None = None) -> None:
+        """``output = weight[input]``; ``input`` defaults to the kernel's ``input_ids``."""
+        self._add("embed", {"input": input or self.input_ids, "weight": weight}, {"output": output},
+                  grid_dim, block_dim, vocab_start=vocab_start, name=name)
+
+    def rmsnorm_layer(self, input: TensorHandle, weight: TensorHandle, output: TensorHandle, grid_dim: Dim3,
+                      block_dim: Dim3, eps: float = 1e-6, residual: TensorHandle | None = None,
+                      residual_output: TensorHandle | None = None, name: str | None = None) -> None:
+        self._add("rmsnorm", {"input": input, "weight": weight, "residual": residual},
+                  {"output": output, "residual_output": residual_output}, grid_dim, block_dim, eps=eps, name=name)
+
+    def rmsnorm_linear_layer(self, input: TensorHandle, weight_norm: TensorHandle, weight_linear: TensorHandle,
+                             output: TensorHandle, grid_dim: Dim3, block_dim: Dim3, eps: float = 1e-6,
+                             name: str | None = None) -> None:
+        self._add("rmsnorm_linear", {"input": input, "norm_weight": weight_norm, "weight": weight_linear},
+                  {"output": output}, grid_dim, block_dim, eps=eps, name=name)
+
+    def linear_layer(self, input: TensorHandle, weight: TensorHandle, output: TensorHandle, grid_dim: Dim3,
+                     block_dim: Dim3, bias: TensorHandle | None = None, name: str | None = None) -> None:
+        self._add("linear", {"input": input, "weight": weight, "bias": bias}, {"output": output},
+                  grid_dim, block_dim, name=name)
+
+    def linear_with_residual_layer(self, input: TensorHandle, weight: TensorHandle, residual: TensorHandle,
+                                   output: TensorHandle, grid_dim: Dim3, block_dim: Dim3,
+                                   bias: TensorHandle | None = None, name: str | None = None) -> None:
+        self._add("linear_with_residual", {"input": input, "weight": weight, "bias": bias, "residual": residual},
+                  {"output": output}, grid_dim, block_dim, name=name)
+
+    def attention_layer(self, input: TensorHandle, kv_cache: TensorHandle, cos_sin_cache: TensorHandle,
+                        output: TensorHandle, grid_dim: Dim3, block_dim: Dim3, num_q_heads: int,
+                        num_kv_heads: int, head_dim: int, q_norm: TensorHandle | None = None,
+                        k_norm: TensorHandle | None = None, eps: float = 1e-6, scale: float | None = None,
+                        name: str | None = None) -> None:
+        """Paged GQA decode attention over vLLM's packed K|V cache; see ``graph/ops/attention.py``."""
+        if kv_cache is not None and kv_cache.role is not Role.INPUT:
+            raise ValueError(f"attention_layer: kv_cache '{kv_cache.name}' must be attached with attach_input")
+        if kv_cache is not None and len(kv_cache.shape) == 4 and kv_cache.shape[2] != self.page_size:
+            raise ValueError(f"attention_layer: kv_cache '{kv_cache.name}' has block size {kv_cache.shape[2]}, "
+                             f"expected the kernel's page_size {self.page_size}")
+        self._add("attention", {"input": input, "kv_cache": kv_cache, "cos_sin_cache": cos_sin_cache,
+                                "positions": self.positions, "seq_lens": self.seq_lens,
+                                "block_tables": self.block_tables, "slot_mapping": self.slot_mapping,
+                                "q_norm": q_norm, "k_norm": k_norm},
+                  {"output": output}, grid_dim, block_dim, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                  head_dim=head_dim, eps=eps, scale=scale if scale is not None else head_dim ** -0.5, name=name)
+
+    def silu_mul_layer(self, input: TensorHandle, output: TensorHandle, grid_dim: Dim3, block_dim: Dim3,
+                       name: str | None = None) -> None:
+        self._add("silu_mul", {"input": input}, {"output": output}, grid_dim, block_dim, name=name)
+
+    def silu_mul_linear_with_residual_layer(self, input: TensorHandle, weight: TensorHandle, residual: TensorHandle,
+                                            output: TensorHandle, grid_dim: Dim3, block_dim: Dim3,
+                                            name: str | None = None) -> None:
+        self._add("silu_mul_linear_with_residual", {"input": input, "weight": weight, "residual": residual},
+                  {"output": output}, grid_dim, block_dim, name=name)
+
+    def allreduce_layer(self, input: TensorHandle, output: TensorHandle, grid_dim: Dim3, block_dim: Dim3,
+                        buffer: TensorHandle | None = None, name: str | None = None) -> None:
+        """Sum ``input`` over the ``world_size`` ranks into ``output``. With several ranks ``input``
+        must be an ``nvshmem_tensor`` so that peers can read it."""
+        if self.world_size > 1 and input is not None and input.role is not Role.SYMMETRIC:
+            raise ValueError(f"allreduce_layer: input '{input.name}' must be an nvshmem_tensor when world_size > 1")
+        self._add("allreduce", {"input": input}, {"output": output}, grid_dim, block_dim,
+                  world_size=self.world_size, name=name)
+
+    def argmax_layer(self, input: TensorHandle, output: TensorHandle, grid_dim: Dim3, block_dim: Dim3,
+                     vocab_start: int = 0, name: str | None = None) -> None:
+        """Greedy token per row; the partial results of the two-stage reduction are allocated here."""
+        tiles = _dim3(grid_dim, "argmax_layer: grid_dim")
+        count = tiles[0] * tiles[1] * tiles[2]
+        label = name or f"argmax_{len(self.ops)}"
+        batch = input.shape[0] if isinstance(input, TensorHandle) else self.max_batch
+        partial_value = self.new_tensor((batch, count), torch.float32, f"{label}.partial_value")
+        partial_index = self.new_tensor((batch, count), torch.int64, f"{label}.partial_index")
+        self._add("argmax", {"input": input}, {"output": output, "partial_value": partial_value,
+                                               "partial_index": partial_index},
+                  grid_dim, block_dim, vocab_start=vocab_start, name=label)
+
+    # compile and run ----------------------------------------------------------------------------
+
+    def compile(self) -> Plan:
+        """Lower, wire events, schedule and validate. Raises ValueError on an invalid graph."""
+        if not self.ops:
+            raise ValueError("nothing to compile: add layers first")
+        blocks = {op.block_dim for op in self.ops}
+        if len(blocks) > 1:
+            raise ValueError(f"all layers must share one block_dim (the kernel's block size), got {sorted(blocks)}")
+        self.plan = build_plan(self.tensors, self.ops, self.num_workers, self.schedule)
+        return self.plan

@@ -1,0 +1,116 @@
+"""Event wiring.
+
+For each task, the tiles that wrote what it reads are grouped by the op they belong to; each
+group becomes one event (a counter with that many producers), shared by every task that needs
+exactly that group. A linear layer's tiles thus all wait on one event, while an attention tile for
+KV head h waits on an event that only the QKV tiles covering head h trigger.
+
+Groups implied by another are dropped (transitive reduction at op level): once every tile of op
+Q has run, every op whose tiles Q's tiles together depended on has run too. The residual read of
+``o_proj`` is covered this way by its wait on the attention tiles, so it costs no event.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from functools import cache
+
+import numpy as np
+
+from vllm_mpk.graph.ir import Access, Event, Role, Task, TensorHandle, box_slices
+
+
+class WriterIndex:
+    """Which task wrote each element of each tensor.
+
+    SSA intermediates get a dense owner map (a double write raises); attached tensors that an op
+    updates in place (the KV cache) keep their write accesses and are matched by box overlap.
+    """
+
+    def __init__(self, tensors: dict[str, TensorHandle], tasks: list[Task]):
+        self.owner: dict[str, np.ndarray] = {}
+        self.in_place: dict[str, list[tuple[Task, Access]]] = defaultdict(list)
+        self._memo: dict[tuple[str, tuple], frozenset[int]] = {}
+        for task in tasks:
+            for w in task.writes:
+                t = tensors[w.tensor]
+                if t.role is Role.INPUT:
+                    self.in_place[w.tensor].append((task, w))
+                    continue
+                owner = self.owner.setdefault(w.tensor, np.full(t.shape, -1, dtype=np.int32))
+                region = owner[box_slices(w.box)]
+                if (region >= 0).any():
+                    other = int(region[region >= 0].flat[0])
+                    raise ValueError(f"tensor '{w.tensor}' box {w.box} is written by task {task.id} "
+                                     f"({task.op.name}) and task {other}: every element needs exactly one writer")
+                region[...] = task.id
+
+    def writers(self, reader: Task, access: Access) -> frozenset[int]:
+        """Tasks that write what ``access`` reads; -1 in the result marks unwritten elements."""
+        if access.tensor in self.owner:
+            key = (access.tensor, access.box)
+            if key not in self._memo:
+                self._memo[key] = frozenset(np.unique(self.owner[access.tensor][box_slices(access.box)]).tolist())
+            return self._memo[key]
+        return frozenset(t.id for t, w in self.in_place.get(access.tensor, ())
+                         if t.op.index < reader.op.index and w.overlaps(access))
+
+    def dependencies(self, task: Task) -> set[int]:
+        deps: set[int] = set()
+        for access in task.reads:
+            deps |= self.writers(task, access)
+        deps.discard(-1)
+        deps.discard(task.id)
+        return deps
+
+
+def _group_by_op(tasks: list[Task], deps: set[int]) -> dict[int, frozenset[int]]:
+    groups: dict[int, set[int]] = defaultdict(set)
+    for d in deps:
+        groups[tasks[d].op.index].add(d)
+    return {op: frozenset(g) for op, g in groups.items()}
+
+
+def wire_events(tensors: dict[str, TensorHandle], tasks: list[Task]) -> list[Event]:
+    """Set ``wait_events`` and ``signal_events`` on every task and return the events."""
+    index = WriterIndex(tensors, tasks)
+    tiles_of_op: dict[int, int] = defaultdict(int)
+    for t in tasks:
+        tiles_of_op[t.op.index] += 1
+    groups = [_group_by_op(tasks, index.dependencies(t)) for t in tasks]
+
+    covered: dict[int, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
+    for t, g in zip(tasks, groups):
+        for op, members in g.items():
+            covered[t.op.index][op] |= members
+    full_cover = {q: {p for p, m in deps.items() if len(m) == tiles_of_op[p]} for q, deps in covered.items()}
+
+    @cache
+    def completes(q: int) -> frozenset[int]:
+        """Ops that have fully run once every tile of op ``q`` has run (``q`` included)."""
+        out = {q}
+        for p in full_cover.get(q, ()):
+            if p < q:
+                out |= completes(p)
+        return frozenset(out)
+
+    by_producers: dict[frozenset[int], Event] = {}
+    signals: dict[int, list[int]] = defaultdict(list)
+    for task, g in zip(tasks, groups):
+        full = [op for op, m in g.items() if len(m) == tiles_of_op[op]]
+        implied = set().union(*(completes(op) - {op} for op in full))
+        waits = []
+        for op in sorted(g):
+            if op in implied:
+                continue
+            if g[op] not in by_producers:
+                event = Event(len(by_producers), tuple(sorted(g[op])))
+                by_producers[g[op]] = event
+                for p in event.producers:
+                    signals[p].append(event.id)
+            by_producers[g[op]].consumers.append(task.id)
+            waits.append(by_producers[g[op]].id)
+        task.wait_events = tuple(waits)
+    for task in tasks:
+        task.signal_events = tuple(signals[task.id])
+    return list(by_producers.values())

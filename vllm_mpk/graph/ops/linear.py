@@ -1,0 +1,117 @@
+"""Linear layers: ``y = x W^T (+ bias) (+ residual)``, optionally on ``rmsnorm(x)``.
+
+Tiles own a contiguous block of output columns (weight rows) and read the whole input row, so
+each tile streams its own slice of the weight exactly once. Column blocks are multiples of 16,
+the tensor-core tile width on the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_mpk.graph.ir import Access, Op, split_even
+from vllm_mpk.graph.ops.base import (
+    FLOAT_DTYPES,
+    Env,
+    OpDef,
+    Tile,
+    col_box,
+    expect_dtype,
+    expect_rank,
+    expect_shape,
+    expect_tiles,
+    layer_error,
+    rms_normalize,
+    rows,
+    store,
+)
+
+COLUMN_ALIGN = 16
+
+
+class LinearFamily(OpDef):
+    """Shared checks, tiling and arithmetic for the three linear layers."""
+
+    required_inputs = ("input", "weight")
+    optional_inputs: tuple[str, ...] = ("bias",)
+    normalized = False
+    with_residual = False
+
+    def check(self, op: Op) -> None:
+        x, w, out = op.inputs["input"], op.inputs["weight"], op.outputs["output"]
+        for role, t in (("input", x), ("weight", w), ("output", out)):
+            expect_rank(op, role, t, 2)
+            expect_dtype(op, role, t, FLOAT_DTYPES)
+        batch, k = x.shape
+        n = w.shape[0]
+        expect_shape(op, "weight", w, (n, k))
+        expect_shape(op, "output", out, (batch, n))
+        if "bias" in op.inputs:
+            expect_shape(op, "bias", op.inputs["bias"], (n,))
+        if self.with_residual:
+            expect_shape(op, "residual", op.inputs["residual"], (batch, n))
+        if self.normalized:
+            expect_shape(op, "norm weight", op.inputs["norm_weight"], (k,))
+            if "eps" not in op.attrs:
+                raise layer_error(op, "eps is required")
+        expect_tiles(op, -(-n // COLUMN_ALIGN), f"{n} output columns in blocks of {COLUMN_ALIGN}")
+
+    def lower(self, op: Op) -> list[Tile]:
+        x, w, out = op.inputs["input"], op.inputs["weight"], op.outputs["output"]
+        batch, k = x.shape
+        tiles = []
+        for c0, c1 in split_even(w.shape[0], op.num_tiles, COLUMN_ALIGN):
+            reads = [Access(x.name, x.full_box), Access(w.name, ((c0, c1), (0, k)))]
+            if "bias" in op.inputs:
+                reads.append(Access(op.inputs["bias"].name, ((c0, c1),)))
+            if self.with_residual:
+                reads.append(Access(op.inputs["residual"].name, col_box(batch, c0, c1)))
+            if self.normalized:
+                nw = op.inputs["norm_weight"]
+                reads.append(Access(nw.name, nw.full_box))
+            nbytes = (c1 - c0) * k * w.dtype.itemsize + x.nbytes + batch * (c1 - c0) * out.dtype.itemsize
+            tiles.append(Tile(tuple(reads), (Access(out.name, col_box(batch, c0, c1)),), nbytes,
+                              {"col_start": c0, "col_end": c1}))
+        return tiles
+
+    def _compute(self, op: Op, env: Env, c0: int, c1: int) -> torch.Tensor:
+        r = rows(env)
+        x = env[op.inputs["input"].name][r].float()
+        if self.normalized:
+            x = rms_normalize(x, env[op.inputs["norm_weight"].name], op.attrs["eps"])
+        y = x @ env[op.inputs["weight"].name][c0:c1].float().T
+        if "bias" in op.inputs:
+            y = y + env[op.inputs["bias"].name][c0:c1].float()
+        if self.with_residual:
+            y = y + env[op.inputs["residual"].name][r, c0:c1].float()
+        return y
+
+    def run_tile(self, op: Op, params: dict[str, int], env: Env) -> None:
+        c0, c1 = params["col_start"], params["col_end"]
+        store(env[op.outputs["output"].name][rows(env), c0:c1], self._compute(op, env, c0, c1))
+
+    def reference(self, op: Op, env: Env) -> None:
+        n = op.inputs["weight"].shape[0]
+        store(env[op.outputs["output"].name][rows(env)], self._compute(op, env, 0, n))
+
+
+class Linear(LinearFamily):
+    kind = "linear"
+    opcode = 3
+
+
+class LinearWithResidual(LinearFamily):
+    kind = "linear_with_residual"
+    opcode = 4
+    required_inputs = ("input", "weight", "residual")
+    with_residual = True
+
+
+class RMSNormLinear(LinearFamily):
+    """RMSNorm fused into the following projection; every tile recomputes the row statistics
+    (K values per row), which costs far less than a separate pass and an extra event."""
+
+    kind = "rmsnorm_linear"
+    opcode = 5
+    required_inputs = ("input", "norm_weight", "weight")
+    normalized = True

@@ -1,0 +1,108 @@
+"""The CPU reference executor: runs a compiled plan tile by tile with torch ops.
+
+Orders:
+- ``"schedule"``: the workers' queues, interleaved the way the GPU may run them (each worker runs
+  its head task once the task's event has fired);
+- ``"random"``: any order that respects only the events, drawn with ``seed``; a missing event
+  then lets a tile read a poisoned (NaN) intermediate and the result goes wrong;
+- ``"layers"``: every layer whole, in program order, through its plain definition.
+
+Intermediates are poisoned before every step (NaN for floats, -1 for integers). With
+``exact=True`` intermediates are stored in float32 instead of their declared dtype, which makes
+the executor a float32 model for comparisons with ``transformers``; by default rounding matches
+the declared dtypes, as on the GPU.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from vllm_mpk.graph.ir import Role
+from vllm_mpk.graph.ops import REGISTRY, Env
+from vllm_mpk.graph.ops.base import AllReduce
+from vllm_mpk.graph.plan import Plan
+from vllm_mpk.graph.schedule import topological_order
+
+ORDERS = ("schedule", "random", "layers")
+
+
+class ReferenceExecutor:
+    def __init__(self, plan: Plan, inputs: dict[str, torch.Tensor], *, exact: bool = False,
+                 all_reduce: AllReduce | None = None):
+        missing = [n for n, t in plan.tensors.items() if t.role is Role.INPUT and n not in inputs]
+        if missing:
+            raise ValueError(f"no tensor given for plan inputs {missing}")
+        self.plan = plan
+        self.tensors = dict(inputs)
+        for name, t in plan.tensors.items():
+            if t.role is not Role.INPUT:
+                dtype = torch.float32 if exact and t.dtype.is_floating_point else t.dtype
+                self.tensors[name] = torch.empty(t.shape, dtype=dtype)
+        self.all_reduce = all_reduce
+
+    def poison(self) -> None:
+        for name, t in self.plan.tensors.items():
+            if t.role is not Role.INPUT:
+                self.tensors[name].fill_(float("nan") if t.dtype.is_floating_point else -1)
+
+    def run_step(self, num_tokens: int, order: str = "schedule", seed: int = 0) -> None:
+        if order not in ORDERS:
+            raise ValueError(f"unknown order '{order}'; choose one of {ORDERS}")
+        self.poison()
+        env = Env(self.tensors, num_tokens)
+        if self.all_reduce is not None:
+            env.all_reduce = self.all_reduce
+        if order == "layers":
+            for op in self.plan.ops:
+                REGISTRY[op.kind].reference(op, env)
+            return
+        ids = self._scheduled_order() if order == "schedule" else self._random_order(seed)
+        for tid in ids:
+            task = self.plan.tasks[tid]
+            REGISTRY[task.op.kind].run_tile(task.op, task.params, env)
+
+    def _scheduled_order(self) -> list[int]:
+        """Round-robin over workers, one task at a time, each waiting for its event."""
+        plan = self.plan
+        count = [0] * len(plan.events)
+        head = [0] * plan.num_workers
+        order: list[int] = []
+        progress = True
+        while progress:
+            progress = False
+            for w, queue in enumerate(plan.queues):
+                if head[w] == len(queue):
+                    continue
+                task = plan.tasks[queue[head[w]]]
+                if all(count[e] == plan.events[e].trigger_count for e in task.wait_events):
+                    order.append(task.id)
+                    head[w] += 1
+                    progress = True
+                    for s in task.signal_events:
+                        count[s] += 1
+        if len(order) != len(plan.tasks):
+            raise RuntimeError(f"the schedule deadlocked after {len(order)} of {len(plan.tasks)} tasks")
+        return order
+
+    def _random_order(self, seed: int) -> list[int]:
+        """A uniformly random choice among the tasks whose events have fired, step by step."""
+        plan, rng = self.plan, random.Random(seed)
+        count = [0] * len(plan.events)
+        unfired = [len(t.wait_events) for t in plan.tasks]
+        ready = [t.id for t in plan.tasks if not unfired[t.id]]
+        order: list[int] = []
+        while ready:
+            tid = ready.pop(rng.randrange(len(ready)))
+            order.append(tid)
+            for s in plan.tasks[tid].signal_events:
+                count[s] += 1
+                if count[s] == plan.events[s].trigger_count:
+                    for c in plan.events[s].consumers:
+                        unfired[c] -= 1
+                        if not unfired[c]:
+                            ready.append(c)
+        if len(order) != len(plan.tasks):
+            topological_order(plan.tasks, plan.events)  # raises with the cycle
+        return order

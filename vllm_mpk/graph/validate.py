@@ -1,0 +1,95 @@
+"""Compile-time checks of a plan, independent of how its events were wired:
+
+1. every element of every intermediate is written by exactly one task, and nothing reads an
+   element that no task writes;
+2. the event graph is acyclic;
+3. every read is ordered after the tasks that wrote it by events, directly or transitively;
+4. the per-worker queues cannot deadlock (simulated with the counters).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from vllm_mpk.graph.events import WriterIndex
+from vllm_mpk.graph.ir import Event, Role, Task, TensorHandle
+from vllm_mpk.graph.schedule import topological_order
+
+
+def check_coverage(tensors: dict[str, TensorHandle], index: WriterIndex) -> None:
+    for name, t in tensors.items():
+        if t.role is Role.INPUT:
+            continue
+        owner = index.owner.get(name)
+        if owner is None:
+            raise ValueError(f"intermediate '{name}' is never written by any layer")
+        if (owner < 0).any():
+            first = tuple(int(i) for i in np.argwhere(owner < 0)[0])
+            raise ValueError(f"intermediate '{name}' has {(owner < 0).sum()} elements no task writes, e.g. {first}")
+
+
+def event_ancestry(tasks: list[Task], events: list[Event]) -> list[int]:
+    """For each event, a bitset (Python int) of every task that has run once it fires."""
+    done = [0] * len(events)
+    before = [0] * len(tasks)  # tasks guaranteed to have run before each task starts
+    for tid in topological_order(tasks, events):
+        for e in tasks[tid].wait_events:
+            before[tid] |= done[e]
+        for e in tasks[tid].signal_events:
+            done[e] |= before[tid] | (1 << tid)
+    return done
+
+
+def check_reads_ordered(tasks: list[Task], events: list[Event], index: WriterIndex) -> None:
+    done = event_ancestry(tasks, events)
+    for task in tasks:
+        seen = 0
+        for e in task.wait_events:
+            seen |= done[e]
+        for access in task.reads:
+            for p in index.writers(task, access):
+                if p == -1 and access.tensor in index.owner:
+                    raise ValueError(f"{task} reads '{access.tensor}' box {access.box}, part of which nothing writes")
+                if p not in (-1, task.id) and not (seen >> p) & 1:
+                    raise ValueError(f"{task} reads '{access.tensor}' box {access.box} written by {tasks[p]}, "
+                                     f"but no event orders the write before the read")
+
+
+def check_no_deadlock(tasks: list[Task], events: list[Event], queues: list[list[int]]) -> None:
+    """Run the queues the way the GPU does: a worker's head task starts once each of its events
+    has reached its trigger count; finishing it signals its events."""
+    if sorted(t for q in queues for t in q) != list(range(len(tasks))):
+        raise ValueError("the schedule does not place every task on exactly one worker")
+    count = [0] * len(events)
+    head = [0] * len(queues)
+    waiting: dict[int, list[int]] = {}
+    runnable = deque(range(len(queues)))
+    done = 0
+    while runnable:
+        w = runnable.popleft()
+        while head[w] < len(queues[w]):
+            task = tasks[queues[w][head[w]]]
+            pending = next((e for e in task.wait_events if count[e] < events[e].trigger_count), None)
+            if pending is not None:
+                waiting.setdefault(pending, []).append(w)
+                break
+            head[w] += 1
+            done += 1
+            for s in task.signal_events:
+                count[s] += 1
+                if count[s] == events[s].trigger_count:
+                    runnable.extend(waiting.pop(s, []))
+    if done != len(tasks):
+        stuck = [(w, tasks[queues[w][head[w]]]) for w in range(len(queues)) if head[w] < len(queues[w])]
+        raise ValueError(f"the schedule deadlocks after {done} of {len(tasks)} tasks; blocked workers: {stuck[:4]}")
+
+
+def validate(tensors: dict[str, TensorHandle], tasks: list[Task], events: list[Event],
+             queues: list[list[int]]) -> None:
+    """Raise ValueError on the first violated property."""
+    index = WriterIndex(tensors, tasks)
+    check_coverage(tensors, index)
+    check_reads_ordered(tasks, events, index)
+    check_no_deadlock(tasks, events, queues)

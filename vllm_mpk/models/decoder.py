@@ -1,0 +1,108 @@
+"""The decode step of Qwen3 and Llama as a PersistentKernel graph.
+
+Per layer (vLLM's fused residual structure, SSA intermediates):
+
+    qkv   = rmsnorm_linear(x, input_layernorm, qkv_proj)
+    attn  = attention(qkv, kv_cache)                 # q/k norm (Qwen3), RoPE, paged cache
+    h     = linear_with_residual(attn, o_proj, x)    # x + attn @ o_proj^T
+    gu    = rmsnorm_linear(h, post_attention_layernorm, gate_up_proj)
+    x'    = silu_mul_linear_with_residual(gu, down_proj, h)
+
+then ``logits = rmsnorm_linear(x, norm, lm_head)`` (float32) and ``tokens = argmax(logits)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from vllm_mpk.api import PersistentKernel
+from vllm_mpk.graph.ir import TensorHandle
+from vllm_mpk.graph.plan import Plan
+from vllm_mpk.models.rope import cos_sin_cache
+from vllm_mpk.models.spec import ModelSpec
+from vllm_mpk.models.weights import EMBED, FINAL_NORM, check_weights, layer_names, lm_head
+
+TILE_COLUMNS = 16
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    max_batch: int = 8
+    max_seq_len: int = 4096
+    page_size: int = 16
+    num_workers: int = 132
+    block_dim: int = 128
+    schedule: str = "earliest_finish"
+
+
+@dataclass
+class DecodeModel:
+    """A built decode step: the kernel, its plan and the handles of its results."""
+
+    spec: ModelSpec
+    options: DecodeOptions
+    kernel: PersistentKernel
+    plan: Plan
+    logits: TensorHandle
+    tokens: TensorHandle
+
+
+def linear_grid(columns: int, num_workers: int) -> int:
+    """One tile per worker where the layer is wide enough, else one per 16 columns."""
+    return max(1, min(num_workers, columns // TILE_COLUMNS))
+
+
+def build_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_caches: Sequence[torch.Tensor],
+                  options: DecodeOptions = DecodeOptions(), rope_cache: torch.Tensor | None = None) -> DecodeModel:
+    """Build and compile one decode step. ``weights`` use vLLM's merged names and are used in
+    place; ``kv_caches`` are per-layer logical ``[blocks, kv_heads, page, 2 * head_dim]`` views;
+    ``rope_cache`` defaults to one computed from the config for ``max_seq_len`` positions."""
+    check_weights(spec, weights)
+    if len(kv_caches) != spec.num_layers:
+        raise ValueError(f"got {len(kv_caches)} KV caches, expected one per layer ({spec.num_layers})")
+    o = options
+    mpk = PersistentKernel(num_workers=o.num_workers, max_batch=o.max_batch, max_seq_len=o.max_seq_len,
+                           page_size=o.page_size, schedule=o.schedule)
+    block = (o.block_dim, 1, 1)
+    dtype = weights[EMBED].dtype
+    b, h, w = o.max_batch, spec.hidden_size, o.num_workers
+
+    def new(name: str, width: int, dt: torch.dtype = dtype) -> TensorHandle:
+        return mpk.new_tensor((b, width), dt, name)
+
+    rope = mpk.attach_input(rope_cache if rope_cache is not None else cos_sin_cache(spec, o.max_seq_len),
+                            "rope.cos_sin_cache")
+    x = new("embed.out", h)
+    mpk.embed_layer(None, mpk.attach_input(weights[EMBED], EMBED), x, grid_dim=min(w, h // 8),
+                    block_dim=block, name="embed")
+    for i in range(spec.num_layers):
+        n = {k: v for k, v in layer_names(i).items() if v in weights}
+        wt = {k: mpk.attach_input(weights[v], v) for k, v in n.items()}
+        cache = mpk.attach_input(kv_caches[i], f"model.layers.{i}.self_attn.attn.kv_cache")
+        p = f"layers.{i}"
+        qkv, attn, hid = new(f"{p}.qkv", spec.qkv_width), new(f"{p}.attn", spec.num_q_heads * spec.head_dim), new(f"{p}.h", h)
+        gate_up, x_next = new(f"{p}.gate_up", 2 * spec.intermediate_size), new(f"{p}.out", h)
+        mpk.rmsnorm_linear_layer(x, wt["input_norm"], wt["qkv"], qkv, linear_grid(spec.qkv_width, w), block,
+                                 eps=spec.rms_norm_eps, name=f"{p}.qkv_proj")
+        mpk.attention_layer(qkv, cache, rope, attn, grid_dim=spec.num_kv_heads, block_dim=block,
+                            num_q_heads=spec.num_q_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                            q_norm=wt.get("q_norm"), k_norm=wt.get("k_norm"), eps=spec.rms_norm_eps,
+                            name=f"{p}.attention")
+        mpk.linear_with_residual_layer(attn, wt["o"], x, hid, linear_grid(h, w), block, name=f"{p}.o_proj")
+        mpk.rmsnorm_linear_layer(hid, wt["post_norm"], wt["gate_up"], gate_up,
+                                 linear_grid(2 * spec.intermediate_size, w), block, eps=spec.rms_norm_eps,
+                                 name=f"{p}.gate_up_proj")
+        mpk.silu_mul_linear_with_residual_layer(gate_up, wt["down"], hid, x_next, linear_grid(h, w), block,
+                                                name=f"{p}.down_proj")
+        x = x_next
+    # vLLM pads the vocabulary rows; the view of the real rows aliases the weight (tied or not).
+    head = mpk.attach_input(lm_head(spec, weights)[:spec.vocab_size], "lm_head.weight")
+    logits = mpk.new_tensor((b, spec.vocab_size), torch.float32, "logits")
+    mpk.rmsnorm_linear_layer(x, mpk.attach_input(weights[FINAL_NORM], FINAL_NORM), head, logits,
+                             linear_grid(spec.vocab_size, w), block, eps=spec.rms_norm_eps, name="lm_head")
+    tokens = mpk.new_tensor((b,), torch.int64, "tokens")
+    mpk.argmax_layer(logits, tokens, grid_dim=w, block_dim=block, name="argmax")
+    return DecodeModel(spec, o, mpk, mpk.compile(), logits, tokens)

@@ -1,0 +1,109 @@
+"""Model shapes read from a Hugging Face ``config.json``, and the line between what the
+megakernel supports and what it refuses."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "LlamaForCausalLM")
+SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+SUPPORT_SUMMARY = (
+    f"supported: architectures {', '.join(SUPPORTED_ARCHITECTURES)}; dense SiLU MLP; full attention "
+    f"(no sliding window); head_dim in {SUPPORTED_HEAD_DIMS}; RoPE types {SUPPORTED_ROPE_TYPES}; no biases"
+)
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot run through the megakernel; the message says why and what is supported."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"{reason} ({SUPPORT_SUMMARY})")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    architecture: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    eos_token_id: int | None = None
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.architecture == "Qwen3ForCausalLM"
+
+    @property
+    def qkv_width(self) -> int:
+        return (self.num_q_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    def with_layers(self, num_layers: int) -> ModelSpec:
+        if not 1 <= num_layers:
+            raise ValueError(f"--layers must be at least 1, got {num_layers}")
+        return replace(self, num_layers=min(num_layers, self.num_layers))
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any]) -> ModelSpec:
+        """Read and check a config dict; raises UnsupportedModelError for what we do not run."""
+        archs = config.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise UnsupportedModelError(f"architecture {archs or 'missing'} is not supported")
+        if any(k in config for k in ("num_experts", "num_local_experts", "n_routed_experts")):
+            raise UnsupportedModelError("mixture-of-experts models are not supported")
+        if config.get("use_sliding_window") or (arch == "LlamaForCausalLM" and config.get("sliding_window")):
+            raise UnsupportedModelError("sliding-window attention is not supported")
+        if config.get("hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(f"hidden_act '{config['hidden_act']}' is not supported")
+        if config.get("attention_bias") or config.get("mlp_bias"):
+            raise UnsupportedModelError("attention or MLP biases are not supported")
+        heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            raise UnsupportedModelError(f"head_dim {head_dim} is not supported")
+        kv_heads = config.get("num_key_value_heads") or heads
+        if heads % kv_heads:
+            raise UnsupportedModelError(f"{heads} attention heads do not group over {kv_heads} KV heads")
+        scaling = config.get("rope_scaling") or config.get("rope_parameters")
+        rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise UnsupportedModelError(f"RoPE scaling type '{rope_type}' is not supported")
+        if config.get("partial_rotary_factor", 1.0) != 1.0:
+            raise UnsupportedModelError("partial rotary embeddings are not supported")
+        eos = config.get("eos_token_id")
+        return cls(
+            architecture=arch,
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_layers=config["num_hidden_layers"],
+            num_q_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            vocab_size=config["vocab_size"],
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=float(config.get("rope_theta") or (scaling or {}).get("rope_theta", 10000.0)),
+            rope_scaling=scaling if rope_type != "default" else None,
+            max_position_embeddings=config.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        )
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> ModelSpec:
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise ValueError(f"{model_dir} has no config.json; give a Hugging Face model directory")
+        return cls.from_hf_config(json.loads(path.read_text()))

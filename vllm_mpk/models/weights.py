@@ -1,0 +1,130 @@
+"""Weights as a name -> tensor mapping in vLLM's merged layout (``qkv_proj``, ``gate_up_proj``),
+the same names vLLM's loaded modules carry, so one builder serves checkpoints and vLLM alike."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from vllm_mpk.models.spec import ModelSpec
+
+Weights = dict[str, torch.Tensor]
+
+
+def layer_names(i: int) -> dict[str, str]:
+    p = f"model.layers.{i}"
+    return {
+        "input_norm": f"{p}.input_layernorm.weight",
+        "qkv": f"{p}.self_attn.qkv_proj.weight",
+        "q_norm": f"{p}.self_attn.q_norm.weight",
+        "k_norm": f"{p}.self_attn.k_norm.weight",
+        "o": f"{p}.self_attn.o_proj.weight",
+        "post_norm": f"{p}.post_attention_layernorm.weight",
+        "gate_up": f"{p}.mlp.gate_up_proj.weight",
+        "down": f"{p}.mlp.down_proj.weight",
+    }
+
+
+EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+
+
+def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    h, hd = spec.hidden_size, spec.head_dim
+    shapes = {EMBED: (spec.vocab_size, h), FINAL_NORM: (h,)}
+    if not spec.tie_word_embeddings:
+        shapes[LM_HEAD] = (spec.vocab_size, h)
+    for i in range(spec.num_layers):
+        n = layer_names(i)
+        shapes.update({n["input_norm"]: (h,), n["qkv"]: (spec.qkv_width, h), n["o"]: (h, spec.num_q_heads * hd),
+                       n["post_norm"]: (h,), n["gate_up"]: (2 * spec.intermediate_size, h),
+                       n["down"]: (h, spec.intermediate_size)})
+        if spec.qk_norm:
+            shapes.update({n["q_norm"]: (hd,), n["k_norm"]: (hd,)})
+    return shapes
+
+
+def check_weights(spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> None:
+    """Raise ValueError naming the first missing or misshapen weight. The embedding may be padded
+    to more rows than the vocabulary (vLLM pads to a multiple of 64)."""
+    for name, shape in expected_shapes(spec).items():
+        if name not in weights:
+            raise ValueError(f"weight '{name}' is missing")
+        actual = tuple(weights[name].shape)
+        padded_ok = name in (EMBED, LM_HEAD) and actual[1:] == shape[1:] and actual[0] >= shape[0]
+        if actual != shape and not padded_ok:
+            raise ValueError(f"weight '{name}' has shape {actual}, expected {shape}")
+
+
+def lm_head(spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return weights[EMBED] if spec.tie_word_embeddings else weights[LM_HEAD]
+
+
+def random_weights(spec: ModelSpec, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                   std: float = 0.02) -> Weights:
+    """Weights at a realistic scale: matrices ~ N(0, std), norms ~ 1 + N(0, 0.1)."""
+    gen = torch.Generator().manual_seed(seed)
+    out: Weights = {}
+    for name, shape in expected_shapes(spec).items():
+        if len(shape) == 1:
+            out[name] = (1.0 + 0.1 * torch.randn(shape, generator=gen)).to(dtype)
+        else:
+            out[name] = (std * torch.randn(shape, generator=gen)).to(dtype)
+    return out
+
+
+def merge_hf_state_dict(spec: ModelSpec, state: Mapping[str, torch.Tensor]) -> Weights:
+    """Hugging Face names (``q_proj``, ``k_proj``, ``gate_proj`` ...) -> vLLM's merged names."""
+    out: Weights = {}
+    for i in range(spec.num_layers):
+        p, n = f"model.layers.{i}", layer_names(i)
+        out[n["qkv"]] = torch.cat([state[f"{p}.self_attn.{x}_proj.weight"] for x in "qkv"])
+        out[n["gate_up"]] = torch.cat([state[f"{p}.mlp.{x}_proj.weight"] for x in ("gate", "up")])
+        for key in ("input_norm", "o", "post_norm", "down") + (("q_norm", "k_norm") if spec.qk_norm else ()):
+            out[n[key]] = state[n[key]]
+    out[EMBED], out[FINAL_NORM] = state[EMBED], state[FINAL_NORM]
+    if not spec.tie_word_embeddings:
+        out[LM_HEAD] = state[LM_HEAD]
+    return out
+
+
+def split_to_hf(spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> Weights:
+    """vLLM's merged names -> Hugging Face names; the inverse of ``merge_hf_state_dict``."""
+    hd = spec.head_dim
+    out: Weights = {}
+    for i in range(spec.num_layers):
+        p, n = f"model.layers.{i}", layer_names(i)
+        q, k, v = weights[n["qkv"]].split([spec.num_q_heads * hd, spec.num_kv_heads * hd,
+                                           spec.num_kv_heads * hd])
+        gate, up = weights[n["gate_up"]].chunk(2)
+        out.update({f"{p}.self_attn.q_proj.weight": q, f"{p}.self_attn.k_proj.weight": k,
+                    f"{p}.self_attn.v_proj.weight": v, f"{p}.mlp.gate_proj.weight": gate,
+                    f"{p}.mlp.up_proj.weight": up})
+        for key in ("input_norm", "o", "post_norm", "down") + (("q_norm", "k_norm") if spec.qk_norm else ()):
+            out[n[key]] = weights[n[key]]
+    out[EMBED], out[FINAL_NORM] = weights[EMBED], weights[FINAL_NORM]
+    if not spec.tie_word_embeddings:
+        out[LM_HEAD] = weights[LM_HEAD]
+    return out
+
+
+def load_checkpoint(spec: ModelSpec, model_dir: str | Path) -> Weights | None:
+    """The merged weights of a safetensors checkpoint in ``model_dir``, or None if it has none."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    state: Weights = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return merge_hf_state_dict(spec, state)
+
+
+def save_checkpoint(spec: ModelSpec, weights: Mapping[str, torch.Tensor], model_dir: str | Path) -> None:
+    """Write ``weights`` as a Hugging Face safetensors checkpoint (tied weights stored once)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in split_to_hf(spec, weights).items()},
+              str(Path(model_dir) / "model.safetensors"), metadata={"format": "pt"})
