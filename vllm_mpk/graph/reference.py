@@ -36,10 +36,11 @@ class ReferenceExecutor:
             raise ValueError(f"no tensor given for plan inputs {missing}")
         self.plan = plan
         self.tensors = dict(inputs)
+        device = next(iter(inputs.values())).device
         for name, t in plan.tensors.items():
             if t.role is not Role.INPUT:
                 dtype = torch.float32 if exact and t.dtype.is_floating_point else t.dtype
-                self.tensors[name] = torch.empty(t.shape, dtype=dtype)
+                self.tensors[name] = torch.empty(t.shape, dtype=dtype, device=device)
         self.all_reduce = all_reduce
 
     def poison(self) -> None:

@@ -62,15 +62,13 @@ def lm_head(spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> torch.Tenso
 
 
 def random_weights(spec: ModelSpec, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
-                   std: float = 0.02) -> Weights:
+                   std: float = 0.02, device: str | torch.device = "cpu") -> Weights:
     """Weights at a realistic scale: matrices ~ N(0, std), norms ~ 1 + N(0, 0.1)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     out: Weights = {}
     for name, shape in expected_shapes(spec).items():
-        if len(shape) == 1:
-            out[name] = (1.0 + 0.1 * torch.randn(shape, generator=gen)).to(dtype)
-        else:
-            out[name] = (std * torch.randn(shape, generator=gen)).to(dtype)
+        w = torch.randn(shape, generator=gen, device=device)
+        out[name] = (1.0 + 0.1 * w if len(shape) == 1 else std * w).to(dtype)
     return out
 
 

@@ -133,7 +133,7 @@ class Attention(OpDef):
         cache = env[op.inputs["kv_cache"].name]
         hd, block_size = op.attrs["head_dim"], cache.shape[2]
         seq_len = int(env[op.inputs["seq_lens"].name][b])
-        pos = torch.arange(seq_len)
+        pos = torch.arange(seq_len, device=cache.device)
         blocks = env[op.inputs["block_tables"].name][b].long()[pos // block_size]
         kv = cache[blocks, heads.start:heads.stop, pos % block_size].float().transpose(0, 1)
         return kv[..., :hd], kv[..., hd:]

@@ -1,0 +1,165 @@
+"""Decode-step latency of the megakernel on one GPU, checked first, then timed.
+
+For each model config and batch: random weights at a realistic scale and a KV cache holding
+``--context`` tokens of random history per request (ragged: +7 per row), one decode step through
+(1) the megakernel, replayed from a CUDA graph, and (2) the reference executor on the GPU in float32
+(``layers`` order), which is the correctness reference. Prints relative logits error, greedy
+agreement, step time, and bandwidth as a fraction of a device-to-device copy measured in this run.
+
+    python benchmarks/megakernel_step.py --models qwen3-0.6b qwen3-8b --batches 1 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from vllm_mpk.graph.ir import Role
+from vllm_mpk.graph.reference import ReferenceExecutor
+from vllm_mpk.models import DecodeOptions, ModelSpec, build_decoder
+from vllm_mpk.models.kv_cache import allocate_kv_caches, contiguous_block_tables
+from vllm_mpk.models.weights import expected_shapes, random_weights
+from vllm_mpk.runtime.megakernel import Megakernel, kernel_spec
+from vllm_mpk.runtime.meta import step_inputs
+
+CONFIGS = Path(__file__).resolve().parents[1] / "vllm_mpk" / "configs"
+
+
+def spec_of(name: str, layers: int | None) -> ModelSpec:
+    path = CONFIGS / f"{name}.json"
+    spec = ModelSpec.from_hf_config(json.loads(path.read_text())) if path.exists() else ModelSpec.from_dir(name)
+    return spec.with_layers(layers) if layers else spec
+
+
+def build(spec: ModelSpec, batch: int, context: int, device: str, weights=None, workers: int = 132):
+    max_seq = context + 8 * batch + 16
+    blocks = contiguous_block_tables(batch, max_seq, 16, device)
+    if weights is None:
+        weights = {k: torch.empty(s, dtype=torch.bfloat16, device=device) for k, s in expected_shapes(spec).items()}
+    caches = allocate_kv_caches(spec, int(blocks.numel()), 16, device=device)
+    model = build_decoder(spec, weights, caches, DecodeOptions(max_batch=batch, max_seq_len=max_seq,
+                                                               num_workers=workers))
+    step = torch.tensor([context + 7 * b for b in range(batch)], device=device)
+    tokens = torch.randint(0, spec.vocab_size, (batch, max_seq), device=device)
+    inputs = step_inputs(step, tokens, blocks, 16).as_dict()
+    tensors = {**model.kernel.attached, **inputs}
+    return model, tensors, caches
+
+
+def bench_graph(fn, iters: int = 50) -> float:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(5):
+        g.replay()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth(device: str) -> float:
+    src = torch.empty(2 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    us = bench_graph(lambda: dst.copy_(src), 20)
+    return 2 * src.numel() / us / 1e6  # TB/s, read + write
+
+
+def weight_bytes(model, tensors) -> int:
+    skip = {"rope.cos_sin_cache", "lm_head.weight"} if model.spec.tie_word_embeddings else {"rope.cos_sin_cache"}
+    return sum(t.numel() * t.element_size() for n, t in model.kernel.attached.items()
+               if "kv_cache" not in n and n not in skip and not (n == "model.embed_tokens.weight"))
+
+
+def run_case(spec, batch, context, device, weights, log) -> dict:
+    model, tensors, caches = build(spec, batch, context, device, weights)
+    for c in caches:
+        c.normal_(0, 1)
+    t0 = time.perf_counter()
+    mk = Megakernel(model.plan, tensors)
+    load_s = time.perf_counter() - t0
+    ref_caches = [c.clone() for c in caches]
+    for out in mk.tensors.values():
+        if out.dtype.is_floating_point and out.data_ptr() not in {t.data_ptr() for t in tensors.values()}:
+            out.fill_(float("nan"))
+    mk.launch(batch)
+    torch.cuda.synchronize()
+    mk.check()
+    logits = mk.tensors["logits"][:batch].float().clone()
+    tokens = mk.tensors["tokens"][:batch].clone()
+    ref_inputs = dict(tensors)
+    for i, c in enumerate(ref_caches):
+        ref_inputs[f"model.layers.{i}.self_attn.attn.kv_cache"] = c
+    ref = ReferenceExecutor(model.plan, ref_inputs, exact=True)
+    ref.run_step(batch, order="layers")
+    ref_logits = ref.tensors["logits"][:batch].float()
+    rel = float((logits - ref_logits).norm() / ref_logits.norm())
+    agree = int((tokens == ref_logits.argmax(-1)).sum())
+    cache_rel = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(caches, ref_caches))
+    us = bench_graph(lambda: mk.launch(batch))
+    mk.check()
+    nbytes = weight_bytes(model, tensors) + sum(
+        int(tensors["seq_lens"].sum()) * spec.num_kv_heads * 2 * spec.head_dim * 2 for _ in range(spec.num_layers))
+    row = {"model": spec.architecture, "layers": spec.num_layers, "hidden": spec.hidden_size, "batch": batch,
+           "rel_err": rel, "cache_rel_err": cache_rel, "greedy_agree": f"{agree}/{batch}",
+           "step_us": us, "bytes": nbytes, "tbps": nbytes / us / 1e6, "load_s": load_s,
+           "nan": bool(torch.isnan(logits).any())}
+    log.write(json.dumps(row) + "\n")
+    log.flush()
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", nargs="+", default=["qwen3-0.6b"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--layers", type=int, default=None)
+    args = p.parse_args()
+    device = "cuda"
+    out = Path(os.environ.get("OUT", "/tmp"))
+    specs = {m: spec_of(m, args.layers) for m in args.models}
+    # Build every kernel first, in parallel (nvcc runs as a subprocess), from meta-free empty tensors.
+    jobs = []
+    for m, spec in specs.items():
+        for b in args.batches:
+            model, tensors, _ = build(spec, b, args.context, "meta")
+            bound = {**tensors, **{n: torch.empty(t.shape, dtype=t.dtype, device="meta")
+                                   for n, t in model.plan.tensors.items() if t.role is not Role.INPUT}}
+            jobs.append(kernel_spec(model.plan, bound, 128)[0])
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        list(pool.map(lambda s: s.build(), jobs))
+    print(f"built {len(jobs)} kernels in {time.perf_counter() - t0:.0f} s", flush=True)
+    bw = copy_bandwidth(device)
+    rows = []
+    with open(out / "megakernel_step.jsonl", "w") as log:
+        for m, spec in specs.items():
+            weights = random_weights(spec, device=device)
+            for b in args.batches:
+                rows.append({"name": m, **run_case(spec, b, args.context, device, weights, log)})
+                print(rows[-1], flush=True)
+            del weights
+            torch.cuda.empty_cache()
+    print(f"\n{torch.cuda.get_device_name()}  copy bandwidth {bw:.2f} TB/s")
+    print(f"{'model':14} {'bs':>3} {'rel err':>9} {'greedy':>7} {'step us':>9} {'TB/s':>6} {'of copy':>7}")
+    for r in rows:
+        print(f"{r['name']:14} {r['batch']:>3} {r['rel_err']:9.2e} {r['greedy_agree']:>7} {r['step_us']:9.1f} "
+              f"{r['tbps']:6.2f} {r['tbps'] / bw:7.0%}")
+
+
+if __name__ == "__main__":
+    main()

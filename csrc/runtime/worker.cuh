@@ -1,0 +1,110 @@
+// The persistent worker loop: one block per worker runs its queue of task records in order.
+// Before a task: wait until each of its events reached trigger * (epoch + 1) (acquire). After it:
+// signal each of its events (release). Every wait is bounded: on timeout the worker records the
+// task and event in the control block, raises the error flag, and all workers leave.
+//
+// Counters only grow. The epoch counts completed launches: workers read it on entry, and the last
+// worker to finish advances it, so a CUDA graph can replay the launch without any host write.
+#pragma once
+#include <cstdint>
+#include "../tasks/common.cuh"
+
+namespace mpk {
+
+// Control block words (mirrored in vllm_mpk/runtime/control.py).
+enum Control : int {
+  kEpoch = 0, kDone = 1, kError = 2, kErrWorker = 3, kErrTask = 4, kErrEvent = 5, kErrSeen = 6, kErrWanted = 7,
+  kControlWords = 8
+};
+enum ErrorCode : int { kOk = 0, kTimeout = 1 };
+
+struct KernelParams {
+  const int32_t* tasks;       // [num_workers][max_tasks][record words]
+  const int32_t* queue_lens;  // [num_workers]
+  void* const* tensors;       // tensor pointers by plan tensor id
+  int32_t* counters;          // [num_events], monotonic
+  const int32_t* triggers;    // [num_events]
+  int32_t* control;           // [kControlWords]
+  int64_t* profile;           // null, or [num_workers][max_tasks][2] start/end (globaltimer ns)
+  int32_t num_tokens;
+  int32_t max_tasks;
+  int64_t timeout_ns;
+};
+
+__device__ __forceinline__ int64_t global_ns() {
+  int64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ int32_t load_acquire(const int32_t* p) {
+  int32_t v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void add_release(int32_t* p, int32_t v) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// Thread 0 spins until counters[e] >= wanted; returns false after a timeout or another worker's error.
+__device__ bool wait_event(const KernelParams& p, int event, int32_t wanted, int task) {
+  const int64_t start = global_ns();
+  int32_t seen;
+  while ((seen = load_acquire(p.counters + event)) < wanted) {
+    if (load_acquire(p.control + kError) != kOk) return false;
+    if (global_ns() - start > p.timeout_ns) {
+      if (atomicCAS(p.control + kError, kOk, kTimeout) == kOk) {
+        p.control[kErrWorker] = blockIdx.x;
+        p.control[kErrTask] = task;
+        p.control[kErrEvent] = event;
+        p.control[kErrSeen] = seen;
+        p.control[kErrWanted] = wanted;
+      }
+      return false;
+    }
+    __nanosleep(32);
+  }
+  return true;
+}
+
+// Record: {opcode, variant, task id, waits[MAX_WAITS], signals[MAX_SIGNALS], args[...]}, -1 padded.
+template <typename Record, typename Dispatch, int NT>
+__device__ void worker_loop(const KernelParams& p) {
+  extern __shared__ __align__(16) char smem[];
+  __shared__ int32_t epoch_s;
+  __shared__ bool ok_s;
+  if (threadIdx.x == 0) {
+    epoch_s = load_acquire(p.control + kEpoch);
+    ok_s = true;
+  }
+  __syncthreads();
+  const int32_t epoch = epoch_s;
+  const int n = p.queue_lens[blockIdx.x];
+  const Record* queue = reinterpret_cast<const Record*>(p.tasks) + (size_t)blockIdx.x * p.max_tasks;
+  for (int i = 0; i < n; ++i) {
+    const Record& r = queue[i];
+    if (threadIdx.x == 0) {
+      for (int w = 0; w < Record::kMaxWaits && r.waits[w] >= 0 && ok_s; ++w)
+        ok_s = wait_event(p, r.waits[w], p.triggers[r.waits[w]] * (epoch + 1), r.task);
+      if (p.profile) p.profile[((size_t)blockIdx.x * p.max_tasks + i) * 2] = global_ns();
+    }
+    __syncthreads();
+    if (!ok_s) return;
+    TaskContext c{r.args, p.tensors, p.num_tokens, smem};
+    Dispatch::run(r.variant, c);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence();
+      for (int s = 0; s < Record::kMaxSignals && r.signals[s] >= 0; ++s) add_release(p.counters + r.signals[s], 1);
+      if (p.profile) p.profile[((size_t)blockIdx.x * p.max_tasks + i) * 2 + 1] = global_ns();
+    }
+  }
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const int32_t finished = atomicAdd(p.control + kDone, 1) + 1;
+    if (finished % gridDim.x == 0) atomicExch(p.control + kEpoch, epoch + 1);
+  }
+}
+
+}  // namespace mpk

@@ -1,0 +1,153 @@
+// Paged GQA decode attention for one KV head and a range of requests: q/k RMSNorm (Qwen3),
+// neox RoPE from cos_sin_cache, the new k/v written into vLLM's packed K|V cache at the request's
+// slot, then an online-softmax pass over the request's cached positions.
+//
+// Warps split the positions; each lane owns HD/32 dims of every query head of the group, so one
+// warp reduction per head and position gives the score. Warp partials merge in shared memory.
+#pragma once
+#include "common.cuh"
+
+namespace mpk {
+
+struct AttentionArgs {
+  enum {
+    kQkv, kCache, kRope, kPositions, kSeqLens, kBlockTables, kSlots, kQNorm, kKNorm, kOutput,
+    kHead, kRowStart, kRowEnd, kBlockStride, kHeadStride, kSlotStride, kTableStride, kEps, kScale
+  };
+};
+
+template <int HD, int GROUP, int NT>
+constexpr int attention_smem_bytes() {
+  return ((GROUP + 2) * HD + (NT / kWarp) * GROUP * (HD + 2)) * 4;
+}
+
+template <int HD>
+__device__ __forceinline__ void rms_normalize_vec(float* v, const __nv_bfloat16* weight, float eps, int lane) {
+  float ss = 0.f;
+  for (int i = lane; i < HD; i += kWarp) ss += v[i] * v[i];
+  const float inv = rsqrtf(warp_sum(ss) / HD + eps);
+  for (int i = lane; i < HD; i += kWarp) v[i] = v[i] * inv * __bfloat162float(weight[i]);
+  __syncwarp();
+}
+
+template <int HD, typename RopeT>
+__device__ __forceinline__ void rotate(float* v, const RopeT* cos_sin, int lane) {
+  for (int i = lane; i < HD / 2; i += kWarp) {
+    const float cs = to_float(cos_sin[i]), sn = to_float(cos_sin[HD / 2 + i]);
+    const float x1 = v[i], x2 = v[HD / 2 + i];
+    v[i] = x1 * cs - x2 * sn;
+    v[HD / 2 + i] = x2 * cs + x1 * sn;
+  }
+  __syncwarp();
+}
+
+template <int HD, int GROUP, int NQ, int NKV, int PAGE, bool QK_NORM, int NT, typename RopeT>
+__device__ void attention_task(const TaskContext& c) {
+  static_assert(HD % kWarp == 0, "head_dim must be a multiple of 32");
+  constexpr int NW = NT / kWarp, D = HD / kWarp, QKV_W = (NQ + 2 * NKV) * HD;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int head = c.arg(AttentionArgs::kHead);
+  const float eps = c.farg(AttentionArgs::kEps), scale = c.farg(AttentionArgs::kScale);
+  const __nv_bfloat16* qkv = c.ptr<const __nv_bfloat16>(AttentionArgs::kQkv);
+  __nv_bfloat16* cache = c.ptr<__nv_bfloat16>(AttentionArgs::kCache);
+  const RopeT* rope = c.ptr<const RopeT>(AttentionArgs::kRope);
+  const int64_t* positions = c.ptr<const int64_t>(AttentionArgs::kPositions);
+  const int* seq_lens = c.ptr<const int>(AttentionArgs::kSeqLens);
+  const int* tables = c.ptr<const int>(AttentionArgs::kBlockTables);
+  const int64_t* slots = c.ptr<const int64_t>(AttentionArgs::kSlots);
+  __nv_bfloat16* out = c.ptr<__nv_bfloat16>(AttentionArgs::kOutput);
+  const int64_t block_stride = c.arg(AttentionArgs::kBlockStride), head_stride = c.arg(AttentionArgs::kHeadStride);
+  const int64_t slot_stride = c.arg(AttentionArgs::kSlotStride);
+  const int table_stride = c.arg(AttentionArgs::kTableStride);
+  __nv_bfloat16* head_cache = cache + head * head_stride;
+  float* vec = reinterpret_cast<float*>(c.smem);  // [GROUP + 2][HD]: q heads, k, v
+  float* part = vec + (GROUP + 2) * HD;            // [NW][GROUP][HD + 2]: acc, then max and sum
+
+  for (int b = c.arg(AttentionArgs::kRowStart); b < c.arg(AttentionArgs::kRowEnd); ++b) {
+    const int seq_len = b < c.num_tokens ? seq_lens[b] : 0;
+    if (seq_len <= 0) continue;
+    __syncthreads();
+    const __nv_bfloat16* row = qkv + (size_t)b * QKV_W;
+    for (int i = threadIdx.x; i < (GROUP + 2) * HD; i += NT) {
+      const int v = i / HD, d = i % HD;
+      const int col = v < GROUP ? (head * GROUP + v) * HD : v == GROUP ? (NQ + head) * HD : (NQ + NKV + head) * HD;
+      vec[i] = __bfloat162float(row[col + d]);
+    }
+    __syncthreads();
+    const RopeT* cos_sin = rope + positions[b] * HD;
+    for (int v = warp; v <= GROUP; v += NW) {  // the group's q heads and k: norm, then rotate
+      if constexpr (QK_NORM)
+        rms_normalize_vec<HD>(vec + v * HD, c.ptr<const __nv_bfloat16>(
+                                  v < GROUP ? AttentionArgs::kQNorm : AttentionArgs::kKNorm), eps, lane);
+      rotate<HD>(vec + v * HD, cos_sin, lane);
+    }
+    __syncthreads();
+    const int64_t slot = slots[b];
+    if (slot >= 0) {
+      __nv_bfloat16* dst = head_cache + (slot / PAGE) * block_stride + (slot % PAGE) * slot_stride;
+      for (int i = threadIdx.x; i < 2 * HD; i += NT) dst[i] = __float2bfloat16_rn(vec[GROUP * HD + i]);
+    }
+    __syncthreads();  // the new k/v are read back below like every other position
+
+    float q[GROUP][D], acc[GROUP][D], m[GROUP], l[GROUP];
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) {
+      m[g] = -INFINITY;
+      l[g] = 0.f;
+#pragma unroll
+      for (int d = 0; d < D; ++d) {
+        q[g][d] = vec[g * HD + lane * D + d] * scale;
+        acc[g][d] = 0.f;
+      }
+    }
+    const int* table = tables + (size_t)b * table_stride;
+    for (int p = warp; p < seq_len; p += NW) {
+      const __nv_bfloat16* kv = head_cache + (int64_t)table[p / PAGE] * block_stride + (p % PAGE) * slot_stride;
+      float k[D], v[D];
+#pragma unroll
+      for (int d = 0; d < D; ++d) {
+        k[d] = __bfloat162float(kv[lane * D + d]);
+        v[d] = __bfloat162float(kv[HD + lane * D + d]);
+      }
+#pragma unroll
+      for (int g = 0; g < GROUP; ++g) {
+        float s = 0.f;
+#pragma unroll
+        for (int d = 0; d < D; ++d) s += q[g][d] * k[d];
+        s = warp_sum(s);
+        const float m_new = fmaxf(m[g], s), corr = __expf(m[g] - m_new), e = __expf(s - m_new);
+        l[g] = l[g] * corr + e;
+#pragma unroll
+        for (int d = 0; d < D; ++d) acc[g][d] = acc[g][d] * corr + e * v[d];
+        m[g] = m_new;
+      }
+    }
+    float* mine = part + warp * GROUP * (HD + 2);
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) {
+#pragma unroll
+      for (int d = 0; d < D; ++d) mine[g * (HD + 2) + lane * D + d] = acc[g][d];
+      if (lane == 0) {
+        mine[g * (HD + 2) + HD] = m[g];
+        mine[g * (HD + 2) + HD + 1] = l[g];
+      }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < GROUP * HD; i += NT) {
+      const int g = i / HD, d = i % HD;
+      float m_all = -INFINITY;
+      for (int w = 0; w < NW; ++w) m_all = fmaxf(m_all, part[(w * GROUP + g) * (HD + 2) + HD]);
+      float num = 0.f, den = 0.f;
+      for (int w = 0; w < NW; ++w) {
+        const float* pw = part + (w * GROUP + g) * (HD + 2);
+        if (pw[HD] == -INFINITY) continue;  // this warp saw no position
+        const float f = __expf(pw[HD] - m_all);
+        num += pw[d] * f;
+        den += pw[HD + 1] * f;
+      }
+      out[(size_t)b * NQ * HD + (head * GROUP + g) * HD + d] = __float2bfloat16_rn(num / den);
+    }
+  }
+}
+
+}  // namespace mpk

@@ -1,0 +1,96 @@
+// Helpers shared by task bodies: bf16 vectors, warp and block reductions, task context.
+#pragma once
+#include <cuda_bf16.h>
+#include <cstdint>
+#include <initializer_list>
+
+namespace mpk {
+
+constexpr int kWarp = 32;
+
+// What every task body receives: its argument words and the plan's tensor pointers.
+struct TaskContext {
+  const int32_t* args;      // the record's argument words
+  void* const* tensors;     // device pointers, indexed by the plan's tensor ids
+  int num_tokens;           // rows of this step (<= max batch)
+  char* smem;               // dynamic shared memory of the worker
+  template <typename T>
+  __device__ T* ptr(int slot) const { return args[slot] < 0 ? nullptr : static_cast<T*>(tensors[args[slot]]); }
+  __device__ int arg(int slot) const { return args[slot]; }
+  __device__ float farg(int slot) const { return __int_as_float(args[slot]); }
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum over the block; `scratch` holds one float per warp. Every thread gets the result.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < warps; ++w) total += scratch[w];
+  return total;
+}
+
+// Eight bf16 values moved as one 16-byte access.
+struct alignas(16) Bf16x8 {
+  __nv_bfloat162 h[4];
+};
+
+__device__ __forceinline__ void unpack(const Bf16x8& v, float (&f)[8]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float2 t = __bfloat1622float2(v.h[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+
+__device__ __forceinline__ Bf16x8 pack(const float (&f)[8]) {
+  Bf16x8 v;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v.h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+  return v;
+}
+
+// Streaming 16-byte load that does not keep the line in L1 (weights are read once per step).
+__device__ __forceinline__ Bf16x8 load_stream(const __nv_bfloat16* p) {
+  int4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return *reinterpret_cast<Bf16x8*>(&r);
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v) { return static_cast<T>(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+}  // namespace mpk
+
+namespace mpk {
+
+constexpr int max_of(std::initializer_list<int> values) {
+  int m = 0;
+  for (int v : values) m = v > m ? v : m;
+  return m;
+}
+
+}  // namespace mpk

@@ -1,0 +1,85 @@
+"""A plan as the arrays the megakernel reads: per-worker queues of fixed-width int32 task records,
+event trigger counts, and the order of the tensor pointer table.
+
+Record layout (the one source of truth; ``source.py`` emits the matching C++ struct):
+``{opcode, variant, task id, waits[max_waits], signals[max_signals], args[num_args]}``, -1 padded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vllm_mpk.codegen.tasks import CudaTask, cuda_task, task_args
+from vllm_mpk.graph.ops import REGISTRY
+from vllm_mpk.graph.plan import Plan
+
+HEADER_WORDS = 3
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    max_waits: int
+    max_signals: int
+    num_args: int
+
+    @property
+    def words(self) -> int:
+        return HEADER_WORDS + self.max_waits + self.max_signals + self.num_args
+
+
+@dataclass
+class Variants:
+    """The distinct template instances a plan runs, numbered in first-use order."""
+
+    tasks: list[CudaTask]
+    of_op: dict[int, int]  # op index -> variant number
+
+
+def plan_variants(plan: Plan, threads: int) -> Variants:
+    tasks: list[CudaTask] = []
+    of_op: dict[int, int] = {}
+    for op in plan.ops:
+        t = cuda_task(op, threads)
+        if t not in tasks:
+            tasks.append(t)
+        of_op[op.index] = tasks.index(t)
+    return Variants(tasks, of_op)
+
+
+def tensor_ids(plan: Plan) -> dict[str, int]:
+    return {name: i for i, name in enumerate(plan.tensors)}
+
+
+def record_layout(plan: Plan, args: list[list[int]]) -> RecordLayout:
+    return RecordLayout(max(1, max(len(t.wait_events) for t in plan.tasks)),
+                        max(1, max(len(t.signal_events) for t in plan.tasks)), max(map(len, args)))
+
+
+def all_args(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> list[list[int]]:
+    ids = tensor_ids(plan)
+    return [task_args(t, ids, tensors) for t in plan.tasks]
+
+
+def task_table(plan: Plan, variants: Variants, args: list[list[int]], layout: RecordLayout) -> np.ndarray:
+    """``[num_workers, max_tasks, words]`` int32, each worker's queue in order, -1 padded."""
+    max_tasks = max(len(q) for q in plan.queues)
+    table = np.full((plan.num_workers, max_tasks, layout.words), -1, dtype=np.int32)
+    w0, s0 = HEADER_WORDS, HEADER_WORDS + layout.max_waits
+    a0 = s0 + layout.max_signals
+    for worker, queue in enumerate(plan.queues):
+        for i, tid in enumerate(queue):
+            task = plan.tasks[tid]
+            row = table[worker, i]
+            row[:HEADER_WORDS] = (REGISTRY[task.op.kind].opcode, variants.of_op[task.op.index], tid)
+            row[w0:w0 + len(task.wait_events)] = task.wait_events
+            row[s0:s0 + len(task.signal_events)] = task.signal_events
+            row[a0:a0 + len(args[tid])] = args[tid]
+    return table
+
+
+def trigger_counts(plan: Plan) -> np.ndarray:
+    return np.array([e.trigger_count for e in plan.events] or [0], dtype=np.int32)

@@ -1,0 +1,138 @@
+"""How each op kind becomes a CUDA task: the template instance it runs, the shared memory it
+needs, and the argument words of each tile. Argument order matches the ``*Args`` enums in
+``csrc/tasks/<kind>.cuh``; this file and those headers are the only two places that know it."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from vllm_mpk.graph.ir import Op, Task
+
+CPP_DTYPES = {torch.bfloat16: "__nv_bfloat16", torch.float32: "float"}
+LINEAR_MODES = {"linear": "kPlain", "linear_with_residual": "kResidual", "rmsnorm_linear": "kNorm",
+                "silu_mul_linear_with_residual": "kSiluResidual"}
+
+
+class UnsupportedOnGPU(ValueError):
+    """The plan uses something the CUDA task bodies do not implement; the message says what."""
+
+
+@dataclass(frozen=True)
+class CudaTask:
+    call: str  # a device function template instance taking (const TaskContext&)
+    smem: str  # a C++ constant expression: the dynamic shared memory it needs
+
+
+def f32_bits(x: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+def _require(op: Op, role: str, dtypes: tuple[torch.dtype, ...], tensors: Mapping[str, torch.Tensor] | None = None):
+    t = op.inputs.get(role) or op.outputs.get(role)
+    if t is not None and t.dtype not in dtypes:
+        raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}': {role} '{t.name}' is {t.dtype}; the GPU kernels take "
+                               f"{', '.join(map(str, dtypes))}")
+
+
+def _linear(op: Op, threads: int) -> CudaTask:
+    for role in ("input", "weight", "residual", "norm_weight", "bias"):
+        _require(op, role, (torch.bfloat16,))
+    _require(op, "output", tuple(CPP_DTYPES))
+    k, batch = op.inputs["weight"].shape[1], op.inputs["input"].shape[0]
+    if k % 256:
+        raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}': reduction dim {k} is not a multiple of 256")
+    out = CPP_DTYPES[op.outputs["output"].dtype]
+    return CudaTask(f"mpk::linear_task<mpk::LinearMode::{LINEAR_MODES[op.kind]}, {k}, {batch}, {threads}, {out}>",
+                    f"mpk::linear_smem_bytes<{k}, {batch}>()")
+
+
+def _attention(op: Op, threads: int) -> CudaTask:
+    for role in ("input", "output", "kv_cache", "q_norm", "k_norm"):
+        _require(op, role, (torch.bfloat16,))
+    _require(op, "cos_sin_cache", tuple(CPP_DTYPES))
+    a = op.attrs
+    group = a["num_q_heads"] // a["num_kv_heads"]
+    page = op.inputs["kv_cache"].shape[2]
+    rope = CPP_DTYPES[op.inputs["cos_sin_cache"].dtype]
+    qk = "true" if "q_norm" in op.inputs else "false"
+    return CudaTask(f"mpk::attention_task<{a['head_dim']}, {group}, {a['num_q_heads']}, {a['num_kv_heads']}, {page}, "
+                    f"{qk}, {threads}, {rope}>", f"mpk::attention_smem_bytes<{a['head_dim']}, {group}, {threads}>()")
+
+
+def _simple(name: str, smem: str, roles: tuple[str, ...]) -> Callable[[Op, int], CudaTask]:
+    def emit(op: Op, threads: int) -> CudaTask:
+        for role in roles:
+            _require(op, role, (torch.bfloat16,))
+        return CudaTask(f"mpk::{name}<{threads}>", smem)
+    return emit
+
+
+def _embed(op: Op, threads: int) -> CudaTask:
+    _require(op, "input", (torch.int32,))
+    return _simple("embed_task", "0", ("weight", "output"))(op, threads)
+
+
+def _argmax(op: Op, threads: int) -> CudaTask:
+    _require(op, "input", tuple(CPP_DTYPES))
+    return CudaTask(f"mpk::argmax_task<{threads}, {CPP_DTYPES[op.inputs['input'].dtype]}>", "768")
+
+
+EMITTERS: dict[str, Callable[[Op, int], CudaTask]] = {
+    "embed": _embed,
+    "rmsnorm": _simple("rmsnorm_task", "128", ("input", "weight", "output", "residual", "residual_output")),
+    "linear": _linear, "linear_with_residual": _linear, "rmsnorm_linear": _linear,
+    "silu_mul_linear_with_residual": _linear,
+    "attention": _attention,
+    "allreduce": _simple("allreduce_task", "0", ("input", "output")),
+    "argmax": _argmax,
+}
+
+
+def cuda_task(op: Op, threads: int) -> CudaTask:
+    if op.kind not in EMITTERS:
+        raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}' has no CUDA task body (fuse it: e.g. silu_mul into "
+                               f"silu_mul_linear_with_residual)")
+    if op.kind == "allreduce" and op.attrs["world_size"] > 1:
+        raise UnsupportedOnGPU(f"allreduce layer '{op.name}': world_size > 1 is not built yet")
+    return EMITTERS[op.kind](op, threads)
+
+
+def task_args(task: Task, ids: Mapping[str, int], tensors: Mapping[str, torch.Tensor]) -> list[int]:
+    """The argument words of one tile; tensor operands are ids into the kernel's pointer table."""
+    op, p = task.op, task.params
+
+    def tid(role: str) -> int:
+        t = op.inputs.get(role) or op.outputs.get(role)
+        return -1 if t is None else ids[t.name]
+
+    if op.kind in LINEAR_MODES:
+        return [tid("input"), tid("weight"), tid("output"), tid("bias"), tid("residual"), tid("norm_weight"),
+                p["col_start"], p["col_end"], f32_bits(op.attrs.get("eps", 0.0)), op.outputs["output"].shape[1]]
+    if op.kind == "attention":
+        cache = tensors[op.inputs["kv_cache"].name]
+        if cache.stride(3) != 1:
+            raise UnsupportedOnGPU(f"attention layer '{op.name}': the KV cache's last dim must be contiguous")
+        table = tensors[op.inputs["block_tables"].name]
+        return [tid("input"), tid("kv_cache"), tid("cos_sin_cache"), tid("positions"), tid("seq_lens"),
+                tid("block_tables"), tid("slot_mapping"), tid("q_norm"), tid("k_norm"), tid("output"),
+                p["kv_head"], p["row_start"], p["row_end"], cache.stride(0), cache.stride(1), cache.stride(2),
+                table.stride(0), f32_bits(op.attrs["eps"]), f32_bits(op.attrs["scale"])]
+    if op.kind == "embed":
+        w = op.inputs["weight"]
+        return [tid("input"), tid("weight"), tid("output"), p["col_start"], p["col_end"],
+                op.attrs.get("vocab_start", 0), w.shape[0], w.shape[1]]
+    if op.kind == "rmsnorm":
+        return [tid("input"), tid("weight"), tid("output"), tid("residual"), tid("residual_output"),
+                p["row_start"], p["row_end"], f32_bits(op.attrs["eps"]), op.inputs["input"].shape[1]]
+    if op.kind == "argmax":
+        logits = op.inputs["input"]
+        stage = [p.get("stage", 0), p.get("vocab_start", 0), p.get("vocab_end", 0), p.get("slot", 0)]
+        return [tid("input"), tid("partial_value"), tid("partial_index"), tid("output"), *stage,
+                op.num_tiles, op.attrs.get("vocab_start", 0), logits.shape[1]]
+    if op.kind == "allreduce":
+        return [tid("input"), tid("output"), p["col_start"], p["col_end"], op.inputs["input"].shape[1]]
+    raise UnsupportedOnGPU(f"no argument layout for {op.kind}")

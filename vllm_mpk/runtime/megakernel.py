@@ -1,0 +1,95 @@
+"""A compiled plan loaded on the GPU and bound to device tensors; one ``launch`` runs one decode
+step. The launch reads everything from fixed device buffers, so a CUDA graph can capture it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from vllm_mpk.codegen.jit import JitSpec
+from vllm_mpk.codegen.source import generate
+from vllm_mpk.codegen.tables import all_args, plan_variants, record_layout, task_table, tensor_ids, trigger_counts
+from vllm_mpk.graph.ir import Role
+from vllm_mpk.graph.plan import Plan
+from vllm_mpk.graph.schedule import topological_order
+from vllm_mpk.runtime import control
+from vllm_mpk.runtime.control import MegakernelError
+
+
+def bind_tensors(plan: Plan, given: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Check the given tensors against the plan's inputs and allocate its intermediates."""
+    bound: dict[str, torch.Tensor] = {}
+    for name, handle in plan.tensors.items():
+        if handle.role is not Role.INPUT:
+            bound[name] = torch.empty(handle.shape, dtype=handle.dtype, device=device)
+            continue
+        if name not in given:
+            raise ValueError(f"no device tensor given for plan input '{name}'")
+        t = given[name]
+        if t.device != device or tuple(t.shape) != handle.shape or t.dtype != handle.dtype:
+            raise ValueError(f"plan input '{name}' needs {handle.dtype} {handle.shape} on {device}, "
+                             f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+        bound[name] = t
+    return bound
+
+
+def kernel_spec(plan: Plan, tensors: Mapping[str, torch.Tensor], threads: int) -> tuple[JitSpec, np.ndarray]:
+    """The specialised source and the task table of a plan bound to ``tensors`` (meta tensors do:
+    only shapes and strides are read), so builds can run ahead of loading weights."""
+    variants = plan_variants(plan, threads)
+    args = all_args(plan, tensors)
+    layout = record_layout(plan, args)
+    return generate(plan, variants, layout, threads), task_table(plan, variants, args, layout)
+
+
+class Megakernel:
+    def __init__(self, plan: Plan, tensors: Mapping[str, torch.Tensor], *, threads: int = 128,
+                 timeout_s: float = 2.0, profile: bool = False):
+        device = next(iter(tensors.values())).device
+        if device.type != "cuda":
+            raise ValueError(f"the megakernel runs on CUDA tensors, got {device}")
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        if plan.num_workers > sms:
+            raise ValueError(f"the plan has {plan.num_workers} workers but {torch.cuda.get_device_name(device)} has "
+                             f"{sms} SMs; a persistent kernel needs one resident worker per SM")
+        topological_order(plan.tasks, plan.events)
+        self.plan, self.device, self.timeout_ns = plan, device, int(timeout_s * 1e9)
+        self.tensors = bind_tensors(plan, tensors, device)
+        spec, table = kernel_spec(plan, self.tensors, threads)
+        self.module = spec.load()
+        self.max_tasks = table.shape[1]
+        self.tasks = torch.from_numpy(table).to(device)
+        self.queue_lens = torch.tensor([len(q) for q in plan.queues], dtype=torch.int32, device=device)
+        ids = tensor_ids(plan)
+        self.pointers = torch.tensor([self.tensors[n].data_ptr() for n in sorted(ids, key=ids.get)],
+                                     dtype=torch.int64, device=device)
+        self.triggers = torch.from_numpy(trigger_counts(plan)).to(device)
+        self.counters = torch.zeros_like(self.triggers)
+        self.control = torch.zeros(control.WORDS, dtype=torch.int32, device=device)
+        self.profile = (torch.zeros(plan.num_workers, self.max_tasks, 2, dtype=torch.int64, device=device)
+                        if profile else None)
+
+    def launch(self, num_tokens: int, stream: torch.cuda.Stream | None = None) -> None:
+        """Enqueue one decode step for the first ``num_tokens`` rows; capturable in a CUDA graph."""
+        stream = stream or torch.cuda.current_stream(self.device)
+        self.module.launch(self.tasks.data_ptr(), self.queue_lens.data_ptr(), self.pointers.data_ptr(),
+                           self.counters.data_ptr(), self.triggers.data_ptr(), self.control.data_ptr(),
+                           0 if self.profile is None else self.profile.data_ptr(), num_tokens, self.max_tasks,
+                           self.plan.num_workers, self.timeout_ns, stream.cuda_stream)
+
+    def check(self) -> None:
+        """Synchronise and raise MegakernelError if a launch stopped on its watchdog."""
+        words = self.control.tolist()
+        if words[control.ERROR]:
+            task = self.plan.tasks[words[control.ERR_TASK]]
+            raise MegakernelError(
+                f"megakernel {control.ERROR_NAMES.get(words[control.ERROR], 'error')}: worker "
+                f"{words[control.ERR_WORKER]} at {task} waited on event {words[control.ERR_EVENT]} "
+                f"(count {words[control.ERR_SEEN]}, wanted {words[control.ERR_WANTED]})")
+
+    def reset(self) -> None:
+        """Zero the counters and the control block, e.g. after a watchdog stop."""
+        self.counters.zero_()
+        self.control.zero_()
