@@ -1,0 +1,67 @@
+"""Find nvcc and check the GPU, failing with errors that say what to install or change.
+
+Kept apart from ``jit.py`` so CI (nvcc, no GPU) and production hosts (GPU, maybe no nvcc) can
+each check only what they need.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+
+class ToolchainError(RuntimeError):
+    """nvcc is missing, or the GPU cannot run code built for the requested arch."""
+
+
+def find_nvcc() -> Path:
+    """``$CUDA_HOME/bin/nvcc`` first (the user chose it), then ``nvcc`` on PATH."""
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if cuda_home and (Path(cuda_home) / "bin" / "nvcc").is_file():
+        return Path(cuda_home) / "bin" / "nvcc"
+    found = shutil.which("nvcc")
+    if found:
+        return Path(found)
+    raise ToolchainError(
+        "nvcc not found (looked in $CUDA_HOME/bin and on PATH). vllm_mpk compiles its megakernel "
+        "at first use: install the CUDA 13 toolkit, or set CUDA_HOME to an existing install.")
+
+
+@functools.cache
+def nvcc_version(nvcc: Path) -> str:
+    """The release and build line of ``nvcc --version``; memoised, so a cache hit runs it once."""
+    out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, check=True).stdout
+    lines = [line.strip() for line in out.splitlines() if line.strip()]
+    release = next((line for line in lines if "release" in line), "")
+    return f"{release} | {lines[-1] if lines else ''}"
+
+
+def _arch_capability(arch: str) -> tuple[int, int, bool]:
+    """``"sm_90a"`` -> ``(9, 0, True)``; the ``a`` suffix means the exact GPU, not newer ones."""
+    match = re.fullmatch(r"sm_(\d+)(\d)([af]?)", arch)
+    if not match:
+        raise ValueError(f"arch must look like 'sm_90a', got {arch!r}")
+    return int(match[1]), int(match[2]), match[3] == "a"
+
+
+@functools.cache
+def check_gpu(arch: str) -> None:
+    """Raise if a GPU is visible that cannot run ``arch`` code. No GPU (CI) passes."""
+    try:
+        import torch
+    except ImportError:
+        return
+    if not torch.cuda.is_available():
+        return
+    major, minor, exact = _arch_capability(arch)
+    device = torch.cuda.current_device()
+    have = torch.cuda.get_device_capability(device)
+    if have == (major, minor) or (not exact and have > (major, minor)):
+        return
+    raise ToolchainError(
+        f"GPU {device} is {torch.cuda.get_device_name(device)} (sm_{have[0]}{have[1]}); the vllm_mpk "
+        f"megakernel is built for {arch} and needs a Hopper GPU (sm_90, e.g. H100/H200).")
