@@ -1,0 +1,68 @@
+"""Smoke tests of the ``vllm-mpk`` command line, the shipped model catalog and the vLLM plugin."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+
+import pytest
+import torch
+
+from vllm_mpk.cli import main
+from vllm_mpk.integration import plugin
+from vllm_mpk.models.catalog import UnknownModelError, resolve_model, shipped_config, shipped_models
+
+# The layers of one decode step (see vllm_mpk/models/decoder.py).
+DECODER_OP_KINDS = ("embed", "rmsnorm_linear", "attention", "linear_with_residual",
+                    "silu_mul_linear_with_residual", "argmax")
+
+
+def test_plan_summary_names_every_op_kind(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--model", "qwen3-0.6b", "--layers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 28 layers" in out
+    rows = {line.split()[0] for line in out.splitlines() if line.strip()}
+    for kind in DECODER_OP_KINDS:
+        assert kind in rows, f"plan summary has no row for '{kind}':\n{out}"
+
+
+def test_check_unknown_model_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--model", "no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'no-such-model'" in err
+    assert "qwen3-0.6b" in err  # the message lists what can be given instead
+
+
+def test_check_on_cuda_is_not_built_yet(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--device", "cuda"]) == 2
+    assert "not built yet" in capsys.readouterr().err
+
+
+def test_generate_on_hopper_says_runtime_is_missing(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert main(["generate", "--model", "qwen3-0.6b"]) != 0
+    assert "not wired" in capsys.readouterr().err
+
+
+def test_catalog_resolves_names_and_directories(tmp_path) -> None:
+    assert shipped_models() == ["llama-3.1-8b", "llama-3.2-1b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-8b"]
+    (tmp_path / "config.json").write_text(json.dumps(shipped_config("llama-3.2-1b")))
+    from_dir, by_name = resolve_model(str(tmp_path)), resolve_model("Llama-3.2-1B")
+    assert from_dir.spec == by_name.spec and from_dir.directory == tmp_path and by_name.directory is None
+    with pytest.raises(UnknownModelError):
+        resolve_model("gpt2")
+
+
+def test_plugin_register_is_idempotent() -> None:
+    plugin.register()
+    plugin.register()
+    try:
+        entry_points = importlib.metadata.entry_points(group="vllm.general_plugins")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover
+        pytest.skip("vllm_mpk is not installed")
+    if not any(ep.value.startswith("vllm_mpk.") for ep in entry_points):
+        pytest.skip("vllm_mpk is not installed (pip install -e .)")
+    (ep,) = [ep for ep in entry_points if ep.name == "mpk"]
+    assert ep.load() is plugin.register

@@ -1,0 +1,200 @@
+"""``vllm-mpk``: plan a model's decode step, check it against ``transformers``, run the main job.
+
+Exit codes: 0 success; 1 a check failed; 2 bad arguments, an unknown or unsupported model, or a
+path that is not built yet (the GPU runtime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from vllm_mpk.check import CheckResult, check_model
+from vllm_mpk.graph.schedule import POLICIES
+from vllm_mpk.models import DecodeModel, DecodeOptions, ModelSpec, build_decoder
+from vllm_mpk.models.catalog import DEFAULT_MODEL, ResolvedModel, resolve_model
+from vllm_mpk.models.kv_cache import allocate_kv_caches
+from vllm_mpk.models.weights import expected_shapes, load_checkpoint, random_weights
+
+EXIT_OK, EXIT_FAILED, EXIT_UNAVAILABLE = 0, 1, 2
+GENERATE_CHECK_LAYERS = 2
+HOPPER = (9, 0)
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed as one line, exit code 2 (as are the core's ValueErrors)."""
+
+
+# plan -------------------------------------------------------------------------------------------
+
+
+def meta_decoder(spec: ModelSpec, options: DecodeOptions) -> DecodeModel:
+    """Build the plan over shape-only (``meta``) weights and KV caches: nothing is allocated."""
+    weights = {n: torch.empty(s, dtype=torch.bfloat16, device="meta") for n, s in expected_shapes(spec).items()}
+    num_blocks = options.max_batch * -(-options.max_seq_len // options.page_size)
+    caches = allocate_kv_caches(spec, num_blocks, options.page_size, device="meta")
+    return build_decoder(spec, weights, caches, options)
+
+
+def plan_header(model: ResolvedModel, spec: ModelSpec, o: DecodeOptions) -> str:
+    return (f"plan {model.name}: {spec.architecture}, {spec.num_layers} of {model.spec.num_layers} layers, "
+            f"max batch {o.max_batch}, max seq len {o.max_seq_len}, page size {o.page_size}, "
+            f"{o.num_workers} workers, schedule {o.schedule} (weights and KV caches not materialised)")
+
+
+def run_plan(model: ResolvedModel, layers: int | None, options: DecodeOptions) -> None:
+    spec = model.spec.with_layers(layers) if layers is not None else model.spec
+    plan = meta_decoder(spec, options).plan
+    print(plan_header(model, spec, options))
+    print(plan.summary())
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    options = DecodeOptions(max_batch=args.max_batch, max_seq_len=args.max_seq_len, page_size=args.page_size,
+                            num_workers=args.num_workers, schedule=args.schedule)
+    run_plan(resolve(args.model), args.layers, options)
+    return EXIT_OK
+
+
+# check ------------------------------------------------------------------------------------------
+
+
+def prompt_lengths(batch: int, seed: int) -> list[int]:
+    """Ragged lengths 14 apart, so most prompts end past a 16-token page boundary (5, 19, 33 ...)."""
+    return [5 + seed % 3 + 14 * i for i in range(batch)]
+
+
+def check_weights_for(model: ResolvedModel, spec: ModelSpec, seed: int) -> tuple[dict[str, torch.Tensor], str]:
+    """The checkpoint's weights when the model directory has safetensors, else random ones."""
+    if model.directory is not None:
+        weights = load_checkpoint(spec, model.directory)
+        if weights is not None:
+            return weights, f"checkpoint weights from {model.directory}"
+    return random_weights(spec, seed=seed), f"random bf16 weights (seed {seed})"
+
+
+def print_check(result: CheckResult, exact: bool) -> None:
+    mode = "float32 intermediates (--exact)" if exact else "bf16"
+    print(f"logits: relative L2 error {result.rel_error:.2e}, tolerance {result.tolerance:.2e} ({mode})")
+    for b, (ref, ours) in enumerate(zip(result.reference_tokens, result.tokens)):
+        print(f"request {b}  transformers: {' '.join(map(str, ref))}")
+        print(f"{'':11}mpk:          {' '.join(map(str, ours))}")
+    print(f"greedy mismatches: {result.mismatches} (near ties, not counted: {result.near_ties})")
+    print("PASS" if result.passed else "FAIL")
+
+
+def run_check(model: ResolvedModel, layers: int, batch: int, new_tokens: int, exact: bool, seed: int) -> bool:
+    if batch < 1 or new_tokens < 1:
+        raise CliError("--batch and --new-tokens must be at least 1")
+    spec = model.spec.with_layers(layers)
+    weights, source = check_weights_for(model, spec, seed)
+    lengths = prompt_lengths(batch, seed)
+    print(f"check {model.name}: {spec.architecture}, {spec.num_layers} of {model.spec.num_layers} layers, "
+          f"{source}; CPU reference executor vs transformers")
+    print(f"prompts of {', '.join(map(str, lengths))} tokens, {new_tokens} new tokens each, pages of 16 tokens")
+    result = check_model(spec, weights, lengths, new_tokens, exact=exact, seed=seed)
+    print_check(result, exact)
+    return result.passed
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    if args.device == "cuda":
+        print("vllm-mpk check --device cuda: the GPU check is not built yet (it lands with the CUDA runtime); "
+              "use --device cpu", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    model = resolve(args.model)
+    passed = run_check(model, args.layers, args.batch, args.new_tokens, args.exact, args.seed)
+    return EXIT_OK if passed else EXIT_FAILED
+
+
+# generate ---------------------------------------------------------------------------------------
+
+
+def hopper_unavailable_reason() -> str | None:
+    """None when a Hopper (sm_90) GPU is visible, else why the GPU path cannot run here."""
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) != HOPPER:
+        return f"{torch.cuda.get_device_name()} is sm_{major}{minor}; the megakernel targets Hopper (sm_90)"
+    return None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model = resolve(args.model)
+    run_plan(model, None, DecodeOptions())
+    reason = hopper_unavailable_reason()
+    if reason is None:
+        print("A Hopper GPU is present, but the megakernel runtime is not wired into `vllm-mpk generate` yet "
+              "(it lands with the CUDA runtime issue); nothing was run on the GPU.", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    print()
+    passed = run_check(model, GENERATE_CHECK_LAYERS, args.batch, args.new_tokens, False, args.seed)
+    print(f"\nGPU execution skipped: {reason}. Ran the plan and the CPU check "
+          f"({GENERATE_CHECK_LAYERS} layers) only.")
+    return EXIT_OK if passed else EXIT_FAILED
+
+
+# arguments --------------------------------------------------------------------------------------
+
+
+def resolve(model: str) -> ResolvedModel:
+    try:
+        return resolve_model(model)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+
+
+def add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"a directory with config.json, or a shipped config name (default {DEFAULT_MODEL})")
+
+
+def add_check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch", type=int, default=3, help="requests decoded together (default 3)")
+    p.add_argument("--new-tokens", type=int, default=4, help="greedy tokens per request (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the prompts and random weights (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-mpk", description="Compile a model's decode step into one "
+                                     "persistent megakernel plan; check it; run it.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = DecodeOptions()
+    p = sub.add_parser("plan", help="compile the decode plan (no weights allocated) and print its summary")
+    add_model_arg(p)
+    p.add_argument("--max-batch", type=int, default=d.max_batch)
+    p.add_argument("--max-seq-len", type=int, default=d.max_seq_len)
+    p.add_argument("--num-workers", type=int, default=d.num_workers, help="one per SM (132 on H100 SXM)")
+    p.add_argument("--layers", type=int, default=None, help="keep only the first N layers (default all)")
+    p.add_argument("--page-size", type=int, default=d.page_size)
+    p.add_argument("--schedule", choices=sorted(POLICIES), default=d.schedule)
+    p.set_defaults(func=cmd_plan)
+    c = sub.add_parser("check", help="run the plan on the CPU reference executor and compare with transformers")
+    add_model_arg(c)
+    c.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    c.add_argument("--layers", type=int, default=2, help="keep only the first N layers (default 2)")
+    c.add_argument("--exact", action="store_true", help="float32 intermediates; tolerance 1e-4 instead of 3e-2")
+    add_check_args(c)
+    c.set_defaults(func=cmd_check)
+    g = sub.add_parser("generate", help="the main job: plan, check, and run on a Hopper GPU when there is one")
+    add_model_arg(g)
+    add_check_args(g)
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CliError, ValueError) as e:  # the core raises ValueError for what the user can fix
+        print(f"vllm-mpk {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
