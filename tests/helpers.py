@@ -1,0 +1,78 @@
+"""Shared pieces of the CPU tests: model configs, weights that cost nothing, step inputs, and
+running a plan through the reference executor."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vllm_mpk.api import PersistentKernel
+from vllm_mpk.graph.ir import Role
+from vllm_mpk.graph.plan import Plan
+from vllm_mpk.graph.reference import ReferenceExecutor
+from vllm_mpk.models.spec import ModelSpec
+from vllm_mpk.models.weights import expected_shapes
+
+REPO = Path(__file__).resolve().parents[1]
+ORDERS = ("schedule", "random", "layers")
+
+
+def config_paths() -> dict[str, Path]:
+    """The model configs the project ships (``vllm_mpk/configs/*.json``), else ``../shared/models``."""
+    shipped = sorted((REPO / "vllm_mpk" / "configs").glob("*.json"))
+    if shipped:
+        return {p.stem: p for p in shipped}
+    return {p.parent.name: p for p in sorted((REPO.parent / "shared" / "models").glob("*/config.json"))}
+
+
+def load_config(name: str) -> dict[str, Any]:
+    return json.loads(config_paths()[name].read_text())
+
+
+def model_spec(name: str, layers: int) -> ModelSpec:
+    return ModelSpec.from_hf_config(load_config(name)).with_layers(layers)
+
+
+def meta_weights(spec: ModelSpec, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """Weights with the right shapes and no storage, for tests where values do not matter."""
+    return {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape in expected_shapes(spec).items()}
+
+
+def seed_of(text: str) -> int:
+    """A stable seed per test case, so each case draws its own inputs and reruns reproduce them."""
+    return zlib.crc32(text.encode())
+
+
+def plan_inputs(mpk: PersistentKernel, given: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Every input of the kernel's plan: its attached tensors, ``given`` step inputs, zeros for the rest."""
+    out = {name: torch.zeros(h.shape, dtype=h.dtype) for name, h in mpk.tensors.items() if h.role is Role.INPUT}
+    out.update(mpk.attached)
+    out.update(given or {})
+    return out
+
+
+def run_plan(plan: Plan, inputs: dict[str, torch.Tensor], num_tokens: int, order: str, seed: int = 0,
+             exact: bool = False) -> dict[str, torch.Tensor]:
+    """One step of ``plan`` on clones of ``inputs`` (state updated in place stays the caller's own);
+    returns every tensor of the step, inputs included, after it ran."""
+    executor = ReferenceExecutor(plan, {k: v.clone() for k, v in inputs.items()}, exact=exact)
+    executor.run_step(num_tokens, order=order, seed=seed)
+    return executor.tensors
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` intra-op threads. The reference executor runs many small matmuls, which on
+    a busy two-core machine are far slower with two OpenMP threads than with one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
