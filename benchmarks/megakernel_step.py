@@ -27,6 +27,7 @@ from vllm_mpk.models.kv_cache import allocate_kv_caches, contiguous_block_tables
 from vllm_mpk.models.weights import expected_shapes, random_weights
 from vllm_mpk.runtime.megakernel import Megakernel, kernel_spec
 from vllm_mpk.runtime.meta import step_inputs
+from vllm_mpk.runtime.profiler import summary, task_spans, write_trace
 
 CONFIGS = Path(__file__).resolve().parents[1] / "vllm_mpk" / "configs"
 
@@ -78,13 +79,15 @@ def copy_bandwidth(device: str) -> float:
     return 2 * src.numel() / us / 1e6  # TB/s, read + write
 
 
-def weight_bytes(model, tensors) -> int:
-    skip = {"rope.cos_sin_cache", "lm_head.weight"} if model.spec.tie_word_embeddings else {"rope.cos_sin_cache"}
+def weight_bytes(model) -> int:
+    """Bytes of weights one step must stream: everything but the embedding (only B rows are read;
+    a tied lm_head is counted through its own view) and the RoPE table."""
+    skip = {"rope.cos_sin_cache", "model.embed_tokens.weight"}
     return sum(t.numel() * t.element_size() for n, t in model.kernel.attached.items()
-               if "kv_cache" not in n and n not in skip and not (n == "model.embed_tokens.weight"))
+               if "kv_cache" not in n and n not in skip)
 
 
-def run_case(spec, batch, context, device, weights, log) -> dict:
+def run_case(spec, batch, context, device, weights, log, trace_path=None) -> dict:
     model, tensors, caches = build(spec, batch, context, device, weights)
     for c in caches:
         c.normal_(0, 1)
@@ -103,18 +106,37 @@ def run_case(spec, batch, context, device, weights, log) -> dict:
     ref_inputs = dict(tensors)
     for i, c in enumerate(ref_caches):
         ref_inputs[f"model.layers.{i}.self_attn.attn.kv_cache"] = c
+    same_rounding = ReferenceExecutor(model.plan, {**ref_inputs, **{k: c.clone() for k, c in ref_inputs.items()
+                                                                  if "kv_cache" in k}})
+    same_rounding.run_step(batch, order="layers")
+    bf16_logits = same_rounding.tensors["logits"][:batch].float()
+    rel_bf16 = float((logits - bf16_logits).norm() / bf16_logits.norm())
+    del same_rounding
     ref = ReferenceExecutor(model.plan, ref_inputs, exact=True)
     ref.run_step(batch, order="layers")
     ref_logits = ref.tensors["logits"][:batch].float()
     rel = float((logits - ref_logits).norm() / ref_logits.norm())
     agree = int((tokens == ref_logits.argmax(-1)).sum())
+    for b in (tokens != ref_logits.argmax(-1)).nonzero()[:, 0].tolist():
+        top = ref_logits[b].topk(2)
+        print(f"row {b}: megakernel token {int(tokens[b])} (its logit {float(logits[b, tokens[b]]):.4f}, "
+              f"our argmax {int(logits[b].argmax())}), reference top2 {top.indices.tolist()} {top.values.tolist()}; "
+              f"our logits there {logits[b, top.indices].tolist()}", flush=True)
     cache_rel = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(caches, ref_caches))
     us = bench_graph(lambda: mk.launch(batch))
     mk.check()
-    nbytes = weight_bytes(model, tensors) + sum(
+    profiled = Megakernel(model.plan, tensors, profile=True)
+    for _ in range(3):
+        profiled.launch(batch)
+    torch.cuda.synchronize()
+    spans = task_spans(model.plan, profiled.profile)
+    print(summary(model.plan, spans), flush=True)
+    if trace_path is not None:
+        write_trace(model.plan, spans, trace_path)
+    nbytes = weight_bytes(model) + sum(
         int(tensors["seq_lens"].sum()) * spec.num_kv_heads * 2 * spec.head_dim * 2 for _ in range(spec.num_layers))
     row = {"model": spec.architecture, "layers": spec.num_layers, "hidden": spec.hidden_size, "batch": batch,
-           "rel_err": rel, "cache_rel_err": cache_rel, "greedy_agree": f"{agree}/{batch}",
+           "rel_err": rel, "rel_err_same_rounding": rel_bf16, "cache_rel_err": cache_rel, "greedy_agree": f"{agree}/{batch}",
            "step_us": us, "bytes": nbytes, "tbps": nbytes / us / 1e6, "load_s": load_s,
            "nan": bool(torch.isnan(logits).any())}
     log.write(json.dumps(row) + "\n")
@@ -128,6 +150,7 @@ def main() -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--trace", action="store_true", help="write a Perfetto trace per case under $OUT")
     args = p.parse_args()
     device = "cuda"
     out = Path(os.environ.get("OUT", "/tmp"))
@@ -139,7 +162,7 @@ def main() -> None:
             model, tensors, _ = build(spec, b, args.context, "meta")
             bound = {**tensors, **{n: torch.empty(t.shape, dtype=t.dtype, device="meta")
                                    for n, t in model.plan.tensors.items() if t.role is not Role.INPUT}}
-            jobs.append(kernel_spec(model.plan, bound, 128)[0])
+            jobs.append(kernel_spec(model.plan, bound)[0])
     t0 = time.perf_counter()
     with ThreadPoolExecutor(len(jobs)) as pool:
         list(pool.map(lambda s: s.build(), jobs))
@@ -150,14 +173,16 @@ def main() -> None:
         for m, spec in specs.items():
             weights = random_weights(spec, device=device)
             for b in args.batches:
-                rows.append({"name": m, **run_case(spec, b, args.context, device, weights, log)})
+                trace = out / f"trace_{m}_bs{b}.json" if args.trace else None
+                rows.append({"name": m, **run_case(spec, b, args.context, device, weights, log, trace)})
                 print(rows[-1], flush=True)
             del weights
             torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}  copy bandwidth {bw:.2f} TB/s")
-    print(f"{'model':14} {'bs':>3} {'rel err':>9} {'greedy':>7} {'step us':>9} {'TB/s':>6} {'of copy':>7}")
+    print(f"{'model':14} {'bs':>3} {'err f32':>9} {'err bf16':>9} {'greedy':>7} {'step us':>9} {'TB/s':>6} {'of copy':>7}")
     for r in rows:
-        print(f"{r['name']:14} {r['batch']:>3} {r['rel_err']:9.2e} {r['greedy_agree']:>7} {r['step_us']:9.1f} "
+        print(f"{r['name']:14} {r['batch']:>3} {r['rel_err']:9.2e} {r['rel_err_same_rounding']:9.2e} "
+              f"{r['greedy_agree']:>7} {r['step_us']:9.1f} "
               f"{r['tbps']:6.2f} {r['tbps'] / bw:7.0%}")
 
 

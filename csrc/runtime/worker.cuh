@@ -48,12 +48,16 @@ __device__ __forceinline__ void add_release(int32_t* p, int32_t v) {
 }
 
 // Thread 0 spins until counters[e] >= wanted; returns false after a timeout or another worker's error.
+// The clock and the error flag are read only every 256 polls, off the fast path.
 __device__ bool wait_event(const KernelParams& p, int event, int32_t wanted, int task) {
-  const int64_t start = global_ns();
+  int64_t start = -1;
   int32_t seen;
-  while ((seen = load_acquire(p.counters + event)) < wanted) {
+  for (unsigned spins = 1; (seen = load_acquire(p.counters + event)) < wanted; ++spins) {
+    if (spins % 256) continue;
     if (load_acquire(p.control + kError) != kOk) return false;
-    if (global_ns() - start > p.timeout_ns) {
+    const int64_t now = global_ns();
+    if (start < 0) start = now;
+    if (now - start > p.timeout_ns) {
       if (atomicCAS(p.control + kError, kOk, kTimeout) == kOk) {
         p.control[kErrWorker] = blockIdx.x;
         p.control[kErrTask] = task;
@@ -63,12 +67,21 @@ __device__ bool wait_event(const KernelParams& p, int event, int32_t wanted, int
       }
       return false;
     }
-    __nanosleep(32);
   }
   return true;
 }
 
-// Record: {opcode, variant, task id, waits[MAX_WAITS], signals[MAX_SIGNALS], args[...]}, -1 padded.
+// Ask L2 to fetch a task's first weight bytes, so that they stream while the task still waits for
+// its inputs (weights never wait for activations). One thread issues it; the copy engine does the rest.
+template <typename Record>
+__device__ __forceinline__ void prefetch_weights(const KernelParams& p, const Record& r) {
+  if (r.prefetch_tensor < 0) return;
+  const char* base = static_cast<const char*>(p.tensors[r.prefetch_tensor]) + (int64_t)r.prefetch_offset16 * 16;
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(base), "r"(r.prefetch_len16 * 16) : "memory");
+}
+
+// Record: {opcode, variant, task id, prefetch tensor, offset/16, bytes/16, waits[MAX_WAITS],
+// signals[MAX_SIGNALS], args[...]}, -1 padded.
 template <typename Record, typename Dispatch, int NT>
 __device__ void worker_loop(const KernelParams& p) {
   extern __shared__ __align__(16) char smem[];
@@ -85,6 +98,8 @@ __device__ void worker_loop(const KernelParams& p) {
   for (int i = 0; i < n; ++i) {
     const Record& r = queue[i];
     if (threadIdx.x == 0) {
+      if (i == 0) prefetch_weights(p, r);
+      if (i + 1 < n) prefetch_weights(p, queue[i + 1]);
       for (int w = 0; w < Record::kMaxWaits && r.waits[w] >= 0 && ok_s; ++w)
         ok_s = wait_event(p, r.waits[w], p.triggers[r.waits[w]] * (epoch + 1), r.task);
       if (p.profile) p.profile[((size_t)blockIdx.x * p.max_tasks + i) * 2] = global_ns();

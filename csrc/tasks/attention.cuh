@@ -104,11 +104,8 @@ __device__ void attention_task(const TaskContext& c) {
     for (int p = warp; p < seq_len; p += NW) {
       const __nv_bfloat16* kv = head_cache + (int64_t)table[p / PAGE] * block_stride + (p % PAGE) * slot_stride;
       float k[D], v[D];
-#pragma unroll
-      for (int d = 0; d < D; ++d) {
-        k[d] = __bfloat162float(kv[lane * D + d]);
-        v[d] = __bfloat162float(kv[HD + lane * D + d]);
-      }
+      load_bf16<D>(kv + lane * D, k);
+      load_bf16<D>(kv + HD + lane * D, v);
 #pragma unroll
       for (int g = 0; g < GROUP; ++g) {
         float s = 0.f;

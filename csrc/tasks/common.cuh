@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 
 namespace mpk {
 
@@ -63,6 +64,21 @@ __device__ __forceinline__ Bf16x8 pack(const float (&f)[8]) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) v.h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
   return v;
+}
+
+// N consecutive bf16 values (N = 2, 4 or 8) in one 4-, 8- or 16-byte load.
+template <int N>
+__device__ __forceinline__ void load_bf16(const __nv_bfloat16* p, float (&f)[N]) {
+  static_assert(N == 2 || N == 4 || N == 8, "vector width");
+  using Vec = std::conditional_t<N == 2, uint32_t, std::conditional_t<N == 4, uint2, uint4>>;
+  const Vec raw = *reinterpret_cast<const Vec*>(p);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) {
+    const float2 t = __bfloat1622float2(h[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
 }
 
 // Streaming 16-byte load that does not keep the line in L1 (weights are read once per step).

@@ -64,11 +64,13 @@ __device__ void linear_task(const TaskContext& c) {
     }
   }
 
-  auto stage = [&](int k0) {
+  // Stage x[:, k0:k0 + kc] (kc = KC except for a shorter last chunk) into xs[b][0:kc].
+  auto stage = [&](int k0, int kc) {
     __syncthreads();
     for (int idx = threadIdx.x * 8; idx < B * KC; idx += NT * 8) {
       const int b = idx / KC, kk = idx % KC, k = k0 + kk;
       float f[8];
+      if (kk >= kc) continue;
       if (b >= n_tok) {
 #pragma unroll
         for (int i = 0; i < 8; ++i) f[i] = 0.f;
@@ -100,27 +102,35 @@ __device__ void linear_task(const TaskContext& c) {
       for (int b = 0; b < B; ++b) acc[r][b] = 0.f;
     const int row0 = rb + warp * R;
     for (int k0 = 0; k0 < K; k0 += KC) {
-      if (KC < K || rb == c0) stage(k0);
-#pragma unroll 2
-      for (int kk = lane * 8; kk < KC; kk += kWarp * 8) {
-        float wf[R][8];
+      const int kc = K - k0 < KC ? K - k0 : KC;
+      if (KC < K || rb == c0) stage(k0, kc);
+      // U independent 16-byte weight loads per row in flight before the first multiply.
+      constexpr int U = 4;
+      for (int kk0 = lane * 8; kk0 < kc; kk0 += U * kWarp * 8) {
+        Bf16x8 raw[U][R];
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          if (row0 + r < c1) {
-            unpack(load_stream(w + (size_t)(row0 + r) * K + k0 + kk), wf[r]);
-          } else {
-#pragma unroll
-            for (int i = 0; i < 8; ++i) wf[r][i] = 0.f;
-          }
-        }
-#pragma unroll
-        for (int b = 0; b < B; ++b) {
-          float xf[8];
-          unpack(*reinterpret_cast<const Bf16x8*>(xs + b * KC + kk), xf);
+        for (int u = 0; u < U; ++u)
 #pragma unroll
           for (int r = 0; r < R; ++r)
+            raw[u][r] = (row0 + r < c1 && kk0 + u * kWarp * 8 < kc)
+                            ? load_stream(w + (size_t)(row0 + r) * K + k0 + kk0 + u * kWarp * 8)
+                            : Bf16x8{};
 #pragma unroll
-            for (int i = 0; i < 8; ++i) acc[r][b] += wf[r][i] * xf[i];
+        for (int u = 0; u < U; ++u) {
+          const int kk = kk0 + u * kWarp * 8;
+          if (kk >= kc) break;
+          float wf[R][8];
+#pragma unroll
+          for (int r = 0; r < R; ++r) unpack(raw[u][r], wf[r]);
+#pragma unroll
+          for (int b = 0; b < B; ++b) {
+            float xf[8];
+            unpack(*reinterpret_cast<const Bf16x8*>(xs + b * KC + kk), xf);
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+#pragma unroll
+              for (int i = 0; i < 8; ++i) acc[r][b] += wf[r][i] * xf[i];
+          }
         }
       }
     }

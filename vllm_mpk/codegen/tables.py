@@ -2,7 +2,8 @@
 event trigger counts, and the order of the tensor pointer table.
 
 Record layout (the one source of truth; ``source.py`` emits the matching C++ struct):
-``{opcode, variant, task id, waits[max_waits], signals[max_signals], args[num_args]}``, -1 padded.
+``{opcode, variant, task id, prefetch tensor, prefetch offset / 16, prefetch bytes / 16,
+waits[max_waits], signals[max_signals], args[num_args]}``, -1 padded.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vllm_mpk.codegen.tasks import CudaTask, cuda_task, task_args
+from vllm_mpk.codegen.tasks import CudaTask, cuda_task, prefetch_region, task_args
 from vllm_mpk.graph.ops import REGISTRY
 from vllm_mpk.graph.plan import Plan
 
-HEADER_WORDS = 3
+HEADER_WORDS = 6
+PREFETCH_CAP_BYTES = 96 * 1024  # per task; two tasks per worker in flight stay well inside L2
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,10 @@ def all_args(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> list[list[int]]
     return [task_args(t, ids, tensors) for t in plan.tasks]
 
 
-def task_table(plan: Plan, variants: Variants, args: list[list[int]], layout: RecordLayout) -> np.ndarray:
+def task_table(plan: Plan, variants: Variants, args: list[list[int]], layout: RecordLayout,
+               tensors: Mapping[str, torch.Tensor]) -> np.ndarray:
     """``[num_workers, max_tasks, words]`` int32, each worker's queue in order, -1 padded."""
+    ids = tensor_ids(plan)
     max_tasks = max(len(q) for q in plan.queues)
     table = np.full((plan.num_workers, max_tasks, layout.words), -1, dtype=np.int32)
     w0, s0 = HEADER_WORDS, HEADER_WORDS + layout.max_waits
@@ -74,7 +78,10 @@ def task_table(plan: Plan, variants: Variants, args: list[list[int]], layout: Re
         for i, tid in enumerate(queue):
             task = plan.tasks[tid]
             row = table[worker, i]
-            row[:HEADER_WORDS] = (REGISTRY[task.op.kind].opcode, variants.of_op[task.op.index], tid)
+            region = prefetch_region(task, ids, tensors)
+            pf = (-1, 0, 0) if region is None else (region[0], region[1] // 16,
+                                                     min(region[2], PREFETCH_CAP_BYTES) // 16)
+            row[:HEADER_WORDS] = (REGISTRY[task.op.kind].opcode, variants.of_op[task.op.index], tid, *pf)
             row[w0:w0 + len(task.wait_events)] = task.wait_events
             row[s0:s0 + len(task.signal_events)] = task.signal_events
             row[a0:a0 + len(args[tid])] = args[tid]

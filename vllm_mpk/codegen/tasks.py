@@ -136,3 +136,17 @@ def task_args(task: Task, ids: Mapping[str, int], tensors: Mapping[str, torch.Te
     if op.kind == "allreduce":
         return [tid("input"), tid("output"), p["col_start"], p["col_end"], op.inputs["input"].shape[1]]
     raise UnsupportedOnGPU(f"no argument layout for {op.kind}")
+
+
+def prefetch_region(task: Task, ids: Mapping[str, int], tensors: Mapping[str, torch.Tensor]) -> tuple[int, int, int] | None:
+    """(tensor id, byte offset, bytes) of the weight rows a linear tile streams: one contiguous block
+    when the weight is row-major. None for other tasks."""
+    if task.op.kind not in LINEAR_MODES:
+        return None
+    handle = task.op.inputs["weight"]
+    w = tensors[handle.name]
+    if w.stride(1) != 1 or w.stride(0) != w.shape[1]:
+        return None
+    row_bytes = w.shape[1] * w.element_size()
+    c0, c1 = task.params["col_start"], task.params["col_end"]
+    return ids[handle.name], c0 * row_bytes, (c1 - c0) * row_bytes

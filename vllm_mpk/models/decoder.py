@@ -34,7 +34,7 @@ class DecodeOptions:
     max_seq_len: int = 4096
     page_size: int = 16
     num_workers: int = 132
-    block_dim: int = 128
+    block_dim: int = 256
     schedule: str = "earliest_finish"
 
 
@@ -73,8 +73,9 @@ def build_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cache
     def new(name: str, width: int, dt: torch.dtype = dtype) -> TensorHandle:
         return mpk.new_tensor((b, width), dt, name)
 
-    rope = mpk.attach_input(rope_cache if rope_cache is not None else cos_sin_cache(spec, o.max_seq_len),
-                            "rope.cos_sin_cache")
+    if rope_cache is None:
+        rope_cache = cos_sin_cache(spec, o.max_seq_len).to(weights[EMBED].device)
+    rope = mpk.attach_input(rope_cache, "rope.cos_sin_cache")
     x = new("embed.out", h)
     mpk.embed_layer(None, mpk.attach_input(weights[EMBED], EMBED), x, grid_dim=min(w, h // 8),
                     block_dim=block, name="embed")
@@ -87,7 +88,7 @@ def build_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cache
         gate_up, x_next = new(f"{p}.gate_up", 2 * spec.intermediate_size), new(f"{p}.out", h)
         mpk.rmsnorm_linear_layer(x, wt["input_norm"], wt["qkv"], qkv, linear_grid(spec.qkv_width, w), block,
                                  eps=spec.rms_norm_eps, name=f"{p}.qkv_proj")
-        mpk.attention_layer(qkv, cache, rope, attn, grid_dim=spec.num_kv_heads, block_dim=block,
+        mpk.attention_layer(qkv, cache, rope, attn, grid_dim=spec.num_kv_heads * b, block_dim=block,
                             num_q_heads=spec.num_q_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
                             q_norm=wt.get("q_norm"), k_norm=wt.get("k_norm"), eps=spec.rms_norm_eps,
                             name=f"{p}.attention")

@@ -35,21 +35,21 @@ def bind_tensors(plan: Plan, given: Mapping[str, torch.Tensor], device: torch.de
     return bound
 
 
-def kernel_spec(plan: Plan, tensors: Mapping[str, torch.Tensor], threads: int) -> tuple[JitSpec, np.ndarray]:
+def kernel_spec(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> tuple[JitSpec, np.ndarray]:
     """The specialised source and the task table of a plan bound to ``tensors`` (meta tensors do:
     only shapes and strides are read), so builds can run ahead of loading weights."""
+    threads = plan.ops[0].block_dim[0]
     variants = plan_variants(plan, threads)
     args = all_args(plan, tensors)
     layout = record_layout(plan, args)
-    return generate(plan, variants, layout, threads), task_table(plan, variants, args, layout)
+    return generate(plan, variants, layout, threads), task_table(plan, variants, args, layout, tensors)
 
 
 class Megakernel:
-    def __init__(self, plan: Plan, tensors: Mapping[str, torch.Tensor], *, threads: int = 128,
-                 timeout_s: float = 2.0, profile: bool = False):
-        device = next(iter(tensors.values())).device
-        if device.type != "cuda":
-            raise ValueError(f"the megakernel runs on CUDA tensors, got {device}")
+    def __init__(self, plan: Plan, tensors: Mapping[str, torch.Tensor], *, timeout_s: float = 2.0, profile: bool = False):
+        device = next((t.device for t in tensors.values() if t.device.type == "cuda"), None)
+        if device is None:
+            raise ValueError("the megakernel runs on CUDA tensors; none of the given tensors is on a GPU")
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         if plan.num_workers > sms:
             raise ValueError(f"the plan has {plan.num_workers} workers but {torch.cuda.get_device_name(device)} has "
@@ -57,7 +57,7 @@ class Megakernel:
         topological_order(plan.tasks, plan.events)
         self.plan, self.device, self.timeout_ns = plan, device, int(timeout_s * 1e9)
         self.tensors = bind_tensors(plan, tensors, device)
-        spec, table = kernel_spec(plan, self.tensors, threads)
+        spec, table = kernel_spec(plan, self.tensors)
         self.module = spec.load()
         self.max_tasks = table.shape[1]
         self.tasks = torch.from_numpy(table).to(device)

@@ -1,0 +1,73 @@
+"""Decode the megakernel's per-task timestamps into a Perfetto/Chrome trace and a per-op summary.
+
+The kernel records, for the i-th task of each worker, the global-timer nanoseconds at which its
+events were satisfied (start) and at which it signalled (end). The gap between a worker's previous
+end and its next start is time spent waiting on events.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vllm_mpk.graph.plan import Plan
+
+
+@dataclass
+class TaskSpan:
+    worker: int
+    task: int
+    kind: str
+    op: str
+    start_ns: int
+    end_ns: int
+    wait_ns: int
+
+
+def task_spans(plan: Plan, profile: torch.Tensor) -> list[TaskSpan]:
+    """``profile``: ``[num_workers, max_tasks, 2]`` int64 from a profiled launch."""
+    rows = profile.cpu().tolist()
+    origin = min(rows[w][0][0] for w, q in enumerate(plan.queues) if q)
+    spans = []
+    for w, queue in enumerate(plan.queues):
+        previous_end = origin
+        for i, tid in enumerate(queue):
+            start, end = rows[w][i]
+            task = plan.tasks[tid]
+            spans.append(TaskSpan(w, tid, task.op.kind, task.op.name, start - origin, end - origin,
+                                  max(0, start - previous_end)))
+            previous_end = end
+    return spans
+
+
+def write_trace(plan: Plan, spans: list[TaskSpan], path: str | Path) -> None:
+    """One track per worker (SM); open the file in ui.perfetto.dev or chrome://tracing."""
+    events = [{"name": s.op, "cat": s.kind, "ph": "X", "pid": 0, "tid": s.worker, "ts": s.start_ns / 1e3,
+               "dur": max(s.end_ns - s.start_ns, 1) / 1e3,
+               "args": {"task": s.task, "bytes": plan.tasks[s.task].bytes, "wait_us": s.wait_ns / 1e3}}
+              for s in spans]
+    Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ns"}))
+
+
+def summary(plan: Plan, spans: list[TaskSpan]) -> str:
+    """Per op kind: share of busy time, bytes moved, bandwidth while running, time spent waiting."""
+    busy: dict[str, int] = defaultdict(int)
+    wait: dict[str, int] = defaultdict(int)
+    nbytes: dict[str, int] = defaultdict(int)
+    for s in spans:
+        busy[s.kind] += s.end_ns - s.start_ns
+        wait[s.kind] += s.wait_ns
+        nbytes[s.kind] += plan.tasks[s.task].bytes
+    total = sum(busy.values()) or 1
+    makespan = max(s.end_ns for s in spans)
+    lines = [f"step {makespan / 1e3:.1f} us on {plan.num_workers} workers; busy {total / plan.num_workers / 1e3:.1f} us "
+             f"per worker",
+             f"{'op':32} {'busy %':>7} {'MB':>9} {'GB/s/SM':>8} {'wait us/worker':>15}"]
+    for kind in sorted(busy, key=busy.get, reverse=True):
+        lines.append(f"{kind:32} {100 * busy[kind] / total:7.1f} {nbytes[kind] / 1e6:9.1f} "
+                     f"{nbytes[kind] / max(busy[kind], 1):8.1f} {wait[kind] / plan.num_workers / 1e3:15.1f}")
+    return "\n".join(lines)
