@@ -76,3 +76,22 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# Configs no shipped model has: other head counts and widths, Llama 3 RoPE scaling whose original
+# context is short enough to change the angles of a few dozen positions, an untied Qwen3 whose
+# head_dim is not hidden / heads.
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "hidden_size": 384, "intermediate_size": 1024,
+    "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 64,
+    "vocab_size": 1000, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
+    "rope_scaling": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 32},
+    "tie_word_embeddings": True, "hidden_act": "silu",
+}
+TINY_QWEN3 = {
+    "architectures": ["Qwen3ForCausalLM"], "hidden_size": 384, "intermediate_size": 768,
+    "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 128,
+    "vocab_size": 1000, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 256,
+    "tie_word_embeddings": False, "hidden_act": "silu",
+}

@@ -1,0 +1,140 @@
+"""Plans of the shipped model configs (two layers, weights on the meta device): they validate,
+their events are as fine-grained as each op kind allows, and both placement policies give
+deadlock-free schedules."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+
+from tests.helpers import config_paths, meta_weights, model_spec
+from vllm_mpk.graph.ir import Op, Task
+from vllm_mpk.graph.plan import Plan
+from vllm_mpk.graph.schedule import POLICIES
+from vllm_mpk.graph.validate import check_no_deadlock, validate
+from vllm_mpk.models import DecodeOptions, build_decoder
+from vllm_mpk.models.kv_cache import allocate_kv_caches
+
+LINEAR_KINDS = ("linear", "linear_with_residual", "rmsnorm_linear", "silu_mul_linear_with_residual")
+WORKERS = (132, 7)  # one worker per H100 SM; and fewer workers than most grids
+
+
+@pytest.fixture(scope="module", params=[(c, p, w) for c in sorted(config_paths()) for p in sorted(POLICIES)
+                                        for w in WORKERS], ids=lambda p: f"{p[0]}-{p[1]}-w{p[2]}")
+def plan(request) -> Plan:
+    name, policy, workers = request.param
+    spec = model_spec(name, 2)
+    caches = allocate_kv_caches(spec, 8 * 32, 16, device="meta")
+    options = DecodeOptions(max_batch=8, max_seq_len=512, num_workers=workers, schedule=policy)
+    return build_decoder(spec, meta_weights(spec), caches, options).plan
+
+
+def tasks_by_op(plan: Plan) -> dict[int, list[Task]]:
+    out: dict[int, list[Task]] = defaultdict(list)
+    for t in plan.tasks:
+        out[t.op.index].append(t)
+    return out
+
+
+def writer_op(plan: Plan, tensor: str) -> Op:
+    return next(op for op in plan.ops if any(h.name == tensor for h in op.outputs.values()))
+
+
+def waited_producers(plan: Plan, task: Task) -> set[int]:
+    return {p for e in task.wait_events for p in plan.events[e].producers}
+
+
+def test_plan_validates(plan: Plan):
+    validate(plan.tensors, plan.tasks, plan.events, plan.queues)
+    check_no_deadlock(plan.tasks, plan.events, plan.queues)
+    assert {op.kind for op in plan.ops} == {"embed", "rmsnorm_linear", "attention", "linear_with_residual",
+                                            "silu_mul_linear_with_residual", "argmax"}
+    assert sum(op.kind == "attention" for op in plan.ops) == 2
+
+
+def test_task_count_is_sum_of_grids(plan: Plan):
+    """One task per tile of ``grid_dim``, plus the argmax's final reduce."""
+    argmax_ops = sum(op.kind == "argmax" for op in plan.ops)
+    assert len(plan.tasks) == sum(op.num_tiles for op in plan.ops) + argmax_ops
+    for op_index, tasks in tasks_by_op(plan).items():
+        op = plan.ops[op_index]
+        assert len(tasks) == op.num_tiles + (op.kind == "argmax"), op.name
+    assert [t.id for t in plan.tasks] == list(range(len(plan.tasks)))
+
+
+def test_every_task_placed_once(plan: Plan, request):
+    workers = request.node.callspec.params["plan"][2]
+    assert len(plan.queues) == workers
+    assert sorted(t for q in plan.queues for t in q) == list(range(len(plan.tasks)))
+    for w, queue in enumerate(plan.queues):
+        assert all(plan.tasks[t].worker == w for t in queue)
+
+
+def test_events_are_consistent(plan: Plan):
+    for event in plan.events:
+        assert event.trigger_count == len(event.producers) > 0
+        assert len({plan.tasks[p].op.index for p in event.producers}) == 1, "an event counts tiles of one op"
+        assert all(event.id in plan.tasks[p].signal_events for p in event.producers)
+        assert all(event.id in plan.tasks[c].wait_events for c in event.consumers)
+    for task in plan.tasks:
+        assert not set(task.wait_events) & set(task.signal_events)
+        assert all(task.id in plan.events[e].consumers for e in task.wait_events)
+
+
+def head_columns(op: Op, head: int) -> list[tuple[int, int]]:
+    """Columns of the QKV row that hold KV head ``head``'s queries, key and value."""
+    nq, nkv, hd = op.attrs["num_q_heads"], op.attrs["num_kv_heads"], op.attrs["head_dim"]
+    group = nq // nkv
+    return [(head * group * hd, (head + 1) * group * hd), ((nq + head) * hd, (nq + head + 1) * hd),
+            ((nq + nkv + head) * hd, (nq + nkv + head + 1) * hd)]
+
+
+def test_attention_waits_only_for_its_heads_qkv_tiles(plan: Plan, request):
+    workers = request.node.callspec.params["plan"][2]
+    by_op = tasks_by_op(plan)
+    for op in (op for op in plan.ops if op.kind == "attention"):
+        qkv_op = writer_op(plan, op.inputs["input"].name)
+        qkv_tasks = by_op[qkv_op.index]
+        for task in by_op[op.index]:
+            cols = head_columns(op, task.params["kv_head"])
+            expected = {t.id for t in qkv_tasks
+                        if any(t.params["col_start"] < c1 and c0 < t.params["col_end"] for c0, c1 in cols)}
+            assert waited_producers(plan, task) == expected, task
+            if workers == 132:  # qkv tiles narrower than a head group: a real subset of the projection
+                assert len(expected) < len(qkv_tasks), task
+
+
+def test_linear_tiles_share_one_event(plan: Plan):
+    """A linear layer reads its whole input row, so every tile waits on one event: all tiles of the
+    op that wrote the input (the residual read is implied by it)."""
+    by_op = tasks_by_op(plan)
+    for op in (op for op in plan.ops if op.kind in LINEAR_KINDS):
+        waits = {t.wait_events for t in by_op[op.index]}
+        assert len(waits) == 1 and len(next(iter(waits))) == 1, f"{op.name} waits on {waits}"
+        producer = writer_op(plan, op.inputs["input"].name)
+        assert waited_producers(plan, by_op[op.index][0]) == {t.id for t in by_op[producer.index]}, op.name
+
+
+def test_embed_waits_for_nothing_and_argmax_chunks_wait_for_their_logits(plan: Plan):
+    by_op = tasks_by_op(plan)
+    for op in plan.ops:
+        tasks = by_op[op.index]
+        if op.kind == "embed":
+            assert all(t.wait_events == () for t in tasks)
+        if op.kind != "argmax":
+            continue
+        lm_head = by_op[writer_op(plan, op.inputs["input"].name).index]
+        *partials, reduce = tasks
+        for t in partials:
+            v0, v1 = t.params["vocab_start"], t.params["vocab_end"]
+            expected = {p.id for p in lm_head if p.params["col_start"] < v1 and v0 < p.params["col_end"]}
+            assert waited_producers(plan, t) == expected, t
+        assert waited_producers(plan, reduce) == {t.id for t in partials}
+
+
+def test_summary_names_every_op_kind(plan: Plan):
+    summary = plan.summary()
+    for kind in {op.kind for op in plan.ops}:
+        assert kind in summary
+    assert f"workers: {plan.num_workers}" in summary
