@@ -72,8 +72,8 @@ class PersistentKernel:
         self.num_local_schedulers, self.num_remote_schedulers = num_local_schedulers, num_remote_schedulers
         self.page_size, self.schedule = page_size, schedule
         self.meta = self._check_meta(meta_tensors)
-        self.max_batch = self._infer("max_batch", max_batch, self.meta.get("step"), 0)
-        self.max_seq_len = self._infer("max_seq_len", max_seq_len, self.meta.get("tokens"), 1)
+        self.max_batch = self._infer("max_batch", max_batch, self.meta, "step", 0)
+        self.max_seq_len = self._infer("max_seq_len", max_seq_len, self.meta, "tokens", 1)
         if "tokens" in self.meta and tuple(self.meta["tokens"].shape[:1]) != (self.max_batch,):
             raise ValueError(f"meta tensor 'tokens' has shape {tuple(self.meta['tokens'].shape)}, "
                              f"expected ({self.max_batch}, max_seq_len)")
@@ -104,11 +104,13 @@ class PersistentKernel:
         return dict(meta)
 
     @staticmethod
-    def _infer(what: str, given: int | None, meta: torch.Tensor | None, dim: int) -> int:
+    def _infer(what: str, given: int | None, metas: dict[str, torch.Tensor], name: str, dim: int) -> int:
+        meta = metas.get(name)
         if given is None and meta is None:
-            raise ValueError(f"give {what} or the meta tensors it is read from")
+            raise ValueError(f"give {what} or the meta tensor '{name}' it is read from")
         if given is not None and meta is not None and meta.shape[dim] != given:
-            raise ValueError(f"{what}={given} disagrees with the meta tensors ({meta.shape[dim]})")
+            raise ValueError(f"{what}={given} disagrees with meta tensor '{name}' of shape {tuple(meta.shape)} "
+                             f"(dim {dim} is {meta.shape[dim]})")
         value = given if given is not None else int(meta.shape[dim])  # type: ignore[union-attr]
         if value < 1:
             raise ValueError(f"{what} must be positive, got {value}")
@@ -249,9 +251,13 @@ class PersistentKernel:
         batch = input.shape[0] if isinstance(input, TensorHandle) else self.max_batch
         partial_value = self.new_tensor((batch, count), torch.float32, f"{label}.partial_value")
         partial_index = self.new_tensor((batch, count), torch.int64, f"{label}.partial_index")
-        self._add("argmax", {"input": input}, {"output": output, "partial_value": partial_value,
-                                               "partial_index": partial_index},
-                  grid_dim, block_dim, vocab_start=vocab_start, name=label)
+        try:
+            self._add("argmax", {"input": input}, {"output": output, "partial_value": partial_value,
+                                                   "partial_index": partial_index},
+                      grid_dim, block_dim, vocab_start=vocab_start, name=label)
+        except ValueError:  # a rejected layer adds nothing, so the call can be fixed and repeated
+            del self.tensors[partial_value.name], self.tensors[partial_index.name]
+            raise
 
     # compile and run ----------------------------------------------------------------------------
 
