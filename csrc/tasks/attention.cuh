@@ -101,22 +101,32 @@ __device__ void attention_task(const TaskContext& c) {
       }
     }
     const int* table = tables + (size_t)b * table_stride;
-    for (int p = warp; p < seq_len; p += NW) {
-      const __nv_bfloat16* kv = head_cache + (int64_t)table[p / PAGE] * block_stride + (p % PAGE) * slot_stride;
-      float k[D], v[D];
-      load_bf16<D>(kv + lane * D, k);
-      load_bf16<D>(kv + HD + lane * D, v);
+    // P positions per warp per round, their K/V loads issued together before any is used.
+    constexpr int P = 4;
+    for (int p0 = warp * P; p0 < seq_len; p0 += NW * P) {
+      float k[P][D], v[P][D];
 #pragma unroll
-      for (int g = 0; g < GROUP; ++g) {
-        float s = 0.f;
+      for (int j = 0; j < P; ++j) {
+        const int p = p0 + j < seq_len ? p0 + j : p0;
+        const __nv_bfloat16* kv = head_cache + (int64_t)table[p / PAGE] * block_stride + (p % PAGE) * slot_stride;
+        load_bf16<D>(kv + lane * D, k[j]);
+        load_bf16<D>(kv + HD + lane * D, v[j]);
+      }
 #pragma unroll
-        for (int d = 0; d < D; ++d) s += q[g][d] * k[d];
-        s = warp_sum(s);
-        const float m_new = fmaxf(m[g], s), corr = __expf(m[g] - m_new), e = __expf(s - m_new);
-        l[g] = l[g] * corr + e;
+      for (int j = 0; j < P; ++j) {
+        if (p0 + j >= seq_len) break;
 #pragma unroll
-        for (int d = 0; d < D; ++d) acc[g][d] = acc[g][d] * corr + e * v[d];
-        m[g] = m_new;
+        for (int g = 0; g < GROUP; ++g) {
+          float s = 0.f;
+#pragma unroll
+          for (int d = 0; d < D; ++d) s += q[g][d] * k[j][d];
+          s = warp_sum(s);
+          const float m_new = fmaxf(m[g], s), corr = __expf(m[g] - m_new), e = __expf(s - m_new);
+          l[g] = l[g] * corr + e;
+#pragma unroll
+          for (int d = 0; d < D; ++d) acc[g][d] = acc[g][d] * corr + e * v[j][d];
+          m[g] = m_new;
+        }
       }
     }
     float* mine = part + warp * GROUP * (HD + 2);

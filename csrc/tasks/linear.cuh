@@ -1,9 +1,16 @@
 // Linear tiles: out[b, c0:c1] = f(x[b]) . W[c0:c1]^T (+ bias) (+ residual), with f one of
 // identity, RMSNorm (rmsnorm_linear) or SiLU-mul over [gate | up] (silu_mul_linear_with_residual).
 //
-// The input rows are staged in shared memory in chunks of KC columns (as bf16, after f); each warp
-// owns R output rows per pass and streams their weights with 16-byte loads, accumulating all B
-// batch rows in registers. Rows past num_tokens are staged as zeros and never written.
+// Tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate) with the weight tile as A (16 output
+// columns per fragment) and the batch as B (8 rows per fragment). Each thread loads 16 contiguous
+// bytes of a weight row and 16 of an input row; since a dot product does not care in which order
+// its k terms are summed, those 8 consecutive k values are used as the thread's fragment elements
+// of two consecutive mma k-steps (the same k permutation on A and B), so no shuffles or shared
+// memory round trips are needed for the weights: they go from DRAM to registers to tensor cores.
+//
+// The input is staged in shared memory in chunks of KC columns (after f, as bf16). Work items are
+// (16-row group, 256-column slice) pairs spread over warps; each item's partial sums are added into
+// a per-tile fp32 accumulator in shared memory, which the epilogue writes out.
 #pragma once
 #include "common.cuh"
 
@@ -11,30 +18,52 @@ namespace mpk {
 
 enum class LinearMode : int { kPlain = 0, kResidual = 1, kNorm = 2, kSiluResidual = 3 };
 
-// Argument words of a linear record (order fixed by vllm_mpk/codegen/tables.py).
+// Argument words of a linear record (order fixed by vllm_mpk/codegen/tasks.py).
 struct LinearArgs {
   enum { kInput, kWeight, kOutput, kBias, kResidual, kNormWeight, kColStart, kColEnd, kEps, kOutStride };
 };
 
 constexpr int kLinearStageBytes = 64 * 1024;
+constexpr int kSliceK = 256;  // columns per work item: 8 steps of 32
+
+template <int B>
+constexpr int padded_batch() { return (B + 7) / 8 * 8; }
 
 template <int K, int B>
 constexpr int linear_chunk() {
-  constexpr int fit = (kLinearStageBytes / (B * 2)) / 256 * 256;
-  return K < fit ? K : (fit < 256 ? 256 : fit);
+  constexpr int fit = (kLinearStageBytes / (padded_batch<B>() * 2)) / kSliceK * kSliceK;
+  return K < fit ? K : (fit < kSliceK ? kSliceK : fit);
 }
 
-template <int K, int B>
-constexpr int linear_smem_bytes() { return B * linear_chunk<K, B>() * 2 + B * 4; }
+template <int K, int B, int ROWS>
+constexpr int linear_smem_bytes() {
+  return padded_batch<B>() * (linear_chunk<K, B>() + 8) * 2 + ROWS * padded_batch<B>() * 4 + padded_batch<B>() * 4;
+}
 
-template <LinearMode MODE, int K, int B, int NT, typename OutT>
+__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint4 load_weights(const __nv_bfloat16* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+
+template <LinearMode MODE, int K, int B, int ROWS, int NT, typename OutT>
 __device__ void linear_task(const TaskContext& c) {
-  static_assert(K % 256 == 0, "the reduction dim must be a multiple of 256");
-  constexpr int KC = linear_chunk<K, B>();
-  constexpr int R = 4;
+  static_assert(K % kSliceK == 0, "the reduction dim must be a multiple of 256");
+  constexpr int NB = padded_batch<B>(), NTILES = NB / 8;
+  constexpr int KC = linear_chunk<K, B>(), XS = KC + 8;  // +16 bytes per row: no bank conflicts
   constexpr int NW = NT / kWarp;
   constexpr int XW = MODE == LinearMode::kSiluResidual ? 2 * K : K;  // input row width
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
   const int n_tok = c.num_tokens;
   const __nv_bfloat16* x = c.ptr<const __nv_bfloat16>(LinearArgs::kInput);
   const __nv_bfloat16* w = c.ptr<const __nv_bfloat16>(LinearArgs::kWeight);
@@ -42,112 +71,113 @@ __device__ void linear_task(const TaskContext& c) {
   const __nv_bfloat16* residual = c.ptr<const __nv_bfloat16>(LinearArgs::kResidual);
   const __nv_bfloat16* norm_w = c.ptr<const __nv_bfloat16>(LinearArgs::kNormWeight);
   OutT* out = c.ptr<OutT>(LinearArgs::kOutput);
-  const int c0 = c.arg(LinearArgs::kColStart), c1 = c.arg(LinearArgs::kColEnd);
+  const int c0 = c.arg(LinearArgs::kColStart), c1 = c.arg(LinearArgs::kColEnd), rows = c1 - c0;
   const int out_stride = c.arg(LinearArgs::kOutStride);
-  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(c.smem);  // [B][KC]
-  float* inv_rms = reinterpret_cast<float*>(c.smem + B * KC * 2);  // [B]
+  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(c.smem);                 // [NB][XS]
+  float* acc = reinterpret_cast<float*>(c.smem + NB * XS * 2);                  // [ROWS][NB]
+  float* inv_rms = acc + ROWS * NB;                                              // [NB]
 
+  for (int i = threadIdx.x; i < rows * NB; i += NT) acc[i] = 0.f;
   if constexpr (MODE == LinearMode::kNorm) {
     const float eps = c.farg(LinearArgs::kEps);
-    for (int b = warp; b < B; b += NW) {
+    for (int b = warp; b < n_tok; b += NW) {
       float ss = 0.f;
-      if (b < n_tok) {
-        for (int k = lane * 8; k < K; k += kWarp * 8) {
-          float f[8];
-          unpack(*reinterpret_cast<const Bf16x8*>(x + (size_t)b * XW + k), f);
+      for (int k = lane * 8; k < K; k += kWarp * 8) {
+        float f[8];
+        load_bf16<8>(x + (size_t)b * XW + k, f);
 #pragma unroll
-          for (int i = 0; i < 8; ++i) ss += f[i] * f[i];
-        }
+        for (int i = 0; i < 8; ++i) ss += f[i] * f[i];
       }
       ss = warp_sum(ss);
       if (lane == 0) inv_rms[b] = rsqrtf(ss / K + eps);
     }
   }
 
-  // Stage x[:, k0:k0 + kc] (kc = KC except for a shorter last chunk) into xs[b][0:kc].
-  auto stage = [&](int k0, int kc) {
-    __syncthreads();
-    for (int idx = threadIdx.x * 8; idx < B * KC; idx += NT * 8) {
-      const int b = idx / KC, kk = idx % KC, k = k0 + kk;
+  const int groups = (rows + 15) / 16;
+  // A work item's 16 rows x 256 columns of weights: 16 independent 16-byte loads per thread.
+  auto load_item = [&](int item, int k0, int slices, uint4 (&wa)[8], uint4 (&wb)[8]) {
+    const int group = item / slices, kb = (item % slices) * kSliceK;
+    const int r_lo = c0 + group * 16 + g, r_hi = r_lo + 8;
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+      const int k = k0 + kb + s * 32 + t * 8;
+      wa[s] = r_lo < c1 ? load_weights(w + (size_t)r_lo * K + k) : make_uint4(0, 0, 0, 0);
+      wb[s] = r_hi < c1 ? load_weights(w + (size_t)r_hi * K + k) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  for (int k0 = 0; k0 < K; k0 += KC) {
+    const int kc = K - k0 < KC ? K - k0 : KC, slices = kc / kSliceK, items = groups * slices;
+    // The first item's weights are requested before the input is staged: weights never wait.
+    uint4 wa[8], wb[8];
+    if (warp < items) load_item(warp, k0, slices, wa, wb);
+    __syncthreads();  // previous chunk consumed; inv_rms and acc initialised
+    for (int idx = threadIdx.x * 8; idx < NB * kc; idx += NT * 8) {
+      const int b = idx / kc, kk = idx % kc, k = k0 + kk;
       float f[8];
-      if (kk >= kc) continue;
       if (b >= n_tok) {
 #pragma unroll
         for (int i = 0; i < 8; ++i) f[i] = 0.f;
       } else if constexpr (MODE == LinearMode::kSiluResidual) {
-        float g[8], u[8];
-        unpack(*reinterpret_cast<const Bf16x8*>(x + (size_t)b * XW + k), g);
-        unpack(*reinterpret_cast<const Bf16x8*>(x + (size_t)b * XW + K + k), u);
+        float u[8];
+        load_bf16<8>(x + (size_t)b * XW + k, f);
+        load_bf16<8>(x + (size_t)b * XW + K + k, u);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) f[i] = g[i] / (1.f + __expf(-g[i])) * u[i];
+        for (int i = 0; i < 8; ++i) f[i] = f[i] / (1.f + __expf(-f[i])) * u[i];
       } else {
-        unpack(*reinterpret_cast<const Bf16x8*>(x + (size_t)b * XW + k), f);
+        load_bf16<8>(x + (size_t)b * XW + k, f);
         if constexpr (MODE == LinearMode::kNorm) {
           float nw[8];
-          unpack(*reinterpret_cast<const Bf16x8*>(norm_w + k), nw);
+          load_bf16<8>(norm_w + k, nw);
 #pragma unroll
           for (int i = 0; i < 8; ++i) f[i] *= inv_rms[b] * nw[i];
         }
       }
-      *reinterpret_cast<Bf16x8*>(xs + b * KC + kk) = pack(f);
+      *reinterpret_cast<Bf16x8*>(xs + b * XS + kk) = pack(f);
     }
     __syncthreads();
-  };
 
-  for (int rb = c0; rb < c1; rb += NW * R) {
-    float acc[R][B];
+    for (int item = warp; item < items; item += NW) {
+      uint4 na[8], nb[8];  // the next item's weights stream while this one multiplies
+      if (item + NW < items) load_item(item + NW, k0, slices, na, nb);
+      const int kb = (item % slices) * kSliceK;
+      float d[NTILES][4] = {};
 #pragma unroll
-    for (int r = 0; r < R; ++r)
+      for (int s = 0; s < 8; ++s) {
 #pragma unroll
-      for (int b = 0; b < B; ++b) acc[r][b] = 0.f;
-    const int row0 = rb + warp * R;
-    for (int k0 = 0; k0 < K; k0 += KC) {
-      const int kc = K - k0 < KC ? K - k0 : KC;
-      if (KC < K || rb == c0) stage(k0, kc);
-      // U independent 16-byte weight loads per row in flight before the first multiply.
-      constexpr int U = 4;
-      for (int kk0 = lane * 8; kk0 < kc; kk0 += U * kWarp * 8) {
-        Bf16x8 raw[U][R];
-#pragma unroll
-        for (int u = 0; u < U; ++u)
-#pragma unroll
-          for (int r = 0; r < R; ++r)
-            raw[u][r] = (row0 + r < c1 && kk0 + u * kWarp * 8 < kc)
-                            ? load_stream(w + (size_t)(row0 + r) * K + k0 + kk0 + u * kWarp * 8)
-                            : Bf16x8{};
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int kk = kk0 + u * kWarp * 8;
-          if (kk >= kc) break;
-          float wf[R][8];
-#pragma unroll
-          for (int r = 0; r < R; ++r) unpack(raw[u][r], wf[r]);
-#pragma unroll
-          for (int b = 0; b < B; ++b) {
-            float xf[8];
-            unpack(*reinterpret_cast<const Bf16x8*>(xs + b * KC + kk), xf);
-#pragma unroll
-            for (int r = 0; r < R; ++r)
-#pragma unroll
-              for (int i = 0; i < 8; ++i) acc[r][b] += wf[r][i] * xf[i];
-          }
+        for (int nt = 0; nt < NTILES; ++nt) {
+          const uint4 xv = *reinterpret_cast<const uint4*>(xs + (nt * 8 + g) * XS + kb + s * 32 + t * 8);
+          mma_bf16(d[nt], wa[s].x, wb[s].x, wa[s].y, wb[s].y, xv.x, xv.y);
+          mma_bf16(d[nt], wa[s].z, wb[s].z, wa[s].w, wb[s].w, xv.z, xv.w);
         }
       }
-    }
+      const int row = (item / slices) * 16 + g;
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int row = row0 + r;
-#pragma unroll
-      for (int b = 0; b < B; ++b) {
-        float v = warp_sum(acc[r][b]);
-        if (lane == 0 && row < c1 && b < n_tok) {
-          if (bias) v += __bfloat162float(bias[row]);
-          if constexpr (MODE == LinearMode::kResidual || MODE == LinearMode::kSiluResidual)
-            v += __bfloat162float(residual[(size_t)b * out_stride + row]);
-          out[(size_t)b * out_stride + row] = from_float<OutT>(v);
+      for (int nt = 0; nt < NTILES; ++nt) {
+        const int b = nt * 8 + t * 2;
+        if (row < rows) {
+          atomicAdd(acc + row * NB + b, d[nt][0]);
+          atomicAdd(acc + row * NB + b + 1, d[nt][1]);
+        }
+        if (row + 8 < rows) {
+          atomicAdd(acc + (row + 8) * NB + b, d[nt][2]);
+          atomicAdd(acc + (row + 8) * NB + b + 1, d[nt][3]);
         }
       }
+#pragma unroll
+      for (int s = 0; s < 8; ++s) {
+        wa[s] = na[s];
+        wb[s] = nb[s];
+      }
     }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < n_tok * rows; idx += NT) {
+    const int b = idx / rows, r = idx % rows, col = c0 + r;
+    float v = acc[r * NB + b];
+    if (bias) v += __bfloat162float(bias[col]);
+    if constexpr (MODE == LinearMode::kResidual || MODE == LinearMode::kSiluResidual)
+      v += __bfloat162float(residual[(size_t)b * out_stride + col]);
+    out[(size_t)b * out_stride + col] = from_float<OutT>(v);
   }
 }
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_mpk.graph.ir import Op, Task
+from vllm_mpk.graph.ir import Op, Task, split_even
+from vllm_mpk.graph.ops.linear import COLUMN_ALIGN
 
 CPP_DTYPES = {torch.bfloat16: "__nv_bfloat16", torch.float32: "float"}
 LINEAR_MODES = {"linear": "kPlain", "linear_with_residual": "kResidual", "rmsnorm_linear": "kNorm",
@@ -46,8 +47,11 @@ def _linear(op: Op, threads: int) -> CudaTask:
     if k % 256:
         raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}': reduction dim {k} is not a multiple of 256")
     out = CPP_DTYPES[op.outputs["output"].dtype]
-    return CudaTask(f"mpk::linear_task<mpk::LinearMode::{LINEAR_MODES[op.kind]}, {k}, {batch}, {threads}, {out}>",
-                    f"mpk::linear_smem_bytes<{k}, {batch}>()")
+    widest = max(c1 - c0 for c0, c1 in split_even(op.inputs["weight"].shape[0], op.num_tiles, COLUMN_ALIGN))
+    rows = -(-widest // 16) * 16
+    mode = LINEAR_MODES[op.kind]
+    return CudaTask(f"mpk::linear_task<mpk::LinearMode::{mode}, {k}, {batch}, {rows}, {threads}, {out}>",
+                    f"mpk::linear_smem_bytes<{k}, {batch}, {rows}>()")
 
 
 def _attention(op: Op, threads: int) -> CudaTask:
