@@ -16,10 +16,12 @@ from vllm_mpk.graph.reference import ReferenceExecutor
 from vllm_mpk.models import DecodeModel, DecodeOptions, ModelSpec, build_decoder
 from vllm_mpk.models.kv_cache import allocate_kv_caches, contiguous_block_tables
 from vllm_mpk.models.weights import split_to_hf
-from vllm_mpk.runtime.meta import advance, step_inputs
+from vllm_mpk.runtime.megakernel import Megakernel
+from vllm_mpk.runtime.meta import StepInputs, advance, step_inputs
 
 BF16_LOGITS_TOLERANCE = 3e-2  # relative L2 error of logits with bf16 weights and activations
 EXACT_LOGITS_TOLERANCE = 1e-4  # the same with float32 intermediates
+STEP_INPUT_NAMES = tuple(StepInputs.__dataclass_fields__)
 NEAR_TIE = 1e-2  # top-two margin, relative to the logits' RMS, below which greedy may flip
 
 
@@ -64,16 +66,16 @@ def hf_model(spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> torch.nn.M
 
 
 def reference_greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> tuple[list[int], torch.Tensor]:
-    """Greedy continuation by ``transformers`` and the float32 logits at every position."""
-    seq = list(prompt)
+    """Greedy continuation by ``transformers`` and the float32 logits (on the CPU) at every position."""
+    seq, device = list(prompt), next(model.parameters()).device
     with torch.no_grad():
         for _ in range(new_tokens):
-            logits = model(torch.tensor([seq])).logits[0]
+            logits = model(torch.tensor([seq], device=device)).logits[0]
             seq.append(int(logits[-1].argmax()))
-        return seq, model(torch.tensor([seq])).logits[0].float()
+        return seq, model(torch.tensor([seq], device=device)).logits[0].float().cpu()
 
 
-def run_teacher_forced(model: DecodeModel, executor: ReferenceExecutor, sequences: list[list[int]],
+def run_teacher_forced(model: DecodeModel, executor: ReferenceExecutor | Megakernel, sequences: list[list[int]],
                        block_tables: torch.Tensor, order: str = "schedule") -> list[torch.Tensor]:
     """Decode every position of every sequence through the plan; per-request logits ``[len, V]``."""
     batch = len(sequences)
@@ -86,7 +88,8 @@ def run_teacher_forced(model: DecodeModel, executor: ReferenceExecutor, sequence
     step = torch.where(torch.arange(max_b) < batch, 0, -1)
     out = [torch.empty(len(s), model.spec.vocab_size) for s in sequences]
     while (step >= 0).any():
-        executor.tensors.update(step_inputs(step, tokens, block_tables, model.options.page_size).as_dict())
+        for name, value in step_inputs(step, tokens, block_tables, model.options.page_size).as_dict().items():
+            executor.tensors[name].copy_(value)  # in place: the megakernel holds these buffers' addresses
         executor.run_step(batch, order=order)
         logits = executor.tensors[model.logits.name]
         for b in range(batch):
@@ -96,21 +99,36 @@ def run_teacher_forced(model: DecodeModel, executor: ReferenceExecutor, sequence
     return out
 
 
+def make_executor(model: DecodeModel, device: str, exact: bool) -> ReferenceExecutor | Megakernel:
+    """The CPU reference executor, or the megakernel on a GPU; both run ``run_step`` on the same plan."""
+    step_buffers = {n: torch.zeros(t.shape, dtype=t.dtype, device=device) for n, t in model.kernel.tensors.items()
+                    if n in STEP_INPUT_NAMES}
+    inputs = {**model.kernel.attached, **step_buffers}
+    if device == "cpu":
+        return ReferenceExecutor(model.plan, inputs, exact=exact)
+    return Megakernel(model.plan, inputs)
+
+
 def check_model(spec: ModelSpec, weights: Mapping[str, torch.Tensor], prompt_lens: list[int], new_tokens: int,
-                *, exact: bool = False, page_size: int = 16, num_workers: int = 132, seed: int = 0) -> CheckResult:
+                *, exact: bool = False, page_size: int = 16, num_workers: int = 132, seed: int = 0,
+                device: str = "cpu") -> CheckResult:
+    """Compare the plan, run on ``device`` ("cpu": reference executor; "cuda": megakernel), with a
+    float32 ``transformers`` model on the same weights. ``exact`` (CPU only) keeps intermediates
+    and the KV cache in float32."""
+    if exact and device != "cpu":
+        raise ValueError("exact=True is a mode of the CPU reference executor; the megakernel computes in bf16")
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, spec.vocab_size, (n,), generator=gen).tolist() for n in prompt_lens]
-    hf = hf_model(spec, weights)
+    hf = hf_model(spec, weights).to(device)
     refs = [reference_greedy(hf, p, new_tokens) for p in prompts]
     max_len = max(len(seq) for seq, _ in refs)
     options = DecodeOptions(max_batch=len(prompts), max_seq_len=max_len, page_size=page_size, num_workers=num_workers)
     blocks = contiguous_block_tables(len(prompts), max_len, page_size)
-    caches = allocate_kv_caches(spec, int(blocks.numel()), page_size, dtype=torch.float32 if exact else weights["model.norm.weight"].dtype)
-    model = build_decoder(spec, weights, caches, options)
-    executor = ReferenceExecutor(model.plan, {**model.kernel.attached, **{
-        n: torch.zeros(t.shape, dtype=t.dtype) for n, t in model.kernel.tensors.items()
-        if n in ("input_ids", "positions", "seq_lens", "slot_mapping", "block_tables")}}, exact=exact)
-    ours = run_teacher_forced(model, executor, [seq for seq, _ in refs], blocks)
+    cache_dtype = torch.float32 if exact else weights["model.norm.weight"].dtype
+    caches = allocate_kv_caches(spec, int(blocks.numel()), page_size, dtype=cache_dtype, device=device)
+    on_device = {k: v.to(device) for k, v in weights.items()}
+    model = build_decoder(spec, on_device, caches, options)
+    ours = run_teacher_forced(model, make_executor(model, device, exact), [seq for seq, _ in refs], blocks)
     ref_all = torch.cat([logits for _, logits in refs])
     rel = float((torch.cat(ours) - ref_all).norm() / ref_all.norm())
     mismatches = near_ties = 0

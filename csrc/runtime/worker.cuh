@@ -49,7 +49,7 @@ __device__ __forceinline__ void add_release(int32_t* p, int32_t v) {
 
 // Thread 0 spins until counters[e] >= wanted; returns false after a timeout or another worker's error.
 // The clock and the error flag are read only every 256 polls, off the fast path.
-__device__ bool wait_event(const KernelParams& p, int event, int32_t wanted, int task) {
+__device__ inline bool wait_event(const KernelParams& p, int event, int32_t wanted, int task) {
   int64_t start = -1;
   int32_t seen;
   for (unsigned spins = 1; (seen = load_acquire(p.counters + event)) < wanted; ++spins) {

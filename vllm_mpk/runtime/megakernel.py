@@ -79,6 +79,12 @@ class Megakernel:
                            0 if self.profile is None else self.profile.data_ptr(), num_tokens, self.max_tasks,
                            self.plan.num_workers, self.timeout_ns, stream.cuda_stream)
 
+    def run_step(self, num_tokens: int, order: str = "schedule", seed: int = 0) -> None:
+        """One synchronous step, with the reference executor's signature (the GPU picks its own
+        order, so ``order`` and ``seed`` are ignored); raises MegakernelError on a watchdog stop."""
+        self.launch(num_tokens)
+        self.check()
+
     def check(self) -> None:
         """Synchronise and raise MegakernelError if a launch stopped on its watchdog."""
         words = self.control.tolist()
