@@ -151,3 +151,10 @@ def test_every_order_decodes_the_same_logits():
     for order in ("random", "layers"):
         for got, ref in zip(decode(spec, weights, sequences, order), want):
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_unseen_config_with_32_token_pages_matches_transformers():
+    spec = ModelSpec.from_hf_config(TINY_QWEN3)
+    weights = random_weights(spec, seed=7, dtype=torch.float32)
+    result = check_model(spec, weights, [31, 3, 40], 3, exact=True, page_size=32, num_workers=9)
+    assert result.passed and result.rel_error <= EXACT_BOUND, f"rel_error {result.rel_error:.2e}"
