@@ -22,7 +22,10 @@ from vllm_mpk.runtime.meta import StepInputs, advance, step_inputs
 BF16_LOGITS_TOLERANCE = 3e-2  # relative L2 error of logits with bf16 weights and activations
 EXACT_LOGITS_TOLERANCE = 1e-4  # the same with float32 intermediates
 STEP_INPUT_NAMES = tuple(StepInputs.__dataclass_fields__)
-NEAR_TIE = 1e-2  # top-two margin, relative to the logits' RMS, below which greedy may flip
+# A greedy flip is put down to rounding where the reference's top-two margin is under this many
+# times the RMS difference of the two logit vectors at that position (two errors of that size
+# differ by about 1.4 RMS; 4 keeps a real bug's flip from hiding, since it also moves the RMS).
+NEAR_TIE_NOISE = 4.0
 
 
 @dataclass
@@ -138,7 +141,8 @@ def check_model(spec: ModelSpec, weights: Mapping[str, torch.Tensor], prompt_len
         our_tokens.append(picked[plen - 1:-1].tolist())
         for pos in range(plen - 1, len(seq) - 1):
             top2 = ref_logits[pos].topk(2).values
-            if float(top2[0] - top2[1]) < NEAR_TIE * float(ref_logits[pos].pow(2).mean().sqrt()):
+            noise = float((got[pos] - ref_logits[pos]).pow(2).mean().sqrt())
+            if float(top2[0] - top2[1]) < NEAR_TIE_NOISE * noise:
                 near_ties += 1
             elif int(picked[pos]) != seq[pos + 1]:
                 mismatches += 1

@@ -9,8 +9,9 @@
 // memory round trips are needed for the weights: they go from DRAM to registers to tensor cores.
 //
 // The input is staged in shared memory in chunks of KC columns (after f, as bf16). Work items are
-// (16-row group, 256-column slice) pairs spread over warps; each item's partial sums are added into
-// a per-tile fp32 accumulator in shared memory, which the epilogue writes out.
+// (16-row group, 256-column slice) pairs spread over warps; each item stores its partial sums in a
+// slot of its own, and at the end of the chunk they are added in a fixed order, so the result is
+// bit-identical from run to run (no floating-point atomics).
 #pragma once
 #include "common.cuh"
 
@@ -36,8 +37,12 @@ constexpr int linear_chunk() {
 }
 
 template <int K, int B, int ROWS>
+constexpr int linear_items() { return ROWS / 16 * (linear_chunk<K, B>() / kSliceK); }
+
+template <int K, int B, int ROWS>
 constexpr int linear_smem_bytes() {
-  return padded_batch<B>() * (linear_chunk<K, B>() + 8) * 2 + ROWS * padded_batch<B>() * 4 + padded_batch<B>() * 4;
+  return padded_batch<B>() * (linear_chunk<K, B>() + 8) * 2 + ROWS * padded_batch<B>() * 4 + padded_batch<B>() * 4 +
+         linear_items<K, B, ROWS>() * 16 * padded_batch<B>() * 4;
 }
 
 __device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -76,6 +81,7 @@ __device__ void linear_task(const TaskContext& c) {
   __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(c.smem);                 // [NB][XS]
   float* acc = reinterpret_cast<float*>(c.smem + NB * XS * 2);                  // [ROWS][NB]
   float* inv_rms = acc + ROWS * NB;                                              // [NB]
+  float* part = inv_rms + NB;                                                    // [items][16][NB]
 
   for (int i = threadIdx.x; i < rows * NB; i += NT) acc[i] = 0.f;
   if constexpr (MODE == LinearMode::kNorm) {
@@ -150,24 +156,26 @@ __device__ void linear_task(const TaskContext& c) {
           mma_bf16(d[nt], wa[s].z, wb[s].z, wa[s].w, wb[s].w, xv.z, xv.w);
         }
       }
-      const int row = (item / slices) * 16 + g;
+      float* mine = part + item * 16 * NB;
 #pragma unroll
       for (int nt = 0; nt < NTILES; ++nt) {
         const int b = nt * 8 + t * 2;
-        if (row < rows) {
-          atomicAdd(acc + row * NB + b, d[nt][0]);
-          atomicAdd(acc + row * NB + b + 1, d[nt][1]);
-        }
-        if (row + 8 < rows) {
-          atomicAdd(acc + (row + 8) * NB + b, d[nt][2]);
-          atomicAdd(acc + (row + 8) * NB + b + 1, d[nt][3]);
-        }
+        *reinterpret_cast<float2*>(mine + g * NB + b) = make_float2(d[nt][0], d[nt][1]);
+        *reinterpret_cast<float2*>(mine + (g + 8) * NB + b) = make_float2(d[nt][2], d[nt][3]);
       }
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
         wa[s] = na[s];
         wb[s] = nb[s];
       }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < rows * NB; i += NT) {  // slices in order: deterministic sums
+      const int r = i / NB, b = i % NB;
+      const float* first = part + ((r / 16) * slices * 16 + r % 16) * NB + b;
+      float sum = 0.f;
+      for (int sl = 0; sl < slices; ++sl) sum += first[sl * 16 * NB];
+      acc[i] += sum;
     }
   }
   __syncthreads();

@@ -13,6 +13,7 @@ import torch
 from vllm_mpk.graph.ir import Op, Task, split_even
 from vllm_mpk.graph.ops.linear import COLUMN_ALIGN
 
+MAX_TILE_ROWS = 256  # keeps a linear tile's partial sums and staged input inside shared memory
 CPP_DTYPES = {torch.bfloat16: "__nv_bfloat16", torch.float32: "float"}
 LINEAR_MODES = {"linear": "kPlain", "linear_with_residual": "kResidual", "rmsnorm_linear": "kNorm",
                 "silu_mul_linear_with_residual": "kSiluResidual"}
@@ -49,6 +50,9 @@ def _linear(op: Op, threads: int) -> CudaTask:
     out = CPP_DTYPES[op.outputs["output"].dtype]
     widest = max(c1 - c0 for c0, c1 in split_even(op.inputs["weight"].shape[0], op.num_tiles, COLUMN_ALIGN))
     rows = -(-widest // 16) * 16
+    if rows > MAX_TILE_ROWS:
+        raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}': tiles of {widest} output columns exceed the GPU's "
+                               f"{MAX_TILE_ROWS}; raise grid_dim to at least {-(-op.inputs['weight'].shape[0] // MAX_TILE_ROWS)}")
     mode = LINEAR_MODES[op.kind]
     return CudaTask(f"mpk::linear_task<mpk::LinearMode::{mode}, {k}, {batch}, {rows}, {threads}, {out}>",
                     f"mpk::linear_smem_bytes<{k}, {batch}, {rows}>()")

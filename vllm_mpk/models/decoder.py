@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_mpk.api import PersistentKernel
+from vllm_mpk.codegen.tasks import MAX_TILE_ROWS
 from vllm_mpk.graph.ir import TensorHandle
 from vllm_mpk.graph.plan import Plan
 from vllm_mpk.models.rope import cos_sin_cache
@@ -51,8 +52,9 @@ class DecodeModel:
 
 
 def linear_grid(columns: int, num_workers: int) -> int:
-    """One tile per worker where the layer is wide enough, else one per 16 columns."""
-    return max(1, min(num_workers, columns // TILE_COLUMNS))
+    """One tile per worker where the layer is wide enough, else one per 16 columns; never tiles
+    wider than the GPU's linear tiles take (the vocabulary projection gets several per worker)."""
+    return max(1, min(num_workers, columns // TILE_COLUMNS), -(-columns // MAX_TILE_ROWS))
 
 
 def build_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_caches: Sequence[torch.Tensor],
