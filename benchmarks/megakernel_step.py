@@ -23,10 +23,10 @@ import torch
 from vllm_mpk.graph.ir import Role
 from vllm_mpk.graph.reference import ReferenceExecutor
 from vllm_mpk.models import DecodeOptions, ModelSpec, build_decoder
-from vllm_mpk.models.kv_cache import allocate_kv_caches, contiguous_block_tables
+from vllm_mpk.models.kv_cache import allocate_kv_caches
 from vllm_mpk.models.weights import expected_shapes, random_weights
 from vllm_mpk.runtime.megakernel import Megakernel, kernel_spec
-from vllm_mpk.runtime.meta import step_inputs
+from vllm_mpk.runtime.meta import contiguous_block_tables, step_inputs
 from vllm_mpk.runtime.profiler import summary, task_spans, write_trace
 
 CONFIGS = Path(__file__).resolve().parents[1] / "vllm_mpk" / "configs"

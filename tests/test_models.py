@@ -19,8 +19,9 @@ from tests.helpers import TINY_LLAMA, TINY_QWEN3, config_paths, model_spec, plan
 from vllm_mpk.check import CheckResult, check_model, run_teacher_forced
 from vllm_mpk.graph.reference import ReferenceExecutor
 from vllm_mpk.models import DecodeOptions, ModelSpec, build_decoder
-from vllm_mpk.models.kv_cache import allocate_kv_caches, contiguous_block_tables
+from vllm_mpk.models.kv_cache import allocate_kv_caches
 from vllm_mpk.models.weights import expected_shapes, random_weights
+from vllm_mpk.runtime.meta import contiguous_block_tables
 
 # exact mode is float32 end to end: measured ~1e-6 relative error of the logits
 EXACT_BOUND = 2e-5

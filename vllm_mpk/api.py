@@ -6,6 +6,11 @@
     mpk.rmsnorm_linear_layer(input=x, weight_norm=wn, weight_linear=w, output=y,
                              grid_dim=(96, 1, 1), block_dim=(128, 1, 1), eps=1e-6)
     plan = mpk.compile()
+    mpk.step_buffers["input_ids"].copy_(ids)   # ... and the other step inputs, then
+    mpk()                                      # one decode step (single-step mode), or
+    mpk.generate(prompts, max_new_tokens=32, tokens_output=tokens)   # standalone decoding
+
+CPU tensors run on the reference executor, CUDA tensors on the megakernel (built on first use).
 
 What differs from Mirage, because the plan here is static:
 - ``num_local_schedulers`` and ``num_remote_schedulers`` are accepted and checked (non-negative;
@@ -27,6 +32,9 @@ import torch
 from vllm_mpk.graph.ir import Op, Role, TensorHandle
 from vllm_mpk.graph.ops import REGISTRY
 from vllm_mpk.graph.plan import Plan, build_plan
+from vllm_mpk.graph.reference import ReferenceExecutor
+from vllm_mpk.runtime.meta import STEP_INPUT_NAMES, contiguous_block_tables
+from vllm_mpk.runtime.standalone import StepExecutor, decode
 
 SUPPORTED_BLOCK_DIMS = ((128, 1, 1), (256, 1, 1))
 IO_CATEGORIES = {"cuda_tensor": Role.INTERMEDIATE, "nvshmem_tensor": Role.SYMMETRIC}
@@ -82,6 +90,8 @@ class PersistentKernel:
         self.attached: dict[str, torch.Tensor] = {}
         self.ops: list[Op] = []
         self.plan: Plan | None = None
+        self._executor: StepExecutor | None = None
+        self._step_buffers: dict[str, torch.Tensor] | None = None
         self.max_blocks_per_seq = -(-self.max_seq_len // page_size)
         for name, dtype in STEP_INPUT_DTYPES.items():
             setattr(self, name, self._declare(name, (self.max_batch,), dtype, Role.INPUT))
@@ -269,4 +279,53 @@ class PersistentKernel:
         if len(blocks) > 1:
             raise ValueError(f"all layers must share one block_dim (the kernel's block size), got {sorted(blocks)}")
         self.plan = build_plan(self.tensors, self.ops, self.num_workers, self.schedule)
+        self._executor = None
         return self.plan
+
+    @property
+    def step_buffers(self) -> dict[str, torch.Tensor]:
+        """The per-step inputs the kernel reads, on the attached tensors' device; fill them in
+        place before each ``__call__`` (the megakernel holds their addresses)."""
+        if self._step_buffers is None:
+            device = next((t.device for t in self.attached.values()), torch.device("cpu"))
+            self._step_buffers = {name: torch.zeros(self.tensors[name].shape, dtype=self.tensors[name].dtype,
+                                                    device=device) for name in STEP_INPUT_NAMES}
+        return self._step_buffers
+
+    def executor(self) -> StepExecutor:
+        """The CPU reference executor or the GPU megakernel for the compiled plan, made once."""
+        if self._executor is None:
+            plan = self.plan or self.compile()
+            inputs = {**self.attached, **self.step_buffers}
+            if self.step_buffers["input_ids"].device.type == "cuda":
+                from vllm_mpk.runtime.megakernel import Megakernel  # builds CUDA code: only when asked
+
+                self._executor = Megakernel(plan, inputs, profile=self.profiler_tensor is not None)
+            else:
+                self._executor = ReferenceExecutor(plan, inputs)
+        return self._executor
+
+    def __call__(self, num_tokens: int | None = None) -> None:
+        """Run one decode step for the first ``num_tokens`` rows (default: all) of the step buffers."""
+        n = self.max_batch if num_tokens is None else num_tokens
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"num_tokens must be in [1, {self.max_batch}], got {n}")
+        self.executor().run_step(n)
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, tokens_output: TensorHandle,
+                 eos_token_id: int | None = None) -> list[list[int]]:
+        """Standalone decoding: feed each prompt through the decode step token by token, then
+        sample greedily (``tokens_output`` is the argmax layer's output) until ``max_new_tokens``
+        or ``eos_token_id``. Requests use contiguous blocks of the attached KV caches. When meta
+        tensors were given, ``tokens`` receives the sequences and ``step`` their lengths."""
+        blocks = contiguous_block_tables(self.max_batch, self.max_seq_len, self.page_size)
+        logits = next(op.inputs["input"].name for op in self.ops if op.outputs.get("output") is tokens_output)
+        sequences = decode(self.executor(), [list(p) for p in prompts], blocks, self.page_size,
+                           max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, logits_name=logits,
+                           tokens_name=tokens_output.name)
+        if "tokens" in self.meta:
+            for b, seq in enumerate(sequences):
+                self.meta["tokens"][b, :len(seq)] = torch.tensor(seq, dtype=self.meta["tokens"].dtype)
+        if "step" in self.meta:
+            self.meta["step"][:len(sequences)] = torch.tensor([len(s) for s in sequences])
+        return sequences

@@ -14,14 +14,14 @@ import torch
 
 from vllm_mpk.graph.reference import ReferenceExecutor
 from vllm_mpk.models import DecodeModel, DecodeOptions, ModelSpec, build_decoder
-from vllm_mpk.models.kv_cache import allocate_kv_caches, contiguous_block_tables
+from vllm_mpk.models.kv_cache import allocate_kv_caches
 from vllm_mpk.models.weights import split_to_hf
 from vllm_mpk.runtime.megakernel import Megakernel
-from vllm_mpk.runtime.meta import StepInputs, advance, step_inputs
+from vllm_mpk.runtime.meta import STEP_INPUT_NAMES, contiguous_block_tables
+from vllm_mpk.runtime.standalone import decode
 
 BF16_LOGITS_TOLERANCE = 3e-2  # relative L2 error of logits with bf16 weights and activations
 EXACT_LOGITS_TOLERANCE = 1e-4  # the same with float32 intermediates
-STEP_INPUT_NAMES = tuple(StepInputs.__dataclass_fields__)
 # A greedy flip is put down to rounding where the reference's top-two margin is under this many
 # times the RMS difference of the two logit vectors at that position (two errors of that size
 # differ by about 1.4 RMS; 4 keeps a real bug's flip from hiding, since it also moves the RMS).
@@ -81,24 +81,15 @@ def reference_greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int)
 def run_teacher_forced(model: DecodeModel, executor: ReferenceExecutor | Megakernel, sequences: list[list[int]],
                        block_tables: torch.Tensor, order: str = "schedule") -> list[torch.Tensor]:
     """Decode every position of every sequence through the plan; per-request logits ``[len, V]``."""
-    batch = len(sequences)
-    max_b = model.options.max_batch
-    tokens = torch.zeros(max_b, max(map(len, sequences)), dtype=torch.int64)
-    lengths = torch.zeros(max_b, dtype=torch.int64)
-    for b, seq in enumerate(sequences):
-        tokens[b, :len(seq)] = torch.tensor(seq)
-        lengths[b] = len(seq)
-    step = torch.where(torch.arange(max_b) < batch, 0, -1)
     out = [torch.empty(len(s), model.spec.vocab_size) for s in sequences]
-    while (step >= 0).any():
-        for name, value in step_inputs(step, tokens, block_tables, model.options.page_size).as_dict().items():
-            executor.tensors[name].copy_(value)  # in place: the megakernel holds these buffers' addresses
-        executor.run_step(batch, order=order)
-        logits = executor.tensors[model.logits.name]
-        for b in range(batch):
-            if step[b] >= 0:
-                out[b][step[b]] = logits[b]
-        advance(step, tokens, executor.tensors[model.tokens.name], lengths, lengths, teacher_forced=True)
+
+    def keep(positions: torch.Tensor, logits: torch.Tensor) -> None:
+        for b, pos in enumerate(positions[:len(sequences)].tolist()):
+            if pos >= 0:
+                out[b][pos] = logits[b]
+
+    decode(executor, sequences, block_tables, model.options.page_size, teacher_forced=True,
+           logits_name=model.logits.name, tokens_name=model.tokens.name, on_step=keep, order=order)
     return out
 
 

@@ -14,9 +14,3 @@ def allocate_kv_caches(spec: ModelSpec, num_blocks: int, block_size: int = 16,
     shape = (num_blocks, block_size, spec.num_kv_heads, 2 * spec.head_dim)
     return [torch.zeros(shape, dtype=dtype, device=device).permute(0, 2, 1, 3) for _ in range(spec.num_layers)]
 
-
-def contiguous_block_tables(batch: int, max_seq_len: int, block_size: int,
-                            device: str | torch.device = "cpu") -> torch.Tensor:
-    """Request ``b`` owns blocks ``[b * n, (b + 1) * n)``: the standalone path's allocation."""
-    n = -(-max_seq_len // block_size)
-    return torch.arange(batch * n, dtype=torch.int32, device=device).view(batch, n)

@@ -27,6 +27,9 @@ class StepInputs:
         return dict(vars(self))
 
 
+STEP_INPUT_NAMES = ("input_ids", "positions", "seq_lens", "slot_mapping", "block_tables")
+
+
 def step_inputs(step: torch.Tensor, tokens: torch.Tensor, block_tables: torch.Tensor, page_size: int) -> StepInputs:
     active = step >= 0
     pos = step.clamp(min=0).long()
@@ -42,13 +45,25 @@ def step_inputs(step: torch.Tensor, tokens: torch.Tensor, block_tables: torch.Te
 
 
 def advance(step: torch.Tensor, tokens: torch.Tensor, sampled: torch.Tensor, prompt_lens: torch.Tensor,
-            end: torch.Tensor, teacher_forced: bool = False) -> None:
+            end: torch.Tensor, teacher_forced: bool = False, eos_token_id: int | None = None) -> None:
     """After a step: write each sampled token after the prompt (unless teacher-forced), move every
-    active request one position on, and retire requests that reached ``end`` (exclusive)."""
+    active request one position on, and retire requests that reached ``end`` (exclusive) or, when
+    ``eos_token_id`` is given, that just generated it."""
     active = step >= 0
     nxt = step + 1
     generating = active & (nxt >= prompt_lens) & (nxt < tokens.shape[1])
+    sampled = sampled.to(tokens.device, tokens.dtype)
     if not teacher_forced:
         rows = generating.nonzero()[:, 0]
-        tokens[rows, nxt[rows]] = sampled[rows].to(tokens.dtype)
-    step.copy_(torch.where(active & (nxt < end), nxt, -1))
+        tokens[rows, nxt[rows]] = sampled[rows]
+    done = nxt >= end
+    if eos_token_id is not None:
+        done |= generating & (sampled == eos_token_id)
+    step.copy_(torch.where(active & ~done, nxt, -1))
+
+
+def contiguous_block_tables(batch: int, max_seq_len: int, block_size: int,
+                            device: str | torch.device = "cpu") -> torch.Tensor:
+    """Request ``b`` owns blocks ``[b * n, (b + 1) * n)``: the standalone path's allocation."""
+    n = -(-max_seq_len // block_size)
+    return torch.arange(batch * n, dtype=torch.int32, device=device).view(batch, n)

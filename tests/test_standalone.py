@@ -1,0 +1,71 @@
+"""Standalone decoding through ``PersistentKernel``: ``generate`` feeds prompts token by token and
+samples greedily, matching ``transformers``; EOS stops a request early; ``__call__`` runs one step."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.helpers import TINY_QWEN3
+from vllm_mpk.check import hf_model, reference_greedy
+from vllm_mpk.graph.reference import ReferenceExecutor
+from vllm_mpk.models import DecodeOptions, ModelSpec, build_decoder
+from vllm_mpk.models.kv_cache import allocate_kv_caches
+from vllm_mpk.models.weights import random_weights
+from vllm_mpk.runtime.meta import step_inputs
+
+MAX_BATCH, MAX_SEQ, PAGE = 3, 48, 16
+
+
+def tiny_model(seed: int = 0):
+    """A float32 model, so the reference executor agrees with transformers far below any margin."""
+    spec = ModelSpec.from_hf_config(TINY_QWEN3)
+    weights = random_weights(spec, seed=seed, dtype=torch.float32, std=0.05)
+    caches = allocate_kv_caches(spec, MAX_BATCH * MAX_SEQ // PAGE, PAGE, dtype=torch.float32)
+    model = build_decoder(spec, weights, caches, DecodeOptions(max_batch=MAX_BATCH, max_seq_len=MAX_SEQ,
+                                                               page_size=PAGE, num_workers=4))
+    return spec, weights, model
+
+
+def test_generate_matches_transformers_greedy():
+    spec, weights, model = tiny_model()
+    prompts = [[5, 9, 200, 31, 7], list(range(100, 119)), [42]]  # 19 crosses a page boundary
+    got = model.kernel.generate(prompts, max_new_tokens=8, tokens_output=model.tokens)
+    hf = hf_model(spec, weights)
+    for prompt, seq in zip(prompts, got):
+        want, _ = reference_greedy(hf, prompt, 8)
+        assert seq == want
+
+
+def test_eos_ends_a_request_and_meta_tensors_are_filled():
+    step = torch.zeros(MAX_BATCH, dtype=torch.int64)
+    tokens = torch.zeros(MAX_BATCH, MAX_SEQ, dtype=torch.int64)
+    spec, weights, model = tiny_model(seed=1)
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    free = model.kernel.generate(prompts, max_new_tokens=6, tokens_output=model.tokens)
+    eos = free[0][3]  # request 0's first generated token
+    kernel = model.kernel
+    kernel.meta = {"step": step, "tokens": tokens}
+    stopped = kernel.generate(prompts, max_new_tokens=6, tokens_output=model.tokens, eos_token_id=eos)
+    assert stopped[0] == free[0][:4]
+    cut = free[1][4:].index(eos) + 5 if eos in free[1][4:] else len(free[1])
+    assert stopped[1] == free[1][:cut]
+    assert step[:2].tolist() == [len(s) for s in stopped]
+    assert tokens[1, :len(stopped[1])].tolist() == stopped[1]
+
+
+def test_call_runs_one_step_on_the_step_buffers():
+    spec, weights, model = tiny_model(seed=2)
+    kernel = model.kernel
+    step = torch.tensor([0, 0, -1])
+    seq = torch.tensor([[7] * MAX_SEQ, [11] * MAX_SEQ, [0] * MAX_SEQ])
+    blocks = torch.arange(MAX_BATCH * MAX_SEQ // PAGE, dtype=torch.int32).view(MAX_BATCH, -1)
+    inputs = step_inputs(step, seq, blocks, PAGE).as_dict()
+    for name, value in inputs.items():
+        kernel.step_buffers[name].copy_(value)
+    kernel(2)
+    got = kernel.executor().tensors["logits"][:2].clone()
+    reference = ReferenceExecutor(model.plan, {**{k: v.clone() if "kv_cache" in k else v
+                                                  for k, v in kernel.attached.items()}, **inputs})
+    reference.run_step(2, order="layers")
+    torch.testing.assert_close(got, reference.tensors["logits"][:2])
+    assert not got.isnan().any()

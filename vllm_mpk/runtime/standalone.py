@@ -1,0 +1,78 @@
+"""Standalone decoding: prompts and generated tokens flow through the ``step`` / ``tokens`` meta
+tensors, one decode step per launch, on any executor with the plan's ``run_step`` interface (the
+CPU reference executor or the megakernel). Prompts are fed token by token through the same decode
+step, which writes the paged KV cache the later steps read.
+
+One launch per step, driven from the host. The in-kernel multi-step loop (several steps per launch)
+is not built yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from vllm_mpk.runtime.meta import advance, step_inputs
+
+
+class StepExecutor(Protocol):
+    tensors: dict[str, torch.Tensor]
+
+    def run_step(self, num_tokens: int, order: str = "schedule", seed: int = 0) -> None: ...
+
+
+StepHook = Callable[[torch.Tensor, torch.Tensor], None]  # (positions decoded [B], logits [B, V])
+
+
+def decode(executor: StepExecutor, sequences: list[list[int]], block_tables: torch.Tensor, page_size: int,
+           *, max_new_tokens: int = 0, eos_token_id: int | None = None, teacher_forced: bool = False,
+           logits_name: str = "logits", tokens_name: str = "tokens", on_step: StepHook | None = None,
+           order: str = "schedule") -> list[list[int]]:
+    """Run requests to completion and return each one's whole sequence.
+
+    ``sequences`` are prompts, extended by up to ``max_new_tokens`` greedy tokens (stopping early at
+    ``eos_token_id``); with ``teacher_forced`` they are complete sequences, every position of which
+    is decoded and nothing is sampled into them. ``on_step`` sees each step's positions (-1 for idle
+    rows) and logits. ``order`` goes to the reference executor (the GPU picks its own). The step-input buffers of ``executor`` are written in place: a megakernel
+    holds their addresses.
+    """
+    batch = executor.tensors["input_ids"].shape[0]
+    if not 1 <= len(sequences) <= batch:
+        raise ValueError(f"got {len(sequences)} requests; this plan decodes 1 to {batch} at a time")
+    if any(not s for s in sequences):
+        raise ValueError("every request needs at least one token")
+    lengths = torch.tensor([len(s) for s in sequences] + [1] * (batch - len(sequences)))
+    extra = 0 if teacher_forced else max_new_tokens
+    capacity = int(lengths.max()) + extra
+    if capacity > block_tables.shape[1] * page_size:
+        raise ValueError(f"sequences reach {capacity} tokens; the block tables hold {block_tables.shape[1] * page_size}")
+    if not teacher_forced and max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    tokens = torch.zeros(batch, capacity, dtype=torch.int64)
+    for b, seq in enumerate(sequences):
+        tokens[b, :len(seq)] = torch.tensor(seq)
+    end = lengths if teacher_forced else lengths + max_new_tokens - 1
+    step = torch.where(torch.arange(batch) < len(sequences), 0, -1)
+    while (step >= 0).any():
+        for name, value in step_inputs(step, tokens, block_tables, page_size).as_dict().items():
+            executor.tensors[name].copy_(value)
+        executor.run_step(len(sequences), order=order)
+        if on_step is not None:
+            on_step(step.clone(), executor.tensors[logits_name])
+        advance(step, tokens, executor.tensors[tokens_name], lengths, end, teacher_forced, eos_token_id)
+    out = []
+    for b, seq in enumerate(sequences):
+        if teacher_forced:
+            out.append(list(seq))
+            continue
+        row = tokens[b, len(seq):].tolist()
+        out.append(list(seq) + row[:_generated_count(row, max_new_tokens, eos_token_id)])
+    return out
+
+
+def _generated_count(row: list[int], max_new_tokens: int, eos_token_id: int | None) -> int:
+    if eos_token_id is not None and eos_token_id in row[:max_new_tokens]:
+        return row.index(eos_token_id) + 1
+    return max_new_tokens
