@@ -28,6 +28,7 @@ from vllm_mpk.models.weights import expected_shapes, random_weights
 from vllm_mpk.runtime.megakernel import Megakernel, kernel_spec
 from vllm_mpk.runtime.meta import contiguous_block_tables, step_inputs
 from vllm_mpk.runtime.profiler import summary, task_spans, write_trace
+from vllm_mpk.runtime.timing import graph_replay_us
 
 CONFIGS = Path(__file__).resolve().parents[1] / "vllm_mpk" / "configs"
 
@@ -53,29 +54,10 @@ def build(spec: ModelSpec, batch: int, context: int, device: str, weights=None, 
     return model, tensors, caches
 
 
-def bench_graph(fn, iters: int = 50) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(5):
-        g.replay()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 def copy_bandwidth(device: str) -> float:
     src = torch.empty(2 << 30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    us = bench_graph(lambda: dst.copy_(src), 20)
+    us = graph_replay_us(lambda: dst.copy_(src), 20)
     return 2 * src.numel() / us / 1e6  # TB/s, read + write
 
 
@@ -123,7 +105,7 @@ def run_case(spec, batch, context, device, weights, log, trace_path=None) -> dic
               f"our argmax {int(logits[b].argmax())}), reference top2 {top.indices.tolist()} {top.values.tolist()}; "
               f"our logits there {logits[b, top.indices].tolist()}", flush=True)
     cache_rel = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(caches, ref_caches))
-    us = bench_graph(lambda: mk.launch(batch))
+    us = graph_replay_us(lambda: mk.launch(batch))
     mk.check()
     profiled = Megakernel(model.plan, tensors, profile=True)
     for _ in range(3):

@@ -33,17 +33,24 @@ def test_check_unknown_model_is_a_clear_error(capsys: pytest.CaptureFixture[str]
     assert "qwen3-0.6b" in err  # the message lists what can be given instead
 
 
-def test_check_on_cuda_is_not_built_yet(capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_on_cuda_without_a_gpu_says_why(monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["check", "--device", "cuda"]) == 2
-    assert "not built yet" in capsys.readouterr().err
+    assert "torch sees no CUDA device" in capsys.readouterr().err
 
 
-def test_generate_on_hopper_says_runtime_is_missing(monkeypatch: pytest.MonkeyPatch,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_generate_on_hopper_runs_the_gpu_demo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a Hopper GPU, generate hands the model to the demo and passes on its verdict."""
+    import vllm_mpk.demo
+
+    calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    assert main(["generate", "--model", "qwen3-0.6b"]) != 0
-    assert "not wired" in capsys.readouterr().err
+    monkeypatch.setattr(vllm_mpk.demo, "run_demo", lambda spec, weights, *args: calls.append((spec, args)) or False)
+    assert main(["generate", "--model", "qwen3-0.6b", "--batch", "2", "--new-tokens", "5"]) == 1
+    (spec, args), = calls
+    assert spec.hidden_size == 1024 and args == (2, 128, 5, 0)
 
 
 def test_catalog_resolves_names_and_directories(tmp_path) -> None:

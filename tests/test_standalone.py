@@ -69,3 +69,27 @@ def test_call_runs_one_step_on_the_step_buffers():
     reference.run_step(2, order="layers")
     torch.testing.assert_close(got, reference.tensors["logits"][:2])
     assert not got.isnan().any()
+
+
+def test_plain_torch_step_matches_the_plan():
+    """The stock-PyTorch baseline computes the same step as the plan (float32 weights)."""
+    from vllm_mpk.models.torch_decode import TorchDecodeStep
+
+    spec, weights, model = tiny_model(seed=3)
+    step = torch.tensor([20, 3, 33])
+    seq = torch.randint(0, spec.vocab_size, (MAX_BATCH, MAX_SEQ), generator=torch.Generator().manual_seed(3))
+    blocks = torch.arange(MAX_BATCH * MAX_SEQ // PAGE, dtype=torch.int32).view(MAX_BATCH, -1)
+    inputs = step_inputs(step, seq, blocks, PAGE).as_dict()
+    caches = [model.kernel.attached[f"model.layers.{i}.self_attn.attn.kv_cache"] for i in range(spec.num_layers)]
+    for c in caches:
+        c.normal_()
+    before = [c.clone() for c in caches]
+    reference = ReferenceExecutor(model.plan, {**model.kernel.attached, **inputs})
+    reference.run_step(MAX_BATCH)
+    after = [c.clone() for c in caches]
+    for c, b in zip(caches, before):
+        c.copy_(b)
+    step_fn = TorchDecodeStep(spec, weights, caches, model.kernel.attached["rope.cos_sin_cache"], MAX_SEQ)
+    torch.testing.assert_close(step_fn(inputs), reference.tensors["logits"], rtol=1e-4, atol=1e-4)
+    for c, a in zip(caches, after):
+        torch.testing.assert_close(c, a)

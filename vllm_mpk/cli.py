@@ -86,27 +86,30 @@ def print_check(result: CheckResult, exact: bool) -> None:
     print("PASS" if result.passed else "FAIL")
 
 
-def run_check(model: ResolvedModel, layers: int, batch: int, new_tokens: int, exact: bool, seed: int) -> bool:
+def run_check(model: ResolvedModel, layers: int, batch: int, new_tokens: int, exact: bool, seed: int,
+              device: str = "cpu") -> bool:
     if batch < 1 or new_tokens < 1:
         raise CliError("--batch and --new-tokens must be at least 1")
+    if device == "cuda" and exact:
+        raise CliError("--exact is a mode of the CPU reference executor; drop it with --device cuda")
     spec = model.spec.with_layers(layers)
     weights, source = check_weights_for(model, spec, seed)
     lengths = prompt_lengths(batch, seed)
+    runner = "the megakernel on the GPU" if device == "cuda" else "CPU reference executor"
     print(f"check {model.name}: {spec.architecture}, {spec.num_layers} of {model.spec.num_layers} layers, "
-          f"{source}; CPU reference executor vs transformers")
+          f"{source}; {runner} vs transformers")
     print(f"prompts of {', '.join(map(str, lengths))} tokens, {new_tokens} new tokens each, pages of 16 tokens")
-    result = check_model(spec, weights, lengths, new_tokens, exact=exact, seed=seed)
+    result = check_model(spec, weights, lengths, new_tokens, exact=exact, seed=seed, device=device)
     print_check(result, exact)
     return result.passed
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    if args.device == "cuda":
-        print("vllm-mpk check --device cuda: the GPU check is not built yet (it lands with the CUDA runtime); "
-              "use --device cpu", file=sys.stderr)
+    if args.device == "cuda" and (reason := hopper_unavailable_reason()) is not None:
+        print(f"vllm-mpk check --device cuda: {reason}; use --device cpu", file=sys.stderr)
         return EXIT_UNAVAILABLE
     model = resolve(args.model)
-    passed = run_check(model, args.layers, args.batch, args.new_tokens, args.exact, args.seed)
+    passed = run_check(model, args.layers, args.batch, args.new_tokens, args.exact, args.seed, args.device)
     return EXIT_OK if passed else EXIT_FAILED
 
 
@@ -128,9 +131,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     run_plan(model, None, DecodeOptions())
     reason = hopper_unavailable_reason()
     if reason is None:
-        print("A Hopper GPU is present, but the megakernel runtime is not wired into `vllm-mpk generate` yet "
-              "(it lands with the CUDA runtime issue); nothing was run on the GPU.", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+        from vllm_mpk.demo import run_demo
+
+        weights, source = check_weights_for(model, model.spec, args.seed)
+        print(f"\ngenerating with {source} on the GPU")
+        agreed = run_demo(model.spec, weights, args.batch, args.prompt_len, args.new_tokens, args.seed)
+        return EXIT_OK if agreed else EXIT_FAILED
     print()
     passed = run_check(model, GENERATE_CHECK_LAYERS, args.batch, args.new_tokens, False, args.seed)
     print(f"\nGPU execution skipped: {reason}. Ran the plan and the CPU check "
@@ -183,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="the main job: plan, check, and run on a Hopper GPU when there is one")
     add_model_arg(g)
     add_check_args(g)
+    g.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per request on the GPU (default 128)")
     g.set_defaults(func=cmd_generate)
     return parser
 
