@@ -18,6 +18,7 @@ from vllm_mpk.models import DecodeModel, DecodeOptions, ModelSpec, build_decoder
 from vllm_mpk.models.catalog import DEFAULT_MODEL, ResolvedModel, resolve_model
 from vllm_mpk.models.kv_cache import allocate_kv_caches
 from vllm_mpk.models.weights import expected_shapes, load_checkpoint, random_weights
+from vllm_mpk.runtime.meta import step_inputs
 
 EXIT_OK, EXIT_FAILED, EXIT_UNAVAILABLE = 0, 1, 2
 GENERATE_CHECK_LAYERS = 2
@@ -144,6 +145,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return EXIT_OK if passed else EXIT_FAILED
 
 
+# profile ----------------------------------------------------------------------------------------
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """One profiled decode step on the GPU: a Perfetto trace (one track per SM) and a per-op summary."""
+    if (reason := hopper_unavailable_reason()) is not None:
+        print(f"vllm-mpk profile runs the megakernel: {reason}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    from vllm_mpk.demo import gpu_model
+    from vllm_mpk.runtime.profiler import profile_step
+
+    model = resolve(args.model)
+    spec = model.spec.with_layers(args.layers) if args.layers else model.spec
+    weights, source = check_weights_for(model, spec, args.seed)
+    max_seq = args.context + 2
+    decode_model, _, caches, blocks = gpu_model(spec, weights, args.batch, max_seq)
+    for cache in caches:
+        cache.normal_()  # a KV history to attend over
+    step = torch.full((args.batch,), args.context)
+    tokens = torch.randint(0, spec.vocab_size, (args.batch, max_seq))
+    for name, value in step_inputs(step, tokens, blocks, 16).as_dict().items():
+        decode_model.kernel.step_buffers[name].copy_(value)
+    inputs = {**decode_model.kernel.attached, **decode_model.kernel.step_buffers}
+    print(f"profile {model.name} ({source}), batch {args.batch}, {args.context} tokens of context")
+    print(profile_step(decode_model.plan, inputs, args.batch, args.trace))
+    print(f"trace: {args.trace} (open in ui.perfetto.dev)")
+    return EXIT_OK
+
+
 # arguments --------------------------------------------------------------------------------------
 
 
@@ -191,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_check_args(g)
     g.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per request on the GPU (default 128)")
     g.set_defaults(func=cmd_generate)
+    p = sub.add_parser("profile", help="profile one decode step of the megakernel (Hopper GPU)")
+    add_model_arg(p)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=128, help="tokens of KV history per request (default 128)")
+    p.add_argument("--layers", type=int, default=None, help="use only the first N layers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trace", default="mpk_trace.json", help="where to write the trace (default mpk_trace.json)")
+    p.set_defaults(func=cmd_profile)
     return parser
 
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import torch
 
-from vllm_mpk.models import DecodeOptions, ModelSpec, build_decoder
+from vllm_mpk.models import DecodeModel, DecodeOptions, ModelSpec, build_decoder
 from vllm_mpk.models.kv_cache import allocate_kv_caches
 from vllm_mpk.models.torch_decode import TorchDecodeStep
 from vllm_mpk.runtime.meta import contiguous_block_tables, step_inputs
@@ -25,17 +25,25 @@ def weight_bytes(spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> int:
         head if spec.tie_word_embeddings else 0)
 
 
-def run_demo(spec: ModelSpec, weights: Mapping[str, torch.Tensor], batch: int, prompt_len: int,
-             new_tokens: int, seed: int) -> bool:
-    """Returns whether the megakernel's logits agree with PyTorch's within bf16 tolerance."""
+def gpu_model(spec: ModelSpec, weights: Mapping[str, torch.Tensor], batch: int,
+              max_seq: int) -> tuple[DecodeModel, dict[str, torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """The decode plan on the GPU, one worker per SM: (model, weights, KV caches, block tables)."""
     device = torch.device("cuda")
     weights = {k: v.to(device) for k, v in weights.items()}
-    max_seq = prompt_len + new_tokens
     blocks = contiguous_block_tables(batch, max_seq, PAGE)
     caches = allocate_kv_caches(spec, int(blocks.numel()), PAGE, device=device)
     workers = torch.cuda.get_device_properties(device).multi_processor_count
     model = build_decoder(spec, weights, caches, DecodeOptions(max_batch=batch, max_seq_len=max_seq,
                                                                page_size=PAGE, num_workers=workers))
+    return model, weights, caches, blocks
+
+
+def run_demo(spec: ModelSpec, weights: Mapping[str, torch.Tensor], batch: int, prompt_len: int,
+             new_tokens: int, seed: int) -> bool:
+    """Returns whether the megakernel's logits agree with PyTorch's within bf16 tolerance."""
+    max_seq = prompt_len + new_tokens
+    model, weights, caches, blocks = gpu_model(spec, weights, batch, max_seq)
+    workers = model.plan.num_workers
     start = time.perf_counter()
     megakernel = model.kernel.executor()
     print(f"megakernel ready in {time.perf_counter() - start:.1f} s ({workers} workers, {len(model.plan.tasks)} tasks)")
@@ -50,7 +58,7 @@ def run_demo(spec: ModelSpec, weights: Mapping[str, torch.Tensor], batch: int, p
 
     # Both timed on the last decode step of the generation: every row active, full KV history.
     step = torch.full((batch,), max_seq - 2)
-    inputs = {k: v.to(device) for k, v in step_inputs(step, torch.tensor(sequences), blocks, PAGE).as_dict().items()}
+    inputs = {k: v.cuda() for k, v in step_inputs(step, torch.tensor(sequences), blocks, PAGE).as_dict().items()}
     for name, value in inputs.items():
         model.kernel.step_buffers[name].copy_(value)
     baseline = TorchDecodeStep(spec, weights, caches, model.kernel.attached["rope.cos_sin_cache"], max_seq)

@@ -71,3 +71,17 @@ def summary(plan: Plan, spans: list[TaskSpan]) -> str:
         lines.append(f"{kind:32} {100 * busy[kind] / total:7.1f} {nbytes[kind] / 1e6:9.1f} "
                      f"{nbytes[kind] / max(busy[kind], 1):8.1f} {wait[kind] / plan.num_workers / 1e3:15.1f}")
     return "\n".join(lines)
+
+
+def profile_step(plan: Plan, tensors: dict[str, torch.Tensor], num_tokens: int, trace_path: str | Path,
+                 warmup: int = 2) -> str:
+    """Run a profiled megakernel on ``tensors`` (step inputs filled), write the trace of its last
+    step to ``trace_path`` and return the per-op summary."""
+    from vllm_mpk.runtime.megakernel import Megakernel
+
+    kernel = Megakernel(plan, tensors, profile=True)
+    for _ in range(warmup + 1):
+        kernel.run_step(num_tokens)
+    spans = task_spans(plan, kernel.profile)
+    write_trace(plan, spans, trace_path)
+    return summary(plan, spans)
