@@ -140,7 +140,7 @@ def build_linear_family(kind: str) -> Callable[[dict, torch.Generator], Built]:
         b, k, nout, dt = c["batch"], c["k"], c["n"], c["dtype"]
         wdt, odt = c.get("weight_dtype", dt), c.get("out_dtype", dt)
         n = c.get("num_tokens", b)
-        width = 2 * k if kind == "silu_mul_linear_with_residual" else k
+        width = 2 * k if kind.startswith("silu_mul_linear") else k
         x, w = randn((b, width), gen, dt), randn((nout, k), gen, wdt, k ** -0.5)
         mpk = kernel(b)
         X, W, out = mpk.attach_input(x, "x"), mpk.attach_input(w, "w"), mpk.new_tensor((b, nout), odt, "out")
@@ -157,6 +157,10 @@ def build_linear_family(kind: str) -> Callable[[dict, torch.Generator], Built]:
             nw = norm_weight(k, gen, dt)
             mpk.rmsnorm_linear_layer(X, mpk.attach_input(nw, "norm"), W, out, c["grid"], BLOCK, eps=EPS)
             want = F.linear(rms_norm(x, nw, EPS), w.float())
+        elif kind == "silu_mul_linear":
+            gate, up = x.float()[:, :k], x.float()[:, k:]
+            mpk.silu_mul_linear_layer(X, W, out, c["grid"], BLOCK)
+            want = F.linear(F.silu(gate) * up, w.float())
         else:
             gate, up = x.float()[:, :k], x.float()[:, k:]
             mpk.silu_mul_linear_with_residual_layer(X, W, mpk.attach_input(res, "res"), out, c["grid"], BLOCK)
@@ -378,6 +382,7 @@ OP_TESTS = [
     OpTest("rmsnorm_linear", build_linear_family("rmsnorm_linear"), NORM_LINEAR_CASES, FLOAT_TOL),
     OpTest("attention", build_attention, ATTENTION_CASES, FLOAT_TOL),
     OpTest("silu_mul", build_silu_mul, SILU_CASES, FLOAT_TOL),
+    OpTest("silu_mul_linear", build_linear_family("silu_mul_linear"), SILU_LINEAR_CASES, FLOAT_TOL),
     OpTest("silu_mul_linear_with_residual", build_linear_family("silu_mul_linear_with_residual"),
            SILU_LINEAR_CASES, FLOAT_TOL),
     OpTest("allreduce", build_allreduce, ALLREDUCE_CASES, FLOAT_TOL),

@@ -237,6 +237,11 @@ class PersistentKernel:
                        name: str | None = None) -> None:
         self._add("silu_mul", {"input": input}, {"output": output}, grid_dim, block_dim, name=name)
 
+    def silu_mul_linear_layer(self, input: TensorHandle, weight: TensorHandle, output: TensorHandle,
+                              grid_dim: Dim3, block_dim: Dim3, name: str | None = None) -> None:
+        self._add("silu_mul_linear", {"input": input, "weight": weight}, {"output": output}, grid_dim, block_dim,
+                  name=name)
+
     def silu_mul_linear_with_residual_layer(self, input: TensorHandle, weight: TensorHandle, residual: TensorHandle,
                                             output: TensorHandle, grid_dim: Dim3, block_dim: Dim3,
                                             name: str | None = None) -> None:

@@ -1,5 +1,5 @@
 // Linear tiles: out[b, c0:c1] = f(x[b]) . W[c0:c1]^T (+ bias) (+ residual), with f one of
-// identity, RMSNorm (rmsnorm_linear) or SiLU-mul over [gate | up] (silu_mul_linear_with_residual).
+// identity, RMSNorm (rmsnorm_linear) or SiLU-mul over [gate | up] (silu_mul_linear[_with_residual]).
 //
 // Tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate) with the weight tile as A (16 output
 // columns per fragment) and the batch as B (8 rows per fragment). Each thread loads 16 contiguous
@@ -17,7 +17,9 @@
 
 namespace mpk {
 
-enum class LinearMode : int { kPlain = 0, kResidual = 1, kNorm = 2, kSiluResidual = 3 };
+enum class LinearMode : int { kPlain = 0, kResidual = 1, kNorm = 2, kSiluResidual = 3, kSilu = 4 };
+
+constexpr bool gated(LinearMode m) { return m == LinearMode::kSilu || m == LinearMode::kSiluResidual; }
 
 // Argument words of a linear record (order fixed by vllm_mpk/codegen/tasks.py).
 struct LinearArgs {
@@ -67,7 +69,7 @@ __device__ void linear_task(const TaskContext& c) {
   constexpr int NB = padded_batch<B>(), NTILES = NB / 8;
   constexpr int KC = linear_chunk<K, B>(), XS = KC + 8;  // +16 bytes per row: no bank conflicts
   constexpr int NW = NT / kWarp;
-  constexpr int XW = MODE == LinearMode::kSiluResidual ? 2 * K : K;  // input row width
+  constexpr int XW = gated(MODE) ? 2 * K : K;  // input row width
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t = lane % 4;
   const int n_tok = c.num_tokens;
   const __nv_bfloat16* x = c.ptr<const __nv_bfloat16>(LinearArgs::kInput);
@@ -123,7 +125,7 @@ __device__ void linear_task(const TaskContext& c) {
       if (b >= n_tok) {
 #pragma unroll
         for (int i = 0; i < 8; ++i) f[i] = 0.f;
-      } else if constexpr (MODE == LinearMode::kSiluResidual) {
+      } else if constexpr (gated(MODE)) {
         float u[8];
         load_bf16<8>(x + (size_t)b * XW + k, f);
         load_bf16<8>(x + (size_t)b * XW + K + k, u);

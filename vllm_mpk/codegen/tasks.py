@@ -16,7 +16,7 @@ from vllm_mpk.graph.ops.linear import COLUMN_ALIGN
 MAX_TILE_ROWS = 256  # keeps a linear tile's partial sums and staged input inside shared memory
 CPP_DTYPES = {torch.bfloat16: "__nv_bfloat16", torch.float32: "float"}
 LINEAR_MODES = {"linear": "kPlain", "linear_with_residual": "kResidual", "rmsnorm_linear": "kNorm",
-                "silu_mul_linear_with_residual": "kSiluResidual"}
+                "silu_mul_linear": "kSilu", "silu_mul_linear_with_residual": "kSiluResidual"}
 
 
 class UnsupportedOnGPU(ValueError):
@@ -93,7 +93,7 @@ EMITTERS: dict[str, Callable[[Op, int], CudaTask]] = {
     "embed": _embed,
     "rmsnorm": _simple("rmsnorm_task", "128", ("input", "weight", "output", "residual", "residual_output")),
     "linear": _linear, "linear_with_residual": _linear, "rmsnorm_linear": _linear,
-    "silu_mul_linear_with_residual": _linear,
+    "silu_mul_linear": _linear, "silu_mul_linear_with_residual": _linear,
     "attention": _attention,
     "allreduce": _simple("allreduce_task", "0", ("input", "output")),
     "argmax": _argmax,

@@ -5,14 +5,20 @@ from vllm_mpk.graph.ops.argmax import Argmax
 from vllm_mpk.graph.ops.attention import Attention
 from vllm_mpk.graph.ops.base import Env, OpDef, Tile
 from vllm_mpk.graph.ops.embed import Embed
-from vllm_mpk.graph.ops.linear import Linear, LinearWithResidual, RMSNormLinear
+from vllm_mpk.graph.ops.linear import (
+    Linear,
+    LinearWithResidual,
+    RMSNormLinear,
+    SiluMulLinear,
+    SiluMulLinearWithResidual,
+)
 from vllm_mpk.graph.ops.rmsnorm import RMSNorm
-from vllm_mpk.graph.ops.silu_mul import SiluMul, SiluMulLinearWithResidual
+from vllm_mpk.graph.ops.silu_mul import SiluMul
 
 REGISTRY: dict[str, OpDef] = {
     d.kind: d
     for d in (Embed(), RMSNorm(), Linear(), LinearWithResidual(), RMSNormLinear(), Attention(),
-              SiluMul(), SiluMulLinearWithResidual(), AllReduce(), Argmax())
+              SiluMul(), SiluMulLinear(), SiluMulLinearWithResidual(), AllReduce(), Argmax())
 }
 
 __all__ = ["REGISTRY", "Env", "OpDef", "Tile"]

@@ -1,4 +1,6 @@
-"""Linear layers: ``y = x W^T (+ bias) (+ residual)``, optionally on ``rmsnorm(x)``.
+"""Linear layers: ``y = f(x) W^T (+ bias) (+ residual)`` with ``f`` the identity, ``rmsnorm`` or
+SwiGLU's ``silu(gate) * up`` over vLLM's merged ``[gate | up]`` input (each tile then recomputes
+the activation of the whole row, I values, cheaper than a round trip through memory and an event).
 
 Tiles own a contiguous block of output columns (weight rows) and read the whole input row, so
 each tile streams its own slice of the weight exactly once. Column blocks are multiples of 16,
@@ -25,6 +27,7 @@ from vllm_mpk.graph.ops.base import (
     rows,
     store,
 )
+from vllm_mpk.graph.ops.silu_mul import silu_mul
 
 COLUMN_ALIGN = 16
 
@@ -35,6 +38,7 @@ class LinearFamily(OpDef):
     required_inputs = ("input", "weight")
     optional_inputs: tuple[str, ...] = ("bias",)
     normalized = False
+    gated = False  # input is [gate | up], twice the weight's width
     with_residual = False
 
     def check(self, op: Op) -> None:
@@ -42,9 +46,13 @@ class LinearFamily(OpDef):
         for role, t in (("input", x), ("weight", w), ("output", out)):
             expect_rank(op, role, t, 2)
             expect_dtype(op, role, t, FLOAT_DTYPES)
-        batch, k = x.shape
-        n = w.shape[0]
-        expect_shape(op, "weight", w, (n, k))
+        batch, n = x.shape[0], w.shape[0]
+        if self.gated:  # the weight's width I fixes the input's: [gate | up] = 2I
+            k = w.shape[1]
+            expect_shape(op, "input", x, (batch, 2 * k))
+        else:
+            k = x.shape[1]
+            expect_shape(op, "weight", w, (n, k))
         expect_shape(op, "output", out, (batch, n))
         if "bias" in op.inputs:
             expect_shape(op, "bias", op.inputs["bias"], (n,))
@@ -58,7 +66,7 @@ class LinearFamily(OpDef):
 
     def lower(self, op: Op) -> list[Tile]:
         x, w, out = op.inputs["input"], op.inputs["weight"], op.outputs["output"]
-        batch, k = x.shape
+        batch, k = x.shape[0], w.shape[1]
         tiles = []
         for c0, c1 in split_even(w.shape[0], op.num_tiles, COLUMN_ALIGN):
             reads = [Access(x.name, x.full_box), Access(w.name, ((c0, c1), (0, k)))]
@@ -77,6 +85,8 @@ class LinearFamily(OpDef):
     def _compute(self, op: Op, env: Env, c0: int, c1: int) -> torch.Tensor:
         r = rows(env)
         x = env[op.inputs["input"].name][r].float()
+        if self.gated:
+            x = silu_mul(x)
         if self.normalized:
             x = rms_normalize(x, env[op.inputs["norm_weight"].name], op.attrs["eps"])
         y = x @ env[op.inputs["weight"].name][c0:c1].float().T
@@ -115,3 +125,23 @@ class RMSNormLinear(LinearFamily):
     opcode = 5
     required_inputs = ("input", "norm_weight", "weight")
     normalized = True
+
+
+class SiluMulLinear(LinearFamily):
+    """``out = silu_mul(x) W^T``; W is ``[N, I]`` with ``x`` of width ``2I`` (a tensor-parallel
+    rank's down projection, whose residual another rank adds)."""
+
+    kind = "silu_mul_linear"
+    opcode = 11
+    required_inputs = ("input", "weight")
+    optional_inputs = ()
+    gated = True
+
+
+class SiluMulLinearWithResidual(SiluMulLinear):
+    """``out = silu_mul(x) W^T + residual``."""
+
+    kind = "silu_mul_linear_with_residual"
+    opcode = 8
+    required_inputs = ("input", "weight", "residual")
+    with_residual = True

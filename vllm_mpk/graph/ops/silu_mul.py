@@ -1,6 +1,5 @@
-"""SwiGLU activation ``silu(gate) * up`` over vLLM's merged ``[gate | up]`` columns, alone or
-fused into the down projection with the residual add (each tile then recomputes the activation
-of the whole row, I values, which is cheaper than a round trip through memory and an event)."""
+"""SwiGLU activation ``silu(gate) * up`` over vLLM's merged ``[gate | up]`` columns, as a layer of
+its own (fused into the down projection, it is a linear layer: see ``linear.py``)."""
 
 from __future__ import annotations
 
@@ -22,7 +21,6 @@ from vllm_mpk.graph.ops.base import (
     rows,
     store,
 )
-from vllm_mpk.graph.ops.linear import COLUMN_ALIGN, LinearFamily
 
 ACT_ALIGN = 8
 
@@ -68,41 +66,3 @@ class SiluMul(OpDef):
     def reference(self, op: Op, env: Env) -> None:
         store(env[op.outputs["output"].name][rows(env)], silu_mul(env[op.inputs["input"].name][rows(env)]))
 
-
-class SiluMulLinearWithResidual(LinearFamily):
-    """``out = silu_mul(x) W^T + residual``; W is ``[N, I]`` with ``x`` of width ``2I``."""
-
-    kind = "silu_mul_linear_with_residual"
-    opcode = 8
-    required_inputs = ("input", "weight", "residual")
-    optional_inputs = ()
-    with_residual = True
-
-    def check(self, op: Op) -> None:
-        x, w, out = op.inputs["input"], op.inputs["weight"], op.outputs["output"]
-        for role, t in (("input", x), ("weight", w), ("output", out)):
-            expect_rank(op, role, t, 2)
-            expect_dtype(op, role, t, FLOAT_DTYPES)
-        batch, n = x.shape[0], w.shape[0]
-        expect_shape(op, "input", x, (batch, 2 * w.shape[1]))
-        expect_shape(op, "output", out, (batch, n))
-        expect_shape(op, "residual", op.inputs["residual"], (batch, n))
-        expect_tiles(op, -(-n // COLUMN_ALIGN), f"{n} output columns in blocks of {COLUMN_ALIGN}")
-
-    def lower(self, op: Op) -> list[Tile]:
-        x, w, out, res = (op.inputs["input"], op.inputs["weight"], op.outputs["output"], op.inputs["residual"])
-        batch = x.shape[0]
-        tiles = []
-        for c0, c1 in split_even(w.shape[0], op.num_tiles, COLUMN_ALIGN):
-            reads = (Access(x.name, x.full_box), Access(w.name, ((c0, c1), (0, w.shape[1]))),
-                     Access(res.name, col_box(batch, c0, c1)))
-            nbytes = (c1 - c0) * w.shape[1] * w.dtype.itemsize + x.nbytes + 2 * batch * (c1 - c0) * out.dtype.itemsize
-            tiles.append(Tile(reads, (Access(out.name, col_box(batch, c0, c1)),), nbytes,
-                              {"col_start": c0, "col_end": c1}))
-        return tiles
-
-    def _compute(self, op: Op, env: Env, c0: int, c1: int) -> torch.Tensor:
-        r = rows(env)
-        act = silu_mul(env[op.inputs["input"].name][r])
-        y = act @ env[op.inputs["weight"].name][c0:c1].float().T
-        return y + env[op.inputs["residual"].name][r, c0:c1].float()
