@@ -264,12 +264,14 @@ class PersistentKernel:
         count = tiles[0] * tiles[1] * tiles[2]
         label = name or f"argmax_{len(self.ops)}"
         batch = input.shape[0] if isinstance(input, TensorHandle) else self.max_batch
-        partial_value = self.new_tensor((batch, count), torch.float32, f"{label}.partial_value")
-        partial_index = self.new_tensor((batch, count), torch.int64, f"{label}.partial_index")
+        category = "nvshmem_tensor" if self.world_size > 1 else "cuda_tensor"  # every rank reads them
+        partial_value = self.new_tensor((batch, count), torch.float32, f"{label}.partial_value", category)
+        partial_index = self.new_tensor((batch, count), torch.int64, f"{label}.partial_index", category)
         try:
             self._add("argmax", {"input": input}, {"output": output, "partial_value": partial_value,
                                                    "partial_index": partial_index},
-                      grid_dim, block_dim, vocab_start=vocab_start, name=label)
+                      grid_dim, block_dim, vocab_start=vocab_start, world_size=self.world_size,
+                      rank=self.mpi_rank, name=label)
         except ValueError:  # a rejected layer adds nothing, so the call can be fixed and repeated
             del self.tensors[partial_value.name], self.tensors[partial_index.name]
             raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -33,10 +34,12 @@ class CliError(Exception):
 
 
 def meta_decoder(spec: ModelSpec, options: DecodeOptions) -> DecodeModel:
-    """Build the plan over shape-only (``meta``) weights and KV caches: nothing is allocated."""
-    weights = {n: torch.empty(s, dtype=torch.bfloat16, device="meta") for n, s in expected_shapes(spec).items()}
+    """Build the plan of ``options.rank`` over shape-only (``meta``) weights and KV caches, in
+    that rank's TP-local shapes: nothing is allocated."""
+    local = spec.shard(options.world_size)
+    weights = {n: torch.empty(s, dtype=torch.bfloat16, device="meta") for n, s in expected_shapes(local).items()}
     num_blocks = options.max_batch * -(-options.max_seq_len // options.page_size)
-    caches = allocate_kv_caches(spec, num_blocks, options.page_size, device="meta")
+    caches = allocate_kv_caches(local, num_blocks, options.page_size, device="meta")
     return build_decoder(spec, weights, caches, options)
 
 
@@ -47,16 +50,24 @@ def plan_header(model: ResolvedModel, spec: ModelSpec, o: DecodeOptions) -> str:
 
 
 def run_plan(model: ResolvedModel, layers: int | None, options: DecodeOptions) -> None:
+    """Print the plan of every tensor-parallel rank (one plan when ``world_size`` is 1)."""
     spec = model.spec.with_layers(layers) if layers is not None else model.spec
-    plan = meta_decoder(spec, options).plan
     print(plan_header(model, spec, options))
-    print(plan.summary())
+    for rank in range(options.world_size):
+        plan = meta_decoder(spec, replace(options, rank=rank)).plan
+        if options.world_size > 1:
+            print(f"\nrank {rank} of {options.world_size}:")
+        print(plan.summary())
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     options = DecodeOptions(max_batch=args.max_batch, max_seq_len=args.max_seq_len, page_size=args.page_size,
-                            num_workers=args.num_workers, schedule=args.schedule)
-    run_plan(resolve(args.model), args.layers, options)
+                            num_workers=args.num_workers, schedule=args.schedule,
+                            world_size=args.tensor_parallel_size)
+    try:
+        run_plan(resolve(args.model), args.layers, options)
+    except ValueError as e:
+        raise CliError(str(e)) from e
     return EXIT_OK
 
 
@@ -208,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None, help="keep only the first N layers (default all)")
     p.add_argument("--page-size", type=int, default=d.page_size)
     p.add_argument("--schedule", choices=sorted(POLICIES), default=d.schedule)
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="print each of N ranks' plans (default 1)")
     p.set_defaults(func=cmd_plan)
     c = sub.add_parser("check", help="run the plan on the CPU reference executor and compare with transformers")
     add_model_arg(c)

@@ -104,8 +104,9 @@ def cuda_task(op: Op, threads: int) -> CudaTask:
     if op.kind not in EMITTERS:
         raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}' has no CUDA task body (fuse it: e.g. silu_mul into "
                                f"silu_mul_linear_with_residual)")
-    if op.kind == "allreduce" and op.attrs["world_size"] > 1:
-        raise UnsupportedOnGPU(f"allreduce layer '{op.name}': world_size > 1 is not built yet")
+    if op.kind in ("allreduce", "argmax") and op.attrs.get("world_size", 1) > 1:
+        raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}': collectives across ranks (world_size > 1) "
+                               f"are not built on the GPU yet")
     return EMITTERS[op.kind](op, threads)
 
 

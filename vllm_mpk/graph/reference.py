@@ -21,16 +21,36 @@ import torch
 
 from vllm_mpk.graph.ir import Role
 from vllm_mpk.graph.ops import REGISTRY, Env
-from vllm_mpk.graph.ops.base import AllReduce
+from vllm_mpk.graph.ops.base import AllGather, AllReduce
 from vllm_mpk.graph.plan import Plan
 from vllm_mpk.graph.schedule import topological_order
 
 ORDERS = ("schedule", "random", "layers")
 
 
+class ReadyTasks:
+    """The tasks of a plan whose events have all fired, updated as tasks finish."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.count = [0] * len(plan.events)
+        self.unfired = [len(t.wait_events) for t in plan.tasks]
+        self.ready = [t.id for t in plan.tasks if not self.unfired[t.id]]
+
+    def finish(self, tid: int) -> None:
+        self.ready.remove(tid)
+        for s in self.plan.tasks[tid].signal_events:
+            self.count[s] += 1
+            if self.count[s] == self.plan.events[s].trigger_count:
+                for c in self.plan.events[s].consumers:
+                    self.unfired[c] -= 1
+                    if not self.unfired[c]:
+                        self.ready.append(c)
+
+
 class ReferenceExecutor:
     def __init__(self, plan: Plan, inputs: dict[str, torch.Tensor], *, exact: bool = False,
-                 all_reduce: AllReduce | None = None):
+                 all_reduce: AllReduce | None = None, all_gather: AllGather | None = None):
         missing = [n for n, t in plan.tensors.items() if t.role is Role.INPUT and n not in inputs]
         if missing:
             raise ValueError(f"no tensor given for plan inputs {missing}")
@@ -41,28 +61,35 @@ class ReferenceExecutor:
             if t.role is not Role.INPUT:
                 dtype = torch.float32 if exact and t.dtype.is_floating_point else t.dtype
                 self.tensors[name] = torch.empty(t.shape, dtype=dtype, device=device)
-        self.all_reduce = all_reduce
+        self.collectives = {k: v for k, v in (("all_reduce", all_reduce), ("all_gather", all_gather)) if v}
 
     def poison(self) -> None:
         for name, t in self.plan.tensors.items():
             if t.role is not Role.INPUT:
                 self.tensors[name].fill_(float("nan") if t.dtype.is_floating_point else -1)
 
+    def env(self, num_tokens: int) -> Env:
+        return Env(self.tensors, num_tokens, **self.collectives)
+
+    def run_task(self, tid: int, num_tokens: int) -> None:
+        task = self.plan.tasks[tid]
+        REGISTRY[task.op.kind].run_tile(task.op, task.params, self.env(num_tokens))
+
+    def run_op(self, index: int, num_tokens: int) -> None:
+        """Layer ``index`` whole, through its plain definition."""
+        op = self.plan.ops[index]
+        REGISTRY[op.kind].reference(op, self.env(num_tokens))
+
     def run_step(self, num_tokens: int, order: str = "schedule", seed: int = 0) -> None:
         if order not in ORDERS:
             raise ValueError(f"unknown order '{order}'; choose one of {ORDERS}")
         self.poison()
-        env = Env(self.tensors, num_tokens)
-        if self.all_reduce is not None:
-            env.all_reduce = self.all_reduce
         if order == "layers":
-            for op in self.plan.ops:
-                REGISTRY[op.kind].reference(op, env)
+            for index in range(len(self.plan.ops)):
+                self.run_op(index, num_tokens)
             return
-        ids = self._scheduled_order() if order == "schedule" else self._random_order(seed)
-        for tid in ids:
-            task = self.plan.tasks[tid]
-            REGISTRY[task.op.kind].run_tile(task.op, task.params, env)
+        for tid in self._scheduled_order() if order == "schedule" else self._random_order(seed):
+            self.run_task(tid, num_tokens)
 
     def _scheduled_order(self) -> list[int]:
         """Round-robin over workers, one task at a time, each waiting for its event."""
@@ -89,21 +116,11 @@ class ReferenceExecutor:
 
     def _random_order(self, seed: int) -> list[int]:
         """A uniformly random choice among the tasks whose events have fired, step by step."""
-        plan, rng = self.plan, random.Random(seed)
-        count = [0] * len(plan.events)
-        unfired = [len(t.wait_events) for t in plan.tasks]
-        ready = [t.id for t in plan.tasks if not unfired[t.id]]
+        rng, tasks = random.Random(seed), ReadyTasks(self.plan)
         order: list[int] = []
-        while ready:
-            tid = ready.pop(rng.randrange(len(ready)))
-            order.append(tid)
-            for s in plan.tasks[tid].signal_events:
-                count[s] += 1
-                if count[s] == plan.events[s].trigger_count:
-                    for c in plan.events[s].consumers:
-                        unfired[c] -= 1
-                        if not unfired[c]:
-                            ready.append(c)
-        if len(order) != len(plan.tasks):
-            topological_order(plan.tasks, plan.events)  # raises with the cycle
+        while tasks.ready:
+            order.append(tasks.ready[rng.randrange(len(tasks.ready))])
+            tasks.finish(order[-1])
+        if len(order) != len(self.plan.tasks):
+            topological_order(self.plan.tasks, self.plan.events)  # raises with the cycle
         return order

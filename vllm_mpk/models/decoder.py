@@ -13,7 +13,7 @@ then ``logits = rmsnorm_linear(x, norm, lm_head)`` (float32) and ``tokens = argm
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +37,8 @@ class DecodeOptions:
     num_workers: int = 132
     block_dim: int = 256
     schedule: str = "earliest_finish"
+    world_size: int = 1  # tensor-parallel ranks
+    rank: int = 0
 
 
 @dataclass
@@ -59,53 +61,78 @@ def linear_grid(columns: int, num_workers: int) -> int:
 
 def build_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_caches: Sequence[torch.Tensor],
                   options: DecodeOptions = DecodeOptions(), rope_cache: torch.Tensor | None = None) -> DecodeModel:
-    """Build and compile one decode step. ``weights`` use vLLM's merged names and are used in
-    place; ``kv_caches`` are per-layer logical ``[blocks, kv_heads, page, 2 * head_dim]`` views;
+    """Build and compile one decode step of rank ``options.rank`` of ``options.world_size``.
+    ``weights`` use vLLM's merged names, TP-local shapes (``spec.shard(world_size)``), and are used
+    in place; ``kv_caches`` are per-layer logical ``[blocks, kv_heads, page, 2 * head_dim]`` views;
     ``rope_cache`` defaults to one computed from the config for ``max_seq_len`` positions."""
-    check_weights(spec, weights)
+    o = options
+    local = spec.shard(o.world_size)
+    check_weights(local, weights)
     if len(kv_caches) != spec.num_layers:
         raise ValueError(f"got {len(kv_caches)} KV caches, expected one per layer ({spec.num_layers})")
-    o = options
-    mpk = PersistentKernel(num_workers=o.num_workers, max_batch=o.max_batch, max_seq_len=o.max_seq_len,
-                           page_size=o.page_size, schedule=o.schedule)
+    mpk = PersistentKernel(world_size=o.world_size, mpi_rank=o.rank, num_workers=o.num_workers,
+                           max_batch=o.max_batch, max_seq_len=o.max_seq_len, page_size=o.page_size,
+                           schedule=o.schedule)
     block = (o.block_dim, 1, 1)
     dtype = weights[EMBED].dtype
     b, h, w = o.max_batch, spec.hidden_size, o.num_workers
+    sharded = o.world_size > 1
 
     def new(name: str, width: int, dt: torch.dtype = dtype) -> TensorHandle:
         return mpk.new_tensor((b, width), dt, name)
 
+    def summed(name: str, add: Callable[[TensorHandle], None]) -> TensorHandle:
+        """``add`` writes this rank's part into a tensor; with several ranks, their sum."""
+        if not sharded:
+            out = new(name, h)
+            add(out)
+            return out
+        part, out = mpk.new_tensor((b, h), dtype, f"{name}.part", "nvshmem_tensor"), new(name, h)
+        add(part)
+        mpk.allreduce_layer(part, out, linear_grid(h, w), block, name=f"{name}.allreduce")
+        return out
+
     if rope_cache is None:
         rope_cache = cos_sin_cache(spec, o.max_seq_len).to(weights[EMBED].device)
     rope = mpk.attach_input(rope_cache, "rope.cos_sin_cache")
-    x = new("embed.out", h)
-    mpk.embed_layer(None, mpk.attach_input(weights[EMBED], EMBED), x, grid_dim=min(w, h // 8),
-                    block_dim=block, name="embed")
+    embed = mpk.attach_input(weights[EMBED], EMBED)
+    x = summed("embed.out", lambda out: mpk.embed_layer(None, embed, out, grid_dim=min(w, h // 8), block_dim=block,
+                                                        vocab_start=o.rank * local.vocab_size, name="embed"))
     for i in range(spec.num_layers):
         n = {k: v for k, v in layer_names(i).items() if v in weights}
         wt = {k: mpk.attach_input(weights[v], v) for k, v in n.items()}
         cache = mpk.attach_input(kv_caches[i], f"model.layers.{i}.self_attn.attn.kv_cache")
         p = f"layers.{i}"
-        qkv, attn, hid = new(f"{p}.qkv", spec.qkv_width), new(f"{p}.attn", spec.num_q_heads * spec.head_dim), new(f"{p}.h", h)
-        gate_up, x_next = new(f"{p}.gate_up", 2 * spec.intermediate_size), new(f"{p}.out", h)
-        mpk.rmsnorm_linear_layer(x, wt["input_norm"], wt["qkv"], qkv, linear_grid(spec.qkv_width, w), block,
+        qkv, attn = new(f"{p}.qkv", local.qkv_width), new(f"{p}.attn", local.num_q_heads * spec.head_dim)
+        gate_up = new(f"{p}.gate_up", 2 * local.intermediate_size)
+        mpk.rmsnorm_linear_layer(x, wt["input_norm"], wt["qkv"], qkv, linear_grid(local.qkv_width, w), block,
                                  eps=spec.rms_norm_eps, name=f"{p}.qkv_proj")
-        mpk.attention_layer(qkv, cache, rope, attn, grid_dim=spec.num_kv_heads * b, block_dim=block,
-                            num_q_heads=spec.num_q_heads, num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+        mpk.attention_layer(qkv, cache, rope, attn, grid_dim=local.num_kv_heads * b, block_dim=block,
+                            num_q_heads=local.num_q_heads, num_kv_heads=local.num_kv_heads, head_dim=spec.head_dim,
                             q_norm=wt.get("q_norm"), k_norm=wt.get("k_norm"), eps=spec.rms_norm_eps,
                             name=f"{p}.attention")
-        mpk.linear_with_residual_layer(attn, wt["o"], x, hid, linear_grid(h, w), block, name=f"{p}.o_proj")
+        # The residual is added once: by rank 0, before the sum over ranks.
+        if o.rank == 0:
+            hid = summed(f"{p}.h", lambda out, x=x: mpk.linear_with_residual_layer(
+                attn, wt["o"], x, out, linear_grid(h, w), block, name=f"{p}.o_proj"))
+        else:
+            hid = summed(f"{p}.h", lambda out: mpk.linear_layer(attn, wt["o"], out, linear_grid(h, w), block,
+                                                                name=f"{p}.o_proj"))
         mpk.rmsnorm_linear_layer(hid, wt["post_norm"], wt["gate_up"], gate_up,
-                                 linear_grid(2 * spec.intermediate_size, w), block, eps=spec.rms_norm_eps,
+                                 linear_grid(2 * local.intermediate_size, w), block, eps=spec.rms_norm_eps,
                                  name=f"{p}.gate_up_proj")
-        mpk.silu_mul_linear_with_residual_layer(gate_up, wt["down"], hid, x_next, linear_grid(h, w), block,
-                                                name=f"{p}.down_proj")
-        x = x_next
+        if o.rank == 0:
+            x = summed(f"{p}.out", lambda out, hid=hid: mpk.silu_mul_linear_with_residual_layer(
+                gate_up, wt["down"], hid, out, linear_grid(h, w), block, name=f"{p}.down_proj"))
+        else:
+            x = summed(f"{p}.out", lambda out: mpk.silu_mul_linear_layer(gate_up, wt["down"], out, linear_grid(h, w),
+                                                                         block, name=f"{p}.down_proj"))
     # vLLM pads the vocabulary rows; the view of the real rows aliases the weight (tied or not).
-    head = mpk.attach_input(lm_head(spec, weights)[:spec.vocab_size], "lm_head.weight")
-    logits = mpk.new_tensor((b, spec.vocab_size), torch.float32, "logits")
+    v = local.vocab_size
+    head = mpk.attach_input(lm_head(local, weights)[:v], "lm_head.weight")
+    logits = mpk.new_tensor((b, v), torch.float32, "logits")
     mpk.rmsnorm_linear_layer(x, mpk.attach_input(weights[FINAL_NORM], FINAL_NORM), head, logits,
-                             linear_grid(spec.vocab_size, w), block, eps=spec.rms_norm_eps, name="lm_head")
+                             linear_grid(v, w), block, eps=spec.rms_norm_eps, name="lm_head")
     tokens = mpk.new_tensor((b,), torch.int64, "tokens")
-    mpk.argmax_layer(logits, tokens, grid_dim=w, block_dim=block, name="argmax")
+    mpk.argmax_layer(logits, tokens, grid_dim=w, block_dim=block, vocab_start=o.rank * v, name="argmax")
     return DecodeModel(spec, o, mpk, mpk.compile(), logits, tokens)

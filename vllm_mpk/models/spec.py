@@ -55,6 +55,21 @@ class ModelSpec:
             raise ValueError(f"--layers must be at least 1, got {num_layers}")
         return replace(self, num_layers=min(num_layers, self.num_layers))
 
+    def shard(self, world_size: int) -> ModelSpec:
+        """The shapes one of ``world_size`` tensor-parallel ranks holds (Megatron-style: whole KV
+        head groups, a slice of the MLP, a slice of the vocabulary)."""
+        if world_size == 1:
+            return self
+        for what, n in (("attention heads", self.num_q_heads), ("KV heads", self.num_kv_heads),
+                        ("intermediate size", self.intermediate_size), ("vocabulary", self.vocab_size)):
+            if n % world_size:
+                raise ValueError(f"tensor parallel size {world_size} does not divide the {what} ({n}); "
+                                 f"choose a size that divides {self.num_kv_heads} KV heads")
+        return replace(self, num_q_heads=self.num_q_heads // world_size,
+                       num_kv_heads=self.num_kv_heads // world_size,
+                       intermediate_size=self.intermediate_size // world_size,
+                       vocab_size=self.vocab_size // world_size)
+
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelSpec:
         """Read and check a config dict; raises UnsupportedModelError for what we do not run."""

@@ -72,6 +72,35 @@ def random_weights(spec: ModelSpec, seed: int = 0, dtype: torch.dtype = torch.bf
     return out
 
 
+def shard_weights(spec: ModelSpec, weights: Mapping[str, torch.Tensor], world_size: int, rank: int) -> Weights:
+    """Rank ``rank``'s slices of full merged weights, laid out as vLLM's TP-local parameters:
+    qkv_proj and gate_up_proj by rows (q, k, v and gate, up sliced separately), o_proj and
+    down_proj by columns, embedding and lm_head by vocabulary rows, norms whole."""
+    local, hd = spec.shard(world_size), spec.head_dim
+
+    def rows(t: torch.Tensor, block: int, offset: int = 0) -> torch.Tensor:
+        return t[offset + rank * block:offset + (rank + 1) * block]
+
+    out: Weights = {}
+    for i in range(spec.num_layers):
+        n = layer_names(i)
+        nq, nkv = local.num_q_heads * hd, local.num_kv_heads * hd
+        qkv = weights[n["qkv"]]
+        out[n["qkv"]] = torch.cat([rows(qkv, nq), rows(qkv, nkv, spec.num_q_heads * hd),
+                                   rows(qkv, nkv, (spec.num_q_heads + spec.num_kv_heads) * hd)])
+        gate_up = weights[n["gate_up"]]
+        out[n["gate_up"]] = torch.cat([rows(gate_up, local.intermediate_size),
+                                       rows(gate_up, local.intermediate_size, spec.intermediate_size)])
+        out[n["o"]] = rows(weights[n["o"]].T, nq).T
+        out[n["down"]] = rows(weights[n["down"]].T, local.intermediate_size).T
+        for key in ("input_norm", "post_norm") + (("q_norm", "k_norm") if spec.qk_norm else ()):
+            out[n[key]] = weights[n[key]]
+    out[EMBED], out[FINAL_NORM] = rows(weights[EMBED], local.vocab_size), weights[FINAL_NORM]
+    if not spec.tie_word_embeddings:
+        out[LM_HEAD] = rows(weights[LM_HEAD], local.vocab_size)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
 def merge_hf_state_dict(spec: ModelSpec, state: Mapping[str, torch.Tensor]) -> Weights:
     """Hugging Face names (``q_proj``, ``k_proj``, ``gate_proj`` ...) -> vLLM's merged names."""
     out: Weights = {}

@@ -1,6 +1,8 @@
 """Greedy sampling: the index of the largest logit per row (first one on ties, like
 ``torch.argmax``). Lowered in two stages: ``grid_dim`` partial tiles each reduce a vocabulary
-chunk into ``partial_value``/``partial_index``, then one tile reduces the partials."""
+chunk into ``partial_value``/``partial_index``, then one tile reduces the partials: with several
+tensor-parallel ranks (vocabulary-parallel logits, rank r holding the slice that starts at
+``vocab_start``), every rank's partials, gathered in rank order, so all ranks pick the same token."""
 
 from __future__ import annotations
 
@@ -58,10 +60,10 @@ class Argmax(OpDef):
     def run_tile(self, op: Op, params: dict[str, int], env: Env) -> None:
         r = rows(env)
         if params["stage"] == REDUCE_STAGE:
-            values = env[op.outputs["partial_value"].name][r]
+            values, indices = (gathered_rows(env, op.outputs[name].name, r) for name in ("partial_value",
+                                                                                          "partial_index"))
             best = values.argmax(dim=1, keepdim=True)  # first maximum: the lowest vocabulary chunk
-            index = env[op.outputs["partial_index"].name][r].gather(1, best)[:, 0]
-            env[op.outputs["output"].name][r] = index
+            env[op.outputs["output"].name][r] = indices.gather(1, best)[:, 0]
             return
         v0, g = params["vocab_start"], params["slot"]
         chunk = env[op.inputs["input"].name][r, v0:params["vocab_end"]].float()
@@ -71,5 +73,12 @@ class Argmax(OpDef):
 
     def reference(self, op: Op, env: Env) -> None:
         r = rows(env)
-        logits = env[op.inputs["input"].name][r].float()
-        env[op.outputs["output"].name][r] = logits.argmax(dim=1) + op.attrs.get("vocab_start", 0)
+        logits = gathered_rows(env, op.inputs["input"].name, r).float()  # every rank's slice, in order
+        env[op.outputs["output"].name][r] = logits.argmax(dim=1) + op.attrs.get("vocab_start", 0) - (
+            op.attrs.get("rank", 0) * env[op.inputs["input"].name].shape[1])
+
+
+def gathered_rows(env: Env, name: str, r: slice) -> torch.Tensor:
+    """Rows ``r`` of tensor ``name`` on every rank, concatenated along the columns in rank order."""
+    stacked = env.all_gather(name, env[name][r])  # [ranks, rows, columns]
+    return stacked.permute(1, 0, 2).reshape(stacked.shape[1], -1)

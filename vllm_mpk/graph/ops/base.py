@@ -30,15 +30,21 @@ class Tile:
 
 
 AllReduce = Callable[[str, Box, torch.Tensor], torch.Tensor]
+AllGather = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 @dataclass
 class Env:
-    """Tensors by name plus the per-step scalars a tile may need, for the CPU executors."""
+    """Tensors by name plus the per-step scalars a tile may need, for the CPU executors.
+
+    The collectives: ``all_reduce(name, box, value)`` sums ``value`` (this rank's ``box`` of tensor
+    ``name``) over ranks; ``all_gather(name, value)`` stacks every rank's ``value`` along a new first
+    dim, in rank order. With one rank both are the identity (up to that new dim)."""
 
     tensors: dict[str, torch.Tensor]
     num_tokens: int
     all_reduce: AllReduce = field(default=lambda name, box, value: value)
+    all_gather: AllGather = field(default=lambda name, value: value[None])
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]
