@@ -16,6 +16,8 @@ What differs from Mirage, because the plan here is static:
 - ``num_local_schedulers`` and ``num_remote_schedulers`` are accepted and checked (non-negative;
   remote schedulers only with ``world_size > 1``) but take no SMs: the host computes the per-worker
   queues ahead of time, and the GPU side only waits on and signals event counters.
+- ``profiler_tensor`` (int64, on the GPU) receives each task's start and end (global timer, ns)
+  as ``[num_workers, max_tasks, 2]``; ``vllm_mpk.runtime.profiler`` turns it into a trace.
 - The per-step inputs of a decode step (``input_ids``, ``positions``, ``seq_lens``,
   ``block_tables``, ``slot_mapping``) are plan inputs the kernel owns (``mpk.input_ids`` ...). In
   standalone mode they are derived from the ``step`` and ``tokens`` meta tensors each step; under
@@ -307,7 +309,8 @@ class PersistentKernel:
             if self.step_buffers["input_ids"].device.type == "cuda":
                 from vllm_mpk.runtime.megakernel import Megakernel  # builds CUDA code: only when asked
 
-                self._executor = Megakernel(plan, inputs, profile=self.profiler_tensor is not None)
+                profile = self.profiler_tensor if self.profiler_tensor is not None else False
+                self._executor = Megakernel(plan, inputs, profile=profile)
             else:
                 self._executor = ReferenceExecutor(plan, inputs)
         return self._executor

@@ -46,7 +46,11 @@ def kernel_spec(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> tuple[JitSpe
 
 
 class Megakernel:
-    def __init__(self, plan: Plan, tensors: Mapping[str, torch.Tensor], *, timeout_s: float = 2.0, profile: bool = False):
+    def __init__(self, plan: Plan, tensors: Mapping[str, torch.Tensor], *, timeout_s: float = 2.0,
+                 profile: bool | torch.Tensor = False):
+        """``profile``: True to record per-task timestamps into ``self.profile``, or an int64 CUDA
+        tensor of at least ``num_workers * max_tasks * 2`` elements to record into (MPK's
+        ``profiler_tensor``); ``self.profile`` is then a ``[num_workers, max_tasks, 2]`` view of it."""
         device = next((t.device for t in tensors.values() if t.device.type == "cuda"), None)
         if device is None:
             raise ValueError("the megakernel runs on CUDA tensors; none of the given tensors is on a GPU")
@@ -68,8 +72,18 @@ class Megakernel:
         self.triggers = torch.from_numpy(trigger_counts(plan)).to(device)
         self.counters = torch.zeros_like(self.triggers)
         self.control = torch.zeros(control.WORDS, dtype=torch.int32, device=device)
-        self.profile = (torch.zeros(plan.num_workers, self.max_tasks, 2, dtype=torch.int64, device=device)
-                        if profile else None)
+        self.profile = self._profile_buffer(profile, device)
+
+    def _profile_buffer(self, profile: bool | torch.Tensor, device: torch.device) -> torch.Tensor | None:
+        shape = (self.plan.num_workers, self.max_tasks, 2)
+        if not isinstance(profile, torch.Tensor):
+            return torch.zeros(shape, dtype=torch.int64, device=device) if profile else None
+        needed = shape[0] * shape[1] * shape[2]
+        if profile.dtype != torch.int64 or profile.device != device or profile.numel() < needed:
+            raise ValueError(f"the profiler tensor must be int64 on {device} with at least {needed} elements "
+                             f"({shape[0]} workers x {shape[1]} tasks x 2), got {profile.dtype} "
+                             f"{tuple(profile.shape)} on {profile.device}")
+        return profile.view(-1)[:needed].view(shape)
 
     def launch(self, num_tokens: int, stream: torch.cuda.Stream | None = None) -> None:
         """Enqueue one decode step for the first ``num_tokens`` rows; capturable in a CUDA graph."""
