@@ -1,0 +1,278 @@
+"""Code generation for the GPU, on the CPU: the task table the megakernel reads, the C++ record
+struct emitted to match it, the headers it includes, and (with nvcc, no GPU needed) a compile of
+the whole Qwen3-8B decode plan for sm_90a, so a codegen or csrc/ break fails CI."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import REPO, load_config
+from vllm_mpk.api import PersistentKernel
+from vllm_mpk.codegen import source
+from vllm_mpk.codegen.jit import JitSpec, compile_only
+from vllm_mpk.codegen.tables import (
+    HEADER_WORDS,
+    PREFETCH_CAP_BYTES,
+    RecordLayout,
+    Variants,
+    all_args,
+    plan_variants,
+    record_layout,
+    tensor_ids,
+)
+from vllm_mpk.codegen.tasks import LINEAR_MODES, UnsupportedOnGPU
+from vllm_mpk.codegen.toolchain import ToolchainError, find_nvcc, nvcc_version
+from vllm_mpk.graph.ops import REGISTRY
+from vllm_mpk.graph.plan import Plan
+from vllm_mpk.models import DecodeOptions, ModelSpec, build_decoder
+from vllm_mpk.models.kv_cache import allocate_kv_caches
+from vllm_mpk.models.weights import expected_shapes
+from vllm_mpk.runtime.megakernel import kernel_spec
+
+# Word offsets inside a record (tables.py's layout); waits/signals/args start where the header ends.
+OPCODE, VARIANT, TASK, PF_TENSOR, PF_OFFSET16, PF_LEN16 = range(HEADER_WORDS)
+LINEAR_ARG_NAMES = ("input", "weight", "output", "bias", "residual", "norm_weight", "col_start", "col_end", "eps",
+                    "out_cols")
+
+
+@dataclass
+class Generated:
+    plan: Plan
+    tensors: dict[str, torch.Tensor]
+    spec: JitSpec
+    table: np.ndarray
+    layout: RecordLayout
+    variants: Variants
+
+    def waits(self, row: np.ndarray) -> np.ndarray:
+        return row[HEADER_WORDS:HEADER_WORDS + self.layout.max_waits]
+
+    def signals(self, row: np.ndarray) -> np.ndarray:
+        s0 = HEADER_WORDS + self.layout.max_waits
+        return row[s0:s0 + self.layout.max_signals]
+
+    def args(self, row: np.ndarray) -> np.ndarray:
+        return row[HEADER_WORDS + self.layout.max_waits + self.layout.max_signals:]
+
+    def records(self):
+        """(worker, position in queue, task, record row) for every queued task."""
+        for worker, queue in enumerate(self.plan.queues):
+            for i, tid in enumerate(queue):
+                yield worker, i, self.plan.tasks[tid], self.table[worker, i]
+
+
+def meta_bound(plan: Plan, attached: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The attached tensors, plus shape-only tensors for the step inputs and the intermediates
+    (what ``Megakernel`` allocates on the GPU; codegen reads only shapes and strides)."""
+    return {**attached, **{name: torch.empty(h.shape, dtype=h.dtype, device="meta")
+                           for name, h in plan.tensors.items() if name not in attached}}
+
+
+def generated(plan: Plan, tensors: dict[str, torch.Tensor]) -> Generated:
+    spec, table = kernel_spec(plan, tensors)
+    threads = plan.ops[0].block_dim[0]
+    layout = record_layout(plan, all_args(plan, tensors))
+    return Generated(plan, tensors, spec, table, layout, plan_variants(plan, threads))
+
+
+@pytest.fixture(scope="module")
+def qwen3_8b() -> Generated:
+    """All 36 layers of Qwen3-8B at max batch 8, weights and KV caches on the meta device."""
+    spec = ModelSpec.from_hf_config(load_config("qwen3-8b"))
+    options = DecodeOptions(max_batch=8)
+    weights = {n: torch.empty(s, dtype=torch.bfloat16, device="meta") for n, s in expected_shapes(spec).items()}
+    num_blocks = options.max_batch * -(-options.max_seq_len // options.page_size)
+    caches = allocate_kv_caches(spec, num_blocks, options.page_size, device="meta")
+    model = build_decoder(spec, weights, caches, options)
+    assert len(model.plan.ops) == 5 * spec.num_layers + 3  # embed, 36 x 5 fused layers, lm_head, argmax
+    return generated(model.plan, meta_bound(model.plan, model.kernel.attached))
+
+
+# --- the task table -------------------------------------------------------------------------------
+
+
+def test_table_shape_and_record_width(qwen3_8b: Generated) -> None:
+    g = qwen3_8b
+    plan, layout = g.plan, g.layout
+    assert g.table.dtype == np.int32
+    assert g.table.shape == (plan.num_workers, max(len(q) for q in plan.queues), layout.words)
+    assert layout.words == HEADER_WORDS + layout.max_waits + layout.max_signals + layout.num_args
+    assert layout.max_waits == max(1, max(len(t.wait_events) for t in plan.tasks))
+    assert layout.max_signals == max(1, max(len(t.signal_events) for t in plan.tasks))
+    assert layout.num_args == max(len(a) for a in all_args(plan, g.tensors))
+
+
+def test_every_task_queued_once_with_padding_after(qwen3_8b: Generated) -> None:
+    g = qwen3_8b
+    ids = g.table[..., TASK]
+    queued = ids[ids >= 0]
+    assert sorted(queued.tolist()) == list(range(len(g.plan.tasks)))
+    for worker, queue in enumerate(g.plan.queues):
+        assert ids[worker, :len(queue)].tolist() == queue
+        assert (g.table[worker, len(queue):] == -1).all(), f"worker {worker}: padding after its queue is not -1"
+
+
+def test_record_header_names_op_and_variant(qwen3_8b: Generated) -> None:
+    g = qwen3_8b
+    for worker, i, task, row in g.records():
+        assert row[OPCODE] == REGISTRY[task.op.kind].opcode, (worker, i, task)
+        assert row[VARIANT] == g.variants.of_op[task.op.index], (worker, i, task)
+        assert row[TASK] == task.id
+
+
+def test_record_waits_and_signals_are_the_plans_events(qwen3_8b: Generated) -> None:
+    g = qwen3_8b
+    assert any(len(t.wait_events) for t in g.plan.tasks) and any(len(t.signal_events) for t in g.plan.tasks)
+    for worker, i, task, row in g.records():
+        waits, signals = g.waits(row), g.signals(row)
+        assert tuple(waits[waits >= 0]) == task.wait_events, (worker, i, task)
+        assert tuple(signals[signals >= 0]) == task.signal_events, (worker, i, task)
+        assert (waits[len(task.wait_events):] == -1).all() and (signals[len(task.signal_events):] == -1).all()
+
+
+def test_linear_argument_words_match_task_params(qwen3_8b: Generated) -> None:
+    g = qwen3_8b
+    ids = tensor_ids(g.plan)
+    seen = 0
+    for _, _, task, row in g.records():
+        if task.op.kind not in LINEAR_MODES:
+            continue
+        seen += 1
+        args = dict(zip(LINEAR_ARG_NAMES, g.args(row).tolist()))
+        assert (args["col_start"], args["col_end"]) == (task.params["col_start"], task.params["col_end"]), task
+        assert args["weight"] == ids[task.op.inputs["weight"].name], task
+        assert args["input"] == ids[task.op.inputs["input"].name], task
+        assert args["output"] == ids[task.op.outputs["output"].name], task
+        assert args["out_cols"] == task.op.outputs["output"].shape[1], task
+    assert seen > 0
+
+
+def test_linear_prefetch_covers_exactly_its_weight_rows(qwen3_8b: Generated) -> None:
+    g = qwen3_8b
+    ids = tensor_ids(g.plan)
+    capped = 0
+    for _, _, task, row in g.records():
+        if task.op.kind not in LINEAR_MODES:
+            assert tuple(row[[PF_TENSOR, PF_OFFSET16, PF_LEN16]]) == (-1, 0, 0), task
+            continue
+        w = task.op.inputs["weight"]
+        k, c0, c1 = w.shape[1], task.params["col_start"], task.params["col_end"]
+        rows_bytes = (c1 - c0) * k * w.dtype.itemsize
+        assert row[PF_TENSOR] == ids[w.name], task
+        assert row[PF_OFFSET16] * 16 == c0 * k * 2, task
+        assert row[PF_LEN16] * 16 == min(rows_bytes, PREFETCH_CAP_BYTES), task
+        capped += rows_bytes > PREFETCH_CAP_BYTES
+    assert capped > 0  # the cap is exercised: Qwen3-8B's tiles are wider than it
+
+
+# --- the generated source -------------------------------------------------------------------------
+
+
+def test_record_struct_matches_layout(qwen3_8b: Generated) -> None:
+    g = qwen3_8b
+    text = g.spec.sources["megakernel.cu"]
+    sizes = re.findall(r"static_assert\(sizeof\(Record\) == (\d+) \* 4", text)
+    assert sizes == [str(g.layout.words)]
+    assert re.search(rf"kMaxWaits = {g.layout.max_waits};", text)
+    assert re.search(rf"kMaxSignals = {g.layout.max_signals};", text)
+    assert re.search(rf"int32_t args\[{g.layout.num_args}\];", text)
+    assert f"int mpk_record_words() {{ return {g.layout.words}; }}" in text
+    cases = re.findall(r"case (\d+): (.+?)\(c\); break;", text)
+    assert cases == [(str(i), t.call) for i, t in enumerate(g.variants.tasks)]
+
+
+def test_generated_includes_resolve_in_csrc(qwen3_8b: Generated) -> None:
+    assert qwen3_8b.spec.include_dirs == [source.csrc_dir().resolve()]
+    for fname in ("megakernel.cu", "binding.cu"):
+        for header in re.findall(r'#include "([^"]+)"', qwen3_8b.spec.sources[fname]):
+            assert (source.csrc_dir() / header).is_file(), f"{fname} includes {header}, missing from csrc/"
+
+
+def test_qwen3_8b_megakernel_compiles_for_sm90a(qwen3_8b: Generated, tmp_path: Path) -> None:
+    """The one slow test (tens of seconds to a few minutes): nvcc builds the full 36-layer plan."""
+    try:
+        nvcc = find_nvcc()
+    except ToolchainError as err:
+        pytest.skip(f"cannot prove the generated CUDA compiles: {err}")
+    assert qwen3_8b.spec.arch == "sm_90a"
+    start = time.perf_counter()
+    so = compile_only(qwen3_8b.spec, tmp_path)
+    seconds = time.perf_counter() - start
+    assert so == tmp_path / f"{qwen3_8b.spec.name}.so" and so.is_file() and so.stat().st_size > 0
+    print(f"\nnvcc ({nvcc_version(nvcc)}) compiled {qwen3_8b.spec.name} in {seconds:.1f} s")
+
+
+# --- what the GPU cannot run ----------------------------------------------------------------------
+
+
+def linear_plan(k: int, weight_dtype: torch.dtype, name: str = "layers.3.mlp.down_proj") -> Plan:
+    """One linear layer [8, k] x [64, k]^T on shape-only tensors."""
+    mpk = PersistentKernel(num_workers=4, max_batch=8, max_seq_len=32)
+    x = mpk.attach_input(torch.empty(8, k, dtype=torch.bfloat16, device="meta"), "x")
+    w = mpk.attach_input(torch.empty(64, k, dtype=weight_dtype, device="meta"), f"{name}.weight")
+    y = mpk.new_tensor((8, 64), torch.bfloat16, "y")
+    mpk.linear_layer(x, w, y, grid_dim=4, block_dim=256, name=name)
+    return mpk.compile()
+
+
+def test_supported_linear_generates() -> None:
+    """The control for the two cases below: bf16 and a reduction dim of 512 are fine."""
+    plan = linear_plan(512, torch.bfloat16)
+    g = generated(plan, meta_bound(plan, {}))
+    assert "mpk::linear_task<mpk::LinearMode::kPlain, 512, 8, 16, 256, __nv_bfloat16>" in g.spec.sources["megakernel.cu"]
+
+
+@pytest.mark.parametrize(("k", "dtype", "message"), [
+    (512, torch.float16, r"linear layer 'layers\.3\.mlp\.down_proj': weight 'layers\.3\.mlp\.down_proj\.weight' "
+                         r"is torch\.float16; the GPU kernels take torch\.bfloat16"),
+    (320, torch.bfloat16, r"linear layer 'layers\.3\.mlp\.down_proj': reduction dim 320 is not a multiple of 256"),
+], ids=["fp16-weight", "k-not-multiple-of-256"])
+def test_unsupported_linear_names_the_layer(k: int, dtype: torch.dtype, message: str) -> None:
+    plan = linear_plan(k, dtype)
+    with pytest.raises(UnsupportedOnGPU, match=message):
+        kernel_spec(plan, meta_bound(plan, {}))
+
+
+# --- where the CUDA sources are found -------------------------------------------------------------
+
+
+def test_csrc_found_in_checkout_and_in_installed_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert source.csrc_dir() == REPO / "csrc" and source.CSRC == REPO / "csrc"
+    packaged = tmp_path / "site-packages" / "vllm_mpk" / "_csrc"
+    shutil.copytree(REPO / "csrc", packaged)
+    monkeypatch.setattr(source, "CSRC_CANDIDATES", (tmp_path / "site-packages" / "csrc", packaged))
+    assert source.csrc_dir.__wrapped__() == packaged
+    monkeypatch.setattr(source, "CSRC_CANDIDATES", (tmp_path / "nowhere", tmp_path / "nor_here"))
+    with pytest.raises(FileNotFoundError, match=r"runtime/launcher\.cuh.*nowhere.*nor_here.*Reinstall"):
+        source.csrc_dir.__wrapped__()
+
+
+def test_wheel_build_puts_csrc_in_the_package(tmp_path: Path) -> None:
+    """setup.py's build_py copies csrc/ to vllm_mpk/_csrc/ (what a wheel holds), on a copy of the
+    project so the checkout gets no build folders."""
+    pytest.importorskip("setuptools")
+    project = tmp_path / "project"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "_csrc")
+    project.mkdir()
+    for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md"):
+        shutil.copy2(REPO / name, project / name)
+    for folder in ("csrc", "vllm_mpk"):
+        shutil.copytree(REPO / folder, project / folder, ignore=ignore)
+    out = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path / "lib")],
+                         cwd=project, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    want = sorted(p.relative_to(REPO / "csrc").as_posix() for p in (REPO / "csrc").rglob("*") if p.is_file())
+    got = sorted(p.relative_to(tmp_path / "lib" / "vllm_mpk" / "_csrc").as_posix()
+                 for p in (tmp_path / "lib" / "vllm_mpk" / "_csrc").rglob("*") if p.is_file())
+    assert got == want and any(name.endswith(".cuh") for name in got)
+    assert (tmp_path / "lib" / "vllm_mpk" / "codegen" / "source.py").is_file()
