@@ -11,10 +11,12 @@ from tests.helpers import model_spec, seed_of
 from tests.test_ops import BF16, OP_TESTS, check_outputs
 from vllm_mpk.check import check_model
 from vllm_mpk.codegen.tasks import UnsupportedOnGPU
+from vllm_mpk.demo import gpu_model
 from vllm_mpk.graph.ir import Role
 from vllm_mpk.models.weights import random_weights
 from vllm_mpk.runtime.control import MegakernelError
 from vllm_mpk.runtime.megakernel import Megakernel
+from vllm_mpk.runtime.meta import step_inputs
 
 pytestmark = pytest.mark.gpu
 
@@ -77,13 +79,14 @@ def test_decode_matches_transformers(name, batch):
 @pytest.fixture(scope="module")
 def small_step():
     """A two-layer Qwen3-0.6B decode step on the GPU with a KV history, built once."""
-    from benchmarks.megakernel_step import build
-
     spec = model_spec("qwen3-0.6b", 2)
-    model, tensors, caches = build(spec, 4, 40, "cuda", random_weights(spec, device="cuda"), workers=132)
+    model, _, caches, blocks = gpu_model(spec, random_weights(spec, device="cuda"), 4, 64)
     for c in caches:
         c.normal_()
-    return model, tensors
+    step = torch.tensor([40, 17, 33, 2])
+    tokens = torch.randint(0, spec.vocab_size, (4, 64))
+    inputs = {k: v.cuda() for k, v in step_inputs(step, tokens, blocks, 16).as_dict().items()}
+    return model, {**model.kernel.attached, **inputs}
 
 
 def test_same_inputs_give_bit_identical_outputs(small_step):
