@@ -1,0 +1,313 @@
+"""The MPK model classes built from vLLM's own Qwen3 and Llama modules on the CPU: the weights and
+RoPE table found in the module tree, whole decode steps through the plan's CPU reference executor
+bound to vLLM-style persistent buffers and KV cache (compared with the standalone decode of the
+same plan), and the routing of every other batch to the stock forward.
+
+vLLM's CUDA build has no CPU kernels here, so the modules are built under vLLM's CPU platform with
+a schema-only stand-in for the one custom op their constructors look up (``_C::silu_and_mul``);
+no vLLM kernel runs: the MPK path uses only torch and the plan's reference executor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from vllm_mpk.integration.binding import attention_modules, kv_layout_problem, module_weights, rope_cache
+from vllm_mpk.integration.model import MpkFallbackError, is_mpk_class
+from vllm_mpk.models.decoder import DecodeOptions, build_decoder
+from vllm_mpk.models.kv_cache import allocate_kv_caches
+from vllm_mpk.models.spec import ModelSpec
+from vllm_mpk.models.weights import EMBED, expected_shapes, random_weights, split_to_hf
+from vllm_mpk.runtime.standalone import decode
+
+pytest.importorskip("vllm")
+
+PAGE, NUM_BLOCKS, MAX_BLOCKS, MAX_REQS, MAX_TOKENS, WORKERS = 16, 12, 4, 4, 32, 8
+CONFIGS = {
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 256,
+              "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "head_dim": 64, "vocab_size": 1000, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+              "max_position_embeddings": 256, "tie_word_embeddings": True, "hidden_act": "silu",
+              "torch_dtype": "bfloat16", "attention_bias": False},
+    "llama": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
+              "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "vocab_size": 1000, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 256,
+              "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "bfloat16",
+              "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 64}},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_cpu() -> Iterator[None]:
+    """vLLM's CPU platform and a one-rank gloo group, restored afterwards."""
+    import vllm.platforms as platforms
+    from vllm.distributed import parallel_state
+    from vllm.platforms.cpu import CpuPlatform
+
+    if not hasattr(torch.ops._C, "silu_and_mul"):
+        lib = torch.library.Library("_C", "FRAGMENT")  # noqa: F841 (kept alive by torch's registry)
+        lib.define("silu_and_mul(Tensor! out, Tensor input) -> ()")
+    saved = platforms._current_platform
+    platforms._current_platform = CpuPlatform()
+    try:
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        parallel_state.destroy_distributed_environment()
+        platforms._current_platform = saved
+
+
+@dataclass
+class Built:
+    spec: ModelSpec
+    model: Any
+    vllm_config: Any
+    weights: dict[str, torch.Tensor]  # what was loaded, in the merged layout
+
+
+def build_model(tmp: Path, name: str, mpk: dict[str, Any] | None = None, **engine: Any) -> Built:
+    """vLLM's model class for ``model_impl="mpk"`` on the CPU, random weights loaded through its
+    own ``load_weights``, and a packed KV cache bound to each attention layer."""
+    from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import parallel_state
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    model_dir = tmp / name
+    model_dir.mkdir(exist_ok=True)
+    (model_dir / "config.json").write_text(json.dumps(CONFIGS[name]))
+    mc = EngineArgs(model=str(model_dir), model_impl="mpk", skip_tokenizer_init=True, **engine).create_model_config()
+    vc = VllmConfig(model_config=mc, device_config=DeviceConfig(device="cpu"),
+                    additional_config={"mpk": {"max_batch": MAX_REQS, "num_workers": WORKERS, **(mpk or {})}})
+    spec = ModelSpec.from_hf_config(CONFIGS[name])
+    with set_current_vllm_config(vc):
+        if not parallel_state.model_parallel_is_initialized():
+            parallel_state.init_distributed_environment(1, 0, f"tcp://127.0.0.1:{_free_port()}", 0, "gloo")
+            parallel_state.initialize_model_parallel(1, 1)
+        cls, _ = mc.registry.resolve_model_cls(mc.architectures, mc)
+        with set_default_torch_dtype(torch.bfloat16), torch.device("cpu"):
+            model = cls(vllm_config=vc, prefix="")
+    weights = random_weights(spec, seed=len(name))
+    model.load_weights(split_to_hf(spec, weights).items())
+    for cache, attn in zip(allocate_kv_caches(spec, NUM_BLOCKS, PAGE), attention_modules(model)):
+        attn.kv_cache = cache
+    return Built(spec, model, vc, weights)
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def built(request: pytest.FixtureRequest, vllm_cpu: None, tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return build_model(tmp_path_factory.mktemp("models"), request.param)
+
+
+def test_the_mpk_class_wraps_the_stock_class(built: Built) -> None:
+    cls = type(built.model)
+    assert is_mpk_class(cls) and cls.__name__ == f"Mpk{built.spec.architecture}"
+    assert cls.__mro__[2].__name__ == built.spec.architecture
+
+
+def test_weights_are_the_loaded_parameters_in_place(built: Built) -> None:
+    found = module_weights(built.model, built.spec)
+    assert set(found) == set(expected_shapes(built.spec))
+    params = dict(built.model.named_parameters(remove_duplicate=False))
+    for name, t in found.items():
+        assert t.data_ptr() == params[name].data_ptr(), name
+        loaded = built.weights[name]
+        torch.testing.assert_close(t[:loaded.shape[0]], loaded, rtol=0, atol=0, msg=name)
+    assert found[EMBED].shape[0] % 64 == 0  # vLLM pads the vocabulary rows
+
+
+def test_rope_table_is_vllms_shared_cache(built: Built) -> None:
+    table = rope_cache(built.model, built.spec)
+    assert table.shape[1] == built.spec.head_dim
+    assert table.data_ptr() == built.model.model.layers[-1].self_attn.rotary_emb.cos_sin_cache.data_ptr()
+
+
+def test_bound_kv_cache_passes_the_layout_check(built: Built) -> None:
+    for attn in attention_modules(built.model):
+        assert kv_layout_problem(attn, built.spec) is None
+
+
+# decode steps ---------------------------------------------------------------------------------
+
+
+class Runner:
+    """vLLM's side of a decode step, as Model Runner V2 lays it out: persistent buffers whose
+    leading rows hold this step (requests condensed to the first rows, block tables gathered in
+    batch order, padded rows with seq_len 0 and slot -1), and FlashAttention metadata over them."""
+
+    def __init__(self, built: Built, blocks: list[list[int]]):
+        self.built, self.blocks = built, blocks
+        self.input_ids = torch.zeros(MAX_TOKENS, dtype=torch.int32)
+        self.positions = torch.zeros(MAX_TOKENS, dtype=torch.int64)
+        self.seq_lens = torch.zeros(MAX_REQS, dtype=torch.int32)
+        self.block_table = torch.zeros(MAX_REQS, MAX_BLOCKS, dtype=torch.int32)
+        self.slot_mapping = torch.full((MAX_TOKENS,), -1, dtype=torch.int64)
+
+    def metadata(self, num_reqs: int, num_tokens: int, max_query_len: int = 1) -> dict[str, Any]:
+        from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadata
+
+        md = FlashAttentionMetadata(
+            num_actual_tokens=num_tokens, max_query_len=max_query_len,
+            query_start_loc=torch.arange(num_reqs + 1, dtype=torch.int32), max_seq_len=int(self.seq_lens.max()),
+            seq_lens=self.seq_lens[:num_reqs], block_table=self.block_table[:num_reqs],
+            slot_mapping=self.slot_mapping[:num_tokens], use_cascade=False, common_prefix_len=0,
+            cu_prefix_query_lens=None, prefix_kv_lens=None, suffix_kv_lens=None)
+        return {attn.layer_name: md for attn in attention_modules(self.built.model)}
+
+    def forward(self, attn_metadata: Any, num_tokens: int) -> torch.Tensor:
+        from vllm.forward_context import set_forward_context
+
+        with set_forward_context(attn_metadata, self.built.vllm_config, num_tokens=num_tokens):
+            return self.built.model(input_ids=self.input_ids[:num_tokens], positions=self.positions[:num_tokens])
+
+    def step(self, rows: list[tuple[int, int, int]], padded: int) -> torch.Tensor:
+        """``rows``: (request, token, position) per active request; returns hidden states."""
+        self.seq_lens.zero_()
+        self.block_table.zero_()
+        self.slot_mapping.fill_(-1)
+        for b, (req, token, pos) in enumerate(rows):
+            self.input_ids[b], self.positions[b], self.seq_lens[b] = token, pos, pos + 1
+            self.block_table[b, :len(self.blocks[req])] = torch.tensor(self.blocks[req], dtype=torch.int32)
+            self.slot_mapping[b] = self.blocks[req][pos // PAGE] * PAGE + pos % PAGE
+        return self.forward(self.metadata(padded, padded), padded)
+
+
+def test_decode_steps_match_the_standalone_plan(built: Built) -> None:
+    """Three ragged teacher-forced requests (crossing pages, finishing at different steps, batch
+    padded to a power of two) through the vLLM binding, against the same plan driven by the
+    standalone loop on its own KV cache: logits from vLLM's final norm and lm_head weights."""
+    spec, model = built.spec, built.model
+    gen = torch.Generator().manual_seed(7)
+    sequences = [torch.randint(0, spec.vocab_size, (n,), generator=gen).tolist() for n in (5, 19, 33)]
+    blocks = [[7], [3, 0], [11, 2, 9]]  # scattered on purpose
+
+    reference = build_decoder(spec, built.weights, allocate_kv_caches(spec, NUM_BLOCKS, PAGE),
+                              DecodeOptions(max_batch=len(sequences), max_seq_len=MAX_BLOCKS * PAGE, page_size=PAGE,
+                                            num_workers=WORKERS))
+    from vllm_mpk.graph.reference import ReferenceExecutor
+    from vllm_mpk.runtime.meta import STEP_INPUT_NAMES
+
+    ex = ReferenceExecutor(reference.plan, {**reference.kernel.attached,
+                                            **{n: torch.zeros(reference.kernel.tensors[n].shape,
+                                                              dtype=reference.kernel.tensors[n].dtype)
+                                               for n in STEP_INPUT_NAMES}})
+    expected: dict[tuple[int, int], torch.Tensor] = {}
+
+    def keep(pos: torch.Tensor, logits: torch.Tensor) -> None:
+        for r, p in enumerate(pos.tolist()):
+            if p >= 0:
+                expected[r, p] = logits[r].clone()
+
+    table = torch.tensor([b + [0] * (MAX_BLOCKS - len(b)) for b in blocks], dtype=torch.int32)
+    decode(ex, sequences, table, PAGE, teacher_forced=True, on_step=keep)
+
+    steps_before = model._mpk.steps
+    runner, head = Runner(built, blocks), built.weights[EMBED if spec.tie_word_embeddings else "lm_head.weight"]
+    for pos in range(max(len(s) for s in sequences)):
+        rows = [(r, s[pos], pos) for r, s in enumerate(sequences) if pos < len(s)]
+        padded = 1 << (len(rows) - 1).bit_length()
+        hidden = runner.step(rows, padded)
+        assert hidden.shape == (padded, spec.hidden_size)
+        logits = hidden[:len(rows)].float() @ head.float().T
+        want = torch.stack([expected[r, p] for r, _, p in rows])
+        # bf16 rounding of the final hidden state (vLLM's norm) is the only difference: ~1% of scale.
+        tol = 0.02 * float(want.abs().max())
+        torch.testing.assert_close(logits, want, rtol=0.02, atol=tol)
+        picked = logits.argmax(-1)
+        gaps = want.max(-1).values - want.gather(1, picked[:, None])[:, 0]
+        assert (gaps <= 2 * tol).all(), f"greedy tokens differ beyond a near-tie at position {pos}: {gaps}"
+    assert model._mpk.steps - steps_before == max(len(s) for s in sequences)
+    # The megakernel wrote K and V into the cache vLLM bound, at vLLM's slots.
+    cache = attention_modules(model)[0].kv_cache
+    assert cache[blocks[2][2], :, 0].abs().sum() > 0 and cache[blocks[2][2], :, 1].abs().sum() == 0
+
+
+# routing ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stock_calls(built: Built, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Replace the stock forward (which needs vLLM's CUDA kernels) with a recorder."""
+    calls: list[int] = []
+    stock = type(built.model).__mro__[2]
+
+    def recorded(self: Any, input_ids: torch.Tensor, positions: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(positions.shape[0])
+        return torch.zeros(positions.shape[0], built.spec.hidden_size)
+
+    monkeypatch.setattr(stock, "forward", recorded)
+    return calls
+
+
+def test_non_decode_batches_run_the_stock_forward(built: Built, stock_calls: list[int]) -> None:
+    runner = Runner(built, [[1], [2], [4], [5], [6]])
+    before = built.model._mpk.steps
+    runner.forward(None, 16)  # the profiling run: no attention metadata
+    runner.seq_lens[:2] = torch.tensor([5, 3], dtype=torch.int32)
+    runner.forward(runner.metadata(2, 8, max_query_len=5), 8)  # prefill / mixed
+    runner.seq_lens[:MAX_REQS] = 1
+    runner.forward(runner.metadata(MAX_REQS, MAX_REQS + 2), MAX_REQS + 2)  # above max_batch
+    runner.forward([runner.metadata(1, 1)], 1)  # micro-batched steps come as a list
+    assert stock_calls == [16, 8, MAX_REQS + 2, 1]
+    assert built.model._mpk.steps == before and built.model._mpk.disabled is None
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[logging.LogRecord]]:
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    log = logging.getLogger("vllm.mpk")
+    log.addHandler(handler)
+    yield records
+    log.removeHandler(handler)
+
+
+def test_fp8_kv_cache_falls_back_with_one_line(built: Built, stock_calls: list[int], log_lines: list[logging.LogRecord],
+                                              monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
+    for attn in attention_modules(fresh.model):
+        monkeypatch.setattr(attn, "kv_cache_dtype", "fp8")
+    runner = Runner(fresh, [[1]])
+    for pos in range(3):
+        runner.step([(0, 5, pos)], 1)
+    assert "fp8" in (fresh.model._mpk.disabled or "")
+    assert len(stock_calls) == 3 and fresh.model._mpk.steps == 0
+    warnings = [r for r in log_lines if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "fp8" in warnings[0].getMessage()
+
+
+def test_strict_mode_refuses_to_fall_back(built: Built, stock_calls: list[int], monkeypatch: pytest.MonkeyPatch,
+                                          tmp_path: Path) -> None:
+    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama", mpk={"strict": True})
+    for attn in attention_modules(fresh.model):
+        monkeypatch.setattr(attn, "kv_cache_dtype", "fp8")
+    with pytest.raises(MpkFallbackError, match="fp8"):
+        Runner(fresh, [[1]]).step([(0, 5, 0)], 1)
+
+
+def test_moved_buffers_stop_the_megakernel(built: Built, stock_calls: list[int], tmp_path: Path) -> None:
+    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
+    runner = Runner(fresh, [[1]])
+    runner.step([(0, 5, 0)], 1)
+    assert fresh.model._mpk.steps == 1
+    runner.seq_lens = torch.zeros(MAX_REQS, dtype=torch.int32)  # a runner that reallocated its buffer
+    runner.step([(0, 6, 1)], 1)
+    assert "seq_lens" in (fresh.model._mpk.disabled or "") and fresh.model._mpk.steps == 1
+    assert len(stock_calls) == 1

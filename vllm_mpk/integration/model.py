@@ -1,0 +1,296 @@
+"""The MPK model classes vLLM instantiates for ``--model-impl mpk``.
+
+``mpk_class(Qwen3ForCausalLM)`` is ``MpkQwen3ForCausalLM(MpkDecodeMixin, Qwen3ForCausalLM)``: the
+stock model, whose ``forward`` runs the megakernel for pure decode batches and delegates every
+other batch to the stock ``forward`` (vLLM compiles only the inner ``Qwen3Model``, so the outer
+forward is plain Python and the stock path stays intact).
+
+What the megakernel returns: the final hidden state, not logits. vLLM's contract is that
+``forward`` returns hidden states and ``compute_logits`` turns them into logits afterwards, and
+with FULL CUDA graphs only ``forward`` is captured and replayed: on a replayed step no Python of
+the model runs, so ``compute_logits`` cannot know whether that step's hidden states came from the
+megakernel and could not swap in the megakernel's logits. Returning hidden states keeps both
+paths identical downstream (vLLM's lm_head, logits processors, every sampling parameter,
+logprobs, structured output). It costs the lm_head as one separate GEMV launch per step.
+
+Today the graph comes from ``models.decoder.build_decoder``, which always ends in the lm_head and
+argmax: the megakernel's final residual stream (``layers.{L-1}.out``) is read and normalised with
+vLLM's own ``model.norm``, and the kernel's logits are unused. Until the builder can stop at the
+final norm, that lm_head is streamed twice per step (about 8% of Qwen3-8B's weight bytes, 26% of
+Qwen3-0.6B's); see the README.
+
+When it is built: lazily, at the first pure decode batch that runs outside CUDA graph capture.
+vLLM binds the KV cache after loading the weights and, before capturing a FULL graph of a decode
+batch size, runs that batch once uncaptured; the megakernel is built there, so the graph captures
+its launch. This also sees the weights of every load format (``--load-format dummy`` skips
+``load_weights``), as they are in place by then.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from vllm_mpk.integration.binding import (
+    DecodeBatch,
+    UnsupportedMetadata,
+    attention_modules,
+    decode_batch,
+    kv_layout_problem,
+    module_weights,
+    rope_cache,
+    same_buffers,
+    step_buffers,
+)
+from vllm_mpk.integration.options import MpkOptions
+from vllm_mpk.models.decoder import DecodeOptions, build_decoder
+from vllm_mpk.models.spec import ModelSpec
+
+logger = logging.getLogger("vllm.mpk")
+
+_CLASSES: dict[type, type] = {}
+
+
+class MpkFallbackError(RuntimeError):
+    """Strict mode: the megakernel cannot run a batch it is meant for; the message says why."""
+
+
+class MpkRuntime:
+    """The megakernel of one model instance and its binding to vLLM's buffers. It holds no
+    reference to the model (the model holds it); methods take the model as an argument."""
+
+    def __init__(self, vllm_config: Any, spec: ModelSpec):
+        self.vllm_config, self.spec = vllm_config, spec
+        self.options = MpkOptions.from_vllm_config(vllm_config)
+        max_num_seqs = getattr(getattr(vllm_config, "scheduler_config", None), "max_num_seqs", None)
+        self.max_batch = min(self.options.max_batch, max_num_seqs or self.options.max_batch)
+        self.disabled: str | None = None
+        self.executor: Any = None
+        self.bound: dict[str, torch.Tensor] = {}
+        self.residual = f"layers.{spec.num_layers - 1}.out"
+        self.steps = 0  # megakernel steps launched from Python (a replayed CUDA graph adds none)
+        self._watch: tuple[torch.Tensor, torch.cuda.Event] | None = None
+        self._layer_name: str | None = None
+
+    # routing ------------------------------------------------------------------------------------
+
+    def fallback(self, reason: str) -> None:
+        """Stop using the megakernel for this model instance, with one log line; strict raises."""
+        if self.options.strict:
+            raise MpkFallbackError(f"--model-impl mpk (strict): {reason}")
+        if self.disabled is None:
+            self.disabled = reason
+            logger.warning("--model-impl mpk: the megakernel is off, vLLM's stock layers serve every batch: %s", reason)
+
+    def decode(self, model: torch.nn.Module, input_ids: torch.Tensor | None, positions: torch.Tensor,
+               extra: dict[str, Any]) -> torch.Tensor | None:
+        """The final hidden states of a pure decode batch from the megakernel, or None to let
+        the stock forward run this batch."""
+        if self.disabled is not None or input_ids is None or any(v is not None for v in extra.values()):
+            return None
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        if not is_forward_context_available():
+            return None
+        if self._layer_name is None:
+            self._layer_name = attention_modules(model)[0].layer_name
+        try:
+            batch = decode_batch(get_forward_context().attn_metadata, self._layer_name, input_ids.shape[0])
+        except UnsupportedMetadata as e:
+            self.fallback(str(e))
+            return None
+        if batch is None or batch.num_tokens > self.max_batch:
+            return None
+        if self.executor is None and not self._build(model, input_ids, positions, batch):
+            return None
+        current = {"input_ids": input_ids, "positions": positions, "seq_lens": batch.seq_lens,
+                   "slot_mapping": batch.slot_mapping, "block_tables": batch.block_table}
+        moved = same_buffers(self.bound, current)
+        if moved is not None:
+            self.fallback(f"vLLM's '{moved}' buffer moved since the megakernel was bound to it")
+            return None
+        self._launch(batch)
+        return model.model.norm(self.executor.tensors[self.residual][:batch.num_tokens])
+
+    def _launch(self, batch: DecodeBatch) -> None:
+        launch = getattr(self.executor, "launch", None)
+        if launch is not None:
+            launch(batch.num_reqs)  # asynchronous, on the current (possibly capturing) stream
+        else:
+            self.executor.run_step(batch.num_reqs)
+        self.steps += 1
+
+    # building -----------------------------------------------------------------------------------
+
+    def _build(self, model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
+               batch: DecodeBatch) -> bool:
+        if input_ids.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            self.fallback("no uncaptured decode step ran before CUDA graph capture, so the megakernel was not built")
+            return False
+        reason = self._environment_problem()
+        if reason is not None:
+            self.fallback(reason)
+            return False
+        try:
+            self.executor, self.bound = self._make(model, input_ids, positions, batch)
+        except _Refused as e:
+            self.fallback(str(e))
+            return False
+        except Exception as e:  # a build failure must not take the server down
+            if self.options.strict:
+                raise MpkFallbackError(f"--model-impl mpk (strict): building the megakernel failed: {e}") from e
+            logger.exception("--model-impl mpk: building the megakernel failed")
+            self.fallback(f"building the megakernel failed: {type(e).__name__}: {e}")
+            return False
+        return True
+
+    def _environment_problem(self) -> str | None:
+        """What vLLM's configuration asks for that this megakernel does not do."""
+        from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+
+        vc = self.vllm_config
+        if get_tensor_model_parallel_world_size() != 1:
+            return "tensor parallelism is not supported yet (run with --tensor-parallel-size 1)"
+        if get_pp_group().world_size != 1:
+            return "pipeline parallelism is not supported"
+        if getattr(vc, "lora_config", None) is not None:
+            return "LoRA adapters are not supported"
+        if getattr(getattr(vc, "parallel_config", None), "decode_context_parallel_size", 1) != 1:
+            return "decode context parallelism is not supported"
+        return None
+
+    def _make(self, model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
+              batch: DecodeBatch) -> tuple[Any, dict[str, torch.Tensor]]:
+        spec = self.spec
+        for i, attn in enumerate(attention_modules(model)):
+            problem = kv_layout_problem(attn, spec)
+            if problem is not None:
+                raise _Refused(f"layer {i}: {problem}")
+        weights = module_weights(model, spec)
+        dtypes = {str(w.dtype) for w in weights.values()}
+        if dtypes != {"torch.bfloat16"}:
+            raise _Refused(f"weights of dtype {sorted(dtypes)}; the megakernel reads bf16")
+        kv_caches = [attn.kv_cache for attn in attention_modules(model)]
+        page = kv_caches[0].shape[2]
+        buffers = step_buffers(input_ids, positions, batch, self.max_batch)
+        device = input_ids.device
+        workers = self.options.num_workers or (torch.cuda.get_device_properties(device).multi_processor_count
+                                               if device.type == "cuda" else 8)
+        options = DecodeOptions(max_batch=self.max_batch, max_seq_len=buffers["block_tables"].shape[1] * page,
+                                page_size=page, num_workers=workers, block_dim=self.options.block_dim,
+                                schedule=self.options.schedule)
+        decoder = build_decoder(spec, weights, kv_caches, options, rope_cache=rope_cache(model, spec))
+        tensors = {**decoder.kernel.attached, **buffers}
+        if device.type == "cuda":
+            from vllm_mpk.runtime.megakernel import Megakernel
+
+            executor = Megakernel(decoder.plan, tensors, timeout_s=self.options.timeout_s,
+                                  profile=self.options.profile)
+        else:  # the CPU reference executor: same plan, same bindings, tile by tile (tests)
+            from vllm_mpk.graph.reference import ReferenceExecutor
+
+            executor = ReferenceExecutor(decoder.plan, tensors)
+        logger.info("--model-impl mpk: megakernel ready: %d layers, decode batches up to %d, %d workers, "
+                    "KV cache %s blocks of %d (%s), %d tasks", spec.num_layers, self.max_batch, workers,
+                    kv_caches[0].shape[0], page, attention_modules(model)[0].attn_backend.get_name(),
+                    len(decoder.plan.tasks))
+        return executor, buffers
+
+    def check_weights_in_place(self, model: torch.nn.Module) -> None:
+        """After a weight reload: vLLM loads into the existing parameters, so a built megakernel
+        (and the CUDA graphs around it, which keep its buffers) stays valid. A reload that
+        reallocated a parameter would leave it reading freed memory: raise instead."""
+        if self.executor is None:
+            return
+        for name, t in module_weights(model, self.spec).items():
+            bound = self.executor.tensors.get(name)
+            if bound is not None and bound.data_ptr() != t.data_ptr():
+                raise RuntimeError(f"--model-impl mpk: reloading weights moved '{name}', which the megakernel "
+                                   "reads in place; restart the server to rebuild it")
+
+    # watchdog -----------------------------------------------------------------------------------
+
+    def poll_watchdog(self) -> None:
+        """Raise MegakernelError if an earlier launch stopped on its watchdog. Never waits: it
+        reads a copy of the error word queued on the previous call, once that copy has landed."""
+        kernel = self.executor
+        if kernel is None or not hasattr(kernel, "control") or torch.cuda.is_current_stream_capturing():
+            return
+        from vllm_mpk.runtime import control
+
+        if self._watch is None:
+            self._watch = (torch.zeros(1, dtype=torch.int32, pin_memory=True), torch.cuda.Event())
+        else:
+            flag, copied = self._watch
+            if not copied.query():
+                return  # the previous copy has not landed yet; look next time
+            if int(flag[0]):
+                kernel.check()  # synchronises and raises with the stalled task and event
+        flag, copied = self._watch
+        flag.copy_(kernel.control[control.ERROR:control.ERROR + 1], non_blocking=True)
+        copied.record()
+
+
+class _Refused(Exception):
+    """The megakernel cannot take this model instance; turned into a fallback by ``_build``."""
+
+
+class MpkDecodeMixin:
+    """Put before a stock vLLM ``*ForCausalLM`` class by ``mpk_class``."""
+
+    _mpk: MpkRuntime
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "", **kwargs: Any):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        spec = ModelSpec.from_hf_config(vllm_config.model_config.hf_config.to_dict())
+        self._mpk = MpkRuntime(vllm_config, spec)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: Any = None, inputs_embeds: torch.Tensor | None = None,
+                **kwargs: Any) -> Any:
+        extra = {"intermediate_tensors": intermediate_tensors, "inputs_embeds": inputs_embeds, **kwargs}
+        hidden = self._mpk.decode(self, input_ids, positions, extra)
+        if hidden is not None:
+            return hidden
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        self._mpk.poll_watchdog()
+        return super().compute_logits(hidden_states)
+
+    def load_weights(self, weights: Any) -> Any:
+        loaded = super().load_weights(weights)
+        self._mpk.check_weights_in_place(self)
+        return loaded
+
+    def mpk_write_profile(self, trace_path: str) -> str:
+        """With ``profile`` on: write the last megakernel step as a Perfetto trace and return the
+        per-op summary (e.g. through ``LLM.apply_model``)."""
+        from vllm_mpk.runtime.profiler import summary, task_spans, write_trace
+
+        kernel = self._mpk.executor
+        if kernel is None or getattr(kernel, "profile", None) is None:
+            raise RuntimeError('no profiled megakernel step yet: set additional_config {"mpk": {"profile": true}} '
+                               "and run a decode batch")
+        torch.cuda.synchronize(kernel.device)
+        spans = task_spans(kernel.plan, kernel.profile)
+        write_trace(kernel.plan, spans, trace_path)
+        return summary(kernel.plan, spans)
+
+
+def is_mpk_class(cls: type) -> bool:
+    return isinstance(cls, type) and issubclass(cls, MpkDecodeMixin)
+
+
+def mpk_class(stock_cls: type) -> type:
+    """``Mpk<Name>(MpkDecodeMixin, stock_cls)``, made once per stock class."""
+    if is_mpk_class(stock_cls):
+        return stock_cls
+    cls = _CLASSES.get(stock_cls)
+    if cls is None:
+        cls = type(f"Mpk{stock_cls.__name__}", (MpkDecodeMixin, stock_cls),
+                   {"__module__": __name__, "__qualname__": f"Mpk{stock_cls.__name__}"})
+        _CLASSES[stock_cls] = cls
+    return cls

@@ -1,0 +1,78 @@
+"""Options of the vLLM integration, from ``--additional-config '{"mpk": {...}}'``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from vllm_mpk.graph.schedule import POLICIES
+
+BLOCK_DIMS = (128, 256)
+
+
+class MpkOptionsError(ValueError):
+    """An ``additional_config["mpk"]`` entry is unknown or has a bad value; the message says which."""
+
+
+@dataclass(frozen=True)
+class MpkOptions:
+    """``max_batch``: the most requests one megakernel step decodes; larger decode batches run
+    vLLM's stock layers (capped at ``--max-num-seqs``).
+    ``num_workers``: persistent workers (one per SM); default every SM of the GPU.
+    ``block_dim``: threads per worker, 128 or 256.
+    ``schedule``: static placement policy of tasks on workers.
+    ``timeout_s``: the watchdog bound on any wait inside the kernel.
+    ``profile``: record per-task timestamps on every step (see ``MpkDecodeMixin.mpk_write_profile``).
+    ``strict``: refuse to fall back: raise where the megakernel cannot run a batch it is meant for
+    (unsupported model, KV-cache layout, build failure). Prefill, mixed batches and decode batches
+    above ``max_batch`` always run the stock layers; that is routing, not a fallback."""
+
+    max_batch: int = 8
+    num_workers: int | None = None
+    block_dim: int = 256
+    schedule: str = "earliest_finish"
+    timeout_s: float = 2.0
+    profile: bool = False
+    strict: bool = False
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> MpkOptions:
+        """Validate ``raw`` (the ``"mpk"`` entry); raises MpkOptionsError naming the bad key."""
+        if raw is None:
+            return cls()
+        if not isinstance(raw, Mapping):
+            raise MpkOptionsError(f'additional_config["mpk"] must be a JSON object, got {type(raw).__name__}')
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise MpkOptionsError(f'unknown additional_config["mpk"] keys {unknown}; known keys: {known}')
+        options = cls(**raw)
+        options._check()
+        return options
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any) -> MpkOptions:
+        extra = getattr(vllm_config, "additional_config", None) or {}
+        return cls.from_dict(extra.get("mpk") if isinstance(extra, Mapping) else None)
+
+    def _check(self) -> None:
+        def bad(key: str, expected: str) -> MpkOptionsError:
+            return MpkOptionsError(f'additional_config["mpk"]["{key}"] must be {expected}, got {getattr(self, key)!r}')
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not is_int(self.max_batch) or self.max_batch < 1:
+            raise bad("max_batch", "a positive integer")
+        if self.num_workers is not None and (not is_int(self.num_workers) or self.num_workers < 1):
+            raise bad("num_workers", "a positive integer or null (every SM)")
+        if self.block_dim not in BLOCK_DIMS or not is_int(self.block_dim):
+            raise bad("block_dim", f"one of {BLOCK_DIMS}")
+        if self.schedule not in POLICIES:
+            raise bad("schedule", f"one of {sorted(POLICIES)}")
+        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
+            raise bad("timeout_s", "a positive number of seconds")
+        for key in ("profile", "strict"):
+            if not isinstance(getattr(self, key), bool):
+                raise bad(key, "true or false")
