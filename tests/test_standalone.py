@@ -93,3 +93,22 @@ def test_plain_torch_step_matches_the_plan():
     torch.testing.assert_close(step_fn(inputs), reference.tensors["logits"], rtol=1e-4, atol=1e-4)
     for c, a in zip(caches, after):
         torch.testing.assert_close(c, a)
+
+
+def test_plan_can_stop_at_the_final_norm():
+    """``final="hidden"`` ends the step with the final RMSNorm (for vLLM, which applies its own
+    lm_head): no lm_head tiles, and the hidden state gives the full plan's logits."""
+    spec, weights, model = tiny_model(seed=4)
+    caches = [model.kernel.attached[f"model.layers.{i}.self_attn.attn.kv_cache"] for i in range(spec.num_layers)]
+    hidden_model = build_decoder(spec, weights, caches, DecodeOptions(max_batch=MAX_BATCH, max_seq_len=MAX_SEQ,
+                                                                      page_size=PAGE, num_workers=4, final="hidden"))
+    assert hidden_model.logits is None and {op.kind for op in hidden_model.plan.ops}.isdisjoint({"argmax"})
+    seq = torch.randint(0, spec.vocab_size, (MAX_BATCH, MAX_SEQ), generator=torch.Generator().manual_seed(4))
+    blocks = torch.arange(MAX_BATCH * MAX_SEQ // PAGE, dtype=torch.int32).view(MAX_BATCH, -1)
+    inputs = step_inputs(torch.tensor([9, 30, 2]), seq, blocks, PAGE).as_dict()
+    full = ReferenceExecutor(model.plan, {**model.kernel.attached, **inputs})
+    full.run_step(MAX_BATCH)
+    head = ReferenceExecutor(hidden_model.plan, {**hidden_model.kernel.attached, **inputs})
+    head.run_step(MAX_BATCH)
+    logits = head.tensors["hidden"] @ weights["lm_head.weight"].T
+    torch.testing.assert_close(logits, full.tensors["logits"], rtol=1e-4, atol=1e-4)

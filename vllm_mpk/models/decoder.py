@@ -27,6 +27,7 @@ from vllm_mpk.models.spec import ModelSpec
 from vllm_mpk.models.weights import EMBED, FINAL_NORM, check_weights, layer_names, lm_head
 
 TILE_COLUMNS = 16
+FINALS = ("tokens", "hidden")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,11 @@ class DecodeOptions:
     schedule: str = "earliest_finish"
     world_size: int = 1  # tensor-parallel ranks
     rank: int = 0
+    final: str = "tokens"  # "tokens": lm_head and greedy argmax; "hidden": stop at the final RMSNorm
+
+    def __post_init__(self) -> None:
+        if self.final not in FINALS:
+            raise ValueError(f"DecodeOptions.final must be one of {FINALS}, got {self.final!r}")
 
 
 @dataclass
@@ -49,8 +55,9 @@ class DecodeModel:
     options: DecodeOptions
     kernel: PersistentKernel
     plan: Plan
-    logits: TensorHandle
-    tokens: TensorHandle
+    logits: TensorHandle | None  # None when the plan stops at the final norm
+    tokens: TensorHandle | None
+    hidden: TensorHandle | None = None  # the final RMSNorm's output, when ``final="hidden"``
 
 
 def linear_grid(columns: int, num_workers: int) -> int:
@@ -127,11 +134,16 @@ def build_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cache
         else:
             x = summed(f"{p}.out", lambda out: mpk.silu_mul_linear_layer(gate_up, wt["down"], out, linear_grid(h, w),
                                                                          block, name=f"{p}.down_proj"))
+    final_norm = mpk.attach_input(weights[FINAL_NORM], FINAL_NORM)
+    if o.final == "hidden":  # vLLM's compute_logits applies the lm_head (and everything after it)
+        hidden = new("hidden", h)
+        mpk.rmsnorm_layer(x, final_norm, hidden, grid_dim=b, block_dim=block, eps=spec.rms_norm_eps, name="norm")
+        return DecodeModel(spec, o, mpk, mpk.compile(), None, None, hidden)
     # vLLM pads the vocabulary rows; the view of the real rows aliases the weight (tied or not).
     v = local.vocab_size
     head = mpk.attach_input(lm_head(local, weights)[:v], "lm_head.weight")
     logits = mpk.new_tensor((b, v), torch.float32, "logits")
-    mpk.rmsnorm_linear_layer(x, mpk.attach_input(weights[FINAL_NORM], FINAL_NORM), head, logits,
+    mpk.rmsnorm_linear_layer(x, final_norm, head, logits,
                              linear_grid(v, w), block, eps=spec.rms_norm_eps, name="lm_head")
     tokens = mpk.new_tensor((b,), torch.int64, "tokens")
     mpk.argmax_layer(logits, tokens, grid_dim=w, block_dim=block, vocab_start=o.rank * v, name="argmax")
