@@ -75,10 +75,9 @@ def load_patched_registry(patched: Path) -> ModuleType:
 
 def test_patched_registry_routes_mpk_to_vllm_mpk(patched: Path, tmp_path: Path) -> None:
     from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.models.registry import ModelRegistry
 
     from vllm_mpk.integration.model import is_mpk_class
-
-    from vllm.model_executor.models.registry import ModelRegistry
 
     # The patched _ModelRegistry over vLLM's own registered models (inspected in vLLM's module).
     registry = load_patched_registry(patched)._ModelRegistry(dict(ModelRegistry.models))

@@ -32,6 +32,7 @@ import logging
 from typing import Any
 
 import torch
+from vllm.forward_context import get_forward_context, is_forward_context_available
 
 from vllm_mpk.integration.binding import (
     DecodeBatch,
@@ -90,8 +91,6 @@ class MpkRuntime:
         the stock forward run this batch."""
         if self.disabled is not None or input_ids is None or any(v is not None for v in extra.values()):
             return None
-        from vllm.forward_context import get_forward_context, is_forward_context_available
-
         if not is_forward_context_available():
             return None
         if self._layer_name is None:
