@@ -190,8 +190,9 @@ class Runner:
 
 def test_decode_steps_match_the_standalone_plan(built: Built) -> None:
     """Three ragged teacher-forced requests (crossing pages, finishing at different steps, batch
-    padded to a power of two) through the vLLM binding, against the same plan driven by the
-    standalone loop on its own KV cache: logits from vLLM's final norm and lm_head weights."""
+    padded to a power of two) through the vLLM binding, against the same layers planned with the lm_head and driven by the
+    standalone loop on its own KV cache. The vLLM path's plan stops at the final norm; its logits
+    are taken with the lm_head weights, as vLLM's compute_logits would."""
     spec, model = built.spec, built.model
     gen = torch.Generator().manual_seed(7)
     sequences = [torch.randint(0, spec.vocab_size, (n,), generator=gen).tolist() for n in (5, 19, 33)]
@@ -226,7 +227,7 @@ def test_decode_steps_match_the_standalone_plan(built: Built) -> None:
         assert hidden.shape == (padded, spec.hidden_size)
         logits = hidden[:len(rows)].float() @ head.float().T
         want = torch.stack([expected[r, p] for r, _, p in rows])
-        # bf16 rounding of the final hidden state (vLLM's norm) is the only difference: ~1% of scale.
+        # bf16 rounding of the final hidden state is the only difference: ~1% of scale.
         tol = 0.02 * float(want.abs().max())
         torch.testing.assert_close(logits, want, rtol=0.02, atol=tol)
         picked = logits.argmax(-1)

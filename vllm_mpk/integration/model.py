@@ -11,13 +11,11 @@ with FULL CUDA graphs only ``forward`` is captured and replayed: on a replayed s
 the model runs, so ``compute_logits`` cannot know whether that step's hidden states came from the
 megakernel and could not swap in the megakernel's logits. Returning hidden states keeps both
 paths identical downstream (vLLM's lm_head, logits processors, every sampling parameter,
-logprobs, structured output). It costs the lm_head as one separate GEMV launch per step.
-
-Today the graph comes from ``models.decoder.build_decoder``, which always ends in the lm_head and
-argmax: the megakernel's final residual stream (``layers.{L-1}.out``) is read and normalised with
-vLLM's own ``model.norm``, and the kernel's logits are unused. Until the builder can stop at the
-final norm, that lm_head is streamed twice per step (about 8% of Qwen3-8B's weight bytes, 26% of
-Qwen3-0.6B's); see the README.
+logprobs, structured output). It costs the lm_head as one separate GEMV launch per step: the plan
+is built with ``DecodeOptions(final="hidden")``, which ends at the final RMSNorm. ``forward``
+returns a view of that output buffer, which the next step overwrites: vLLM reads it (in
+``compute_logits``, or in the copy a FULL graph makes) before it runs the next forward, in stream
+order, as with the stock path's activations.
 
 When it is built: lazily, at the first pure decode batch that runs outside CUDA graph capture.
 vLLM binds the KV cache after loading the weights and, before capturing a FULL graph of a decode
@@ -70,7 +68,7 @@ class MpkRuntime:
         self.disabled: str | None = None
         self.executor: Any = None
         self.bound: dict[str, torch.Tensor] = {}
-        self.residual = f"layers.{spec.num_layers - 1}.out"
+        self.hidden = ""  # the plan's final-norm output, named when built
         self.steps = 0  # megakernel steps launched from Python (a replayed CUDA graph adds none)
         self._watch: tuple[torch.Tensor, torch.cuda.Event] | None = None
         self._layer_name: str | None = None
@@ -111,7 +109,7 @@ class MpkRuntime:
             self.fallback(f"vLLM's '{moved}' buffer moved since the megakernel was bound to it")
             return None
         self._launch(batch)
-        return model.model.norm(self.executor.tensors[self.residual][:batch.num_tokens])
+        return self.executor.tensors[self.hidden][:batch.num_tokens]
 
     def _launch(self, batch: DecodeBatch) -> None:
         launch = getattr(self.executor, "launch", None)
@@ -179,8 +177,9 @@ class MpkRuntime:
                                                if device.type == "cuda" else 8)
         options = DecodeOptions(max_batch=self.max_batch, max_seq_len=buffers["block_tables"].shape[1] * page,
                                 page_size=page, num_workers=workers, block_dim=self.options.block_dim,
-                                schedule=self.options.schedule)
+                                schedule=self.options.schedule, final="hidden")
         decoder = build_decoder(spec, weights, kv_caches, options, rope_cache=rope_cache(model, spec))
+        self.hidden = decoder.hidden.name
         tensors = {**decoder.kernel.attached, **buffers}
         if device.type == "cuda":
             from vllm_mpk.runtime.megakernel import Megakernel
