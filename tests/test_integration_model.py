@@ -190,9 +190,9 @@ class Runner:
 
 def test_decode_steps_match_the_standalone_plan(built: Built) -> None:
     """Three ragged teacher-forced requests (crossing pages, finishing at different steps, batch
-    padded to a power of two) through the vLLM binding, against the same layers planned with the lm_head and driven by the
-    standalone loop on its own KV cache. The vLLM path's plan stops at the final norm; its logits
-    are taken with the lm_head weights, as vLLM's compute_logits would."""
+    padded to a power of two) through the vLLM binding, against the same layers planned with the
+    lm_head and driven by the standalone loop on a KV cache of their own. The vLLM path's plan stops
+    at the final norm; its logits are taken with the lm_head weights, as vLLM's compute_logits would."""
     spec, model = built.spec, built.model
     gen = torch.Generator().manual_seed(7)
     sequences = [torch.randint(0, spec.vocab_size, (n,), generator=gen).tolist() for n in (5, 19, 33)]
