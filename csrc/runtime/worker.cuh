@@ -3,8 +3,11 @@
 // signal each of its events (release). Every wait is bounded: on timeout the worker records the
 // task and event in the control block, raises the error flag, and all workers leave.
 //
-// Counters only grow. The epoch counts completed launches: workers read it on entry, and the last
-// worker to finish advances it, so a CUDA graph can replay the launch without any host write.
+// Counters only grow, modulo 2^32: after E launches event e holds triggers[e] * E, and launch E waits
+// for triggers[e] * (E + 1). Comparisons take the signed difference, so the wrap after ~2^32
+// signals is harmless (a counter is never more than one launch's signals away from its target).
+// The epoch counts completed launches: workers read it on entry, and the last worker to finish
+// advances it, so a CUDA graph can replay the launch without any host write.
 #pragma once
 #include <cstdint>
 #include "../tasks/common.cuh"
@@ -47,12 +50,16 @@ __device__ __forceinline__ void add_release(int32_t* p, int32_t v) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
-// Thread 0 spins until counters[e] >= wanted; returns false after a timeout or another worker's error.
+__device__ __forceinline__ bool reached(int32_t seen, uint32_t wanted) {
+  return static_cast<int32_t>(static_cast<uint32_t>(seen) - wanted) >= 0;
+}
+
+// Thread 0 spins until counters[e] reaches wanted; returns false after a timeout or another worker's error.
 // The clock and the error flag are read only every 256 polls, off the fast path.
-__device__ inline bool wait_event(const KernelParams& p, int event, int32_t wanted, int task) {
+__device__ inline bool wait_event(const KernelParams& p, int event, uint32_t wanted, int task) {
   int64_t start = -1;
   int32_t seen;
-  for (unsigned spins = 1; (seen = load_acquire(p.counters + event)) < wanted; ++spins) {
+  for (unsigned spins = 1; !reached(seen = load_acquire(p.counters + event), wanted); ++spins) {
     if (spins % 256) continue;
     if (load_acquire(p.control + kError) != kOk) return false;
     const int64_t now = global_ns();
@@ -63,7 +70,7 @@ __device__ inline bool wait_event(const KernelParams& p, int event, int32_t want
         p.control[kErrTask] = task;
         p.control[kErrEvent] = event;
         p.control[kErrSeen] = seen;
-        p.control[kErrWanted] = wanted;
+        p.control[kErrWanted] = static_cast<int32_t>(wanted);
       }
       return false;
     }
@@ -92,7 +99,7 @@ __device__ void worker_loop(const KernelParams& p) {
     ok_s = true;
   }
   __syncthreads();
-  const int32_t epoch = epoch_s;
+  const uint32_t epoch = static_cast<uint32_t>(epoch_s);
   const int n = p.queue_lens[blockIdx.x];
   const Record* queue = reinterpret_cast<const Record*>(p.tasks) + (size_t)blockIdx.x * p.max_tasks;
   for (int i = 0; i < n; ++i) {
@@ -101,7 +108,7 @@ __device__ void worker_loop(const KernelParams& p) {
       if (i == 0) prefetch_weights(p, r);
       if (i + 1 < n) prefetch_weights(p, queue[i + 1]);
       for (int w = 0; w < Record::kMaxWaits && r.waits[w] >= 0 && ok_s; ++w)
-        ok_s = wait_event(p, r.waits[w], p.triggers[r.waits[w]] * (epoch + 1), r.task);
+        ok_s = wait_event(p, r.waits[w], static_cast<uint32_t>(p.triggers[r.waits[w]]) * (epoch + 1u), r.task);
       if (p.profile) p.profile[((size_t)blockIdx.x * p.max_tasks + i) * 2] = global_ns();
     }
     __syncthreads();
@@ -117,8 +124,10 @@ __device__ void worker_loop(const KernelParams& p) {
   }
   if (threadIdx.x == 0) {
     __threadfence();
-    const int32_t finished = atomicAdd(p.control + kDone, 1) + 1;
-    if (finished % gridDim.x == 0) atomicExch(p.control + kEpoch, epoch + 1);
+    if (atomicAdd(p.control + kDone, 1) == static_cast<int32_t>(gridDim.x) - 1) {
+      p.control[kDone] = 0;  // every worker has counted; the next launch starts after this one ends
+      atomicExch(p.control + kEpoch, static_cast<int32_t>(epoch + 1u));
+    }
   }
 }
 

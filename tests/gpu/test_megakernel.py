@@ -14,6 +14,7 @@ from vllm_mpk.codegen.tasks import UnsupportedOnGPU
 from vllm_mpk.demo import gpu_model
 from vllm_mpk.graph.ir import Role
 from vllm_mpk.models.weights import random_weights
+from vllm_mpk.runtime import control
 from vllm_mpk.runtime.control import MegakernelError
 from vllm_mpk.runtime.megakernel import Megakernel
 from vllm_mpk.runtime.meta import step_inputs
@@ -126,3 +127,21 @@ def test_unsatisfiable_event_trips_the_watchdog(small_step):
     mk.reset()
     mk.run_step(4)
     assert not mk.tensors["logits"][:4].isnan().any()
+
+
+def test_counters_and_epoch_wrap_around(small_step):
+    """After ~2^31 launches the epoch and the counters wrap; waits compare modulo 2^32, so a
+    kernel started just before the wrap keeps producing the same logits across it."""
+    model, tensors = small_step
+    fresh = Megakernel(model.plan, tensors)
+    fresh.run_step(4)
+    want = fresh.tensors["logits"].clone()
+    mk = Megakernel(model.plan, tensors)
+    epoch = 2**31 - 1  # the next launch's epoch + 1 is 2^31: past the int32 range
+    wrapped = (mk.triggers.long() * epoch + 2**31) % 2**32 - 2**31
+    mk.counters.copy_(wrapped.int())
+    mk.control[control.EPOCH] = epoch
+    for _ in range(3):
+        mk.tensors["logits"].fill_(float("nan"))
+        mk.run_step(4)
+        assert torch.equal(mk.tensors["logits"], want)
