@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from vllm_mpk.demo import weight_bytes
 from vllm_mpk.graph.ir import Role
 from vllm_mpk.graph.reference import ReferenceExecutor
 from vllm_mpk.models import DecodeOptions, ModelSpec, build_decoder
@@ -59,14 +60,6 @@ def copy_bandwidth(device: str) -> float:
     dst = torch.empty_like(src)
     us = graph_replay_us(lambda: dst.copy_(src), 20)
     return 2 * src.numel() / us / 1e6  # TB/s, read + write
-
-
-def weight_bytes(model) -> int:
-    """Bytes of weights one step must stream: everything but the embedding (only B rows are read;
-    a tied lm_head is counted through its own view) and the RoPE table."""
-    skip = {"rope.cos_sin_cache", "model.embed_tokens.weight"}
-    return sum(t.numel() * t.element_size() for n, t in model.kernel.attached.items()
-               if "kv_cache" not in n and n not in skip)
 
 
 def run_case(spec, batch, context, device, weights, log, trace_path=None) -> dict:
@@ -115,7 +108,7 @@ def run_case(spec, batch, context, device, weights, log, trace_path=None) -> dic
     print(summary(model.plan, spans), flush=True)
     if trace_path is not None:
         write_trace(model.plan, spans, trace_path)
-    nbytes = weight_bytes(model) + sum(
+    nbytes = weight_bytes(spec, weights) + sum(
         int(tensors["seq_lens"].sum()) * spec.num_kv_heads * 2 * spec.head_dim * 2 for _ in range(spec.num_layers))
     row = {"model": spec.architecture, "layers": spec.num_layers, "hidden": spec.hidden_size, "batch": batch,
            "rel_err": rel, "rel_err_same_rounding": rel_bf16, "cache_rel_err": cache_rel, "greedy_agree": f"{agree}/{batch}",

@@ -301,8 +301,11 @@ class PersistentKernel:
                                                     device=device) for name in STEP_INPUT_NAMES}
         return self._step_buffers
 
-    def executor(self) -> StepExecutor:
-        """The CPU reference executor or the GPU megakernel for the compiled plan, made once."""
+    def executor(self, exact: bool = False) -> StepExecutor:
+        """The CPU reference executor or the GPU megakernel for the compiled plan, made once.
+        ``exact`` (CPU only, at the first call) keeps intermediates in float32."""
+        if exact and self.step_buffers["input_ids"].device.type != "cpu":
+            raise ValueError("exact=True is a mode of the CPU reference executor; the megakernel computes in bf16")
         if self._executor is None:
             plan = self.plan or self.compile()
             inputs = {**self.attached, **self.step_buffers}
@@ -312,7 +315,7 @@ class PersistentKernel:
                 profile = self.profiler_tensor if self.profiler_tensor is not None else False
                 self._executor = Megakernel(plan, inputs, profile=profile)
             else:
-                self._executor = ReferenceExecutor(plan, inputs)
+                self._executor = ReferenceExecutor(plan, inputs, exact=exact)
         return self._executor
 
     def __call__(self, num_tokens: int | None = None) -> None:

@@ -12,13 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_mpk.graph.reference import ReferenceExecutor
 from vllm_mpk.models import DecodeModel, DecodeOptions, ModelSpec, build_decoder
 from vllm_mpk.models.kv_cache import allocate_kv_caches
 from vllm_mpk.models.weights import split_to_hf
-from vllm_mpk.runtime.megakernel import Megakernel
-from vllm_mpk.runtime.meta import STEP_INPUT_NAMES, contiguous_block_tables
-from vllm_mpk.runtime.standalone import decode
+from vllm_mpk.runtime.meta import contiguous_block_tables
+from vllm_mpk.runtime.standalone import StepExecutor, decode
 
 BF16_LOGITS_TOLERANCE = 3e-2  # relative L2 error of logits with bf16 weights and activations
 EXACT_LOGITS_TOLERANCE = 1e-4  # the same with float32 intermediates
@@ -78,7 +76,7 @@ def reference_greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int)
         return seq, model(torch.tensor([seq], device=device)).logits[0].float().cpu()
 
 
-def run_teacher_forced(model: DecodeModel, executor: ReferenceExecutor | Megakernel, sequences: list[list[int]],
+def run_teacher_forced(model: DecodeModel, executor: StepExecutor, sequences: list[list[int]],
                        block_tables: torch.Tensor, order: str = "schedule") -> list[torch.Tensor]:
     """Decode every position of every sequence through the plan; per-request logits ``[len, V]``."""
     out = [torch.empty(len(s), model.spec.vocab_size) for s in sequences]
@@ -91,16 +89,6 @@ def run_teacher_forced(model: DecodeModel, executor: ReferenceExecutor | Megaker
     decode(executor, sequences, block_tables, model.options.page_size, teacher_forced=True,
            logits_name=model.logits.name, tokens_name=model.tokens.name, on_step=keep, order=order)
     return out
-
-
-def make_executor(model: DecodeModel, device: str, exact: bool) -> ReferenceExecutor | Megakernel:
-    """The CPU reference executor, or the megakernel on a GPU; both run ``run_step`` on the same plan."""
-    step_buffers = {n: torch.zeros(t.shape, dtype=t.dtype, device=device) for n, t in model.kernel.tensors.items()
-                    if n in STEP_INPUT_NAMES}
-    inputs = {**model.kernel.attached, **step_buffers}
-    if device == "cpu":
-        return ReferenceExecutor(model.plan, inputs, exact=exact)
-    return Megakernel(model.plan, inputs)
 
 
 def check_model(spec: ModelSpec, weights: Mapping[str, torch.Tensor], prompt_lens: list[int], new_tokens: int,
@@ -122,7 +110,7 @@ def check_model(spec: ModelSpec, weights: Mapping[str, torch.Tensor], prompt_len
     caches = allocate_kv_caches(spec, int(blocks.numel()), page_size, dtype=cache_dtype, device=device)
     on_device = {k: v.to(device) for k, v in weights.items()}
     model = build_decoder(spec, on_device, caches, options)
-    ours = run_teacher_forced(model, make_executor(model, device, exact), [seq for seq, _ in refs], blocks)
+    ours = run_teacher_forced(model, model.kernel.executor(exact=exact), [seq for seq, _ in refs], blocks)
     ref_all = torch.cat([logits for _, logits in refs])
     rel = float((torch.cat(ours) - ref_all).norm() / ref_all.norm())
     mismatches = near_ties = 0
