@@ -24,6 +24,7 @@ from vllm_mpk.demo import weight_bytes
 from vllm_mpk.graph.ir import Role
 from vllm_mpk.graph.reference import ReferenceExecutor
 from vllm_mpk.models import DecodeOptions, ModelSpec, build_decoder
+from vllm_mpk.models.catalog import resolve_model
 from vllm_mpk.models.kv_cache import allocate_kv_caches
 from vllm_mpk.models.weights import expected_shapes, random_weights
 from vllm_mpk.runtime.megakernel import Megakernel, kernel_spec
@@ -31,12 +32,9 @@ from vllm_mpk.runtime.meta import contiguous_block_tables, step_inputs
 from vllm_mpk.runtime.profiler import summary, task_spans, write_trace
 from vllm_mpk.runtime.timing import graph_replay_us
 
-CONFIGS = Path(__file__).resolve().parents[1] / "vllm_mpk" / "configs"
-
 
 def spec_of(name: str, layers: int | None) -> ModelSpec:
-    path = CONFIGS / f"{name}.json"
-    spec = ModelSpec.from_hf_config(json.loads(path.read_text())) if path.exists() else ModelSpec.from_dir(name)
+    spec = resolve_model(name).spec  # a shipped config's name or a model directory
     return spec.with_layers(layers) if layers else spec
 
 

@@ -1,8 +1,8 @@
 """The CPU reference executor: runs a compiled plan tile by tile with torch ops.
 
 Orders:
-- ``"schedule"``: the workers' queues, interleaved the way the GPU may run them (each worker runs
-  its head task once the task's event has fired);
+- ``"schedule"``: the workers' queues, run the way the GPU may run them (each worker runs its
+  head task once the task's events have fired; ``validate.run_queues``);
 - ``"random"``: any order that respects only the events, drawn with ``seed``; a missing event
   then lets a tile read a poisoned (NaN) intermediate and the result goes wrong;
 - ``"layers"``: every layer whole, in program order, through its plain definition.
@@ -24,6 +24,7 @@ from vllm_mpk.graph.ops import REGISTRY, Env
 from vllm_mpk.graph.ops.base import AllGather, AllReduce
 from vllm_mpk.graph.plan import Plan
 from vllm_mpk.graph.schedule import topological_order
+from vllm_mpk.graph.validate import run_queues
 
 ORDERS = ("schedule", "random", "layers")
 
@@ -92,27 +93,10 @@ class ReferenceExecutor:
             self.run_task(tid, num_tokens)
 
     def _scheduled_order(self) -> list[int]:
-        """Round-robin over workers, one task at a time, each waiting for its event."""
-        plan = self.plan
-        count = [0] * len(plan.events)
-        head = [0] * plan.num_workers
-        order: list[int] = []
-        progress = True
-        while progress:
-            progress = False
-            for w, queue in enumerate(plan.queues):
-                if head[w] == len(queue):
-                    continue
-                task = plan.tasks[queue[head[w]]]
-                if all(count[e] == plan.events[e].trigger_count for e in task.wait_events):
-                    order.append(task.id)
-                    head[w] += 1
-                    progress = True
-                    for s in task.signal_events:
-                        count[s] += 1
-        if len(order) != len(plan.tasks):
-            raise RuntimeError(f"the schedule deadlocked after {len(order)} of {len(plan.tasks)} tasks")
-        return order
+        try:
+            return run_queues(self.plan.tasks, self.plan.events, self.plan.queues)
+        except ValueError as e:  # a plan changed after validation: an execution failure here
+            raise RuntimeError(f"the schedule deadlocked: {e}") from e
 
     def _random_order(self, seed: int) -> list[int]:
         """A uniformly random choice among the tasks whose events have fired, step by step."""

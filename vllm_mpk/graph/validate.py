@@ -57,16 +57,17 @@ def check_reads_ordered(tasks: list[Task], events: list[Event], index: WriterInd
                                      f"but no event orders the write before the read")
 
 
-def check_no_deadlock(tasks: list[Task], events: list[Event], queues: list[list[int]]) -> None:
+def run_queues(tasks: list[Task], events: list[Event], queues: list[list[int]]) -> list[int]:
     """Run the queues the way the GPU does: a worker's head task starts once each of its events
-    has reached its trigger count; finishing it signals its events."""
+    has reached its trigger count; finishing it signals its events. Returns the order the tasks
+    ran in; raises ValueError if the queues deadlock."""
     if sorted(t for q in queues for t in q) != list(range(len(tasks))):
         raise ValueError("the schedule does not place every task on exactly one worker")
     count = [0] * len(events)
     head = [0] * len(queues)
     waiting: dict[int, list[int]] = {}
     runnable = deque(range(len(queues)))
-    done = 0
+    order: list[int] = []
     while runnable:
         w = runnable.popleft()
         while head[w] < len(queues[w]):
@@ -76,14 +77,20 @@ def check_no_deadlock(tasks: list[Task], events: list[Event], queues: list[list[
                 waiting.setdefault(pending, []).append(w)
                 break
             head[w] += 1
-            done += 1
+            order.append(task.id)
             for s in task.signal_events:
                 count[s] += 1
                 if count[s] == events[s].trigger_count:
                     runnable.extend(waiting.pop(s, []))
-    if done != len(tasks):
+    if len(order) != len(tasks):
         stuck = [(w, tasks[queues[w][head[w]]]) for w in range(len(queues)) if head[w] < len(queues[w])]
-        raise ValueError(f"the schedule deadlocks after {done} of {len(tasks)} tasks; blocked workers: {stuck[:4]}")
+        raise ValueError(f"the schedule deadlocks after {len(order)} of {len(tasks)} tasks; "
+                         f"blocked workers: {stuck[:4]}")
+    return order
+
+
+def check_no_deadlock(tasks: list[Task], events: list[Event], queues: list[list[int]]) -> None:
+    run_queues(tasks, events, queues)
 
 
 def validate(tensors: dict[str, TensorHandle], tasks: list[Task], events: list[Event],
