@@ -9,9 +9,12 @@
 // memory round trips are needed for the weights: they go from DRAM to registers to tensor cores.
 //
 // The input is staged in shared memory in chunks of KC columns (after f, as bf16). Work items are
-// (16-row group, 256-column slice) pairs spread over warps; each item stores its partial sums in a
-// slot of its own, and at the end of the chunk they are added in a fixed order, so the result is
-// bit-identical from run to run (no floating-point atomics).
+// (16-row group, 256-column slice) pairs in group-major order; each warp takes one contiguous run of
+// them and keeps its sums in registers while consecutive items share a group, so a warp stores one
+// partial per group it touches. Warp w's partial for group g goes to slot w + g: the runs are
+// contiguous and ordered, so no two (warp, group) pairs share a slot, and the partials need
+// NW + groups slots. At the end of a chunk they are added in warp order, so the result is
+// bit-identical from run to run (no floating-point atomics) and shared memory stays small.
 #pragma once
 #include "common.cuh"
 
@@ -38,13 +41,16 @@ constexpr int linear_chunk() {
   return K < fit ? K : (fit < kSliceK ? kSliceK : fit);
 }
 
-template <int K, int B, int ROWS>
-constexpr int linear_items() { return ROWS / 16 * (linear_chunk<K, B>() / kSliceK); }
+// A warp's contiguous run of a chunk's items: [lo, hi).
+struct ItemRange {
+  int lo, hi;
+  __device__ ItemRange(int items, int warp, int warps) : lo(warp * items / warps), hi((warp + 1) * items / warps) {}
+};
 
-template <int K, int B, int ROWS>
+template <int K, int B, int ROWS, int NT>
 constexpr int linear_smem_bytes() {
   return padded_batch<B>() * (linear_chunk<K, B>() + 8) * 2 + ROWS * padded_batch<B>() * 4 + padded_batch<B>() * 4 +
-         linear_items<K, B, ROWS>() * 16 * padded_batch<B>() * 4;
+         (NT / kWarp + ROWS / 16) * 16 * padded_batch<B>() * 4;
 }
 
 __device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -83,7 +89,29 @@ __device__ void linear_task(const TaskContext& c) {
   __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(c.smem);                 // [NB][XS]
   float* acc = reinterpret_cast<float*>(c.smem + NB * XS * 2);                  // [ROWS][NB]
   float* inv_rms = acc + ROWS * NB;                                              // [NB]
-  float* part = inv_rms + NB;                                                    // [items][16][NB]
+  float* part = inv_rms + NB;                                                    // [NW + groups][16][NB]
+
+  const int groups = (rows + 15) / 16;
+  auto slices_at = [&](int k0) { return (K - k0 < KC ? K - k0 : KC) / kSliceK; };
+  // A work item's 16 rows x 256 columns of weights: 16 independent 16-byte loads per thread.
+  auto load_item = [&](int item, int k0, int slices, uint4 (&wa)[8], uint4 (&wb)[8]) {
+    const int group = item / slices, kb = (item % slices) * kSliceK;
+    const int r_lo = c0 + group * 16 + g, r_hi = r_lo + 8;
+#pragma unroll
+    for (int s = 0; s < 8; ++s) {
+      const int k = k0 + kb + s * 32 + t * 8;
+      wa[s] = r_lo < c1 ? load_weights(w + (size_t)r_lo * K + k) : make_uint4(0, 0, 0, 0);
+      wb[s] = r_hi < c1 ? load_weights(w + (size_t)r_hi * K + k) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  // The first item's weights are requested before anything else: weights never wait.
+  uint4 wa[8], wb[8];
+  bool loaded = false;
+  {
+    const ItemRange first(groups * slices_at(0), warp, NW);
+    loaded = first.lo < first.hi;
+    if (loaded) load_item(first.lo, 0, slices_at(0), wa, wb);
+  }
 
   for (int i = threadIdx.x; i < rows * NB; i += NT) acc[i] = 0.f;
   if constexpr (MODE == LinearMode::kNorm) {
@@ -101,23 +129,11 @@ __device__ void linear_task(const TaskContext& c) {
     }
   }
 
-  const int groups = (rows + 15) / 16;
-  // A work item's 16 rows x 256 columns of weights: 16 independent 16-byte loads per thread.
-  auto load_item = [&](int item, int k0, int slices, uint4 (&wa)[8], uint4 (&wb)[8]) {
-    const int group = item / slices, kb = (item % slices) * kSliceK;
-    const int r_lo = c0 + group * 16 + g, r_hi = r_lo + 8;
-#pragma unroll
-    for (int s = 0; s < 8; ++s) {
-      const int k = k0 + kb + s * 32 + t * 8;
-      wa[s] = r_lo < c1 ? load_weights(w + (size_t)r_lo * K + k) : make_uint4(0, 0, 0, 0);
-      wb[s] = r_hi < c1 ? load_weights(w + (size_t)r_hi * K + k) : make_uint4(0, 0, 0, 0);
-    }
-  };
   for (int k0 = 0; k0 < K; k0 += KC) {
     const int kc = K - k0 < KC ? K - k0 : KC, slices = kc / kSliceK, items = groups * slices;
-    // The first item's weights are requested before the input is staged: weights never wait.
-    uint4 wa[8], wb[8];
-    if (warp < items) load_item(warp, k0, slices, wa, wb);
+    const ItemRange mine(items, warp, NW);
+    if (!loaded && mine.lo < mine.hi) load_item(mine.lo, k0, slices, wa, wb);
+    loaded = false;
     __syncthreads();  // previous chunk consumed; inv_rms and acc initialised
     for (int idx = threadIdx.x * 8; idx < NB * kc; idx += NT * 8) {
       const int b = idx / kc, kk = idx % kc, k = k0 + kk;
@@ -144,11 +160,18 @@ __device__ void linear_task(const TaskContext& c) {
     }
     __syncthreads();
 
-    for (int item = warp; item < items; item += NW) {
+    float d[NTILES][4] = {};
+    for (int item = mine.lo; item < mine.hi; ++item) {
       uint4 na[8], nb[8];  // the next item's weights stream while this one multiplies
-      if (item + NW < items) load_item(item + NW, k0, slices, na, nb);
+      if (item + 1 < mine.hi) {
+        load_item(item + 1, k0, slices, na, nb);
+      } else if (k0 + KC < K) {  // this warp's first item of the next chunk
+        const int next_slices = slices_at(k0 + KC);
+        const ItemRange next(groups * next_slices, warp, NW);
+        loaded = next.lo < next.hi;
+        if (loaded) load_item(next.lo, k0 + KC, next_slices, na, nb);
+      }
       const int kb = (item % slices) * kSliceK;
-      float d[NTILES][4] = {};
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
 #pragma unroll
@@ -158,12 +181,17 @@ __device__ void linear_task(const TaskContext& c) {
           mma_bf16(d[nt], wa[s].z, wb[s].z, wa[s].w, wb[s].w, xv.z, xv.w);
         }
       }
-      float* mine = part + item * 16 * NB;
+      const int group = item / slices;
+      if (item + 1 == mine.hi || (item + 1) / slices != group) {  // last item of this group: store
+        float* slot = part + (warp + group) * 16 * NB;
 #pragma unroll
-      for (int nt = 0; nt < NTILES; ++nt) {
-        const int b = nt * 8 + t * 2;
-        *reinterpret_cast<float2*>(mine + g * NB + b) = make_float2(d[nt][0], d[nt][1]);
-        *reinterpret_cast<float2*>(mine + (g + 8) * NB + b) = make_float2(d[nt][2], d[nt][3]);
+        for (int nt = 0; nt < NTILES; ++nt) {
+          const int b = nt * 8 + t * 2;
+          *reinterpret_cast<float2*>(slot + g * NB + b) = make_float2(d[nt][0], d[nt][1]);
+          *reinterpret_cast<float2*>(slot + (g + 8) * NB + b) = make_float2(d[nt][2], d[nt][3]);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) d[nt][j] = 0.f;
+        }
       }
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
@@ -172,11 +200,14 @@ __device__ void linear_task(const TaskContext& c) {
       }
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < rows * NB; i += NT) {  // slices in order: deterministic sums
-      const int r = i / NB, b = i % NB;
-      const float* first = part + ((r / 16) * slices * 16 + r % 16) * NB + b;
+    for (int i = threadIdx.x; i < rows * NB; i += NT) {  // warps in order: deterministic sums
+      const int r = i / NB, b = i % NB, group = r / 16;
       float sum = 0.f;
-      for (int sl = 0; sl < slices; ++sl) sum += first[sl * 16 * NB];
+      for (int v = 0; v < NW; ++v) {
+        const ItemRange theirs(items, v, NW);
+        if (theirs.lo < theirs.hi && theirs.lo < (group + 1) * slices && theirs.hi > group * slices)
+          sum += part[((v + group) * 16 + r % 16) * NB + b];
+      }
       acc[i] += sum;
     }
   }

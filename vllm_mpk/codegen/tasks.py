@@ -55,7 +55,7 @@ def _linear(op: Op, threads: int) -> CudaTask:
                                f"{MAX_TILE_ROWS}; raise grid_dim to at least {-(-op.inputs['weight'].shape[0] // MAX_TILE_ROWS)}")
     mode = LINEAR_MODES[op.kind]
     return CudaTask(f"mpk::linear_task<mpk::LinearMode::{mode}, {k}, {batch}, {rows}, {threads}, {out}>",
-                    f"mpk::linear_smem_bytes<{k}, {batch}, {rows}>()")
+                    f"mpk::linear_smem_bytes<{k}, {batch}, {rows}, {threads}>()")
 
 
 def _attention(op: Op, threads: int) -> CudaTask:

@@ -62,8 +62,13 @@ class DecodeModel:
 
 def linear_grid(columns: int, num_workers: int) -> int:
     """One tile per worker where the layer is wide enough, else one per 16 columns; never tiles
-    wider than the GPU's linear tiles take (the vocabulary projection gets several per worker)."""
-    return max(1, min(num_workers, columns // TILE_COLUMNS), -(-columns // MAX_TILE_ROWS))
+    wider than the GPU's linear tiles take. A layer that needs more tiles than workers (the
+    vocabulary projection) gets a whole number per worker, so no worker streams one more tile
+    than the others at the end of the step."""
+    needed = -(-columns // MAX_TILE_ROWS)
+    if needed > num_workers:
+        return min(-(-needed // num_workers) * num_workers, columns // TILE_COLUMNS)
+    return max(1, min(num_workers, columns // TILE_COLUMNS))
 
 
 def build_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_caches: Sequence[torch.Tensor],
