@@ -1,4 +1,5 @@
-"""``vllm-mpk``: plan a model's decode step, check it against ``transformers``, run the main job.
+"""``vllm-mpk``: plan a model's decode step, check it against ``transformers``, run the main job,
+benchmark it under vLLM.
 
 Exit codes: 0 success; 1 a check failed; 2 bad arguments, an unknown or unsupported model, or a
 path that is not built yet (the GPU runtime).
@@ -7,16 +8,22 @@ path that is not built yet (the GPU runtime).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
+from vllm_mpk.bench.runner import Row, run_engines
+from vllm_mpk.bench.table import read_rows, update_results
+from vllm_mpk.bench.worker import EngineConfig
 from vllm_mpk.check import CheckResult, check_model
 from vllm_mpk.graph.schedule import POLICIES
 from vllm_mpk.models import DecodeModel, DecodeOptions, ModelSpec, build_decoder
-from vllm_mpk.models.catalog import DEFAULT_MODEL, ResolvedModel, resolve_model
+from vllm_mpk.models.catalog import DEFAULT_MODEL, ResolvedModel, resolve_model, shipped_config, shipped_models
 from vllm_mpk.models.kv_cache import allocate_kv_caches
 from vllm_mpk.models.weights import expected_shapes, load_checkpoint, random_weights
 from vllm_mpk.runtime.meta import step_inputs
@@ -185,6 +192,52 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# bench ------------------------------------------------------------------------------------------
+
+
+def bench_unavailable_reason() -> str | None:
+    """None when vLLM can run here, else why not."""
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not importable"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    return None
+
+
+def print_rows(rows: list[Row]) -> None:
+    for r in rows:
+        head = f"{r['model']} {r['impl']} batch {r['batch']}:"
+        if "error" in r:
+            print(f"{head} FAILED {r['error']}", flush=True)
+            continue
+        forward = "n/a" if r["forward_ms"] is None else f"{r['forward_ms']:.3f} ms"
+        print(f"{head} TPOT {r['tpot_ms']:.3f} ms, forward {forward} (engine start {r['engine_s']:.0f} s, "
+              f"process {r['process_s']:.0f} s)", flush=True)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run one engine per (model, impl) in its own process, append the rows to ``--rows`` and
+    rewrite the table in ``--results`` from every row there (each model's latest run)."""
+    for model in args.models:
+        shipped_config(model)  # UnknownModelError (exit 2) before any engine starts
+    if min(args.batches) < 1 or args.new_tokens < 2 or args.repeats < 1:
+        raise CliError("--batches must be positive, --new-tokens at least 2, --repeats at least 1")
+    rows: list[Row] = []
+    if not args.table_only:
+        if (reason := bench_unavailable_reason()) is not None:
+            print(f"vllm-mpk bench runs vLLM on a GPU: {reason} (--table-only redraws the table)", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        configs = [EngineConfig(model, impl, tuple(args.batches), args.prompt_len, args.new_tokens, args.repeats,
+                                args.gpu_memory_utilization, args.vllm_compile)
+                   for model in args.models for impl in args.impls]
+        log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="vllm_mpk_bench_"))
+        print(f"{len(configs)} engines, one process each; logs in {log_dir}", flush=True)
+        rows = run_engines(configs, args.rows, log_dir, args.timeout, on_rows=print_rows)
+    print(update_results(args.results, read_rows(args.rows)))
+    print(f"\nrewrote the vLLM section of {args.results} from {args.rows}")
+    return EXIT_FAILED if any("error" in r for r in rows) else EXIT_OK
+
+
 # arguments --------------------------------------------------------------------------------------
 
 
@@ -241,7 +294,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trace", default="mpk_trace.json", help="where to write the trace (default mpk_trace.json)")
     p.set_defaults(func=cmd_profile)
+    add_bench_parser(sub)
     return parser
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    d = EngineConfig("", "")
+    b = sub.add_parser("bench", help="TPOT and forward time under vLLM, stock vs --model-impl mpk, each engine in "
+                       "its own process; rewrites the table in RESULTS.md")
+    b.add_argument("--models", nargs="+", type=str.lower, default=shipped_models(), help="shipped config names")
+    b.add_argument("--batches", nargs="+", type=int, default=list(d.batches))
+    b.add_argument("--impls", nargs="+", choices=("vllm", "mpk"), default=["vllm", "mpk"])
+    b.add_argument("--results", type=Path, default=Path("benchmarks/RESULTS.md"), help="markdown file to update")
+    b.add_argument("--rows", type=Path, default=Path("benchmarks/vllm_bench.jsonl"),
+                   help="JSON lines: new rows are appended, the table is drawn from all of them")
+    b.add_argument("--table-only", action="store_true", help="redraw the table from --rows; run nothing")
+    b.add_argument("--prompt-len", type=int, default=d.prompt_len)
+    b.add_argument("--new-tokens", type=int, default=d.new_tokens)
+    b.add_argument("--repeats", type=int, default=d.repeats)
+    b.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+    b.add_argument("--vllm-compile", action="store_true",
+                   help="vLLM's default compilation (torch.compile, FULL_AND_PIECEWISE) instead of mode 0 with "
+                   "FULL_DECODE_ONLY graphs; slower start")
+    b.add_argument("--timeout", type=float, default=300.0, help="seconds per engine process (default 300)")
+    b.add_argument("--log-dir", type=Path, default=None, help="one log per engine (default a new temp folder)")
+    b.set_defaults(func=cmd_bench)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,149 @@
+"""``vllm-mpk bench`` without a GPU: the RESULTS.md table drawn from JSON rows, the section
+rewrite, the command's arguments, the engine arguments and a worker process that fails."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vllm_mpk import cli
+from vllm_mpk.bench.runner import run_engine
+from vllm_mpk.bench.table import END, START, latest_rows, render, replace_section
+from vllm_mpk.bench.worker import FAST_COMPILATION, EngineConfig, engine_kwargs
+
+COMMON = {"gpu": "NVIDIA H100 80GB HBM3", "prompt_len": 128, "new_tokens": 257, "repeats": 3,
+          "compilation": "mode 0, FULL_DECODE_ONLY", "engine_s": 40.0, "process_s": 60.0, "graph_tokens": [1]}
+
+
+def row(model: str, impl: str, batch: int, tpot: float, forward: float | None, lm_head: float | None,
+        run: str = "2026-11-27T10:00:00Z") -> dict:
+    return {"model": model, "impl": impl, "batch": batch, "tpot_ms": tpot, "tpot_samples_ms": [tpot] * 3,
+            "forward_ms": forward, "lm_head_ms": lm_head, "run": run, **COMMON}
+
+
+ROWS = [
+    row("qwen3-0.6b", "vllm", 1, 9.0, 9.0, 9.0, run="2026-11-26T09:00:00Z"),  # an older run: not drawn
+    row("qwen3-0.6b", "vllm", 1, 1.60, 0.90, 0.10),
+    row("qwen3-0.6b", "mpk", 1, 1.20, 0.50, 0.10),
+    row("qwen3-0.6b", "vllm", 8, 1.80, 1.20, 0.20),
+    row("qwen3-0.6b", "mpk", 8, 2.00, 1.40, 0.20),
+    row("qwen3-8b", "vllm", 1, 6.70, 6.00, 0.30),
+    {"model": "qwen3-8b", "impl": "mpk", "batch": 1, "error": "exit 1: MpkFallbackError: no",
+     "run": "2026-11-27T10:00:00Z"},
+]
+
+
+def table_cells(markdown: str, model: str, batch: int) -> list[str]:
+    (line,) = [ln for ln in markdown.splitlines() if ln.startswith(f"| {model} | {batch} |")]
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_latest_run_per_model_is_drawn() -> None:
+    latest = latest_rows(ROWS)
+    assert all(r["run"] == "2026-11-27T10:00:00Z" for r in latest) and len(latest) == len(ROWS) - 1
+
+
+def test_table_has_ratios_overhead_and_ceiling() -> None:
+    md = render(ROWS)
+    assert table_cells(md, "qwen3-0.6b", 1) == ["qwen3-0.6b", "1", "1.60", "1.20", "1.33×", "0.90", "0.50", "1.80×",
+                                                "0.10", "0.60 (38%)", "0.60 (50%)", "2.29×"]
+    assert table_cells(md, "qwen3-0.6b", 8)[4] == "0.90×"  # slower is shown as such
+    # the failed mpk engine leaves dashes in its columns and a line under the table
+    assert table_cells(md, "qwen3-8b", 1) == ["qwen3-8b", "1", "6.70", "—", "—", "6.00", "—", "—", "0.30",
+                                              "0.40 (6%)", "—", "9.57×"]
+    assert "- qwen3-8b mpk batch 1: exit 1: MpkFallbackError: no" in md
+    assert "NVIDIA H100 80GB HBM3" in md and "2026-11-27T10:00:00Z" in md and "9.00" not in md
+    # the note names the range of vLLM's overhead and where it bounds the gain most
+    assert "0.40–0.60 ms, 6%–38% of stock TPOT" in md
+    assert "qwen3-0.6b at batch 1" in md and "≥ 0.70 ms" in md
+
+
+def test_missing_forward_time_is_a_dash() -> None:
+    md = render([row("llama-3.2-1b", "vllm", 16, 1.7, None, None), row("llama-3.2-1b", "mpk", 16, 1.5, None, None)])
+    assert table_cells(md, "llama-3.2-1b", 16)[2:6] == ["1.70", "1.50", "1.13×", "—"]
+    assert "not measured" in md
+
+
+def test_section_is_replaced_in_place_or_appended() -> None:
+    doc = f"# Results\n\nbefore\n\n{START}\nold table\n{END}\n\nafter\n"
+    new = replace_section(doc, "new table")
+    assert new == f"# Results\n\nbefore\n\n{START}\nnew table\n{END}\n\nafter\n"
+    appended = replace_section("# Results\n\ntext\n", "body")
+    assert appended.startswith("# Results\n\ntext\n\n## ") and appended.endswith(f"{START}\nbody\n{END}\n")
+    assert replace_section(appended, "body 2").count(START) == 1
+
+
+def test_bench_arguments_parse() -> None:
+    args = cli.build_parser().parse_args(["bench", "--models", "Qwen3-0.6B", "llama-3.1-8b", "--batches", "1", "8",
+                                          "--impls", "mpk", "--timeout", "120", "--vllm-compile"])
+    assert args.models == ["qwen3-0.6b", "llama-3.1-8b"] and args.batches == [1, 8] and args.impls == ["mpk"]
+    assert args.timeout == 120 and args.vllm_compile and not args.table_only
+    defaults = cli.build_parser().parse_args(["bench"])
+    assert defaults.models == ["llama-3.1-8b", "llama-3.2-1b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-8b"]
+    assert defaults.batches == [1, 8, 16] and defaults.impls == ["vllm", "mpk"]
+    assert defaults.results == Path("benchmarks/RESULTS.md") and defaults.gpu_memory_utilization == 0.85
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["bench", "--impls", "transformers"])
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_bench_table_only_redraws_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows, results = tmp_path / "rows.jsonl", tmp_path / "RESULTS.md"
+    write_rows(rows, ROWS)
+    results.write_text("# Results\n\nkept\n")
+    assert cli.main(["bench", "--table-only", "--rows", str(rows), "--results", str(results)]) == 0
+    text = results.read_text()
+    assert text.startswith("# Results\n\nkept\n") and "| qwen3-0.6b | 1 | 1.60 | 1.20 | 1.33× |" in text
+    assert "| qwen3-0.6b | 1 |" in capsys.readouterr().out
+
+
+def test_bench_runs_one_engine_per_model_and_impl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[EngineConfig] = []
+
+    def fake_run_engines(configs: list[EngineConfig], rows_path: Path, *args: object, **kwargs: object) -> list[dict]:
+        seen.extend(configs)
+        new = [row(c.model, c.impl, b, 2.0, 1.0, 0.1) for c in seen for b in c.batches]
+        write_rows(rows_path, new)
+        return new
+
+    monkeypatch.setattr(cli, "bench_unavailable_reason", lambda: None)
+    monkeypatch.setattr(cli, "run_engines", fake_run_engines)
+    results = tmp_path / "RESULTS.md"
+    assert cli.main(["bench", "--models", "qwen3-0.6b", "qwen3-8b", "--batches", "1", "16", "--repeats", "5",
+                     "--rows", str(tmp_path / "r.jsonl"), "--results", str(results)]) == 0
+    assert [(c.model, c.impl) for c in seen] == [("qwen3-0.6b", "vllm"), ("qwen3-0.6b", "mpk"),
+                                                 ("qwen3-8b", "vllm"), ("qwen3-8b", "mpk")]
+    assert all(c.batches == (1, 16) and c.repeats == 5 and not c.vllm_compile for c in seen)
+    assert "| qwen3-8b | 16 | 2.00 | 2.00 | 1.00× |" in results.read_text()
+
+
+def test_bench_refuses_unknown_models_and_missing_gpu(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "--models", "gpt2"]) == 2
+    assert "no shipped config named 'gpt2'" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "bench_unavailable_reason", lambda: "torch sees no CUDA device")
+    assert cli.main(["bench", "--models", "qwen3-0.6b"]) == 2
+    assert "torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_engine_kwargs() -> None:
+    stock = engine_kwargs(EngineConfig("qwen3-0.6b", "vllm", batches=(1, 8, 16)), Path("/m"))
+    assert stock["model"] == "/m" and stock["load_format"] == "dummy" and stock["max_num_seqs"] == 16
+    assert stock["compilation_config"] == FAST_COMPILATION and "additional_config" not in stock
+    assert stock["max_model_len"] == 128 + 257 + 16
+    mpk = engine_kwargs(EngineConfig("qwen3-0.6b", "mpk", batches=(1, 8), vllm_compile=True), Path("/m"))
+    assert mpk["additional_config"] == {"mpk": {"max_batch": 8, "strict": True}}
+    assert "compilation_config" not in mpk and mpk["model_impl"] == "mpk"
+    cfg = EngineConfig("qwen3-8b", "mpk", batches=(1, 16), repeats=5)
+    assert EngineConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_a_failing_worker_leaves_error_rows(tmp_path: Path) -> None:
+    rows = run_engine(EngineConfig("no-such-model", "vllm", batches=(1, 8)), tmp_path / "w.log", timeout_s=120)
+    assert [(r["batch"], r["error"].split(":")[0]) for r in rows] == [(1, "exit 1"), (8, "exit 1")]
+    assert "no shipped config named 'no-such-model'" in rows[0]["error"] and rows[0]["process_s"] > 0

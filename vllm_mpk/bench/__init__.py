@@ -1,0 +1,8 @@
+"""``vllm-mpk bench``: vLLM's time per output token and model-forward time, stock and with
+``--model-impl mpk``, each engine in a fresh process.
+
+- ``worker``: one engine (one model, one ``model_impl``) in this process; writes JSON rows.
+- ``step_timer``: the worker extension vLLM loads into its GPU worker, timing each decode step.
+- ``runner``: starts one worker process per engine and collects their rows.
+- ``table``: the markdown table of RESULTS.md, from rows (pure functions, tested on the CPU).
+"""

@@ -1,0 +1,79 @@
+"""Run ``vllm_mpk.bench.worker`` once per engine, each in a fresh process (and process group, so
+the engine core it spawns goes with it), and collect the rows.
+
+Every row gets the run's id (UTC start time; the table pairs stock and mpk from one run, hence one
+card) and the seconds its process took. An engine that fails or times out leaves an error row
+per missing batch, holding the last line of its log, and the run goes on to the next engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from vllm_mpk.bench.worker import EngineConfig
+
+Row = dict[str, Any]
+
+
+def run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def log_tail(path: Path, lines: int = 1) -> str:
+    text = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+    return " | ".join(text[-lines:]) or "(empty log)"
+
+
+def run_engine(cfg: EngineConfig, log: Path, timeout_s: float) -> list[Row]:
+    """The rows of one worker process; error rows for the batches it did not finish."""
+    with tempfile.TemporaryDirectory() as tmp, log.open("w") as out:
+        rows_file = Path(tmp) / "rows.jsonl"
+        cmd = [sys.executable, "-m", "vllm_mpk.bench.worker", cfg.to_json(), "--rows", str(rows_file)]
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc: int | str = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            rc = f"timed out after {timeout_s:.0f} s"
+        with_group_killed(proc)
+        seconds = time.perf_counter() - start
+        rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
+    done = {r["batch"] for r in rows}
+    error = f"exit {rc}: {log_tail(log)} (log: {log})"
+    rows += [{"model": cfg.model, "impl": cfg.impl, "batch": b, "error": error} for b in cfg.batches if b not in done]
+    return [{**r, "process_s": seconds} for r in rows]
+
+
+def with_group_killed(proc: subprocess.Popen[bytes]) -> None:
+    """Kill what is left of the worker's process group (a hung worker, an orphaned engine core)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def run_engines(configs: Iterable[EngineConfig], rows_path: Path, log_dir: Path, timeout_s: float,
+                on_rows: Callable[[list[Row]], None] = lambda rows: None) -> list[Row]:
+    """Run every engine in turn; append each engine's rows to ``rows_path`` as they come."""
+    run = run_id()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    rows_path.parent.mkdir(parents=True, exist_ok=True)
+    all_rows: list[Row] = []
+    for cfg in configs:
+        rows = [{**r, "run": run} for r in run_engine(cfg, log_dir / f"{cfg.model}-{cfg.impl}.log", timeout_s)]
+        with rows_path.open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        on_rows(rows)
+        all_rows += rows
+    return all_rows

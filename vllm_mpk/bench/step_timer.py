@@ -1,0 +1,65 @@
+"""Time the model forward inside vLLM's GPU worker, step by step.
+
+Loaded by vLLM as ``worker_extension_cls`` (its methods join the worker's, callable through
+``LLM.collective_rpc("bench_...")`` by name, so it works whether the engine core runs in the
+caller's process or in its own). Model Runner V2 (``v1/worker/gpu/model_runner.py``, the default
+for dense Qwen3 and Llama in vLLM 0.26) runs every decode batch of a FULL CUDA graph size through
+``cudagraph_manager.run_fullgraph(desc)``: one graph replay, the model from embedding to the final
+norm, nothing else. CUDA events on the current stream just before and after that replay time the
+graph's execution on the GPU (the replay is one launch, so no host gap sits between the events).
+``model.compute_logits`` (lm_head, outside the graph) is timed the same way.
+
+The wrappers are instance attributes set by ``bench_timer_start`` and deleted by
+``bench_timer_stop``: while the timer is off the worker runs vLLM's code untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+EventPair = tuple[torch.cuda.Event, torch.cuda.Event]
+
+
+class StepTimer:
+    """Mixed into vLLM's ``Worker``; ``self.model_runner`` is the worker's model runner."""
+
+    def bench_device_name(self) -> str:
+        return torch.cuda.get_device_name()
+
+    def bench_timer_start(self) -> bool:
+        """Start timing; False when the runner has no FULL-graph replay to time (V1 model runner)."""
+        runner = self.model_runner  # type: ignore[attr-defined]
+        graphs = getattr(runner, "cudagraph_manager", None)
+        if graphs is None or not hasattr(graphs, "run_fullgraph"):
+            return False
+        self._bench_events: dict[str, list[EventPair]] = {"forward": [], "lm_head": []}
+        self._bench_tokens: list[int] = []
+        graphs.run_fullgraph = self._bench_timed(graphs.run_fullgraph, "forward")
+        runner.model.compute_logits = self._bench_timed(runner.model.compute_logits, "lm_head")
+        return True
+
+    def bench_timer_stop(self) -> dict[str, list[float]]:
+        """Stop timing; milliseconds of each timed call (``forward``, ``lm_head``) and the token
+        count of each replayed graph (``graph_tokens``, padding included)."""
+        runner = self.model_runner  # type: ignore[attr-defined]
+        del runner.cudagraph_manager.run_fullgraph
+        del runner.model.compute_logits
+        torch.cuda.synchronize()
+        times = {key: [start.elapsed_time(end) for start, end in pairs] for key, pairs in self._bench_events.items()}
+        return {**times, "graph_tokens": [float(n) for n in self._bench_tokens]}
+
+    def _bench_timed(self, fn: Callable[..., Any], key: str) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if key == "forward":
+                self._bench_tokens.append(args[0].num_tokens)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(*args, **kwargs)
+            end.record()
+            self._bench_events[key].append((start, end))
+            return out
+
+        return timed

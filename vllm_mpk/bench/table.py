@@ -1,0 +1,136 @@
+"""The vLLM comparison table of benchmarks/RESULTS.md, made from the rows ``vllm-mpk bench``
+writes (JSON lines, see ``vllm_mpk.bench.worker``). Pure functions: no GPU, no vLLM.
+
+For each model the table uses the rows of the latest run that measured it, so stock and mpk
+always come from the same run on the same card. Per model and batch (milliseconds): TPOT and
+forward time of both impls and their ratios; lm_head (``compute_logits``, vLLM's GEMV for both
+impls; the stock row's value); overhead = TPOT - forward - lm_head, vLLM's own per-step work
+outside the model (scheduling, input preparation, sampling, host gaps between launches); and the
+ceiling, stock TPOT / (stock TPOT - stock forward): the TPOT speed-up of a forward that took no
+time at all. Where the ceiling is small, vLLM's overhead, not the forward, bounds the gain.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+Row = dict[str, Any]
+START, END = "<!-- vllm-bench:start -->", "<!-- vllm-bench:end -->"
+HEADING = "## vLLM time per output token: stock vs `--model-impl mpk`"
+STOCK, MPK = "vllm", "mpk"
+COLUMNS = ("model", "batch", "TPOT vLLM", "TPOT mpk", "TPOT ×", "forward vLLM", "forward mpk", "forward ×",
+           "lm_head", "overhead vLLM", "overhead mpk", "ceiling ×")
+
+
+def read_rows(path: Path) -> list[Row]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def latest_rows(rows: Iterable[Row]) -> list[Row]:
+    """The rows of each model's latest run (run ids sort by time), in first-seen model order."""
+    rows = list(rows)
+    latest: dict[str, str] = {}
+    for r in rows:
+        latest[r["model"]] = max(latest.get(r["model"], r["run"]), r["run"])
+    return [r for r in rows if r["run"] == latest[r["model"]]]
+
+
+def ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def ratio(num: float | None, den: float | None) -> str:
+    return "—" if num is None or not den else f"{num / den:.2f}×"
+
+
+def overhead_ms(r: Row | None, lm_head: float | None) -> float | None:
+    if r is None or r.get("forward_ms") is None or lm_head is None:
+        return None
+    return r["tpot_ms"] - r["forward_ms"] - lm_head
+
+
+def overhead_cell(r: Row | None, lm_head: float | None) -> str:
+    over = overhead_ms(r, lm_head)
+    return "—" if over is None or r is None else f"{over:.2f} ({over / r['tpot_ms']:.0%})"
+
+
+def table_line(model: str, batch: int, stock: Row | None, mpk: Row | None) -> str:
+    def get(r: Row | None, key: str) -> float | None:
+        return None if r is None else r.get(key)
+
+    lm_head = get(stock, "lm_head_ms") if get(stock, "lm_head_ms") is not None else get(mpk, "lm_head_ms")
+    tpot_s, fwd_s = get(stock, "tpot_ms"), get(stock, "forward_ms")
+    ceiling = ratio(tpot_s, tpot_s - fwd_s) if tpot_s is not None and fwd_s is not None else "—"
+    cells = [model, str(batch), ms(tpot_s), ms(get(mpk, "tpot_ms")), ratio(tpot_s, get(mpk, "tpot_ms")),
+             ms(fwd_s), ms(get(mpk, "forward_ms")), ratio(fwd_s, get(mpk, "forward_ms")), ms(lm_head),
+             overhead_cell(stock, lm_head), overhead_cell(mpk, lm_head), ceiling]
+    return "| " + " | ".join(cells) + " |"
+
+
+def distinct(rows: list[Row], key: str) -> str:
+    return " / ".join(dict.fromkeys(str(r[key]) for r in rows if key in r))
+
+
+def overhead_note(ok: list[Row]) -> str:
+    """One sentence on how much of the step vLLM's overhead takes, from the stock rows."""
+    stock = [(r, overhead_ms(r, r.get("lm_head_ms"))) for r in ok if r["impl"] == STOCK]
+    stock = [(r, o) for r, o in stock if o is not None]
+    if not stock:
+        return "vLLM's per-step overhead was not measured (no stock row with a forward time)."
+    shares = [o / r["tpot_ms"] for r, o in stock]
+    worst, over = max(stock, key=lambda ro: ro[1] / ro[0]["tpot_ms"])
+    return (f"vLLM's own per-step work outside the model (scheduling, input preparation, sampling, host gaps) "
+            f"takes {min(o for _, o in stock):.2f}–{max(o for _, o in stock):.2f} ms, {min(shares):.0%}–"
+            f"{max(shares):.0%} of stock TPOT. It bounds the gain most for {worst['model']} at batch "
+            f"{worst['batch']} ({over / worst['tpot_ms']:.0%} of the step): any forward, even one taking "
+            f"no time, leaves TPOT there at ≥ {over + worst['lm_head_ms']:.2f} ms (ceiling "
+            f"{worst['tpot_ms'] / (worst['tpot_ms'] - worst['forward_ms']):.2f}×).")
+
+
+def render(rows: Iterable[Row]) -> str:
+    """The markdown between the markers: settings, card and date, table, overhead note, failures."""
+    rows = latest_rows(rows)
+    ok = [r for r in rows if "error" not in r]
+    if not rows:
+        return "No vLLM benchmark rows yet: run `vllm-mpk bench` on a GPU."
+    by_key = {(r["model"], r["batch"], r["impl"]): r for r in ok}
+    lines = [f"Card: {distinct(ok, 'gpu') or '—'}; run {distinct(rows, 'run')}. Dummy weights (vLLM's "
+             f"`load_format=\"dummy\"` on the shipped configs), prompts of {distinct(ok, 'prompt_len')} tokens, "
+             f"{distinct(ok, 'new_tokens')} greedy tokens with EOS ignored, TPOT median of "
+             f"{distinct(ok, 'repeats')}; compilation: {distinct(ok, 'compilation')}. Each engine in its own "
+             f"process. Milliseconds.", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for batch in sorted({r["batch"] for r in rows if r["model"] == model}):
+            lines.append(table_line(model, batch, by_key.get((model, batch, STOCK)), by_key.get((model, batch, MPK))))
+    lines += ["", overhead_note(ok), "",
+              "forward: GPU time of the decode step's CUDA-graph replay (embedding to final norm). lm_head: "
+              "`compute_logits`. overhead = TPOT − forward − lm_head (share of that TPOT). ceiling: stock TPOT "
+              "over stock TPOT − stock forward, the speed-up of a forward that took no time."]
+    failures = [f"- {r['model']} {r['impl']} batch {r['batch']}: {r['error']}" for r in rows if "error" in r]
+    if failures:
+        lines += ["", "Failed:", *failures]
+    return "\n".join(lines)
+
+
+def replace_section(document: str, body: str) -> str:
+    """``document`` with the text between the markers replaced by ``body``; the section (heading
+    and markers) is appended when the markers are missing."""
+    section = f"{START}\n{body}\n{END}"
+    if START in document and END in document.split(START, 1)[1]:
+        head, rest = document.split(START, 1)
+        return head + section + rest.split(END, 1)[1]
+    return document.rstrip("\n") + f"\n\n{HEADING}\n\n{section}\n"
+
+
+def update_results(results: Path, rows: Iterable[Row]) -> str:
+    """Rewrite the section of ``results`` (created if missing) from ``rows``; returns the body."""
+    body = render(rows)
+    document = results.read_text() if results.exists() else "# Results\n"
+    results.write_text(replace_section(document, body))
+    return body

@@ -1,0 +1,151 @@
+"""One vLLM engine (one model, one ``model_impl``) in this process: TPOT and model-forward time
+per batch size, one JSON row per batch appended to a file as soon as it is measured.
+
+    python -m vllm_mpk.bench.worker '{"model": "qwen3-0.6b", "impl": "mpk"}' --rows rows.jsonl
+
+Weights are vLLM's dummy weights (``load_format="dummy"``) for a directory holding only the
+shipped config.json. For each batch: ``batch`` prompts of ``prompt_len`` token ids, greedy, EOS
+ignored. TPOT = (time to generate ``new_tokens`` - time to generate 1) / (new_tokens - 1), median
+of ``repeats``; then one more generation of ``new_tokens`` with ``StepTimer`` on gives the median
+GPU time of the decode step's graph replay (``forward_ms``) and of ``compute_logits``
+(``lm_head_ms``). Run by ``vllm_mpk.bench.runner`` in a fresh process per engine, because GPU
+memory is not reliably freed between engines of one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from vllm_mpk.models.catalog import shipped_config
+
+FAST_COMPILATION = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}  # no torch.compile; FULL decode graphs
+STEP_TIMER = "vllm_mpk.bench.step_timer.StepTimer"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What one worker measures. ``vllm_compile``: vLLM's default compilation (torch.compile and
+    FULL_AND_PIECEWISE graphs, a slower start) instead of ``FAST_COMPILATION``."""
+
+    model: str  # a shipped config name, e.g. "qwen3-0.6b"
+    impl: str  # vLLM's model_impl: "vllm" (stock) or "mpk"
+    batches: tuple[int, ...] = (1, 8, 16)
+    prompt_len: int = 128
+    new_tokens: int = 257
+    repeats: int = 3
+    gpu_memory_utilization: float = 0.85
+    vllm_compile: bool = False
+
+    @classmethod
+    def from_json(cls, text: str) -> EngineConfig:
+        raw = json.loads(text)
+        return cls(**{**raw, "batches": tuple(raw.get("batches", cls.batches))})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @property
+    def compilation(self) -> str:
+        return "vLLM default" if self.vllm_compile else "mode 0, FULL_DECODE_ONLY"
+
+
+def model_dir(name: str, root: Path) -> Path:
+    """A directory holding only the shipped config.json: vLLM loads it with dummy weights."""
+    d = root / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(shipped_config(name)))
+    return d
+
+
+def engine_kwargs(cfg: EngineConfig, directory: Path) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.LLM`` for ``cfg``. The mpk engine is strict (it raises rather
+    than silently running vLLM's layers) and takes decode batches up to the largest measured."""
+    kwargs: dict[str, Any] = dict(
+        model=str(directory), model_impl=cfg.impl, load_format="dummy", skip_tokenizer_init=True,
+        max_model_len=cfg.prompt_len + cfg.new_tokens + 16, max_num_seqs=max(cfg.batches),
+        gpu_memory_utilization=cfg.gpu_memory_utilization, worker_extension_cls=STEP_TIMER)
+    if not cfg.vllm_compile:
+        kwargs["compilation_config"] = FAST_COMPILATION
+    if cfg.impl == "mpk":
+        kwargs["additional_config"] = {"mpk": {"max_batch": max(cfg.batches), "strict": True}}
+    return kwargs
+
+
+def token_prompts(batch: int, prompt_len: int, vocab: int) -> list[dict[str, list[int]]]:
+    """Distinct token-id prompts, one per request (no tokenizer is loaded)."""
+    return [{"prompt_token_ids": [(7 * b + 13 * i + 1) % vocab for i in range(prompt_len)]} for b in range(batch)]
+
+
+def generate_s(llm: Any, prompts: list[dict[str, list[int]]], tokens: int) -> float:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    start = time.perf_counter()
+    llm.generate(prompts, params, use_tqdm=False)
+    return time.perf_counter() - start
+
+
+def tpot_samples_ms(llm: Any, prompts: list[dict[str, list[int]]], new_tokens: int, repeats: int) -> list[float]:
+    generate_s(llm, prompts, new_tokens)  # warm-up
+    return [(generate_s(llm, prompts, new_tokens) - generate_s(llm, prompts, 1)) / (new_tokens - 1) * 1e3
+            for _ in range(repeats)]
+
+
+def step_times_ms(llm: Any, prompts: list[dict[str, list[int]]], new_tokens: int) -> dict[str, Any]:
+    """Median GPU time of the decode step's graph replay and of compute_logits over one generation
+    (None where the model runner has no FULL-graph replay to time)."""
+    if not llm.collective_rpc("bench_timer_start")[0]:
+        return {"forward_ms": None, "lm_head_ms": None, "graph_tokens": None}
+    try:
+        generate_s(llm, prompts, new_tokens)
+    finally:
+        times = llm.collective_rpc("bench_timer_stop")[0]
+
+    def median(key: str) -> float | None:
+        return statistics.median(times[key]) if times[key] else None
+
+    return {"forward_ms": median("forward"), "lm_head_ms": median("lm_head"),
+            "graph_tokens": sorted({int(n) for n in times["graph_tokens"]})}
+
+
+def run(cfg: EngineConfig, rows: Path) -> None:
+    vocab = shipped_config(cfg.model)["vocab_size"]  # an unknown name fails here, before vLLM loads
+    from vllm import LLM
+
+    with tempfile.TemporaryDirectory(prefix="vllm_mpk_bench_") as root:
+        start = time.perf_counter()
+        llm = LLM(**engine_kwargs(cfg, model_dir(cfg.model, Path(root))))
+        engine_s = time.perf_counter() - start
+        try:
+            gpu = llm.collective_rpc("bench_device_name")[0]
+            for batch in cfg.batches:
+                prompts = token_prompts(batch, cfg.prompt_len, vocab)
+                samples = tpot_samples_ms(llm, prompts, cfg.new_tokens, cfg.repeats)
+                row = {"model": cfg.model, "impl": cfg.impl, "batch": batch, "tpot_ms": statistics.median(samples),
+                       "tpot_samples_ms": samples, **step_times_ms(llm, prompts, cfg.new_tokens), "gpu": gpu,
+                       "engine_s": engine_s, "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens,
+                       "repeats": cfg.repeats, "compilation": cfg.compilation}
+                with rows.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("config", help="EngineConfig as JSON")
+    p.add_argument("--rows", type=Path, required=True, help="JSON lines file to append one row per batch to")
+    args = p.parse_args()
+    run(EngineConfig.from_json(args.config), args.rows)
+
+
+if __name__ == "__main__":
+    main()
