@@ -312,6 +312,8 @@ def test_kv_layout_accepts_flash_attention_and_triton_layouts() -> None:
     for backend in (FlashAttentionBackend, TritonAttentionBackend):
         for cache in (nhd, hnd):
             assert kv_layout_problem(attention(cache, backend), SPEC) is None
+    # --kv-cache-dtype bfloat16 on a bf16 model is the same cache as "auto"
+    assert kv_layout_problem(attention(nhd, FlashAttentionBackend, "bfloat16"), SPEC) is None
 
 
 def test_kv_layout_refusals_say_why() -> None:

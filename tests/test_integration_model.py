@@ -16,6 +16,7 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -170,13 +171,15 @@ class Runner:
             cu_prefix_query_lens=None, prefix_kv_lens=None, suffix_kv_lens=None)
         return {attn.layer_name: md for attn in attention_modules(self.built.model)}
 
-    def forward(self, attn_metadata: Any, num_tokens: int) -> torch.Tensor:
+    def forward(self, attn_metadata: Any, num_tokens: int, mode: Any = None) -> torch.Tensor:
+        from vllm.config import CUDAGraphMode
         from vllm.forward_context import set_forward_context
 
-        with set_forward_context(attn_metadata, self.built.vllm_config, num_tokens=num_tokens):
+        with set_forward_context(attn_metadata, self.built.vllm_config, num_tokens=num_tokens,
+                                 cudagraph_runtime_mode=mode or CUDAGraphMode.NONE):
             return self.built.model(input_ids=self.input_ids[:num_tokens], positions=self.positions[:num_tokens])
 
-    def step(self, rows: list[tuple[int, int, int]], padded: int) -> torch.Tensor:
+    def step(self, rows: list[tuple[int, int, int]], padded: int, mode: Any = None) -> torch.Tensor:
         """``rows``: (request, token, position) per active request; returns hidden states."""
         self.seq_lens.zero_()
         self.block_table.zero_()
@@ -185,7 +188,7 @@ class Runner:
             self.input_ids[b], self.positions[b], self.seq_lens[b] = token, pos, pos + 1
             self.block_table[b, :len(self.blocks[req])] = torch.tensor(self.blocks[req], dtype=torch.int32)
             self.slot_mapping[b] = self.blocks[req][pos // PAGE] * PAGE + pos % PAGE
-        return self.forward(self.metadata(padded, padded), padded)
+        return self.forward(self.metadata(padded, padded), padded, mode)
 
 
 def test_decode_steps_match_the_standalone_plan(built: Built) -> None:
@@ -312,3 +315,72 @@ def test_moved_buffers_stop_the_megakernel(built: Built, stock_calls: list[int],
     runner.step([(0, 6, 1)], 1)
     assert "seq_lens" in (fresh.model._mpk.disabled or "") and fresh.model._mpk.steps == 1
     assert len(stock_calls) == 1
+
+
+# memory ---------------------------------------------------------------------------------------
+
+
+def test_memory_is_reserved_at_load_and_given_to_the_build(built: Built, stock_calls: list[int], tmp_path: Path) -> None:
+    """The model holds the estimated build size from construction (inside vLLM's load_model, so
+    its memory profiling counts it) until the build, which allocates no more than that."""
+    from vllm_mpk.integration.memory import activation_bytes, allocated_bytes, megakernel_bytes
+
+    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
+    mpk = fresh.model._mpk
+    estimate = megakernel_bytes(built.spec, MAX_REQS, WORKERS)
+    assert mpk.reservation is not None and mpk.reservation.block is not None
+    assert mpk.reservation.block.numel() == estimate
+    Runner(fresh, [[1]]).step([(0, 5, 0)], 1)
+    assert mpk.executor is not None and mpk.reservation is None
+    # The CPU build allocates the plan's intermediates, exactly as estimated.
+    assert allocated_bytes(mpk.executor) == activation_bytes(built.spec, MAX_REQS)
+    assert allocated_bytes(mpk.executor) < estimate
+
+
+def test_a_fallback_gives_the_reservation_back(built: Built, stock_calls: list[int], monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
+    for attn in attention_modules(fresh.model):
+        monkeypatch.setattr(attn, "kv_cache_dtype", "fp8")
+    Runner(fresh, [[1]]).step([(0, 5, 0)], 1)
+    assert fresh.model._mpk.disabled and fresh.model._mpk.reservation is None
+
+
+def test_breakable_piecewise_steps_run_the_stock_forward(built: Built, stock_calls: list[int],
+                                                          monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """With VLLM_USE_BREAKABLE_CUDAGRAPH=1 a PIECEWISE step captures the whole outer forward keyed
+    by token count only; a megakernel launch captured there could be replayed for a prefill."""
+    from vllm.config import CUDAGraphMode
+
+    import vllm_mpk.integration.model as model_module
+
+    monkeypatch.setattr(model_module, "is_breakable_cudagraph_enabled", lambda: True)
+    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
+    runner = Runner(fresh, [[1]])
+    runner.step([(0, 5, 0)], 1, CUDAGraphMode.PIECEWISE)
+    assert len(stock_calls) == 1 and fresh.model._mpk.steps == 0
+    runner.step([(0, 6, 1)], 1, CUDAGraphMode.NONE)  # its eager warm-up may run the megakernel
+    assert len(stock_calls) == 1 and fresh.model._mpk.steps == 1
+
+
+def test_speculative_decoding_falls_back(built: Built, stock_calls: list[int], monkeypatch: pytest.MonkeyPatch,
+                                         tmp_path: Path) -> None:
+    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
+    mpk = fresh.model._mpk
+    monkeypatch.setattr(mpk, "vllm_config", SimpleNamespace(speculative_config=object()))
+    Runner(fresh, [[1]]).step([(0, 5, 0)], 1)
+    assert "speculative" in (mpk.disabled or "") and len(stock_calls) == 1
+
+
+def test_full_cudagraphs_for_mixed_batches_fall_back(built: Built, stock_calls: list[int],
+                                                     monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """cudagraph_mode=FULL replays a graph captured from a one-token-per-request dummy batch for
+    mixed batches of the same token count: a megakernel captured there would run prefills."""
+    from vllm.config import CUDAGraphMode
+
+    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
+    mpk = fresh.model._mpk
+    monkeypatch.setattr(mpk, "vllm_config", SimpleNamespace(compilation_config=SimpleNamespace(
+        cudagraph_mode=CUDAGraphMode.FULL)))
+    Runner(fresh, [[1]]).step([(0, 5, 0)], 1)
+    assert "cudagraph_mode FULL" in (mpk.disabled or "") and len(stock_calls) == 1

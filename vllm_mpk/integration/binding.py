@@ -23,6 +23,9 @@ from vllm_mpk.models.spec import ModelSpec
 from vllm_mpk.models.weights import expected_shapes
 
 METADATA_FIELDS = ("max_query_len", "seq_lens", "block_table", "slot_mapping")
+# ``--kv-cache-dtype`` values that leave the cache in the model's dtype; the tensor's own dtype is
+# checked as well ("auto" on an fp16 model is refused there).
+BF16_CACHE_DTYPES = ("auto", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,7 @@ def kv_layout_problem(attn: nn.Module, spec: ModelSpec) -> str | None:
     so a backend with another layout (FlashInfer's separate K and V) is refused."""
     cache, backend = attn.kv_cache, attn.attn_backend
     name = backend.get_name()
-    if getattr(attn, "kv_cache_dtype", "auto") != "auto":
+    if getattr(attn, "kv_cache_dtype", "auto") not in BF16_CACHE_DTYPES:
         return f"KV cache dtype '{attn.kv_cache_dtype}' is not supported (the megakernel reads a bf16 cache)"
     if not isinstance(cache, torch.Tensor) or cache.dim() != 4:
         return f"{name} bound a KV cache of type {type(cache).__name__} with shape {getattr(cache, 'shape', None)}"

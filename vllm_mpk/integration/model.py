@@ -30,7 +30,9 @@ import logging
 from typing import Any
 
 import torch
-from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.compilation.breakable_cudagraph import is_breakable_cudagraph_enabled
+from vllm.config import CUDAGraphMode
+from vllm.forward_context import ForwardContext, get_forward_context, is_forward_context_available
 
 from vllm_mpk.integration.binding import (
     DecodeBatch,
@@ -43,6 +45,7 @@ from vllm_mpk.integration.binding import (
     same_buffers,
     step_buffers,
 )
+from vllm_mpk.integration.memory import Reservation, allocated_bytes, megakernel_bytes
 from vllm_mpk.integration.options import MpkOptions
 from vllm_mpk.models.decoder import DecodeOptions, build_decoder
 from vllm_mpk.models.spec import ModelSpec
@@ -72,6 +75,21 @@ class MpkRuntime:
         self.steps = 0  # megakernel steps launched from Python (a replayed CUDA graph adds none)
         self._watch: tuple[torch.Tensor, torch.cuda.Event] | None = None
         self._layer_name: str | None = None
+        self.reservation: Reservation | None = None
+
+    def reserve(self, device: torch.device) -> None:
+        """Hold the memory the build will allocate, so that vLLM's profiling counts it (see
+        ``integration/memory.py``). Called while vLLM loads the model; skipped where the
+        megakernel cannot run anyway (the build then says why)."""
+        if device.type == "meta" or self._environment_problem() is not None:
+            return
+        nbytes = megakernel_bytes(self.spec, self.max_batch, self._num_workers(device), profile=self.options.profile)
+        self.reservation = Reservation(nbytes, device)
+
+    def _release(self) -> None:
+        if self.reservation is not None:
+            self.reservation.release()
+            self.reservation = None
 
     # routing ------------------------------------------------------------------------------------
 
@@ -79,6 +97,7 @@ class MpkRuntime:
         """Stop using the megakernel for this model instance, with one log line; strict raises."""
         if self.options.strict:
             raise MpkFallbackError(f"--model-impl mpk (strict): {reason}")
+        self._release()
         if self.disabled is None:
             self.disabled = reason
             logger.warning("--model-impl mpk: the megakernel is off, vLLM's stock layers serve every batch: %s", reason)
@@ -91,10 +110,13 @@ class MpkRuntime:
             return None
         if not is_forward_context_available():
             return None
+        context = get_forward_context()
+        if _breakable_piecewise(context):
+            return None
         if self._layer_name is None:
             self._layer_name = attention_modules(model)[0].layer_name
         try:
-            batch = decode_batch(get_forward_context().attn_metadata, self._layer_name, input_ids.shape[0])
+            batch = decode_batch(context.attn_metadata, self._layer_name, input_ids.shape[0])
         except UnsupportedMetadata as e:
             self.fallback(str(e))
             return None
@@ -124,12 +146,15 @@ class MpkRuntime:
     def _build(self, model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
                batch: DecodeBatch) -> bool:
         if input_ids.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            self.fallback("no uncaptured decode step ran before CUDA graph capture, so the megakernel was not built")
+            # Model Runner V2 warms every graph up uncaptured first; V1 only with cudagraph_num_of_warmups >= 1.
+            self.fallback("no uncaptured decode step ran before CUDA graph capture, so the megakernel was not built "
+                          "(with VLLM_USE_V2_MODEL_RUNNER=0, set compilation_config cudagraph_num_of_warmups=1)")
             return False
-        reason = self._environment_problem()
+        reason = self._environment_problem() or _cudagraph_problem(self.vllm_config)
         if reason is not None:
             self.fallback(reason)
             return False
+        self._release()  # just before the build's allocations take that memory back
         try:
             self.executor, self.bound = self._make(model, input_ids, positions, batch)
         except _Refused as e:
@@ -156,7 +181,16 @@ class MpkRuntime:
             return "LoRA adapters are not supported"
         if getattr(getattr(vc, "parallel_config", None), "decode_context_parallel_size", 1) != 1:
             return "decode context parallelism is not supported"
+        if getattr(vc, "speculative_config", None) is not None:
+            # Verification batches are never pure decode, and EAGLE-3 needs auxiliary hidden
+            # states from the forward, which the megakernel does not return.
+            return "speculative decoding is not supported"
         return None
+
+    def _num_workers(self, device: torch.device) -> int:
+        if self.options.num_workers:
+            return self.options.num_workers
+        return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
     def _make(self, model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
               batch: DecodeBatch) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -173,8 +207,7 @@ class MpkRuntime:
         page = kv_caches[0].shape[2]
         buffers = step_buffers(input_ids, positions, batch, self.max_batch)
         device = input_ids.device
-        workers = self.options.num_workers or (torch.cuda.get_device_properties(device).multi_processor_count
-                                               if device.type == "cuda" else 8)
+        workers = self._num_workers(device)
         options = DecodeOptions(max_batch=self.max_batch, max_seq_len=buffers["block_tables"].shape[1] * page,
                                 page_size=page, num_workers=workers, block_dim=self.options.block_dim,
                                 schedule=self.options.schedule, final="hidden")
@@ -191,9 +224,11 @@ class MpkRuntime:
 
             executor = ReferenceExecutor(decoder.plan, tensors)
         logger.info("--model-impl mpk: megakernel ready: %d layers, decode batches up to %d, %d workers, "
-                    "KV cache %s blocks of %d (%s), %d tasks", spec.num_layers, self.max_batch, workers,
-                    kv_caches[0].shape[0], page, attention_modules(model)[0].attn_backend.get_name(),
-                    len(decoder.plan.tasks))
+                    "KV cache %s blocks of %d (%s), %d tasks, %.1f MiB of device memory (%.1f MiB estimated "
+                    "for vLLM's budget)", spec.num_layers, self.max_batch, workers, kv_caches[0].shape[0], page,
+                    attention_modules(model)[0].attn_backend.get_name(), len(decoder.plan.tasks),
+                    allocated_bytes(executor) / 2**20,
+                    megakernel_bytes(spec, self.max_batch, workers, profile=self.options.profile) / 2**20)
         return executor, buffers
 
     def check_weights_in_place(self, model: torch.nn.Module) -> None:
@@ -231,6 +266,28 @@ class MpkRuntime:
         copied.record()
 
 
+def _cudagraph_problem(vllm_config: Any) -> str | None:
+    """Why vLLM's CUDA graph mode (as resolved when the KV cache was bound) cannot replay a
+    captured megakernel launch safely, or None. With ``cudagraph_mode=FULL`` (allowed with FA3)
+    a batch of mixed prefill and decode tokens replays the FULL graph captured for its token count
+    from a dummy batch of one token per request (``v1/worker/gpu/cudagraph_utils.py``:
+    ``_init_candidates`` and ``_is_compatible`` ignore uniformity for mixed descriptors), so the
+    megakernel captured there would run prefills."""
+    mode = getattr(getattr(vllm_config, "compilation_config", None), "cudagraph_mode", None)
+    if isinstance(mode, CUDAGraphMode) and mode.mixed_mode() == CUDAGraphMode.FULL:
+        return (f"cudagraph_mode {mode.name} replays one graph for decode and mixed batches; use "
+                "FULL_AND_PIECEWISE (the default) or FULL_DECODE_ONLY")
+    return None
+
+
+def _breakable_piecewise(context: ForwardContext) -> bool:
+    """A PIECEWISE step under ``VLLM_USE_BREAKABLE_CUDAGRAPH=1``: vLLM captures the whole outer
+    forward per token count (``compilation/breakable_cudagraph.py``, keyed by a BatchDescriptor
+    that does not tell decode from mixed batches), so a megakernel launch captured there could be
+    replayed for a prefill. Such steps run the stock layers."""
+    return context.cudagraph_runtime_mode == CUDAGraphMode.PIECEWISE and is_breakable_cudagraph_enabled()
+
+
 class _Refused(Exception):
     """The megakernel cannot take this model instance; turned into a fallback by ``_build``."""
 
@@ -244,6 +301,8 @@ class MpkDecodeMixin:
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         spec = ModelSpec.from_hf_config(vllm_config.model_config.hf_config.to_dict())
         self._mpk = MpkRuntime(vllm_config, spec)
+        # vLLM constructs the model inside load_model, whose allocations it counts as the model's.
+        self._mpk.reserve(next(self.parameters()).device)  # type: ignore[attr-defined]
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: Any = None, inputs_embeds: torch.Tensor | None = None,

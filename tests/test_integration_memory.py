@@ -1,0 +1,77 @@
+"""The estimate of the device memory a megakernel build allocates (``integration/memory.py``),
+against the plans ``build_decoder`` makes for shipped configs (on meta tensors: only shapes are
+read) and the tables ``Megakernel`` would allocate for them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_mpk.codegen.tables import all_args, record_layout
+from vllm_mpk.graph.ir import Role
+from vllm_mpk.graph.plan import Plan
+from vllm_mpk.integration.memory import (
+    SEGMENT_SLACK,
+    Reservation,
+    activation_bytes,
+    megakernel_bytes,
+    task_count,
+)
+from vllm_mpk.models.catalog import shipped_config
+from vllm_mpk.models.decoder import DecodeOptions, build_decoder
+from vllm_mpk.models.spec import ModelSpec
+from vllm_mpk.models.weights import expected_shapes
+from vllm_mpk.runtime import control
+from vllm_mpk.runtime.megakernel import bind_tensors
+from vllm_mpk.runtime.meta import STEP_INPUT_NAMES
+
+META = torch.device("meta")
+
+
+def meta_plan(spec: ModelSpec, max_batch: int, workers: int, schedule: str) -> tuple[Plan, dict[str, torch.Tensor]]:
+    weights = {n: torch.empty(s, dtype=torch.bfloat16, device=META) for n, s in expected_shapes(spec).items()}
+    caches = [torch.empty(4, 16, spec.num_kv_heads, 2 * spec.head_dim, dtype=torch.bfloat16, device=META)
+              .permute(0, 2, 1, 3) for _ in range(spec.num_layers)]
+    rope = torch.empty(4096, spec.head_dim, dtype=torch.bfloat16, device=META)
+    options = DecodeOptions(max_batch=max_batch, max_seq_len=4096, num_workers=workers, schedule=schedule,
+                            final="hidden")
+    decoder = build_decoder(spec, weights, caches, options, rope_cache=rope)
+    plan = decoder.plan
+    steps = {n: torch.empty(plan.tensors[n].shape, dtype=plan.tensors[n].dtype, device=META) for n in STEP_INPUT_NAMES}
+    return plan, bind_tensors(plan, {**decoder.kernel.attached, **steps}, META)
+
+
+def gpu_allocation(plan: Plan, tensors: dict[str, torch.Tensor], profile: bool) -> int:
+    """What ``Megakernel.__init__`` allocates for ``plan``, without allocator rounding."""
+    words = record_layout(plan, all_args(plan, tensors)).words
+    longest = max(len(q) for q in plan.queues)
+    total = sum(h.nbytes for h in plan.tensors.values() if h.role is not Role.INPUT)
+    total += plan.num_workers * longest * words * 4 + plan.num_workers * 4 + len(plan.tensors) * 8
+    total += 2 * max(1, len(plan.events)) * 4 + control.WORDS * 4
+    return total + (plan.num_workers * longest * 2 * 8 if profile else 0)
+
+
+@pytest.mark.parametrize("name,max_batch,workers,schedule", [
+    ("qwen3-0.6b", 8, 132, "earliest_finish"),
+    ("qwen3-0.6b", 1, 132, "earliest_finish"),
+    ("llama-3.2-1b", 8, 132, "round_robin"),
+    ("qwen3-0.6b", 5, 16, "earliest_finish"),
+])
+def test_estimate_covers_what_a_build_allocates(name: str, max_batch: int, workers: int, schedule: str) -> None:
+    spec = ModelSpec.from_hf_config(shipped_config(name))
+    plan, tensors = meta_plan(spec, max_batch, workers, schedule)
+    assert task_count(spec, max_batch, workers) == len(plan.tasks)
+    intermediates = sum(h.nbytes for h in plan.tensors.values() if h.role is not Role.INPUT)
+    assert activation_bytes(spec, max_batch) == intermediates
+    for profile in (False, True):
+        exact = gpu_allocation(plan, tensors, profile)
+        estimate = megakernel_bytes(spec, max_batch, workers, profile=profile)
+        assert exact <= estimate <= 2 * exact + SEGMENT_SLACK, (exact, estimate)
+
+
+def test_reservation_releases_once() -> None:
+    r = Reservation(4096, torch.device("cpu"))
+    assert r.block is not None and r.block.numel() == 4096
+    r.release()
+    r.release()
+    assert r.block is None

@@ -1,0 +1,110 @@
+"""The device memory the megakernel allocates when it is built, estimated before it exists, and the
+reservation that makes vLLM's memory profiling count it.
+
+vLLM sizes its KV cache from what the worker holds after loading the model plus the peak of one
+profiling forward (``v1/worker/gpu_worker.py:determine_available_memory``; the weights' share is
+``DeviceMemoryProfiler`` around ``load_model``). The megakernel is built much later, at the first
+uncaptured decode step, so its activation buffers and task tables would sit outside that budget.
+``Reservation`` allocates their estimated size while the model is constructed (inside
+``load_model``, so it counts as model memory) and frees it, cache included, just before the build,
+whose own allocations then take the same memory back.
+
+The estimate mirrors what a build allocates (``runtime/megakernel.py:Megakernel.__init__``, and
+the plan of ``models/decoder.py:build_decoder`` with ``final="hidden"``, one rank):
+- intermediates, exactly: ``[max_batch, width]`` bf16 buffers, per layer qkv, attention output,
+  gate_up, the two residual sums, plus the embedding output and the final norm's output;
+- the task table ``[workers, max_tasks, words]`` int32, bounded: the task count is exact, the
+  longest queue is taken as twice the mean (plans measured stay under 1.35x), words under 32;
+- event triggers and counters, the pointer table, the control block and the optional profile.
+Each allocation is rounded up as the caching allocator does, and 2 MiB is added for the segment
+rounding of small allocations.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from vllm_mpk.graph.ir import Role
+from vllm_mpk.models.decoder import linear_grid
+from vllm_mpk.models.spec import ModelSpec
+from vllm_mpk.models.weights import expected_shapes
+from vllm_mpk.runtime import control
+
+logger = logging.getLogger("vllm.mpk")
+
+ALLOCATION_ROUND = 512  # the caching allocator's block granularity
+SEGMENT_SLACK = 2 << 20  # small allocations come from 2 MiB segments
+TABLE_WORDS = 32  # task record words: 6 header + waits + signals + arguments (27-28 measured)
+QUEUE_SKEW = 2  # longest worker queue over the mean, bounded (earliest_finish measured <= 1.35)
+BOOKKEEPING = ("tasks", "queue_lens", "pointers", "triggers", "counters", "control", "profile")
+
+
+def _rounded(nbytes: int) -> int:
+    return -(-nbytes // ALLOCATION_ROUND) * ALLOCATION_ROUND
+
+
+def activation_widths(spec: ModelSpec) -> list[int]:
+    """The row width of every intermediate of the decode plan, each ``[max_batch, width]`` bf16."""
+    h = spec.hidden_size
+    layer = [spec.qkv_width, spec.num_q_heads * spec.head_dim, 2 * spec.intermediate_size, h, h]
+    return [h, *layer * spec.num_layers, h]
+
+
+def activation_bytes(spec: ModelSpec, max_batch: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of the plan's intermediates (what the CPU reference executor allocates too)."""
+    return sum(max_batch * w * dtype.itemsize for w in activation_widths(spec))
+
+
+def task_count(spec: ModelSpec, max_batch: int, num_workers: int) -> int:
+    """Tiles of the decode plan: embedding, five ops per layer, the final norm."""
+    h, w = spec.hidden_size, num_workers
+    layer = (linear_grid(spec.qkv_width, w) + spec.num_kv_heads * max_batch + linear_grid(h, w)
+             + linear_grid(2 * spec.intermediate_size, w) + linear_grid(h, w))
+    return min(w, h // 8) + spec.num_layers * layer + max_batch
+
+
+def megakernel_bytes(spec: ModelSpec, max_batch: int, num_workers: int, *, profile: bool = False) -> int:
+    """An upper estimate of the device memory a build allocates, allocator rounding included."""
+    tasks = task_count(spec, max_batch, num_workers)
+    longest = QUEUE_SKEW * -(-tasks // num_workers) + 8
+    sizes = [max_batch * w * 2 for w in activation_widths(spec)]
+    sizes += [num_workers * longest * TABLE_WORDS * 4, num_workers * 4, control.WORDS * 4]
+    sizes += [2 * tasks * 4] * 2  # event triggers and counters: fewer events than task signals
+    num_tensors = len(expected_shapes(spec)) + spec.num_layers + len(activation_widths(spec)) + 8
+    sizes.append(num_tensors * 8)
+    if profile:
+        sizes.append(num_workers * longest * 2 * 8)
+    return sum(map(_rounded, sizes)) + SEGMENT_SLACK
+
+
+def allocated_bytes(executor: Any) -> int:
+    """What a built executor allocated: the plan's intermediates and, on the GPU, its tables."""
+    plan = executor.plan
+    total = sum(_rounded(executor.tensors[n].nbytes) for n, t in plan.tensors.items() if t.role is not Role.INPUT)
+    for name in BOOKKEEPING:
+        t = getattr(executor, name, None)
+        if isinstance(t, torch.Tensor):
+            total += _rounded(t.nbytes)
+    return total
+
+
+class Reservation:
+    """A block of device memory held from model construction until the megakernel is built."""
+
+    def __init__(self, nbytes: int, device: torch.device):
+        self.nbytes = nbytes
+        self.block: torch.Tensor | None = torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def release(self) -> None:
+        """Free the block and, on a GPU, return it from the caching allocator to the device: the
+        build's allocations are mostly small ones from another pool (and may run on vLLM's graph
+        capture stream), so a cached block would not be reused and would count twice."""
+        if self.block is None:
+            return
+        on_gpu = self.block.device.type == "cuda"
+        self.block = None
+        if on_gpu and not torch.cuda.is_current_stream_capturing():
+            torch.cuda.empty_cache()
