@@ -29,6 +29,15 @@ class StepTimer:
     def bench_device_name(self) -> str:
         return torch.cuda.get_device_name()
 
+    def bench_mpk_state(self) -> dict[str, Any]:
+        """Which model class runs and, for ``--model-impl mpk``, whether its megakernel is built,
+        why it is off, and which batches went to the stock layers: a benchmark of a megakernel
+        that never ran would otherwise time stock vLLM twice."""
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        mpk = getattr(model, "_mpk", None)
+        return {"class": type(model).__name__, "built": mpk is not None and mpk.executor is not None,
+                "disabled": mpk and mpk.disabled, "stock": sorted(mpk.stock_reasons) if mpk else []}
+
     def bench_timer_start(self) -> bool:
         """Start timing; False when the runner has no FULL-graph replay to time (V1 model runner)."""
         runner = self.model_runner  # type: ignore[attr-defined]

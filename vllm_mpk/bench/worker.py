@@ -128,8 +128,13 @@ def run(cfg: EngineConfig, rows: Path) -> None:
             for batch in cfg.batches:
                 prompts = token_prompts(batch, cfg.prompt_len, vocab)
                 samples = tpot_samples_ms(llm, prompts, cfg.new_tokens, cfg.repeats)
+                times = step_times_ms(llm, prompts, cfg.new_tokens)
+                state = llm.collective_rpc("bench_mpk_state")[0]
+                if cfg.impl == "mpk" and not state["built"]:
+                    raise RuntimeError(f"--model-impl mpk never built its megakernel, so this engine timed vLLM's "
+                                       f"stock layers: {state}")
                 row = {"model": cfg.model, "impl": cfg.impl, "batch": batch, "tpot_ms": statistics.median(samples),
-                       "tpot_samples_ms": samples, **step_times_ms(llm, prompts, cfg.new_tokens), "gpu": gpu,
+                       "tpot_samples_ms": samples, **times, "model_class": state["class"], "gpu": gpu,
                        "engine_s": engine_s, "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens,
                        "repeats": cfg.repeats, "compilation": cfg.compilation}
                 with rows.open("a") as f:

@@ -73,6 +73,7 @@ class MpkRuntime:
         self.bound: dict[str, torch.Tensor] = {}
         self.hidden = ""  # the plan's final-norm output, named when built
         self.steps = 0  # megakernel steps launched from Python (a replayed CUDA graph adds none)
+        self.stock_reasons: set[str] = set()  # why batches went to the stock layers, logged once each
         self._watch: tuple[torch.Tensor, torch.cuda.Event] | None = None
         self._layer_name: str | None = None
         self.reservation: Reservation | None = None
@@ -106,13 +107,16 @@ class MpkRuntime:
                extra: dict[str, Any]) -> torch.Tensor | None:
         """The final hidden states of a pure decode batch from the megakernel, or None to let
         the stock forward run this batch."""
-        if self.disabled is not None or input_ids is None or any(v is not None for v in extra.values()):
+        if self.disabled is not None:
             return None
+        if input_ids is None or any(v is not None for v in extra.values()):
+            given = sorted(k for k, v in extra.items() if v is not None) or ["inputs_embeds instead of input_ids"]
+            return self._stock(f"steps that pass {', '.join(given)}")
         if not is_forward_context_available():
-            return None
+            return self._stock("calls outside vLLM's model runner (no forward context)")
         context = get_forward_context()
         if _breakable_piecewise(context):
-            return None
+            return self._stock("steps under breakable piecewise CUDA graphs (they capture the whole forward per token count)")
         if self._layer_name is None:
             self._layer_name = attention_modules(model)[0].layer_name
         try:
@@ -120,8 +124,10 @@ class MpkRuntime:
         except UnsupportedMetadata as e:
             self.fallback(str(e))
             return None
-        if batch is None or batch.num_tokens > self.max_batch:
-            return None
+        if batch is None:
+            return self._stock("prefill, mixed and profiling batches")
+        if batch.num_tokens > self.max_batch:
+            return self._stock(f"decode batches above {self.max_batch} tokens (raise the mpk max_batch option)")
         if self.executor is None and not self._build(model, input_ids, positions, batch):
             return None
         current = {"input_ids": input_ids, "positions": positions, "seq_lens": batch.seq_lens,
@@ -132,6 +138,13 @@ class MpkRuntime:
             return None
         self._launch(batch)
         return self.executor.tensors[self.hidden][:batch.num_tokens]
+
+    def _stock(self, reason: str) -> None:
+        """Let vLLM's stock layers run this batch; say so once per distinct reason."""
+        if reason not in self.stock_reasons:
+            self.stock_reasons.add(reason)
+            logger.info("--model-impl mpk: vLLM's stock layers run %s", reason)
+        return None
 
     def _launch(self, batch: DecodeBatch) -> None:
         launch = getattr(self.executor, "launch", None)
