@@ -4,6 +4,7 @@
 //
 // Warps split the positions; each lane owns HD/32 dims of every query head of the group, so one
 // warp reduction per head and position gives the score. Warp partials merge in shared memory.
+// The cached positions are requested into L2 before the task's q/k/v inputs are ready.
 #pragma once
 #include "common.cuh"
 
@@ -63,7 +64,19 @@ __device__ void attention_task(const TaskContext& c) {
   float* vec = reinterpret_cast<float*>(c.smem);  // [GROUP + 2][HD]: q heads, k, v
   float* part = vec + (GROUP + 2) * HD;            // [NW][GROUP][HD + 2]: acc, then max and sum
 
-  for (int b = c.arg(AttentionArgs::kRowStart); b < c.arg(AttentionArgs::kRowEnd); ++b) {
+  const int row_start = c.arg(AttentionArgs::kRowStart), row_end = c.arg(AttentionArgs::kRowEnd);
+  // Before the inputs are ready: the KV history was written by earlier steps and the block tables
+  // are step inputs, so ask L2 for every cached position of this head while the q/k/v tiles run.
+  for (int b = row_start; b < row_end && b < c.num_tokens; ++b) {
+    const int* table = tables + (size_t)b * table_stride;
+    for (int pos = threadIdx.x; pos < seq_lens[b] - 1; pos += NT) {
+      const __nv_bfloat16* kv = head_cache + (int64_t)table[pos / PAGE] * block_stride + (pos % PAGE) * slot_stride;
+      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(kv), "r"(2 * HD * 2) : "memory");
+    }
+  }
+  if (!c.inputs_ready()) return;
+
+  for (int b = row_start; b < row_end; ++b) {
     const int seq_len = b < c.num_tokens ? seq_lens[b] : 0;
     if (seq_len <= 0) continue;
     __syncthreads();

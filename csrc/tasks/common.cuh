@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <type_traits>
+#include "../runtime/events.cuh"
 
 namespace mpk {
 
@@ -15,6 +16,8 @@ struct TaskContext {
   void* const* tensors;     // device pointers, indexed by the plan's tensor ids
   int num_tokens;           // rows of this step (<= max batch)
   char* smem;               // dynamic shared memory of the worker
+  const InputGate* gate;    // open() once per task, by every thread, before reading inputs
+  __device__ bool inputs_ready() const { return gate->open(); }
   template <typename T>
   __device__ T* ptr(int slot) const { return args[slot] < 0 ? nullptr : static_cast<T*>(tensors[args[slot]]); }
   __device__ int arg(int slot) const { return args[slot]; }

@@ -104,7 +104,8 @@ __device__ void linear_task(const TaskContext& c) {
       wb[s] = r_hi < c1 ? load_weights(w + (size_t)r_hi * K + k) : make_uint4(0, 0, 0, 0);
     }
   };
-  // The first item's weights are requested before anything else: weights never wait.
+  // Each warp's first item's weights are requested before the task's inputs are ready: weights
+  // never wait for activations.
   uint4 wa[8], wb[8];
   bool loaded = false;
   {
@@ -112,6 +113,7 @@ __device__ void linear_task(const TaskContext& c) {
     loaded = first.lo < first.hi;
     if (loaded) load_item(first.lo, 0, slices_at(0), wa, wb);
   }
+  if (!c.inputs_ready()) return;  // the first items' weights stream while this waits
 
   for (int i = threadIdx.x; i < rows * NB; i += NT) acc[i] = 0.f;
   if constexpr (MODE == LinearMode::kNorm) {

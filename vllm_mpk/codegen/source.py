@@ -121,7 +121,8 @@ def module_name(plan: Plan, layout: RecordLayout, threads: int) -> str:
 
 
 def generate(plan: Plan, variants: Variants, layout: RecordLayout, threads: int) -> JitSpec:
-    cases = "\n".join(f"      case {i}: {t.call}(c); break;" for i, t in enumerate(variants.tasks))
+    cases = "\n".join(f"      case {i}: {t.call}(c); break;" if t.opens_gate else
+                      f"      case {i}: if (c.inputs_ready()) {t.call}(c); break;" for i, t in enumerate(variants.tasks))
     name = module_name(plan, layout, threads)
     text = KERNEL_TEMPLATE.format(name=name, max_waits=layout.max_waits, max_signals=layout.max_signals,
                            num_args=layout.num_args, words=layout.words, threads=threads,

@@ -27,6 +27,7 @@ class UnsupportedOnGPU(ValueError):
 class CudaTask:
     call: str  # a device function template instance taking (const TaskContext&)
     smem: str  # a C++ constant expression: the dynamic shared memory it needs
+    opens_gate: bool = False  # the body waits for its inputs itself, after loads that do not need them
 
 
 def f32_bits(x: float) -> int:
@@ -55,7 +56,7 @@ def _linear(op: Op, threads: int) -> CudaTask:
                                f"{MAX_TILE_ROWS}; raise grid_dim to at least {-(-op.inputs['weight'].shape[0] // MAX_TILE_ROWS)}")
     mode = LINEAR_MODES[op.kind]
     return CudaTask(f"mpk::linear_task<mpk::LinearMode::{mode}, {k}, {batch}, {rows}, {threads}, {out}>",
-                    f"mpk::linear_smem_bytes<{k}, {batch}, {rows}, {threads}>()")
+                    f"mpk::linear_smem_bytes<{k}, {batch}, {rows}, {threads}>()", opens_gate=True)
 
 
 def _attention(op: Op, threads: int) -> CudaTask:
@@ -68,7 +69,8 @@ def _attention(op: Op, threads: int) -> CudaTask:
     rope = CPP_DTYPES[op.inputs["cos_sin_cache"].dtype]
     qk = "true" if "q_norm" in op.inputs else "false"
     return CudaTask(f"mpk::attention_task<{a['head_dim']}, {group}, {a['num_q_heads']}, {a['num_kv_heads']}, {page}, "
-                    f"{qk}, {threads}, {rope}>", f"mpk::attention_smem_bytes<{a['head_dim']}, {group}, {threads}>()")
+                    f"{qk}, {threads}, {rope}>", f"mpk::attention_smem_bytes<{a['head_dim']}, {group}, {threads}>()",
+                    opens_gate=True)
 
 
 def _simple(name: str, smem: str, roles: tuple[str, ...]) -> Callable[[Op, int], CudaTask]:

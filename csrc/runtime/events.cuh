@@ -1,0 +1,95 @@
+// Event counters and the input gate of a task.
+//
+// Counters only grow, modulo 2^32: after E launches event e holds triggers[e] * E, and launch E waits
+// for triggers[e] * (E + 1). Comparisons take the signed difference, so the wrap after ~2^32
+// signals is harmless (a counter is never more than one launch's signals away from its target).
+//
+// A task's gate waits for its input events. The worker opens it before a task body runs, except
+// for bodies that open it themselves (linear, attention): those first issue the loads that do not
+// depend on their inputs (weights, KV history, step inputs), so the loads stream while the gate
+// waits. Every wait is bounded: on timeout the gate records the task and event in the control
+// block, raises the error flag, and the worker leaves.
+#pragma once
+#include <cstdint>
+
+namespace mpk {
+
+// Control block words (mirrored in vllm_mpk/runtime/control.py).
+enum Control : int {
+  kEpoch = 0, kDone = 1, kError = 2, kErrWorker = 3, kErrTask = 4, kErrEvent = 5, kErrSeen = 6, kErrWanted = 7,
+  kControlWords = 8
+};
+enum ErrorCode : int { kOk = 0, kTimeout = 1 };
+
+__device__ __forceinline__ int64_t global_ns() {
+  int64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ int32_t load_acquire(const int32_t* p) {
+  int32_t v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void add_release(int32_t* p, int32_t v) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ bool reached(int32_t seen, uint32_t wanted) {
+  return static_cast<int32_t>(static_cast<uint32_t>(seen) - wanted) >= 0;
+}
+
+struct InputGate {
+  const int32_t* waits;  // the record's events, -1 padded
+  int max_waits;
+  const int32_t* counters;
+  const int32_t* triggers;
+  int32_t* control;
+  uint32_t epoch;
+  int task;
+  int64_t timeout_ns;
+  int64_t* profile_start;  // null, or where the task's start time goes
+  bool* ok;                // shared: false once a wait failed
+  bool* opened;            // shared: the gate has been opened for this task
+
+  // Thread 0 spins until counters[e] reaches wanted; false after a timeout or another worker's error.
+  // The clock and the error flag are read only every 256 polls, off the fast path.
+  __device__ bool wait_event(int event, uint32_t wanted) const {
+    int64_t start = -1;
+    int32_t seen;
+    for (unsigned spins = 1; !reached(seen = load_acquire(counters + event), wanted); ++spins) {
+      if (spins % 256) continue;
+      if (load_acquire(control + kError) != kOk) return false;
+      const int64_t now = global_ns();
+      if (start < 0) start = now;
+      if (now - start > timeout_ns) {
+        if (atomicCAS(control + kError, kOk, kTimeout) == kOk) {
+          control[kErrWorker] = blockIdx.x;
+          control[kErrTask] = task;
+          control[kErrEvent] = event;
+          control[kErrSeen] = seen;
+          control[kErrWanted] = static_cast<int32_t>(wanted);
+        }
+        return false;
+      }
+    }
+    return true;
+  }
+
+  // Every thread of the block calls this once per task; it returns when the task's inputs are
+  // ready (true) or the kernel is stopping (false).
+  __device__ bool open() const {
+    if (threadIdx.x == 0) {
+      for (int w = 0; w < max_waits && waits[w] >= 0 && *ok; ++w)
+        *ok = wait_event(waits[w], static_cast<uint32_t>(triggers[waits[w]]) * (epoch + 1u));
+      if (profile_start) *profile_start = global_ns();
+      *opened = true;
+    }
+    __syncthreads();
+    return *ok;
+  }
+};
+
+}  // namespace mpk
