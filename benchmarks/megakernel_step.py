@@ -15,19 +15,17 @@ import argparse
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from vllm_mpk.demo import weight_bytes
-from vllm_mpk.graph.ir import Role
 from vllm_mpk.graph.reference import ReferenceExecutor
 from vllm_mpk.models import DecodeOptions, ModelSpec, build_decoder
 from vllm_mpk.models.catalog import resolve_model
 from vllm_mpk.models.kv_cache import allocate_kv_caches
 from vllm_mpk.models.weights import expected_shapes, random_weights
-from vllm_mpk.runtime.megakernel import Megakernel, kernel_spec
+from vllm_mpk.runtime.megakernel import Megakernel, build_kernels
 from vllm_mpk.runtime.meta import contiguous_block_tables, step_inputs
 from vllm_mpk.runtime.profiler import summary, task_spans, write_trace
 from vllm_mpk.runtime.timing import graph_replay_us
@@ -128,17 +126,10 @@ def main() -> None:
     device = "cuda"
     out = Path(os.environ.get("OUT", "/tmp"))
     specs = {m: spec_of(m, args.layers) for m in args.models}
-    # Build every kernel first, in parallel (nvcc runs as a subprocess), from meta-free empty tensors.
-    jobs = []
-    for m, spec in specs.items():
-        for b in args.batches:
-            model, tensors, _ = build(spec, b, args.context, "meta")
-            bound = {**tensors, **{n: torch.empty(t.shape, dtype=t.dtype, device="meta")
-                                   for n, t in model.plan.tensors.items() if t.role is not Role.INPUT}}
-            jobs.append(kernel_spec(model.plan, bound)[0])
+    # Build every kernel first, in parallel (nvcc runs as a subprocess), from meta tensors.
+    jobs = [build(spec, b, args.context, "meta")[:2] for spec in specs.values() for b in args.batches]
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        list(pool.map(lambda s: s.build(), jobs))
+    build_kernels([(model.plan, tensors) for model, tensors in jobs])
     print(f"built {len(jobs)} kernels in {time.perf_counter() - t0:.0f} s", flush=True)
     bw = copy_bandwidth(device)
     rows = []

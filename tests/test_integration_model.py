@@ -324,17 +324,20 @@ def test_memory_is_reserved_at_load_and_given_to_the_build(built: Built, stock_c
     """The model holds the estimated build size from construction (inside vLLM's load_model, so
     its memory profiling counts it) until the build, which allocates no more than that."""
     from vllm_mpk.integration.memory import activation_bytes, allocated_bytes, megakernel_bytes
+    from vllm_mpk.integration.options import plan_batches
 
     fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
     mpk = fresh.model._mpk
-    estimate = megakernel_bytes(built.spec, MAX_REQS, WORKERS)
+    sizes = plan_batches(MAX_REQS)
+    estimate = sum(megakernel_bytes(built.spec, b, WORKERS) for b in sizes)
     assert mpk.reservation is not None and mpk.reservation.block is not None
     assert mpk.reservation.block.numel() == estimate
     Runner(fresh, [[1]]).step([(0, 5, 0)], 1)
-    assert mpk.executor is not None and mpk.reservation is None
+    assert sorted(mpk.kernels) == list(sizes) and mpk.reservation is None
     # The CPU build allocates the plan's intermediates, exactly as estimated.
-    assert allocated_bytes(mpk.executor) == activation_bytes(built.spec, MAX_REQS)
-    assert allocated_bytes(mpk.executor) < estimate
+    allocated = sum(allocated_bytes(k) for k in mpk.kernels.values())
+    assert allocated == sum(activation_bytes(built.spec, b) for b in sizes)
+    assert allocated < estimate
 
 
 def test_a_fallback_gives_the_reservation_back(built: Built, stock_calls: list[int], monkeypatch: pytest.MonkeyPatch,
@@ -384,3 +387,26 @@ def test_full_cudagraphs_for_mixed_batches_fall_back(built: Built, stock_calls: 
         cudagraph_mode=CUDAGraphMode.FULL)))
     Runner(fresh, [[1]]).step([(0, 5, 0)], 1)
     assert "cudagraph_mode FULL" in (mpk.disabled or "") and len(stock_calls) == 1
+
+
+def test_each_decode_batch_runs_the_smallest_plan_that_holds_it(built: Built, stock_calls: list[int],
+                                                               tmp_path: Path) -> None:
+    """One plan per power-of-two batch size up to max_batch: a batch of 1 does not run the
+    attention tasks and schedule of the largest plan."""
+    from vllm_mpk.integration.options import plan_batches
+
+    assert plan_batches(1) == (1,) and plan_batches(6) == (1, 2, 4, 6) and plan_batches(16) == (1, 2, 4, 8, 16)
+    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
+    runner = Runner(fresh, [[1], [2], [3]])
+    runner.step([(0, 5, 0)], 1)
+    kernels = fresh.model._mpk.kernels
+    assert sorted(kernels) == list(plan_batches(MAX_REQS))
+    ran = {b: k.tensors["input_ids"].shape[0] for b, k in kernels.items()}
+    assert ran == {b: b for b in kernels}  # each plan reads only the rows it decodes
+    calls: list[int] = []
+    for b, k in kernels.items():
+        k.run_step = lambda n, b=b: calls.append(b)
+    runner.step([(0, 6, 1), (1, 7, 0), (2, 8, 0)], 4)
+    runner.step([(0, 7, 2)], 1)
+    runner.step([(0, 8, 3), (1, 9, 1)], 2)
+    assert calls == [4, 1, 2] and not stock_calls

@@ -35,7 +35,7 @@ class StepTimer:
         that never ran would otherwise time stock vLLM twice."""
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
         mpk = getattr(model, "_mpk", None)
-        return {"class": type(model).__name__, "built": mpk is not None and mpk.executor is not None,
+        return {"class": type(model).__name__, "built": bool(mpk is not None and mpk.kernels),
                 "disabled": mpk and mpk.disabled, "stock": sorted(mpk.stock_reasons) if mpk else []}
 
     def bench_timer_start(self) -> bool:

@@ -46,7 +46,7 @@ from vllm_mpk.integration.binding import (
     step_buffers,
 )
 from vllm_mpk.integration.memory import Reservation, allocated_bytes, megakernel_bytes
-from vllm_mpk.integration.options import MpkOptions
+from vllm_mpk.integration.options import MpkOptions, plan_batches
 from vllm_mpk.models.decoder import DecodeOptions, build_decoder
 from vllm_mpk.models.spec import ModelSpec
 
@@ -69,9 +69,9 @@ class MpkRuntime:
         max_num_seqs = getattr(getattr(vllm_config, "scheduler_config", None), "max_num_seqs", None)
         self.max_batch = min(self.options.max_batch, max_num_seqs or self.options.max_batch)
         self.disabled: str | None = None
-        self.executor: Any = None
+        self.kernels: dict[int, Any] = {}  # plan batch size -> its megakernel (plan_batches)
         self.bound: dict[str, torch.Tensor] = {}
-        self.hidden = ""  # the plan's final-norm output, named when built
+        self.hidden = ""  # the plans' final-norm output, named when built
         self.steps = 0  # megakernel steps launched from Python (a replayed CUDA graph adds none)
         self.stock_reasons: set[str] = set()  # why batches went to the stock layers, logged once each
         self._watch: tuple[torch.Tensor, torch.cuda.Event] | None = None
@@ -84,8 +84,11 @@ class MpkRuntime:
         megakernel cannot run anyway (the build then says why)."""
         if device.type == "meta" or self._environment_problem() is not None:
             return
-        nbytes = megakernel_bytes(self.spec, self.max_batch, self._num_workers(device), profile=self.options.profile)
-        self.reservation = Reservation(nbytes, device)
+        self.reservation = Reservation(self._estimated_bytes(self._num_workers(device)), device)
+
+    def _estimated_bytes(self, workers: int) -> int:
+        return sum(megakernel_bytes(self.spec, b, workers, profile=self.options.profile)
+                   for b in plan_batches(self.max_batch))
 
     def _release(self) -> None:
         if self.reservation is not None:
@@ -128,7 +131,7 @@ class MpkRuntime:
             return self._stock("prefill, mixed and profiling batches")
         if batch.num_tokens > self.max_batch:
             return self._stock(f"decode batches above {self.max_batch} tokens (raise the mpk max_batch option)")
-        if self.executor is None and not self._build(model, input_ids, positions, batch):
+        if not self.kernels and not self._build(model, input_ids, positions, batch):
             return None
         current = {"input_ids": input_ids, "positions": positions, "seq_lens": batch.seq_lens,
                    "slot_mapping": batch.slot_mapping, "block_tables": batch.block_table}
@@ -136,8 +139,9 @@ class MpkRuntime:
         if moved is not None:
             self.fallback(f"vLLM's '{moved}' buffer moved since the megakernel was bound to it")
             return None
-        self._launch(batch)
-        return self.executor.tensors[self.hidden][:batch.num_tokens]
+        kernel = self.kernels[next(b for b in sorted(self.kernels) if b >= batch.num_tokens)]
+        self._launch(kernel, batch)
+        return kernel.tensors[self.hidden][:batch.num_tokens]
 
     def _stock(self, reason: str) -> None:
         """Let vLLM's stock layers run this batch; say so once per distinct reason."""
@@ -146,12 +150,12 @@ class MpkRuntime:
             logger.info("--model-impl mpk: vLLM's stock layers run %s", reason)
         return None
 
-    def _launch(self, batch: DecodeBatch) -> None:
-        launch = getattr(self.executor, "launch", None)
+    def _launch(self, kernel: Any, batch: DecodeBatch) -> None:
+        launch = getattr(kernel, "launch", None)
         if launch is not None:
             launch(batch.num_reqs)  # asynchronous, on the current (possibly capturing) stream
         else:
-            self.executor.run_step(batch.num_reqs)
+            kernel.run_step(batch.num_reqs)
         self.steps += 1
 
     # building -----------------------------------------------------------------------------------
@@ -169,7 +173,7 @@ class MpkRuntime:
             return False
         self._release()  # just before the build's allocations take that memory back
         try:
-            self.executor, self.bound = self._make(model, input_ids, positions, batch)
+            self.kernels, self.bound = self._make(model, input_ids, positions, batch)
         except _Refused as e:
             self.fallback(str(e))
             return False
@@ -206,7 +210,9 @@ class MpkRuntime:
         return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
     def _make(self, model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
-              batch: DecodeBatch) -> tuple[Any, dict[str, torch.Tensor]]:
+              batch: DecodeBatch) -> tuple[dict[int, Any], dict[str, torch.Tensor]]:
+        """One plan per size of ``plan_batches``, all bound to the same weights, KV cache and vLLM
+        step buffers (each reads the first rows it needs)."""
         spec = self.spec
         for i, attn in enumerate(attention_modules(model)):
             problem = kv_layout_problem(attn, spec)
@@ -218,40 +224,45 @@ class MpkRuntime:
             raise _Refused(f"weights of dtype {sorted(dtypes)}; the megakernel reads bf16")
         kv_caches = [attn.kv_cache for attn in attention_modules(model)]
         page = kv_caches[0].shape[2]
-        buffers = step_buffers(input_ids, positions, batch, self.max_batch)
         device = input_ids.device
         workers = self._num_workers(device)
-        options = DecodeOptions(max_batch=self.max_batch, max_seq_len=buffers["block_tables"].shape[1] * page,
-                                page_size=page, num_workers=workers, block_dim=self.options.block_dim,
-                                schedule=self.options.schedule, final="hidden")
-        decoder = build_decoder(spec, weights, kv_caches, options, rope_cache=rope_cache(model, spec))
-        self.hidden = decoder.hidden.name
-        tensors = {**decoder.kernel.attached, **buffers}
+        rope = rope_cache(model, spec)
+        plans = {}
+        for size in plan_batches(self.max_batch):
+            buffers = step_buffers(input_ids, positions, batch, size)
+            options = DecodeOptions(max_batch=size, max_seq_len=buffers["block_tables"].shape[1] * page,
+                                    page_size=page, num_workers=workers, block_dim=self.options.block_dim,
+                                    schedule=self.options.schedule, final="hidden")
+            decoder = build_decoder(spec, weights, kv_caches, options, rope_cache=rope)
+            self.hidden = decoder.hidden.name
+            plans[size] = (decoder.plan, {**decoder.kernel.attached, **buffers})
         if device.type == "cuda":
-            from vllm_mpk.runtime.megakernel import Megakernel
+            from vllm_mpk.runtime.megakernel import Megakernel, build_kernels
 
-            executor = Megakernel(decoder.plan, tensors, timeout_s=self.options.timeout_s,
-                                  profile=self.options.profile)
-        else:  # the CPU reference executor: same plan, same bindings, tile by tile (tests)
+            build_kernels(list(plans.values()))  # nvcc in parallel; each Megakernel below loads its build
+            kernels = {size: Megakernel(plan, tensors, timeout_s=self.options.timeout_s, profile=self.options.profile)
+                       for size, (plan, tensors) in plans.items()}
+        else:  # the CPU reference executor: same plans, same bindings, tile by tile (tests)
             from vllm_mpk.graph.reference import ReferenceExecutor
 
-            executor = ReferenceExecutor(decoder.plan, tensors)
-        logger.info("--model-impl mpk: megakernel ready: %d layers, decode batches up to %d, %d workers, "
-                    "KV cache %s blocks of %d (%s), %d tasks, %.1f MiB of device memory (%.1f MiB estimated "
-                    "for vLLM's budget)", spec.num_layers, self.max_batch, workers, kv_caches[0].shape[0], page,
-                    attention_modules(model)[0].attn_backend.get_name(), len(decoder.plan.tasks),
-                    allocated_bytes(executor) / 2**20,
-                    megakernel_bytes(spec, self.max_batch, workers, profile=self.options.profile) / 2**20)
-        return executor, buffers
+            kernels = {size: ReferenceExecutor(plan, tensors) for size, (plan, tensors) in plans.items()}
+        logger.info("--model-impl mpk: megakernel ready: %d layers, decode batches of %s, %d workers, "
+                    "KV cache %s blocks of %d (%s), %d tasks at batch %d, %.1f MiB of device memory (%.1f MiB "
+                    "estimated for vLLM's budget)", spec.num_layers, "/".join(map(str, plans)), workers,
+                    kv_caches[0].shape[0], page, attention_modules(model)[0].attn_backend.get_name(),
+                    len(plans[self.max_batch][0].tasks), self.max_batch,
+                    sum(map(allocated_bytes, kernels.values())) / 2**20, self._estimated_bytes(workers) / 2**20)
+        return kernels, step_buffers(input_ids, positions, batch, self.max_batch)
 
     def check_weights_in_place(self, model: torch.nn.Module) -> None:
         """After a weight reload: vLLM loads into the existing parameters, so a built megakernel
         (and the CUDA graphs around it, which keep its buffers) stays valid. A reload that
         reallocated a parameter would leave it reading freed memory: raise instead."""
-        if self.executor is None:
+        if not self.kernels:
             return
+        kernel = self.kernels[max(self.kernels)]  # every plan binds the same weights
         for name, t in module_weights(model, self.spec).items():
-            bound = self.executor.tensors.get(name)
+            bound = kernel.tensors.get(name)
             if bound is not None and bound.data_ptr() != t.data_ptr():
                 raise RuntimeError(f"--model-impl mpk: reloading weights moved '{name}', which the megakernel "
                                    "reads in place; restart the server to rebuild it")
@@ -260,22 +271,23 @@ class MpkRuntime:
 
     def poll_watchdog(self) -> None:
         """Raise MegakernelError if an earlier launch stopped on its watchdog. Never waits: it
-        reads a copy of the error word queued on the previous call, once that copy has landed."""
-        kernel = self.executor
-        if kernel is None or not hasattr(kernel, "control") or torch.cuda.is_current_stream_capturing():
+        reads a copy of the plans' error words queued on the previous call, once it has landed."""
+        kernels = [k for k in self.kernels.values() if hasattr(k, "control")]
+        if not kernels or torch.cuda.is_current_stream_capturing():
             return
         from vllm_mpk.runtime import control
 
         if self._watch is None:
-            self._watch = (torch.zeros(1, dtype=torch.int32, pin_memory=True), torch.cuda.Event())
+            self._watch = (torch.zeros(len(kernels), dtype=torch.int32, pin_memory=True), torch.cuda.Event())
         else:
-            flag, copied = self._watch
+            flags, copied = self._watch
             if not copied.query():
                 return  # the previous copy has not landed yet; look next time
-            if int(flag[0]):
-                kernel.check()  # synchronises and raises with the stalled task and event
-        flag, copied = self._watch
-        flag.copy_(kernel.control[control.ERROR:control.ERROR + 1], non_blocking=True)
+            for kernel, flag in zip(kernels, flags.tolist(), strict=True):
+                if flag:
+                    kernel.check()  # synchronises and raises with the stalled task and event
+        flags, copied = self._watch
+        flags.copy_(torch.stack([k.control[control.ERROR] for k in kernels]), non_blocking=True)
         copied.record()
 
 
@@ -335,12 +347,15 @@ class MpkDecodeMixin:
         self._mpk.check_weights_in_place(self)
         return loaded
 
-    def mpk_write_profile(self, trace_path: str) -> str:
-        """With ``profile`` on: write the last megakernel step as a Perfetto trace and return the
-        per-op summary (e.g. through ``LLM.apply_model``)."""
+    def mpk_write_profile(self, trace_path: str, batch_size: int | None = None) -> str:
+        """With ``profile`` on: write the last step of the plan that runs decode batches of
+        ``batch_size`` (default: the largest) as a Perfetto trace and return the per-op summary
+        (e.g. through ``LLM.apply_model``)."""
         from vllm_mpk.runtime.profiler import summary, task_spans, write_trace
 
-        kernel = self._mpk.executor
+        kernels = self._mpk.kernels
+        sizes = [b for b in sorted(kernels) if batch_size is None or b >= batch_size]
+        kernel = kernels[sizes[0] if batch_size is not None else sizes[-1]] if sizes else None
         if kernel is None or getattr(kernel, "profile", None) is None:
             raise RuntimeError('no profiled megakernel step yet: set additional_config {"mpk": {"profile": true}} '
                                "and run a decode batch")

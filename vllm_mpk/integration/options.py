@@ -76,3 +76,16 @@ class MpkOptions:
         for key in ("profile", "strict"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "true or false")
+
+
+def plan_batches(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes that get a plan of their own: powers of two below ``max_batch``, and
+    ``max_batch``. A decode batch runs the smallest that holds it (vLLM pads FULL-graph batches
+    to its capture sizes, powers of two by default), so batch 1 does not pay for the attention
+    tasks, input staging and schedule of a batch-8 plan."""
+    sizes = {max_batch}
+    b = 1
+    while b < max_batch:
+        sizes.add(b)
+        b *= 2
+    return tuple(sorted(sizes))

@@ -3,7 +3,8 @@ step. The launch reads everything from fixed device buffers, so a CUDA graph can
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -43,6 +44,19 @@ def kernel_spec(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> tuple[JitSpe
     args = all_args(plan, tensors)
     layout = record_layout(plan, args)
     return generate(plan, variants, layout, threads), task_table(plan, variants, args, layout, tensors)
+
+
+def build_kernels(plans: Sequence[tuple[Plan, Mapping[str, torch.Tensor]]]) -> None:
+    """Compile the kernels of several bound plans at once (nvcc runs as subprocesses), so that
+    ``Megakernel`` then loads each from the build cache. The plans' intermediates are described by
+    meta tensors: codegen reads only shapes and strides, which ``bind_tensors`` reproduces."""
+    specs = []
+    for plan, tensors in plans:
+        meta = {n: torch.empty(h.shape, dtype=h.dtype, device="meta") for n, h in plan.tensors.items()
+                if h.role is not Role.INPUT}
+        specs.append(kernel_spec(plan, {**tensors, **meta})[0])
+    with ThreadPoolExecutor(max(1, len(specs))) as pool:
+        list(pool.map(lambda spec: spec.build(), specs))
 
 
 class Megakernel:
