@@ -60,6 +60,13 @@ def test_table_has_ratios_overhead_and_ceiling() -> None:
     assert "qwen3-0.6b at batch 1" in md and "≥ 0.70 ms" in md
 
 
+def test_engine_settings_are_noted_when_recorded() -> None:
+    assert "Engine settings" not in render(ROWS)
+    rows = [{**r, "async_scheduling": r["impl"] == "vllm", "attention_backend": "FLASH_ATTN"} for r in ROWS]
+    assert ("Engine settings: vllm: async scheduling on, attention FLASH_ATTN; mpk: async scheduling off, "
+            "attention FLASH_ATTN.") in render(rows)
+
+
 def test_missing_forward_time_is_a_dash() -> None:
     md = render([row("llama-3.2-1b", "vllm", 16, 1.7, None, None), row("llama-3.2-1b", "mpk", 16, 1.5, None, None)])
     assert table_cells(md, "llama-3.2-1b", 16)[2:6] == ["1.70", "1.50", "1.13×", "—"]

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from vllm_mpk.bench.profiling import analyze_profiles, engine_profile_dir
 from vllm_mpk.bench.runner import Row, run_engines
 from vllm_mpk.bench.table import read_rows, update_results
+from vllm_mpk.bench.trace import analyze_file, format_report, trace_files
 from vllm_mpk.bench.worker import EngineConfig
 from vllm_mpk.check import CheckResult, check_model
 from vllm_mpk.graph.schedule import POLICIES
@@ -212,27 +214,52 @@ def print_rows(rows: list[Row]) -> None:
             continue
         forward = "n/a" if r["forward_ms"] is None else f"{r['forward_ms']:.3f} ms"
         print(f"{head} TPOT {r['tpot_ms']:.3f} ms, forward {forward} (engine start {r['engine_s']:.0f} s, "
-              f"process {r['process_s']:.0f} s)", flush=True)
+              f"process {r['process_s']:.0f} s; async scheduling {r.get('async_scheduling')}, attention "
+              f"{r.get('attention_backend')})", flush=True)
+
+
+def analyze_traces(paths: Sequence[str], gap_us: float) -> int:
+    """``--analyze-trace``: the report of every trace named or found under a folder named."""
+    try:
+        files = trace_files(paths)
+    except FileNotFoundError as e:
+        raise CliError(str(e)) from e
+    if not files:
+        raise CliError(f"no *.pt.trace.json[.gz] under {' '.join(paths)}")
+    print("\n\n".join(format_report(analyze_file(f, gap_us)) for f in files))
+    return EXIT_OK
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run one engine per (model, impl) in its own process, append the rows to ``--rows`` and
-    rewrite the table in ``--results`` from every row there (each model's latest run)."""
+    rewrite the table in ``--results`` from every row there (each model's latest run). With
+    ``--profile-dir``, each engine then profiles its largest batch and the traces are analyzed;
+    ``--analyze-trace`` only analyzes traces."""
+    if args.analyze_trace:
+        return analyze_traces(args.analyze_trace, args.gap_us)
     for model in args.models:
         shipped_config(model)  # UnknownModelError (exit 2) before any engine starts
     if min(args.batches) < 1 or args.new_tokens < 2 or args.repeats < 1:
         raise CliError("--batches must be positive, --new-tokens at least 2, --repeats at least 1")
+    if not 2 <= args.profile_tokens <= args.new_tokens or not 0 <= args.profile_stack_tokens <= args.new_tokens:
+        raise CliError("--profile-tokens must be 2 to --new-tokens, --profile-stack-tokens 0 to --new-tokens")
     rows: list[Row] = []
     if not args.table_only:
         if (reason := bench_unavailable_reason()) is not None:
             print(f"vllm-mpk bench runs vLLM on a GPU: {reason} (--table-only redraws the table)", file=sys.stderr)
             return EXIT_UNAVAILABLE
+        profile_dir = None if args.profile_dir is None else str(args.profile_dir.expanduser().resolve())
         configs = [EngineConfig(model, impl, tuple(args.batches), args.prompt_len, args.new_tokens, args.repeats,
-                                args.gpu_memory_utilization, args.vllm_compile)
+                                args.gpu_memory_utilization, args.vllm_compile, profile_dir=profile_dir,
+                                profile_tokens=args.profile_tokens, profile_stack_tokens=args.profile_stack_tokens)
                    for model in args.models for impl in args.impls]
         log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="vllm_mpk_bench_"))
         print(f"{len(configs)} engines, one process each; logs in {log_dir}", flush=True)
         rows = run_engines(configs, args.rows, log_dir, args.timeout, on_rows=print_rows)
+        if profile_dir is not None:
+            print(f"\nprofiles in {profile_dir} (<trace>.analysis.txt: every step and gap)\n"
+                  + analyze_profiles([engine_profile_dir(profile_dir, c.model, c.impl) for c in configs], args.gap_us),
+                  flush=True)
     print(update_results(args.results, read_rows(args.rows)))
     print(f"\nrewrote the vLLM section of {args.results} from {args.rows}")
     return EXIT_FAILED if any("error" in r for r in rows) else EXIT_OK
@@ -318,6 +345,18 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    "FULL_DECODE_ONLY graphs; slower start")
     b.add_argument("--timeout", type=float, default=300.0, help="seconds per engine process (default 300)")
     b.add_argument("--log-dir", type=Path, default=None, help="one log per engine (default a new temp folder)")
+    b.add_argument("--profile-dir", type=Path, default=None,
+                   help="after its measurements, each engine profiles its largest batch with vLLM's torch profiler "
+                   "(CPU and CUDA); traces, vLLM's op table and their analysis go to DIR/<model>-<impl>/")
+    b.add_argument("--profile-tokens", type=int, default=d.profile_tokens,
+                   help=f"new tokens of the profiled pass without Python stacks (default {d.profile_tokens})")
+    b.add_argument("--profile-stack-tokens", type=int, default=d.profile_stack_tokens,
+                   help="new tokens of a second pass with Python stacks, which names the Python code running "
+                   f"during GPU gaps but slows the CPU side; 0 skips it (default {d.profile_stack_tokens})")
+    b.add_argument("--analyze-trace", nargs="+", metavar="PATH", default=None,
+                   help="run nothing: per decode step, GPU time by group, idle gaps and the engine thread's "
+                   "activity during each, for these profiler traces (or every *.pt.trace.json[.gz] under a folder)")
+    b.add_argument("--gap-us", type=float, default=20.0, help="idle gaps listed from this length on (default 20)")
     b.set_defaults(func=cmd_bench)
 
 

@@ -5,4 +5,7 @@
 - ``step_timer``: the worker extension vLLM loads into its GPU worker, timing each decode step.
 - ``runner``: starts one worker process per engine and collects their rows.
 - ``table``: the markdown table of RESULTS.md, from rows (pure functions, tested on the CPU).
+- ``profiling``: ``--profile-dir``: each engine's largest batch under vLLM's torch profiler.
+- ``trace``: per decode step, GPU time by group and idle gaps with the engine thread's activity,
+  from such a trace (``--analyze-trace``; pure Python, tested on the CPU).
 """

@@ -11,10 +11,15 @@ graph's execution on the GPU (the replay is one launch, so no host gap sits betw
 
 The wrappers are instance attributes set by ``bench_timer_start`` and deleted by
 ``bench_timer_stop``: while the timer is off the worker runs vLLM's code untouched.
+
+The extension also reports the engine settings that shape vLLM's per-step overhead
+(``bench_engine_info``) and resets vLLM's profiler between the passes of
+``vllm_mpk.bench.profiling`` (``bench_profiler_reset``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +42,29 @@ class StepTimer:
         mpk = getattr(model, "_mpk", None)
         return {"class": type(model).__name__, "built": bool(mpk is not None and mpk.kernels),
                 "disabled": mpk and mpk.disabled, "stock": sorted(mpk.stock_reasons) if mpk else []}
+
+    def bench_engine_info(self) -> dict[str, Any]:
+        """Whether the engine core schedules asynchronously (it then prepares step n+1 while the
+        GPU runs step n, hiding most of its per-step work), the attention backend(s) of the KV
+        cache groups, the model runner class and the resolved CUDA graph mode."""
+        config = self.vllm_config  # type: ignore[attr-defined]
+        runner = self.model_runner  # type: ignore[attr-defined]
+        groups = getattr(runner, "attn_groups", None) or []
+        backends = sorted({g.backend.get_name() for per_kv_group in groups for g in per_kv_group})
+        return {"async_scheduling": bool(config.scheduler_config.async_scheduling),
+                "attention_backend": "+".join(backends) or None, "model_runner": type(runner).__name__,
+                "cudagraph_mode": str(config.compilation_config.cudagraph_mode)}
+
+    def bench_profiler_reset(self, with_stack: bool, table: bool) -> None:
+        """Make the next ``start_profile`` build a new torch profiler, with Python stacks or not
+        and with or without vLLM's table of ops by CUDA time. vLLM builds the worker's profiler on
+        the first ``start_profile`` and reuses it (its settings and trace name) afterwards."""
+        if self.profiler is not None:  # type: ignore[has-type]
+            self.profiler.shutdown()  # type: ignore[has-type]  # stops it if it still runs
+        self.profiler = None
+        self.profiler_config = dataclasses.replace(self.profiler_config,  # type: ignore[has-type]
+                                                   torch_profiler_with_stack=with_stack,
+                                                   torch_profiler_dump_cuda_time_total=table)
 
     def bench_timer_start(self) -> bool:
         """Start timing; False when the runner has no FULL-graph replay to time (V1 model runner)."""

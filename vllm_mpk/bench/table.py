@@ -92,6 +92,18 @@ def overhead_note(ok: list[Row]) -> str:
             f"{worst['tpot_ms'] / (worst['tpot_ms'] - worst['forward_ms']):.2f}×).")
 
 
+def settings_note(ok: list[Row]) -> str | None:
+    """Per impl, whether vLLM scheduled asynchronously (which hides most of its per-step work
+    behind the GPU) and its attention backend; None for rows from before they were recorded."""
+    parts = []
+    for impl in (STOCK, MPK):
+        rows = [r for r in ok if r["impl"] == impl and "async_scheduling" in r]
+        if rows:
+            scheduling = " / ".join(dict.fromkeys("on" if r["async_scheduling"] else "off" for r in rows))
+            parts.append(f"{impl}: async scheduling {scheduling}, attention {distinct(rows, 'attention_backend')}")
+    return "Engine settings: " + "; ".join(parts) + "." if parts else None
+
+
 def render(rows: Iterable[Row]) -> str:
     """The markdown between the markers: settings, card and date, table, overhead note, failures."""
     rows = latest_rows(rows)
@@ -108,7 +120,8 @@ def render(rows: Iterable[Row]) -> str:
     for model in dict.fromkeys(r["model"] for r in rows):
         for batch in sorted({r["batch"] for r in rows if r["model"] == model}):
             lines.append(table_line(model, batch, by_key.get((model, batch, STOCK)), by_key.get((model, batch, MPK))))
-    lines += ["", overhead_note(ok), "",
+    settings = settings_note(ok)
+    lines += ["", overhead_note(ok), *(["", settings] if settings else []), "",
               "forward: GPU time of the decode step's CUDA-graph replay (embedding to final norm). lm_head: "
               "`compute_logits`. overhead = TPOT − forward − lm_head (share of that TPOT). ceiling: stock TPOT "
               "over stock TPOT − stock forward, the speed-up of a forward that took no time."]

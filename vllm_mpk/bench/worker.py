@@ -8,8 +8,11 @@ shipped config.json. For each batch: ``batch`` prompts of ``prompt_len`` token i
 ignored. TPOT = (time to generate ``new_tokens`` - time to generate 1) / (new_tokens - 1), median
 of ``repeats``; then one more generation of ``new_tokens`` with ``StepTimer`` on gives the median
 GPU time of the decode step's graph replay (``forward_ms``) and of ``compute_logits``
-(``lm_head_ms``). Run by ``vllm_mpk.bench.runner`` in a fresh process per engine, because GPU
-memory is not reliably freed between engines of one process.
+(``lm_head_ms``). Every row also says whether the engine scheduled asynchronously and which
+attention backend it ran (``StepTimer.bench_engine_info``). With ``profile_dir`` set, the
+largest batch is then profiled (``vllm_mpk.bench.profiling``). Run by ``vllm_mpk.bench.runner``
+in a fresh process per engine, because GPU memory is not reliably freed between engines of one
+process.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from vllm_mpk.bench.profiling import engine_profile_dir, profile_engine, profile_passes, profiler_config
 from vllm_mpk.models.catalog import shipped_config
 
 FAST_COMPILATION = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}  # no torch.compile; FULL decode graphs
@@ -32,7 +36,10 @@ STEP_TIMER = "vllm_mpk.bench.step_timer.StepTimer"
 @dataclass(frozen=True)
 class EngineConfig:
     """What one worker measures. ``vllm_compile``: vLLM's default compilation (torch.compile and
-    FULL_AND_PIECEWISE graphs, a slower start) instead of ``FAST_COMPILATION``."""
+    FULL_AND_PIECEWISE graphs, a slower start) instead of ``FAST_COMPILATION``. ``profile_dir``:
+    profile the largest batch afterwards, ``profile_tokens`` new tokens without Python stacks and
+    ``profile_stack_tokens`` with them (0: no such pass), traces under
+    ``profile_dir/<model>-<impl>/``."""
 
     model: str  # a shipped config name, e.g. "qwen3-0.6b"
     impl: str  # vLLM's model_impl: "vllm" (stock) or "mpk"
@@ -42,6 +49,9 @@ class EngineConfig:
     repeats: int = 3
     gpu_memory_utilization: float = 0.85
     vllm_compile: bool = False
+    profile_dir: str | None = None
+    profile_tokens: int = 24
+    profile_stack_tokens: int = 12
 
     @classmethod
     def from_json(cls, text: str) -> EngineConfig:
@@ -73,6 +83,8 @@ def engine_kwargs(cfg: EngineConfig, directory: Path) -> dict[str, Any]:
         gpu_memory_utilization=cfg.gpu_memory_utilization, worker_extension_cls=STEP_TIMER)
     if not cfg.vllm_compile:
         kwargs["compilation_config"] = FAST_COMPILATION
+    if cfg.profile_dir is not None:
+        kwargs["profiler_config"] = profiler_config(engine_profile_dir(cfg.profile_dir, cfg.model, cfg.impl))
     if cfg.impl == "mpk":
         kwargs["additional_config"] = {"mpk": {"max_batch": max(cfg.batches), "strict": True}}
     return kwargs
@@ -125,6 +137,7 @@ def run(cfg: EngineConfig, rows: Path) -> None:
         engine_s = time.perf_counter() - start
         try:
             gpu = llm.collective_rpc("bench_device_name")[0]
+            info = llm.collective_rpc("bench_engine_info")[0]
             for batch in cfg.batches:
                 prompts = token_prompts(batch, cfg.prompt_len, vocab)
                 samples = tpot_samples_ms(llm, prompts, cfg.new_tokens, cfg.repeats)
@@ -136,12 +149,34 @@ def run(cfg: EngineConfig, rows: Path) -> None:
                 row = {"model": cfg.model, "impl": cfg.impl, "batch": batch, "tpot_ms": statistics.median(samples),
                        "tpot_samples_ms": samples, **times, "model_class": state["class"], "gpu": gpu,
                        "engine_s": engine_s, "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens,
-                       "repeats": cfg.repeats, "compilation": cfg.compilation}
+                       "repeats": cfg.repeats, "compilation": cfg.compilation,
+                       "async_scheduling": info["async_scheduling"], "attention_backend": info["attention_backend"]}
                 with rows.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
+            if cfg.profile_dir is not None:
+                profile(llm, cfg, info, vocab)
         finally:
             llm.llm_engine.engine_core.shutdown()
+
+
+def profile(llm: Any, cfg: EngineConfig, info: dict[str, Any], vocab: int) -> None:
+    """Profile the largest batch (``vllm_mpk.bench.profiling``); the CUDA-event timer runs too, so
+    each pass also gives the forward and lm_head times it saw under the profiler."""
+    batch = max(cfg.batches)
+    prompts = token_prompts(batch, cfg.prompt_len, vocab)
+    directory = engine_profile_dir(cfg.profile_dir or ".", cfg.model, cfg.impl)
+
+    def generation(tokens: int) -> dict[str, Any]:
+        times = step_times_ms(llm, prompts, tokens)
+        if times["graph_tokens"] is None:  # no timer in this model runner, so nothing ran yet
+            times["generate_s"] = generate_s(llm, prompts, tokens)
+        return times
+
+    record = profile_engine(llm, directory, {"model": cfg.model, "impl": cfg.impl, "batch": batch,
+                                             "prompt_len": cfg.prompt_len, **info},
+                            profile_passes(cfg.profile_tokens, cfg.profile_stack_tokens), generation)
+    print(json.dumps(record), flush=True)
 
 
 def main() -> None:

@@ -1,0 +1,161 @@
+"""``vllm-mpk bench --profile-dir`` without a GPU: vLLM's profiler settings, the profiling passes
+against a stand-in ``LLM`` that writes a synthetic trace, their analysis, the worker extension's
+profiler reset and engine info, and the command's arguments."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from tests.test_bench_trace import EVENTS
+from vllm_mpk import cli
+from vllm_mpk.bench.profiling import analyze_profiles, engine_profile_dir, profile_engine, profile_passes
+from vllm_mpk.bench.step_timer import StepTimer
+from vllm_mpk.bench.worker import EngineConfig, engine_kwargs
+
+INFO = {"model": "qwen3-0.6b", "impl": "mpk", "batch": 8, "prompt_len": 128, "async_scheduling": True,
+        "attention_backend": "FLASH_ATTN", "model_runner": "GPUModelRunner", "cudagraph_mode": "FULL_DECODE_ONLY"}
+
+
+class FakeLLM:
+    """What ``profile_engine`` uses of ``vllm.LLM``; ``stop_profile`` writes what vLLM's worker does."""
+
+    def __init__(self, directory: Path, fail_stop: bool = False):
+        self.directory, self.fail_stop, self.calls, self.prefix = directory, fail_stop, [], ""
+
+    def collective_rpc(self, method: str, args: tuple = ()) -> list[Any]:
+        self.calls.append((method, *args))
+        return [None]
+
+    def start_profile(self, profile_prefix: str) -> None:
+        self.calls.append(("start", profile_prefix))
+        self.prefix = profile_prefix
+
+    def stop_profile(self) -> None:
+        self.calls.append(("stop",))
+        if self.fail_stop:
+            raise RuntimeError("engine core died")
+        trace = self.directory / f"{self.prefix}_dp0_pp0_tp0_dcp0_ep0_rank0.1700000000.pt.trace.json.gz"
+        trace.write_bytes(gzip.compress(json.dumps({"traceEvents": EVENTS}).encode()))
+        (self.directory / "profiler_out_0.txt").write_text("table")
+
+
+def test_engine_profiler_settings() -> None:
+    cfg = EngineConfig("qwen3-0.6b", "mpk", batches=(1, 8), profile_dir="/p", profile_tokens=16,
+                       profile_stack_tokens=0)
+    assert EngineConfig.from_json(cfg.to_json()) == cfg
+    config = engine_kwargs(cfg, Path("/m"))["profiler_config"]
+    assert config["profiler"] == "torch" and config["torch_profiler_dir"] == "/p/qwen3-0.6b-mpk"
+    assert not config["torch_profiler_with_stack"] and config["torch_profiler_use_gzip"]
+    assert "profiler_config" not in engine_kwargs(EngineConfig("qwen3-0.6b", "vllm"), Path("/m"))
+    assert [(p.name, p.tokens, p.with_stack) for p in profile_passes(24, 12)] == [("ops", 24, False),
+                                                                                  ("stack", 12, True)]
+    assert [p.name for p in profile_passes(24, 0)] == ["ops"]
+
+
+def test_profile_engine_writes_traces_record_and_analysis(tmp_path: Path) -> None:
+    directory = engine_profile_dir(tmp_path, "qwen3-0.6b", "mpk")
+    llm = FakeLLM(directory)
+    seen: list[int] = []
+
+    def generate(tokens: int) -> dict[str, Any]:
+        seen.append(tokens)
+        return {"forward_ms": 1.6, "lm_head_ms": 0.12, "graph_tokens": [8]}
+
+    record = profile_engine(llm, directory, INFO, profile_passes(24, 12), generate)
+    assert seen == [24, 12]
+    assert llm.calls == [("bench_profiler_reset", False, True), ("start", "qwen3-0.6b-mpk-b8-ops"), ("stop",),
+                         ("bench_profiler_reset", True, False), ("start", "qwen3-0.6b-mpk-b8-stack"), ("stop",)]
+    ops, stack = record["passes"]
+    assert ops["forward_ms"] == 1.6 and "error" not in ops and "warning" not in ops
+    assert list(ops["traces"]) == ["qwen3-0.6b-mpk-b8-ops_dp0_pp0_tp0_dcp0_ep0_rank0.1700000000.pt.trace.json.gz"]
+    assert json.loads((directory / "profile.json").read_text()) == record
+    assert (directory / "qwen3-0.6b-mpk-b8-stack.profiler_out_0.txt").read_text() == "table"
+    text = analyze_profiles([directory, tmp_path / "qwen3-0.6b-vllm"])
+    assert text.startswith("== qwen3-0.6b mpk, batch 8: async_scheduling True, attention_backend FLASH_ATTN")
+    assert "[ops pass, 24 tokens, forward 1.600 ms, lm_head 0.120 ms by CUDA events]" in text
+    assert text.count("2 decode steps of 3") == 2 and "no profile.json" in text
+    analysis = directory / "qwen3-0.6b-mpk-b8-ops_dp0_pp0_tp0_dcp0_ep0_rank0.1700000000.analysis.txt"
+    assert "175 us idle after" in analysis.read_text()
+
+
+def test_a_failed_pass_is_recorded(tmp_path: Path) -> None:
+    def generate(tokens: int) -> dict[str, Any]:
+        raise ValueError("step failed")
+
+    record = profile_engine(FakeLLM(tmp_path, fail_stop=True), tmp_path, INFO, profile_passes(24, 0), generate)
+    (ops,) = record["passes"]
+    assert ops["error"] == "RuntimeError: engine core died (after ValueError: step failed)" and ops["traces"] == {}
+    assert "ops pass: RuntimeError: engine core died" in analyze_profiles([tmp_path])
+
+
+def test_worker_profiles_its_largest_batch(tmp_path: Path) -> None:
+    pytest.importorskip("vllm")
+    from vllm_mpk.bench import worker
+
+    class LLM(FakeLLM):  # a model runner without the step timer: the profiled passes still generate
+        generated: list[tuple[int, int]] = []
+
+        def collective_rpc(self, method: str, args: tuple = ()) -> list[Any]:
+            super().collective_rpc(method, args)
+            return [False if method == "bench_timer_start" else None]
+
+        def generate(self, prompts: list, params: Any, use_tqdm: bool) -> None:
+            self.generated.append((len(prompts), params.max_tokens))
+
+    cfg = EngineConfig("qwen3-0.6b", "vllm", batches=(1, 8), profile_dir=str(tmp_path), profile_tokens=16)
+    directory = tmp_path / "qwen3-0.6b-vllm"
+    directory.mkdir()
+    llm = LLM(directory)
+    worker.profile(llm, cfg, {k: INFO[k] for k in ("async_scheduling", "attention_backend")}, vocab=1000)
+    assert llm.generated == [(8, 16), (8, 12)]
+    record = json.loads((directory / "profile.json").read_text())
+    assert (record["batch"], record["impl"], record["async_scheduling"]) == (8, "vllm", True)
+    assert [p["forward_ms"] for p in record["passes"]] == [None, None] and "generate_s" in record["passes"][0]
+
+
+class Worker(StepTimer):
+    """The attributes of vLLM's GPU worker that the extension reads."""
+
+    def __init__(self) -> None:
+        from vllm.config import ProfilerConfig
+
+        backend = SimpleNamespace(get_name=lambda: "FLASH_ATTN")
+        self.model_runner = SimpleNamespace(attn_groups=[[SimpleNamespace(backend=backend)] * 2])
+        self.vllm_config = SimpleNamespace(scheduler_config=SimpleNamespace(async_scheduling=True),
+                                           compilation_config=SimpleNamespace(cudagraph_mode="FULL_DECODE_ONLY"))
+        self.profiler_config = ProfilerConfig(profiler="torch", torch_profiler_dir="/p", torch_profiler_with_stack=False)
+        self.profiler = SimpleNamespace(shutdown=lambda: setattr(self, "shut", True))
+
+
+def test_worker_extension_resets_the_profiler_and_reports_settings() -> None:
+    pytest.importorskip("vllm")
+    worker = Worker()
+    worker.bench_profiler_reset(True, False)
+    assert worker.profiler is None and worker.shut
+    assert worker.profiler_config.torch_profiler_with_stack and not worker.profiler_config.torch_profiler_dump_cuda_time_total
+    assert worker.profiler_config.torch_profiler_dir == "/p"
+    assert worker.bench_engine_info() == {"async_scheduling": True, "attention_backend": "FLASH_ATTN",
+                                          "model_runner": "SimpleNamespace", "cudagraph_mode": "FULL_DECODE_ONLY"}
+
+
+def test_bench_profile_arguments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    seen: list[EngineConfig] = []
+    monkeypatch.setattr(cli, "bench_unavailable_reason", lambda: None)
+    monkeypatch.setattr(cli, "run_engines", lambda configs, *args, **kwargs: seen.extend(configs) or [])
+    common = ["bench", "--models", "qwen3-0.6b", "--batches", "1", "8", "--rows", str(tmp_path / "r.jsonl"),
+              "--results", str(tmp_path / "RESULTS.md")]
+    assert cli.main([*common, "--profile-dir", str(tmp_path / "prof"), "--profile-tokens", "16"]) == 0
+    assert [(c.impl, c.profile_dir, c.profile_tokens, c.profile_stack_tokens) for c in seen] == [
+        ("vllm", str(tmp_path / "prof"), 16, 12), ("mpk", str(tmp_path / "prof"), 16, 12)]
+    assert "qwen3-0.6b-mpk: no profile.json" in capsys.readouterr().out
+    seen.clear()
+    assert cli.main(common) == 0 and all(c.profile_dir is None for c in seen)
+    assert cli.main([*common, "--profile-dir", "p", "--profile-tokens", "1"]) == 2
+    assert "--profile-tokens must be 2 to --new-tokens" in capsys.readouterr().err
