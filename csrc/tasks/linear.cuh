@@ -31,6 +31,7 @@ struct LinearArgs {
 
 constexpr int kLinearStageBytes = 64 * 1024;
 constexpr int kSliceK = 256;  // columns per work item: 8 steps of 32
+constexpr int kStageLoads = 4;  // input vectors in flight per thread while staging
 
 template <int B>
 constexpr int padded_batch() { return (B + 7) / 8 * 8; }
@@ -120,11 +121,12 @@ __device__ void linear_task(const TaskContext& c) {
     const float eps = c.farg(LinearArgs::kEps);
     for (int b = warp; b < n_tok; b += NW) {
       float ss = 0.f;
-      for (int k = lane * 8; k < K; k += kWarp * 8) {
+#pragma unroll 8
+      for (int i = 0; i < K / (kWarp * 8); ++i) {  // unrolled: several L2 loads in flight per lane
         float f[8];
-        load_bf16<8>(x + (size_t)b * XW + k, f);
+        load_bf16<8>(x + (size_t)b * XW + i * kWarp * 8 + lane * 8, f);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) ss += f[i] * f[i];
+        for (int j = 0; j < 8; ++j) ss += f[j] * f[j];
       }
       ss = warp_sum(ss);
       if (lane == 0) inv_rms[b] = rsqrtf(ss / K + eps);
@@ -137,28 +139,36 @@ __device__ void linear_task(const TaskContext& c) {
     if (!loaded && mine.lo < mine.hi) load_item(mine.lo, k0, slices, wa, wb);
     loaded = false;
     __syncthreads();  // previous chunk consumed; inv_rms and acc initialised
-    for (int idx = threadIdx.x * 8; idx < NB * kc; idx += NT * 8) {
-      const int b = idx / kc, kk = idx % kc, k = k0 + kk;
-      float f[8];
-      if (b >= n_tok) {
+    // Stage f(x) for this chunk. Each thread keeps kStageLoads 16-byte loads in flight: one at a
+    // time would make staging a chain of L2 round trips (16 per chunk at batch 8).
+    for (int base = threadIdx.x * 8; base < NB * kc; base += NT * 8 * kStageLoads) {
+      uint4 a[kStageLoads], e[kStageLoads];  // x (gate), and up (SiLU-mul) or the norm weights
 #pragma unroll
-        for (int i = 0; i < 8; ++i) f[i] = 0.f;
-      } else if constexpr (gated(MODE)) {
-        float u[8];
-        load_bf16<8>(x + (size_t)b * XW + k, f);
-        load_bf16<8>(x + (size_t)b * XW + K + k, u);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) f[i] = f[i] / (1.f + __expf(-f[i])) * u[i];
-      } else {
-        load_bf16<8>(x + (size_t)b * XW + k, f);
-        if constexpr (MODE == LinearMode::kNorm) {
-          float nw[8];
-          load_bf16<8>(norm_w + k, nw);
-#pragma unroll
-          for (int i = 0; i < 8; ++i) f[i] *= inv_rms[b] * nw[i];
+      for (int j = 0; j < kStageLoads; ++j) {
+        const int idx = base + j * NT * 8, b = idx / kc, k = k0 + idx % kc;
+        a[j] = e[j] = make_uint4(0, 0, 0, 0);
+        if (idx < NB * kc && b < n_tok) {
+          a[j] = *reinterpret_cast<const uint4*>(x + (size_t)b * XW + k);
+          if constexpr (gated(MODE)) e[j] = *reinterpret_cast<const uint4*>(x + (size_t)b * XW + K + k);
+          if constexpr (MODE == LinearMode::kNorm) e[j] = *reinterpret_cast<const uint4*>(norm_w + k);
         }
       }
-      *reinterpret_cast<Bf16x8*>(xs + b * XS + kk) = pack(f);
+#pragma unroll
+      for (int j = 0; j < kStageLoads; ++j) {
+        const int idx = base + j * NT * 8, b = idx / kc, kk = idx % kc;
+        if (idx >= NB * kc) break;
+        float f[8], g2[8];
+        unpack(*reinterpret_cast<const Bf16x8*>(&a[j]), f);
+        unpack(*reinterpret_cast<const Bf16x8*>(&e[j]), g2);
+        if (b < n_tok) {  // rows past the batch stay zero (their inv_rms is not computed)
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            if constexpr (gated(MODE)) f[i] = f[i] / (1.f + __expf(-f[i])) * g2[i];
+            if constexpr (MODE == LinearMode::kNorm) f[i] *= inv_rms[b] * g2[i];
+          }
+        }
+        *reinterpret_cast<Bf16x8*>(xs + b * XS + kk) = pack(f);
+      }
     }
     __syncthreads();
 
