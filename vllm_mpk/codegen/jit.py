@@ -120,6 +120,7 @@ class JitSpec:
     sources: dict[str, str]
     include_dirs: list[Path] = field(default_factory=list)
     extra_cuda_flags: list[str] = field(default_factory=list)
+    link_flags: list[str] = field(default_factory=list)  # after the objects: libraries, rpaths
     arch: str = "sm_90a"
 
     def __post_init__(self) -> None:
@@ -148,7 +149,7 @@ class JitSpec:
         for inc in self.include_dirs:
             for path in sorted(p for p in inc.rglob("*") if p.suffix in HEADER_SUFFIXES and p.is_file()):
                 feed("hdr", path.relative_to(inc).as_posix(), path.read_bytes())
-        feed("flags", *self.flags(), "arch", self.arch, "pkg", _package_version(),
+        feed("flags", *self.flags(), "link", *self.link_flags, "arch", self.arch, "pkg", _package_version(),
              "py", sys.implementation.cache_tag, "pybind11", pybind11.__version__)
         return h.hexdigest()
 
@@ -249,7 +250,7 @@ def _compile(spec: JitSpec, nvcc: Path, build_dir: Path, so: Path) -> None:
         ok = _run_all(out, build_dir, [[str(nvcc), *compile_flags, "-c", str(u), "-o", str(o)]
                                        for u, o in zip(units, objects, strict=True)])
         ok = ok and _run_all(out, build_dir, [[str(nvcc), *spec.flags(), *LINK_FLAGS, *map(str, objects),
-                                               "-o", str(tmp)]])
+                                               *spec.link_flags, "-o", str(tmp)]])
     for obj in objects:
         obj.unlink(missing_ok=True)
     if not ok:

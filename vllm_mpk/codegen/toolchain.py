@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -65,3 +66,71 @@ def check_gpu(arch: str) -> None:
     raise ToolchainError(
         f"GPU {device} is {torch.cuda.get_device_name(device)} (sm_{have[0]}{have[1]}); the vllm_mpk "
         f"megakernel is built for {arch} and needs a Hopper GPU (sm_90, e.g. H100/H200).")
+
+
+NVSHMEM_INSTALL_HINT = ("pip install nvidia-nvshmem-cu13 (NVSHMEM 3.4 or newer, the CUDA 13 build), or set "
+                        "NVSHMEM_HOME to an NVSHMEM install with include/nvshmem.h and lib/libnvshmem_host.so*")
+
+
+@dataclass(frozen=True)
+class Nvshmem:
+    """Where NVSHMEM's headers and libraries are (tensor-parallel megakernels link against it)."""
+
+    include: Path
+    lib: Path
+
+    @property
+    def host_library(self) -> Path:
+        """``libnvshmem_host.so.3`` (the pip wheel ships no unversioned ``.so`` link)."""
+        found = sorted(self.lib.glob("libnvshmem_host.so*"), key=lambda p: len(p.name))
+        return found[0]
+
+    @property
+    def device_library(self) -> Path:
+        return self.lib / "libnvshmem_device.a"
+
+    def host_link_flags(self) -> list[str]:
+        """nvcc link flags for the host library, found again at run time through an rpath."""
+        return [f"-Xlinker={self.host_library}", f"-Xlinker=-rpath,{self.lib}"]
+
+    def version(self) -> str:
+        text = (self.include / "non_abi" / "nvshmem_version.h").read_text()
+        parts = [re.search(rf"NVSHMEM_VENDOR_{p}_VERSION\s+(\d+)", text) for p in ("MAJOR", "MINOR", "PATCH")]
+        return ".".join(m[1] if m else "?" for m in parts)
+
+
+def _nvshmem_candidates() -> list[Path]:
+    home = os.environ.get("NVSHMEM_HOME")
+    if home:
+        return [Path(home)]  # the user chose it: never silently use another install
+    try:
+        import nvidia.nvshmem as package  # the nvidia-nvshmem-cu13 wheel (a namespace package)
+    except ImportError:
+        return []
+    return [Path(p) for p in getattr(package, "__path__", [])]
+
+
+def _is_nvshmem(root: Path) -> bool:
+    return (root / "include" / "nvshmem.h").is_file() and any((root / "lib").glob("libnvshmem_host.so*")) \
+        and (root / "lib" / "libnvshmem_device.a").is_file()
+
+
+@functools.cache
+def find_nvshmem() -> Nvshmem:
+    """``$NVSHMEM_HOME`` if set, else the ``nvidia.nvshmem`` package. Raises ToolchainError naming
+    what to install."""
+    candidates = _nvshmem_candidates()
+    for root in candidates:
+        if _is_nvshmem(root):
+            return Nvshmem(root / "include", root / "lib")
+    where = ", ".join(map(str, candidates)) or "no NVSHMEM_HOME and no nvidia.nvshmem package"
+    raise ToolchainError(f"NVSHMEM not found (looked at: {where}); tensor-parallel megakernels need it: "
+                         f"{NVSHMEM_INSTALL_HINT}.")
+
+
+def has_nvshmem() -> bool:
+    try:
+        find_nvshmem()
+    except ToolchainError:
+        return False
+    return True

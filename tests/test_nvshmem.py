@@ -1,0 +1,90 @@
+"""NVSHMEM host glue without a GPU: finding the install, building and loading the glue module,
+unique ids, and clear errors before ``init``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vllm_mpk.codegen.jit import JitSpec
+from vllm_mpk.codegen.toolchain import ToolchainError, find_nvshmem, has_nvshmem
+from vllm_mpk.runtime import nvshmem
+
+needs_nvshmem = pytest.mark.skipif(not has_nvshmem(), reason="NVSHMEM (nvidia-nvshmem-cu13) is not installed")
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"),
+                                reason="nvcc not installed")
+
+
+@pytest.fixture
+def fresh_lookup(monkeypatch: pytest.MonkeyPatch):
+    find_nvshmem.cache_clear()
+    yield monkeypatch
+    find_nvshmem.cache_clear()
+
+
+def test_missing_nvshmem_names_what_to_install(fresh_lookup: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fresh_lookup.setenv("NVSHMEM_HOME", str(tmp_path))
+    with pytest.raises(ToolchainError, match="pip install nvidia-nvshmem-cu13") as info:
+        find_nvshmem()
+    assert str(tmp_path) in str(info.value)
+    assert not has_nvshmem()
+
+
+@needs_nvshmem
+def test_nvshmem_home_wins_over_the_package(fresh_lookup: pytest.MonkeyPatch) -> None:
+    package = find_nvshmem()
+    fresh_lookup.setenv("NVSHMEM_HOME", str(package.include.parent))
+    found = find_nvshmem()
+    assert found == package
+    assert found.host_library.name.startswith("libnvshmem_host.so")
+    assert found.device_library.is_file()
+    assert found.version().count(".") == 2 and "?" not in found.version()
+
+
+@needs_nvshmem
+def test_glue_spec_links_the_host_library_only() -> None:
+    spec = nvshmem.glue_spec()
+    assert isinstance(spec, JitSpec)
+    assert "-rdc=true" not in spec.flags()
+    assert any("libnvshmem_host.so" in f for f in spec.link_flags)
+    assert not any("libnvshmem_device" in f for f in spec.link_flags)
+
+
+def test_link_flags_change_the_build_hash() -> None:
+    source = {"m.cpp": "int f() { return 1; }\n"}
+    assert JitSpec("m", source).content_hash() != JitSpec("m", source, link_flags=["-Xlinker=-lm"]).content_hash()
+
+
+@needs_nvshmem
+@needs_nvcc
+def test_glue_builds_loads_and_makes_unique_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_MPK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(nvshmem, "_glue", None)
+    module = nvshmem.glue()
+    assert module.init_status() == 0  # nothing initialised NVSHMEM in this process
+    assert not nvshmem.is_initialized()
+    uid = nvshmem.unique_id()
+    assert isinstance(uid, bytes) and len(uid) == 128
+    with pytest.raises(ValueError, match="128 bytes"):
+        module.init(b"short", 0, 1)
+
+
+def test_queries_before_init_raise_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nvshmem, "_glue", None)
+    with pytest.raises(nvshmem.NvshmemError, match="not initialised"):
+        nvshmem.my_pe()
+    with pytest.raises(nvshmem.NvshmemError, match="not initialised"):
+        nvshmem.symmetric_zeros((4,), nvshmem.torch.float32)
+
+
+def test_process_group_bootstrap_needs_torch_distributed() -> None:
+    with pytest.raises(nvshmem.NvshmemError, match="init_process_group"):
+        nvshmem.init_from_process_group()
+
+
+def test_bad_rank_is_refused() -> None:
+    with pytest.raises(ValueError, match="rank 2"):
+        nvshmem.init(b"", 2, 2)
