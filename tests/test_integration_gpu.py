@@ -51,7 +51,8 @@ from tests.greedy_compare import Greedy, compare_teacher_forced
 from vllm import LLM, SamplingParams
 llm = LLM(model=args["model"], model_impl=args["impl"], skip_tokenizer_init=True, dtype="bfloat16", seed=0,
           max_model_len=512, gpu_memory_utilization=0.35, enforce_eager=args["eager"],
-          compilation_config=None if args["eager"] else args["compilation"], load_format=args["load_format"],
+          compilation_config=None if args["eager"] or args["compilation"] is None else args["compilation"],
+          load_format=args["load_format"],
           kv_cache_dtype=args["kv_cache_dtype"], additional_config={"mpk": args["mpk"]})
 
 def greedy(prompts, max_tokens):
@@ -61,13 +62,48 @@ def greedy(prompts, max_tokens):
     return [Greedy(list(r.outputs[0].token_ids), [{t: lp.logprob for t, lp in step.items()} for step in r.outputs[0].logprobs])
             for r in results]
 
+def staggered(prompts, max_tokens):
+    # Continuous batching: request i joins at engine step 3 * i and leaves after its own length,
+    # so decode batches grow, shrink and mix with other requests' prefills.
+    engine, done, step = llm.llm_engine, {}, 0
+    while len(done) < len(prompts):
+        for i, (p, n) in enumerate(zip(prompts, max_tokens)):
+            if 3 * i == step:
+                engine.add_request(str(i), {"prompt_token_ids": p}, SamplingParams(
+                    temperature=0.0, max_tokens=n, logprobs=2, ignore_eos=True, detokenize=False))
+        for r in engine.step():
+            if r.finished:
+                done[int(r.request_id)] = Greedy(list(r.outputs[0].token_ids),
+                                                 [{t: lp.logprob for t, lp in s.items()} for s in r.outputs[0].logprobs])
+        step += 1
+    return [done[i] for i in range(len(prompts))]
+
 out = {}
 for name, prompts in args["batches"].items():
-    if args["stock"] is None:
+    if args["staggered"]:  # each request alone first, then all of them joining and leaving
+        alone = [greedy([p], [n])[0] for p, n in zip(prompts, args["staggered"])]
+        calls = iter([staggered])
+        first_then_plain = lambda ps, ns: next(calls, greedy)(ps, ns)
+        out[name] = compare_teacher_forced(prompts, alone, first_then_plain, args["near_tie"]).to_json()
+    elif args["stock"] is None:
         out[name] = [asdict(g) for g in greedy(prompts, [args["steps"]] * len(prompts))]
     else:  # teacher-forced on stock's tokens: the first call runs the whole batch, restarts follow
         stock = [Greedy.from_json(r) for r in args["stock"][name]]
         out[name] = compare_teacher_forced(prompts, stock, greedy, args["near_tie"]).to_json()
+if args["stall"]:  # an event no task will ever reach: the next decode step must fail, not hang
+    import time
+    def break_first_event(model):  # 2^20 more signals per launch than any task sends
+        for kernel in model._mpk.kernels.values():
+            kernel.triggers[0].add_(1 << 20)
+    llm.apply_model(break_first_event)
+    start = time.monotonic()
+    try:
+        greedy(prompts[:1], [4])
+        out["stall"] = {"raised": None, "seconds": time.monotonic() - start}
+    except Exception as e:
+        out["stall"] = {"raised": f"{type(e).__name__}: {e}", "seconds": time.monotonic() - start}
+    json.dump(out, open(args["out"], "w"))
+    sys.exit(0)  # the engine is dead by design; do not ask it for the model's state
 if args["impl"] == "mpk":
     out["mpk"] = llm.apply_model(lambda m: {"class": type(m).__name__, "steps": getattr(m, "_mpk", None) and m._mpk.steps,
                                             "disabled": getattr(m, "_mpk", None) and m._mpk.disabled})
@@ -94,17 +130,22 @@ def prompts(vocab: int, batch: int, seed: int) -> list[list[int]]:
 
 def run_engine(tmp: Path, model: Path, impl: str, *, eager: bool = False, load_format: str = "auto",
                kv_cache_dtype: str = "auto", mpk: dict[str, Any] | None = None, steps: int = STEPS,
-               batches: dict[str, list[list[int]]] | None = None,
-               stock: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+               batches: dict[str, list[list[int]]] | None = None, stock: dict[str, Any] | None = None,
+               compilation: dict[str, Any] | None = FAST, staggered: list[int] | None = None,
+               stall: bool = False) -> tuple[dict[str, Any], str]:
     """One engine in a subprocess. Without ``stock``: each batch's greedy tokens and top-two logprobs
     per request. With ``stock`` (an earlier run's output): each batch's teacher-forced Comparison
-    against it, as JSON."""
+    against it, as JSON. ``staggered`` (tokens per request): the engine's own requests run alone,
+    then joining and leaving a running batch, compared teacher-forced. ``compilation=None``: vLLM's
+    default (torch.compile, FULL_AND_PIECEWISE graphs). ``stall``: afterwards, break an event of
+    every megakernel and record how the next request fails."""
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     batches = batches or {"bs1": prompts(vocab, 1, 1), "bs8": prompts(vocab, 8, 8)}
-    out = tmp / f"{impl}-{eager}-{load_format}-{kv_cache_dtype}.json"
-    args = dict(model=str(model), impl=impl, eager=eager, compilation=FAST, load_format=load_format,
+    out = tmp / f"{impl}-{eager}-{load_format}-{kv_cache_dtype}-{compilation is None}-{bool(staggered)}-{stall}.json"
+    args = dict(model=str(model), impl=impl, eager=eager, compilation=compilation, load_format=load_format,
                 kv_cache_dtype=kv_cache_dtype, mpk={"max_batch": 8, **(mpk or {})}, steps=steps, batches=batches,
                 stock=None if stock is None else {name: stock[name] for name in batches}, near_tie=NEAR_TIE,
+                staggered=staggered, stall=stall,
                 repo=str(REPO), out=str(out))
     args_path = out.with_suffix(".args.json")  # stock's logprobs can outgrow one command-line argument
     args_path.write_text(json.dumps(args))
@@ -146,6 +187,41 @@ def test_eager_decode_steps_run_the_megakernel(checkpoint: Path, tmp_path: Path)
     assert_matches_stock(ours, f"{checkpoint.name} eager")
 
 
+def test_requests_joining_and_leaving_decode_as_alone(checkpoint: Path, tmp_path: Path) -> None:
+    """Continuous batching: eight requests of different lengths join a running batch three engine
+    steps apart (their prefills mix with the others' decodes, which then run the megakernel at
+    changing batch sizes) and give the tokens each gives alone on the same engine."""
+    vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
+    lengths = [STEPS - 5 * i for i in range(8)]
+    ours, log = run_engine(tmp_path, checkpoint, "mpk", mpk={"strict": True}, staggered=lengths,
+                           batches={"bs8": prompts(vocab, 8, 5)})
+    assert ours["mpk"][0]["disabled"] is None and "megakernel ready" in log
+    result = Comparison.from_json(ours["bs8"])
+    print(f"{checkpoint.name} staggered vs alone: {result.summary()}")
+    result.check()
+
+
+def test_default_compile_mode_matches_stock(checkpoint: Path, tmp_path: Path) -> None:
+    """vLLM's default compilation (torch.compile of the stock model, FULL_AND_PIECEWISE graphs):
+    the megakernel is captured in the FULL decode graphs and prefill still runs compiled."""
+    stock, _ = run_engine(tmp_path, checkpoint, "vllm")
+    ours, log = run_engine(tmp_path, checkpoint, "mpk", mpk={"strict": True}, stock=stock, compilation=None)
+    assert ours["mpk"][0]["disabled"] is None and "megakernel ready" in log
+    assert_matches_stock(ours, f"{checkpoint.name} default compile")
+
+
+def test_a_megakernel_stall_fails_the_request_instead_of_hanging(checkpoint: Path, tmp_path: Path) -> None:
+    """An event that can never fire trips the watchdog (timeout_s 1): the next request fails with
+    the megakernel's error, within a bounded time."""
+    vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
+    ours, log = run_engine(tmp_path, checkpoint, "mpk", mpk={"timeout_s": 1.0}, steps=4, stall=True,
+                           batches={"bs1": prompts(vocab, 1, 9)})
+    stall = ours["stall"]
+    assert stall["raised"] is not None, f"the request succeeded after the megakernel stalled: {stall}"
+    assert stall["seconds"] < 120, stall
+    assert "timeout waiting on an event" in log, log[-6000:]
+
+
 def test_dummy_weights_are_read_in_place(checkpoint: Path, tmp_path: Path) -> None:
     """--load-format dummy never calls load_weights; the lazily built megakernel still binds the
     initialised parameters (near-flat logits: only the run and the absence of fallback count)."""
@@ -169,7 +245,8 @@ def _free_port() -> int:
 
 
 def test_vllm_serve_on_loopback(checkpoint: Path, tmp_path: Path) -> None:
-    """`vllm serve --model-impl mpk` answers completions with the tokens the LLM API gives."""
+    """`vllm serve --model-impl mpk` answers completions with the tokens the LLM API gives, and
+    streams the same tokens it returns in one piece."""
     port = _free_port()
     vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
     prompt = prompts(vocab, 1, 3)[0]
@@ -204,9 +281,19 @@ def test_vllm_serve_on_loopback(checkpoint: Path, tmp_path: Path) -> None:
                 return out
 
             result = compare_teacher_forced([prompt], [Greedy.from_json(stock["one"][0])], complete)
+            body = {"model": str(checkpoint), "prompt": prompt, "max_tokens": 16, "temperature": 0,
+                    "ignore_eos": True, "return_token_ids": True, "stream": True}
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
+                                             {"Content-Type": "application/json"})
+            streamed: list[int] = []
+            for line in urllib.request.urlopen(request, timeout=120).read().decode().splitlines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    streamed += json.loads(line[len("data: "):])["choices"][0].get("token_ids") or []
+            whole = complete([prompt], [16])[0].tokens
         finally:
             server.terminate()
             server.wait(timeout=120)
     print(f"{checkpoint.name} vllm serve: {result.summary()}")
     result.check()
+    assert streamed == whole, f"streamed {streamed}, non-streaming {whole}"
     assert "megakernel ready" in log_path.read_text()
