@@ -96,3 +96,20 @@ def test_cli_plan_prints_every_rank(capsys):
     assert "rank 0 of 2" in out and "rank 1 of 2" in out and "silu_mul_linear " in out
     assert main(["plan", "--model", "qwen3-0.6b", "--layers", "1", "--tensor-parallel-size", "3"]) == 2
     assert "does not divide" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("name", sorted(config_paths()))
+def test_every_rank_queues_the_same_tiles(name, world_size):
+    """On the GPU a collective tile waits for the same tile on every rank: the ranks' queues must
+    hold the same tiles in the same order, else two ranks could each wait on a tile the other has
+    queued behind its own wait (the single-rank deadlock check would not see it)."""
+    spec = model_spec(name, 2)
+    local = spec.shard(world_size)
+    queues = []
+    for rank in (0, world_size - 1):
+        caches = allocate_kv_caches(local, 8, PAGE, device="meta")
+        plan = build_decoder(spec, meta_weights(local), caches, DecodeOptions(
+            max_batch=4, max_seq_len=MAX_SEQ, world_size=world_size, rank=rank)).plan
+        queues.append([[(plan.tasks[t].op.name, plan.tasks[t].tile) for t in q] for q in plan.queues])
+    assert queues[0] == queues[1]

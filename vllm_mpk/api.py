@@ -251,13 +251,37 @@ class PersistentKernel:
                   {"output": output}, grid_dim, block_dim, name=name)
 
     def allreduce_layer(self, input: TensorHandle, output: TensorHandle, grid_dim: Dim3, block_dim: Dim3,
-                        buffer: TensorHandle | None = None, name: str | None = None) -> None:
+                        buffer: TensorHandle | None = None, name: str | None = None,
+                        symmetric: bool | None = None) -> None:
         """Sum ``input`` over the ``world_size`` ranks into ``output``. With several ranks ``input``
-        must be an ``nvshmem_tensor`` so that peers can read it."""
+        must be an ``nvshmem_tensor``. The exchange buffers are declared here as nvshmem tensors:
+        ``<name>.recv`` ``[world_size, *input.shape]`` (slot r: rank r's part) and ``<name>.signal``
+        (one int64 word per tile). ``symmetric`` (default: ``world_size > 1``) forces the NVSHMEM path,
+        e.g. with one rank, where it is an exact identity."""
+        if symmetric is False and self.world_size > 1:
+            raise ValueError("allreduce_layer: symmetric=False needs world_size 1 (peers exchange through NVSHMEM)")
         if self.world_size > 1 and input is not None and input.role is not Role.SYMMETRIC:
             raise ValueError(f"allreduce_layer: input '{input.name}' must be an nvshmem_tensor when world_size > 1")
-        self._add("allreduce", {"input": input}, {"output": output}, grid_dim, block_dim,
-                  world_size=self.world_size, name=name)
+        label = name or f"allreduce_{len(self.ops)}"
+        exchange: dict[str, str] = {}
+        if (self.world_size > 1 if symmetric is None else symmetric) and isinstance(input, TensorHandle):
+            tiles = _dim3(grid_dim, "allreduce_layer: grid_dim")
+            exchange = self._exchange_buffers(label, {"recv": ((self.world_size, *input.shape), input.dtype),
+                                                      "signal": ((tiles[0] * tiles[1] * tiles[2],), torch.int64)})
+        try:
+            self._add("allreduce", {"input": input}, {"output": output}, grid_dim, block_dim,
+                      world_size=self.world_size, rank=self.mpi_rank, name=label, **exchange)
+        except ValueError:
+            for tensor in exchange.values():
+                del self.tensors[tensor]
+            raise
+
+    def _exchange_buffers(self, label: str, specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, str]:
+        """Symmetric tensors a collective exchanges through, named ``<label>.<role>``; the op keeps
+        their names in its attributes (they are no inputs or outputs of the task graph: they
+        carry data between ranks, not between this rank's tiles)."""
+        return {role: self._declare(f"{label}.{role}", shape, dtype, Role.EXCHANGE).name
+                for role, (shape, dtype) in specs.items()}
 
     def argmax_layer(self, input: TensorHandle, output: TensorHandle, grid_dim: Dim3, block_dim: Dim3,
                      vocab_start: int = 0, name: str | None = None) -> None:
@@ -266,16 +290,22 @@ class PersistentKernel:
         count = tiles[0] * tiles[1] * tiles[2]
         label = name or f"argmax_{len(self.ops)}"
         batch = input.shape[0] if isinstance(input, TensorHandle) else self.max_batch
-        category = "nvshmem_tensor" if self.world_size > 1 else "cuda_tensor"  # every rank reads them
+        category = "nvshmem_tensor" if self.world_size > 1 else "cuda_tensor"  # the sources of NVSHMEM puts
         partial_value = self.new_tensor((batch, count), torch.float32, f"{label}.partial_value", category)
         partial_index = self.new_tensor((batch, count), torch.int64, f"{label}.partial_index", category)
+        exchange: dict[str, str] = {}
+        if self.world_size > 1:  # every rank's partials, gathered by each rank's reduce tile
+            exchange = self._exchange_buffers(label, {
+                "gather_value": ((self.world_size, batch, count), torch.float32),
+                "gather_index": ((self.world_size, batch, count), torch.int64), "signal": ((1,), torch.int64)})
         try:
             self._add("argmax", {"input": input}, {"output": output, "partial_value": partial_value,
                                                    "partial_index": partial_index},
                       grid_dim, block_dim, vocab_start=vocab_start, world_size=self.world_size,
-                      rank=self.mpi_rank, name=label)
+                      rank=self.mpi_rank, name=label, **exchange)
         except ValueError:  # a rejected layer adds nothing, so the call can be fixed and repeated
-            del self.tensors[partial_value.name], self.tensors[partial_index.name]
+            for tensor in (partial_value.name, partial_index.name, *exchange.values()):
+                del self.tensors[tensor]
             raise
 
     # compile and run ----------------------------------------------------------------------------

@@ -19,7 +19,8 @@ enum Control : int {
   kEpoch = 0, kDone = 1, kError = 2, kErrWorker = 3, kErrTask = 4, kErrEvent = 5, kErrSeen = 6, kErrWanted = 7,
   kControlWords = 8
 };
-enum ErrorCode : int { kOk = 0, kTimeout = 1 };
+// kPeerTimeout: a collective tile waited too long for the other ranks (kErrEvent holds its signal index).
+enum ErrorCode : int { kOk = 0, kTimeout = 1, kPeerTimeout = 2 };
 
 __device__ __forceinline__ int64_t global_ns() {
   int64_t t;
@@ -30,6 +31,13 @@ __device__ __forceinline__ int64_t global_ns() {
 __device__ __forceinline__ int32_t load_acquire(const int32_t* p) {
   int32_t v;
   asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// A word that other GPUs write (NVSHMEM signals): acquire at system scope.
+__device__ __forceinline__ int32_t load_acquire_sys(const int32_t* p) {
+  int32_t v;
+  asm volatile("ld.acquire.sys.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
 
@@ -54,21 +62,23 @@ struct InputGate {
   bool* ok;                // shared: false once a wait failed
   bool* opened;            // shared: the gate has been opened for this task
 
-  // Thread 0 spins until counters[e] reaches wanted; false after a timeout or another worker's error.
+  // Thread 0 spins until load() reaches wanted; false after a timeout or another worker's error,
+  // which it records as `code` with `what` (an event, or a collective's signal index).
   // The clock and the error flag are read only every 256 polls, off the fast path.
-  __device__ bool wait_event(int event, uint32_t wanted) const {
+  template <typename Load>
+  __device__ bool spin(Load load, int what, uint32_t wanted, int code) const {
     int64_t start = -1;
     int32_t seen;
-    for (unsigned spins = 1; !reached(seen = load_acquire(counters + event), wanted); ++spins) {
+    for (unsigned spins = 1; !reached(seen = load(), wanted); ++spins) {
       if (spins % 256) continue;
       if (load_acquire(control + kError) != kOk) return false;
       const int64_t now = global_ns();
       if (start < 0) start = now;
       if (now - start > timeout_ns) {
-        if (atomicCAS(control + kError, kOk, kTimeout) == kOk) {
+        if (atomicCAS(control + kError, kOk, code) == kOk) {
           control[kErrWorker] = blockIdx.x;
           control[kErrTask] = task;
-          control[kErrEvent] = event;
+          control[kErrEvent] = what;
           control[kErrSeen] = seen;
           control[kErrWanted] = static_cast<int32_t>(wanted);
         }
@@ -76,6 +86,22 @@ struct InputGate {
       }
     }
     return true;
+  }
+
+  __device__ bool wait_event(int event, uint32_t wanted) const {
+    return spin([&] { return load_acquire(counters + event); }, event, wanted, kTimeout);
+  }
+
+  // Every thread calls this: thread 0 waits until a collective's 64-bit signal word, which the
+  // ranks add to once per launch each, reached `per_launch * (epoch + 1)` (compared modulo 2^32,
+  // like the events). Returns false when the kernel is stopping.
+  __device__ bool wait_peers(const uint64_t* signal, int index, uint32_t per_launch) const {
+    if (threadIdx.x == 0 && *ok) {
+      const int32_t* low = reinterpret_cast<const int32_t*>(signal);  // little-endian: the low half
+      *ok = spin([&] { return load_acquire_sys(low); }, index, per_launch * (epoch + 1u), kPeerTimeout);
+    }
+    __syncthreads();
+    return *ok;
   }
 
   // Every thread of the block calls this once per task; it returns when the task's inputs are

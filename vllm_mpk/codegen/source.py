@@ -8,6 +8,8 @@ from pathlib import Path
 
 from vllm_mpk.codegen.jit import JitSpec
 from vllm_mpk.codegen.tables import HEADER_WORDS, RecordLayout, Variants
+from vllm_mpk.codegen.tasks import uses_nvshmem
+from vllm_mpk.codegen.toolchain import find_nvshmem
 from vllm_mpk.graph.plan import Plan
 
 _PACKAGE = Path(__file__).resolve().parents[1]
@@ -114,10 +116,42 @@ PYBIND11_MODULE(MPK_MODULE_NAME, m) {
 """
 
 
+# Megakernels whose collectives go through NVSHMEM (world size > 1, or forced with one rank): the
+# same translation unit plus the host function that registers the module's NVSHMEM device state.
+NVSHMEM_KERNEL_EXTRA = """
+#include "runtime/nvshmem_attach.cuh"
+
+int mpk_nvshmem_attach() { return mpk::nvshmem_attach(); }
+"""
+
+
+def nvshmem_binding() -> str:
+    """``BINDING`` plus ``nvshmem_attach()`` (0 on success), to call once NVSHMEM is initialised."""
+    head, body = BINDING.split("PYBIND11_MODULE", 1)
+    body = body.replace("  m.attr(\"record_words\")", "  m.def(\"nvshmem_attach\", &mpk_nvshmem_attach);\n"
+                        "  m.attr(\"record_words\")", 1)
+    return f"{head}int mpk_nvshmem_attach();\n\nPYBIND11_MODULE{body}"
+
+
+def plan_uses_nvshmem(plan: Plan) -> bool:
+    return any(uses_nvshmem(op) for op in plan.ops)
+
+
+def nvshmem_build(spec: JitSpec) -> JitSpec:
+    """Relocatable device code linked with NVSHMEM's device library (nvcc device-links it into
+    the module) and its host library; ``MPK_WITH_NVSHMEM`` turns on the collective task bodies."""
+    nv = find_nvshmem()
+    spec.include_dirs.append(nv.include.resolve())
+    spec.extra_cuda_flags += ["-rdc=true", "-DMPK_WITH_NVSHMEM"]
+    spec.link_flags += [f"-L{nv.lib}", "-lnvshmem_device", *nv.host_link_flags()]
+    return spec
+
+
 def module_name(plan: Plan, layout: RecordLayout, threads: int) -> str:
     """Readable: what the plan is, e.g. ``mpk_l183_t19693_w132_bs8``."""
     batch = plan.tensors["input_ids"].shape[0] if "input_ids" in plan.tensors else 0
-    return f"mpk_l{len(plan.ops)}_t{len(plan.tasks)}_w{plan.num_workers}_bs{batch}_r{layout.words}_nt{threads}"
+    name = f"mpk_l{len(plan.ops)}_t{len(plan.tasks)}_w{plan.num_workers}_bs{batch}_r{layout.words}_nt{threads}"
+    return f"{name}_nvshmem" if plan_uses_nvshmem(plan) else name
 
 
 def generate(plan: Plan, variants: Variants, layout: RecordLayout, threads: int) -> JitSpec:
@@ -128,4 +162,7 @@ def generate(plan: Plan, variants: Variants, layout: RecordLayout, threads: int)
                            num_args=layout.num_args, words=layout.words, threads=threads,
                            smem=", ".join(t.smem for t in variants.tasks), cases=cases)
     assert layout.words == HEADER_WORDS + layout.max_waits + layout.max_signals + layout.num_args
-    return JitSpec(name=name, sources={"megakernel.cu": text, "binding.cu": BINDING}, include_dirs=[csrc_dir()])
+    if not plan_uses_nvshmem(plan):
+        return JitSpec(name=name, sources={"megakernel.cu": text, "binding.cu": BINDING}, include_dirs=[csrc_dir()])
+    return nvshmem_build(JitSpec(name=name, sources={"megakernel.cu": text + NVSHMEM_KERNEL_EXTRA,
+                                                     "binding.cu": nvshmem_binding()}, include_dirs=[csrc_dir()]))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_mpk.codegen.toolchain import NVSHMEM_INSTALL_HINT, has_nvshmem
 from vllm_mpk.graph.ir import Op, Task, split_even
 from vllm_mpk.graph.ops.linear import COLUMN_ALIGN
 
@@ -86,9 +87,33 @@ def _embed(op: Op, threads: int) -> CudaTask:
     return _simple("embed_task", "0", ("weight", "output"))(op, threads)
 
 
+def uses_nvshmem(op: Op) -> bool:
+    """The op exchanges data with other ranks through NVSHMEM (its exchange buffers exist)."""
+    return "signal" in op.attrs
+
+
+def _nvshmem_ready(op: Op) -> None:
+    if not has_nvshmem():
+        raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}' exchanges data between ranks through NVSHMEM, which "
+                               f"is not installed: {NVSHMEM_INSTALL_HINT}")
+
+
 def _argmax(op: Op, threads: int) -> CudaTask:
     _require(op, "input", tuple(CPP_DTYPES))
-    return CudaTask(f"mpk::argmax_task<{threads}, {CPP_DTYPES[op.inputs['input'].dtype]}>", "768")
+    dtype = CPP_DTYPES[op.inputs["input"].dtype]
+    if uses_nvshmem(op):
+        _nvshmem_ready(op)
+        return CudaTask(f"mpk::argmax_task<{threads}, {dtype}, true>", "768")
+    return CudaTask(f"mpk::argmax_task<{threads}, {dtype}>", "768")
+
+
+def _allreduce(op: Op, threads: int) -> CudaTask:
+    _require(op, "input", (torch.bfloat16,))
+    _require(op, "output", (torch.bfloat16,))
+    if uses_nvshmem(op):
+        _nvshmem_ready(op)
+        return CudaTask(f"mpk::allreduce_nvshmem_task<{threads}>", "0")
+    return CudaTask(f"mpk::allreduce_task<{threads}>", "0")
 
 
 EMITTERS: dict[str, Callable[[Op, int], CudaTask]] = {
@@ -97,7 +122,7 @@ EMITTERS: dict[str, Callable[[Op, int], CudaTask]] = {
     "linear": _linear, "linear_with_residual": _linear, "rmsnorm_linear": _linear,
     "silu_mul_linear": _linear, "silu_mul_linear_with_residual": _linear,
     "attention": _attention,
-    "allreduce": _simple("allreduce_task", "0", ("input", "output")),
+    "allreduce": _allreduce,
     "argmax": _argmax,
 }
 
@@ -106,9 +131,9 @@ def cuda_task(op: Op, threads: int) -> CudaTask:
     if op.kind not in EMITTERS:
         raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}' has no CUDA task body (fuse it: e.g. silu_mul into "
                                f"silu_mul_linear_with_residual)")
-    if op.kind in ("allreduce", "argmax") and op.attrs.get("world_size", 1) > 1:
-        raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}': collectives across ranks (world_size > 1) "
-                               f"are not built on the GPU yet")
+    if op.kind in ("allreduce", "argmax") and op.attrs.get("world_size", 1) > 1 and not uses_nvshmem(op):
+        raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}': world_size > 1 without exchange buffers; build it "
+                               f"with PersistentKernel.{op.kind}_layer, which declares them")
     return EMITTERS[op.kind](op, threads)
 
 
@@ -142,11 +167,24 @@ def task_args(task: Task, ids: Mapping[str, int], tensors: Mapping[str, torch.Te
     if op.kind == "argmax":
         logits = op.inputs["input"]
         stage = [p.get("stage", 0), p.get("vocab_start", 0), p.get("vocab_end", 0), p.get("slot", 0)]
-        return [tid("input"), tid("partial_value"), tid("partial_index"), tid("output"), *stage,
-                op.num_tiles, op.attrs.get("vocab_start", 0), logits.shape[1]]
+        words = [tid("input"), tid("partial_value"), tid("partial_index"), tid("output"), *stage,
+                 op.num_tiles, op.attrs.get("vocab_start", 0), logits.shape[1]]
+        if not uses_nvshmem(op):
+            return words
+        return [*words, *exchange_words(op, ids, ("gather_value", "gather_index", "signal")), logits.shape[0]]
     if op.kind == "allreduce":
-        return [tid("input"), tid("output"), p["col_start"], p["col_end"], op.inputs["input"].shape[1]]
+        x = op.inputs["input"]
+        words = [tid("input"), tid("output"), p["col_start"], p["col_end"], x.shape[1]]
+        if not uses_nvshmem(op):
+            return words
+        recv, signal = exchange_words(op, ids, ("recv", "signal"))[:2]
+        return [*words, recv, signal, task.tile, op.attrs["world_size"], op.attrs.get("rank", 0), x.shape[0]]
     raise UnsupportedOnGPU(f"no argument layout for {op.kind}")
+
+
+def exchange_words(op: Op, ids: Mapping[str, int], roles: tuple[str, ...]) -> list[int]:
+    """Tensor ids of a collective's exchange buffers (``roles``), then world size and rank."""
+    return [*(ids[op.attrs[role]] for role in roles), op.attrs["world_size"], op.attrs.get("rank", 0)]
 
 
 def prefetch_region(task: Task, ids: Mapping[str, int], tensors: Mapping[str, torch.Tensor]) -> tuple[int, int, int] | None:

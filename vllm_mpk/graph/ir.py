@@ -21,6 +21,9 @@ class Role(str, Enum):
     INPUT = "input"  # attached: weights, per-step inputs, and state an op updates in place (KV cache)
     INTERMEDIATE = "intermediate"  # new_tensor with io_category="cuda_tensor"
     SYMMETRIC = "symmetric"  # new_tensor with io_category="nvshmem_tensor" (all-reduce buffers)
+    # Symmetric too: where a collective's peers put their data and signals (the all-reduce's receive
+    # slots). Written by other ranks, never by this rank's task graph, so no event covers it.
+    EXCHANGE = "exchange"
 
 
 @dataclass(frozen=True, eq=False)

@@ -20,7 +20,7 @@ from vllm_mpk.graph.schedule import topological_order
 
 def check_coverage(tensors: dict[str, TensorHandle], index: WriterIndex) -> None:
     for name, t in tensors.items():
-        if t.role is Role.INPUT:
+        if t.role in (Role.INPUT, Role.EXCHANGE):
             continue
         owner = index.owner.get(name)
         if owner is None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 EPOCH, DONE, ERROR, ERR_WORKER, ERR_TASK, ERR_EVENT, ERR_SEEN, ERR_WANTED = range(8)
 WORDS = 8
-ERROR_NAMES = {1: "timeout waiting on an event"}
+ERROR_NAMES = {1: "timeout waiting on an event", 2: "timeout waiting for the other tensor-parallel ranks"}
+PEER_TIMEOUT = 2
 
 
 class MegakernelError(RuntimeError):
