@@ -88,3 +88,23 @@ def test_process_group_bootstrap_needs_torch_distributed() -> None:
 def test_bad_rank_is_refused() -> None:
     with pytest.raises(ValueError, match="rank 2"):
         nvshmem.init(b"", 2, 2)
+
+
+def test_standalone_rank_without_peers_says_how_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(nvshmem, "_glue", None)
+    with pytest.raises(nvshmem.NvshmemError, match="torchrun"):
+        nvshmem.ensure_initialized(2, 1, nvshmem.torch.device("cuda", 1))
+
+
+def test_binding_a_tp_plan_needs_nvshmem_initialised(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.test_codegen_tensor_parallel import decoder_plan
+    from vllm_mpk.runtime.megakernel import bind_tensors, plan_ranks
+
+    monkeypatch.setattr(nvshmem, "_glue", None)
+    plan = decoder_plan(2, 1).plan
+    assert plan_ranks(plan) == (2, 1)
+    assert plan_ranks(decoder_plan(1, 0).plan) == (1, 0)
+    with pytest.raises(nvshmem.NvshmemError, match=r"rank 1 of 2\).*init_from_process_group"):
+        bind_tensors(plan, {}, nvshmem.torch.device("cuda", 1))

@@ -340,8 +340,12 @@ class PersistentKernel:
             plan = self.plan or self.compile()
             inputs = {**self.attached, **self.step_buffers}
             if self.step_buffers["input_ids"].device.type == "cuda":
+                from vllm_mpk.codegen.source import plan_uses_nvshmem
+                from vllm_mpk.runtime import nvshmem
                 from vllm_mpk.runtime.megakernel import Megakernel  # builds CUDA code: only when asked
 
+                if plan_uses_nvshmem(plan):  # collectives across ranks: NVSHMEM first (torchrun: from its env)
+                    nvshmem.ensure_initialized(self.world_size, self.mpi_rank, self.step_buffers["input_ids"].device)
                 profile = self.profiler_tensor if self.profiler_tensor is not None else False
                 self._executor = Megakernel(plan, inputs, profile=profile)
             else:

@@ -10,19 +10,50 @@ import numpy as np
 import torch
 
 from vllm_mpk.codegen.jit import JitSpec
-from vllm_mpk.codegen.source import generate
+from vllm_mpk.codegen.source import generate, plan_uses_nvshmem
 from vllm_mpk.codegen.tables import all_args, plan_variants, record_layout, task_table, tensor_ids, trigger_counts
+from vllm_mpk.codegen.tasks import uses_nvshmem
 from vllm_mpk.graph.ir import Role
 from vllm_mpk.graph.plan import Plan
 from vllm_mpk.graph.schedule import topological_order
-from vllm_mpk.runtime import control
+from vllm_mpk.runtime import control, nvshmem
 from vllm_mpk.runtime.control import MegakernelError
+
+SYMMETRIC_ROLES = (Role.SYMMETRIC, Role.EXCHANGE)
+
+
+def plan_ranks(plan: Plan) -> tuple[int, int]:
+    """(world size, rank) of a plan whose collectives go through NVSHMEM; (1, 0) otherwise."""
+    op = next((op for op in plan.ops if uses_nvshmem(op)), None)
+    return (1, 0) if op is None else (op.attrs["world_size"], op.attrs.get("rank", 0))
+
+
+def _symmetric(plan: Plan, device: torch.device) -> dict[str, torch.Tensor]:
+    """The plan's nvshmem tensors, zeroed (the collectives' signal words count from 0), in one
+    collective allocation: every rank's plan declares the same ones in the same order."""
+    world, rank = plan_ranks(plan)
+    if not nvshmem.is_initialized():
+        raise nvshmem.NvshmemError(
+            f"this plan (rank {rank} of {world}) exchanges data through NVSHMEM, which is not initialised in this "
+            f"process: call vllm_mpk.runtime.nvshmem.init_from_process_group(group) on every rank first")
+    if (nvshmem.n_pes(), nvshmem.my_pe()) != (world, rank):
+        raise nvshmem.NvshmemError(f"the plan is rank {rank} of {world}, but NVSHMEM runs this process as PE "
+                                   f"{nvshmem.my_pe()} of {nvshmem.n_pes()}")
+    if torch.cuda.current_device() != device.index:
+        raise ValueError(f"the plan's tensors are on {device}, but the current CUDA device is "
+                         f"{torch.cuda.current_device()} (NVSHMEM's PE is bound to it): torch.cuda.set_device first")
+    names = [n for n, h in plan.tensors.items() if h.role in SYMMETRIC_ROLES]
+    tensors = nvshmem.symmetric_tensors([(plan.tensors[n].shape, plan.tensors[n].dtype) for n in names])
+    return dict(zip(names, tensors, strict=True))
 
 
 def bind_tensors(plan: Plan, given: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Check the given tensors against the plan's inputs and allocate its intermediates."""
-    bound: dict[str, torch.Tensor] = {}
+    """Check the given tensors against the plan's inputs and allocate its intermediates (its
+    nvshmem tensors on the symmetric heap when its collectives use NVSHMEM)."""
+    bound: dict[str, torch.Tensor] = _symmetric(plan, device) if plan_uses_nvshmem(plan) else {}
     for name, handle in plan.tensors.items():
+        if name in bound:
+            continue
         if handle.role is not Role.INPUT:
             bound[name] = torch.empty(handle.shape, dtype=handle.dtype, device=device)
             continue
@@ -77,6 +108,10 @@ class Megakernel:
         self.tensors = bind_tensors(plan, tensors, device)
         spec, table = kernel_spec(plan, self.tensors)
         self.module = spec.load()
+        if plan_uses_nvshmem(plan):
+            status = self.module.nvshmem_attach()  # this module's own copy of NVSHMEM's device state
+            if status != 0:
+                raise nvshmem.NvshmemError(f"registering the megakernel with NVSHMEM failed (status {status})")
         self.max_tasks = table.shape[1]
         self.tasks = torch.from_numpy(table).to(device)
         self.queue_lens = torch.tensor([len(q) for q in plan.queues], dtype=torch.int32, device=device)
@@ -116,6 +151,14 @@ class Megakernel:
     def check(self) -> None:
         """Synchronise and raise MegakernelError if a launch stopped on its watchdog."""
         words = self.control.tolist()
+        if words[control.ERROR] == control.PEER_TIMEOUT:
+            task = self.plan.tasks[words[control.ERR_TASK]]
+            world, _ = plan_ranks(self.plan)
+            raise MegakernelError(
+                f"megakernel {control.ERROR_NAMES[control.PEER_TIMEOUT]}: worker {words[control.ERR_WORKER]} at "
+                f"{task} waited on signal word {words[control.ERR_EVENT]} (count {words[control.ERR_SEEN]}, wanted "
+                f"{words[control.ERR_WANTED]}: {world} ranks per launch); a rank stopped, launched a different number "
+                f"of steps, or runs another plan")
         if words[control.ERROR]:
             task = self.plan.tasks[words[control.ERR_TASK]]
             raise MegakernelError(
@@ -124,6 +167,18 @@ class Megakernel:
                 f"(count {words[control.ERR_SEEN]}, wanted {words[control.ERR_WANTED]})")
 
     def reset(self) -> None:
-        """Zero the counters and the control block, e.g. after a watchdog stop."""
+        """Zero the counters and the control block, e.g. after a watchdog stop. A plan with
+        NVSHMEM collectives zeroes its signal words too, so every rank must reset together
+        (collective: a barrier on each side)."""
+        collective = plan_uses_nvshmem(self.plan)
+        if collective:
+            torch.cuda.synchronize(self.device)
+            nvshmem.barrier()
         self.counters.zero_()
         self.control.zero_()
+        if collective:
+            for name, handle in self.plan.tensors.items():
+                if handle.role is Role.EXCHANGE:
+                    self.tensors[name].zero_()
+            torch.cuda.synchronize(self.device)
+            nvshmem.barrier()

@@ -110,6 +110,30 @@ def init_from_process_group(group: Any = None) -> None:
     init(payload[0], rank, world)
 
 
+def ensure_initialized(world: int, rank: int, device: torch.device) -> None:
+    """For a standalone plan of rank ``rank`` of ``world`` on ``device``: NVSHMEM as it is if
+    already initialised, else one PE for world 1, else bootstrapped from torch.distributed, whose
+    default group is initialised here (gloo, from torchrun's environment) when nobody did."""
+    if is_initialized():
+        return
+    if world == 1:
+        torch.cuda.set_device(device)
+        init_single()
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if not all(k in os.environ for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")):
+            raise NvshmemError(f"rank {rank} of {world} needs its peers: start one process per GPU with torchrun, or "
+                               f"call torch.distributed.init_process_group (or nvshmem.init) before the first step")
+        dist.init_process_group("gloo")
+    if (dist.get_world_size(), dist.get_rank()) != (world, rank):
+        raise NvshmemError(f"the kernel is rank {rank} of {world}, torch.distributed has rank {dist.get_rank()} of "
+                           f"{dist.get_world_size()}")
+    torch.cuda.set_device(device)
+    init_from_process_group()
+
+
 def my_pe() -> int:
     return _require().my_pe()
 
