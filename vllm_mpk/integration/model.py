@@ -47,8 +47,15 @@ from vllm_mpk.integration.binding import (
 )
 from vllm_mpk.integration.memory import Reservation, allocated_bytes, megakernel_bytes
 from vllm_mpk.integration.options import MpkOptions, plan_batches
+from vllm_mpk.integration.tensor_parallel import (
+    bootstrap_nvshmem,
+    tensor_parallel_problem,
+    tp_rank_and_size,
+    vocab_problem,
+)
 from vllm_mpk.models.decoder import DecodeOptions, build_decoder
 from vllm_mpk.models.spec import ModelSpec
+from vllm_mpk.models.weights import EMBED
 
 logger = logging.getLogger("vllm.mpk")
 
@@ -187,11 +194,12 @@ class MpkRuntime:
 
     def _environment_problem(self) -> str | None:
         """What vLLM's configuration asks for that this megakernel does not do."""
-        from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+        from vllm.distributed import get_pp_group
 
         vc = self.vllm_config
-        if get_tensor_model_parallel_world_size() != 1:
-            return "tensor parallelism is not supported yet (run with --tensor-parallel-size 1)"
+        problem = tensor_parallel_problem(self.spec, tp_rank_and_size()[1])
+        if problem is not None:
+            return problem
         if get_pp_group().world_size != 1:
             return "pipeline parallelism is not supported"
         if getattr(vc, "lora_config", None) is not None:
@@ -214,14 +222,19 @@ class MpkRuntime:
         """One plan per size of ``plan_batches``, all bound to the same weights, KV cache and vLLM
         step buffers (each reads the first rows it needs)."""
         spec = self.spec
+        rank, world = tp_rank_and_size()
+        local = spec.shard(world)  # vLLM's TP-local shapes (this rank's heads, MLP and vocabulary slices)
         for i, attn in enumerate(attention_modules(model)):
-            problem = kv_layout_problem(attn, spec)
+            problem = kv_layout_problem(attn, local)
             if problem is not None:
                 raise _Refused(f"layer {i}: {problem}")
-        weights = module_weights(model, spec)
+        weights = module_weights(model, local)
         dtypes = {str(w.dtype) for w in weights.values()}
         if dtypes != {"torch.bfloat16"}:
             raise _Refused(f"weights of dtype {sorted(dtypes)}; the megakernel reads bf16")
+        problem = vocab_problem(spec, world, weights[EMBED].shape[0])
+        if problem is not None:
+            raise _Refused(problem)
         kv_caches = [attn.kv_cache for attn in attention_modules(model)]
         page = kv_caches[0].shape[2]
         device = input_ids.device
@@ -232,13 +245,15 @@ class MpkRuntime:
             buffers = step_buffers(input_ids, positions, batch, size)
             options = DecodeOptions(max_batch=size, max_seq_len=buffers["block_tables"].shape[1] * page,
                                     page_size=page, num_workers=workers, block_dim=self.options.block_dim,
-                                    schedule=self.options.schedule, final="hidden")
+                                    schedule=self.options.schedule, world_size=world, rank=rank, final="hidden")
             decoder = build_decoder(spec, weights, kv_caches, options, rope_cache=rope)
             self.hidden = decoder.hidden.name
             plans[size] = (decoder.plan, {**decoder.kernel.attached, **buffers})
         if device.type == "cuda":
             from vllm_mpk.runtime.megakernel import Megakernel, build_kernels
 
+            if world > 1:  # the plans' all-reduce tiles exchange through NVSHMEM (collective: every TP rank)
+                bootstrap_nvshmem(world, rank)
             build_kernels(list(plans.values()))  # nvcc in parallel; each Megakernel below loads its build
             kernels = {size: Megakernel(plan, tensors, timeout_s=self.options.timeout_s, profile=self.options.profile)
                        for size, (plan, tensors) in plans.items()}
