@@ -42,15 +42,20 @@ def test_check_on_cuda_without_a_gpu_says_why(monkeypatch: pytest.MonkeyPatch,
 
 def test_generate_on_hopper_runs_the_gpu_demo(monkeypatch: pytest.MonkeyPatch) -> None:
     """With a Hopper GPU, generate hands the model to the demo and passes on its verdict."""
+    import vllm_mpk.cli
     import vllm_mpk.demo
 
-    calls = []
+    calls, engines = [], []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setattr(vllm_mpk.demo, "run_demo", lambda spec, weights, *args: calls.append((spec, args)) or False)
+    monkeypatch.setattr(vllm_mpk.cli, "run_engines", lambda configs, *a, **k: engines.extend(configs) or [])
     assert main(["generate", "--model", "qwen3-0.6b", "--batch", "2", "--new-tokens", "5"]) == 1
     (spec, args), = calls
     assert spec.hidden_size == 1024 and args == (2, 128, 5, 0)
+    # Then the same model in vLLM: --model-impl mpk next to stock, at the same batch.
+    assert [(c.model, c.impl, c.batches, c.new_tokens) for c in engines] == [
+        ("qwen3-0.6b", "vllm", (2,), 5), ("qwen3-0.6b", "mpk", (2,), 5)]
 
 
 def test_catalog_resolves_names_and_directories(tmp_path) -> None:

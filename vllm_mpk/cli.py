@@ -157,12 +157,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
         weights, source = check_weights_for(model, model.spec, args.seed)
         print(f"\ngenerating with {source} on the GPU")
         agreed = run_demo(model.spec, weights, args.batch, args.prompt_len, args.new_tokens, args.seed)
-        return EXIT_OK if agreed else EXIT_FAILED
+        del weights
+        torch.cuda.empty_cache()  # the vLLM engines below are other processes sizing free memory
+        served = generate_in_vllm(model, args)
+        return EXIT_OK if agreed and served else EXIT_FAILED
     print()
     passed = run_check(model, GENERATE_CHECK_LAYERS, args.batch, args.new_tokens, False, args.seed)
     print(f"\nGPU execution skipped: {reason}. Ran the plan and the CPU check "
           f"({GENERATE_CHECK_LAYERS} layers) only.")
     return EXIT_OK if passed else EXIT_FAILED
+
+
+def generate_in_vllm(model: ResolvedModel, args: argparse.Namespace) -> bool:
+    """The same model generating in vLLM with ``--model-impl mpk`` next to stock vLLM (one engine
+    per process, vLLM's dummy weights for a shipped config), where vLLM is installed; False if an
+    engine failed."""
+    if model.directory is not None or (reason := bench_unavailable_reason()) is not None:
+        why = "it runs shipped configs (vLLM's dummy weights)" if model.directory is not None else reason
+        print(f"\nvLLM with --model-impl mpk skipped: {why}")
+        return True
+    print(f"\n{model.name} generating in vLLM 0.26, --model-impl mpk next to stock (one engine per process):")
+    runs = Path(tempfile.mkdtemp(prefix="vllm_mpk_generate_"))
+    configs = [EngineConfig(model.name, impl, (args.batch,), args.prompt_len, args.new_tokens, repeats=1,
+                            gpu_memory_utilization=0.8) for impl in ("vllm", "mpk")]
+    rows = run_engines(configs, runs / "rows.jsonl", runs, timeout_s=900, on_rows=print_rows)
+    return not any("error" in r for r in rows)
 
 
 # profile ----------------------------------------------------------------------------------------
