@@ -67,14 +67,14 @@ def test_tp_plans_declare_exchange_buffers(tp2: list[Generated]) -> None:
             if op.kind == "allreduce":
                 recv, signal = g.plan.tensors[op.attrs["recv"]], g.plan.tensors[op.attrs["signal"]]
                 assert recv.role is signal.role is Role.EXCHANGE
-                assert recv.shape == (2, *op.inputs["input"].shape) and recv.dtype == torch.bfloat16
-                assert signal.shape == (op.num_tiles,) and signal.dtype == torch.int64
+                assert recv.shape == (2, 2, *op.inputs["input"].shape) and recv.dtype == torch.bfloat16
+                assert signal.shape == (2, op.num_tiles) and signal.dtype == torch.int64
                 assert op.attrs["rank"] == rank
             if op.kind == "argmax":
                 partials = op.outputs["partial_value"].shape[1]
-                assert g.plan.tensors[op.attrs["gather_value"]].shape == (2, BATCH, partials)
+                assert g.plan.tensors[op.attrs["gather_value"]].shape == (2, 2, BATCH, partials)
                 assert g.plan.tensors[op.attrs["gather_index"]].dtype == torch.int64
-                assert g.plan.tensors[op.attrs["signal"]].shape == (1,)
+                assert g.plan.tensors[op.attrs["signal"]].shape == (2,)
     # symmetric allocations are collective: every rank declares the same tensors in the same order
     symmetric = (Role.SYMMETRIC, Role.EXCHANGE)
     assert [(n, h.shape, h.dtype) for n, h in tp2[0].plan.tensors.items() if h.role in symmetric] == \
@@ -91,9 +91,10 @@ def test_allreduce_argument_words(tp2: list[Generated]) -> None:
         for task, row in records:
             op, args = task.op, row[a0:]
             width = op.inputs["input"].shape[1]
-            assert list(args[:11]) == [ids[op.inputs["input"].name], ids[op.outputs["output"].name],
+            assert list(args[:12]) == [ids[op.inputs["input"].name], ids[op.outputs["output"].name],
                                        task.params["col_start"], task.params["col_end"], width,
-                                       ids[op.attrs["recv"]], ids[op.attrs["signal"]], task.tile, 2, rank, BATCH]
+                                       ids[op.attrs["recv"]], ids[op.attrs["signal"]], task.tile, 2, rank, BATCH,
+                                       op.num_tiles]
             assert 0 <= task.tile < op.num_tiles
 
 
@@ -140,7 +141,7 @@ def test_forced_nvshmem_path_with_one_rank_declares_buffers() -> None:
     x, y = mpk.new_tensor((4, 64), torch.bfloat16, "x"), mpk.new_tensor((4, 64), torch.bfloat16, "y")
     mpk.allreduce_layer(x, y, grid_dim=4, block_dim=128, name="sum", symmetric=True)
     op = mpk.ops[0]
-    assert mpk.tensors[op.attrs["recv"]].shape == (1, 4, 64) and mpk.tensors["sum.signal"].shape == (4,)
+    assert mpk.tensors[op.attrs["recv"]].shape == (2, 1, 4, 64) and mpk.tensors["sum.signal"].shape == (2, 4)
     assert tasks.uses_nvshmem(op)
     with pytest.raises(ValueError, match="symmetric=False needs world_size 1"):
         PersistentKernel(world_size=2, num_workers=4, meta_tensors={"step": step}, max_seq_len=16).allreduce_layer(

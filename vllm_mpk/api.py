@@ -39,6 +39,7 @@ from vllm_mpk.runtime.meta import STEP_INPUT_NAMES, contiguous_block_tables
 from vllm_mpk.runtime.standalone import StepExecutor, decode
 
 SUPPORTED_BLOCK_DIMS = ((128, 1, 1), (256, 1, 1))
+PARITIES = 2  # collectives' exchange buffers come in two halves, used by alternate launches (peers.cuh)
 IO_CATEGORIES = {"cuda_tensor": Role.INTERMEDIATE, "nvshmem_tensor": Role.SYMMETRIC}
 STEP_INPUT_DTYPES = {"input_ids": torch.int32, "positions": torch.int64, "seq_lens": torch.int32,
                      "slot_mapping": torch.int64}
@@ -255,8 +256,8 @@ class PersistentKernel:
                         symmetric: bool | None = None) -> None:
         """Sum ``input`` over the ``world_size`` ranks into ``output``. With several ranks ``input``
         must be an ``nvshmem_tensor``. The exchange buffers are declared here as nvshmem tensors:
-        ``<name>.recv`` ``[world_size, *input.shape]`` (slot r: rank r's part) and ``<name>.signal``
-        (one int64 word per tile). ``symmetric`` (default: ``world_size > 1``) forces the NVSHMEM path,
+        ``<name>.recv`` ``[2, world_size, *input.shape]`` (slot r: rank r's part) and
+        ``<name>.signal`` ``[2, tiles]`` (int64 words), halves used by alternate launches. ``symmetric`` (default: ``world_size > 1``) forces the NVSHMEM path,
         e.g. with one rank, where it is an exact identity."""
         if symmetric is False and self.world_size > 1:
             raise ValueError("allreduce_layer: symmetric=False needs world_size 1 (peers exchange through NVSHMEM)")
@@ -266,8 +267,9 @@ class PersistentKernel:
         exchange: dict[str, str] = {}
         if (self.world_size > 1 if symmetric is None else symmetric) and isinstance(input, TensorHandle):
             tiles = _dim3(grid_dim, "allreduce_layer: grid_dim")
-            exchange = self._exchange_buffers(label, {"recv": ((self.world_size, *input.shape), input.dtype),
-                                                      "signal": ((tiles[0] * tiles[1] * tiles[2],), torch.int64)})
+            exchange = self._exchange_buffers(label, {
+                "recv": ((PARITIES, self.world_size, *input.shape), input.dtype),
+                "signal": ((PARITIES, tiles[0] * tiles[1] * tiles[2]), torch.int64)})
         try:
             self._add("allreduce", {"input": input}, {"output": output}, grid_dim, block_dim,
                       world_size=self.world_size, rank=self.mpi_rank, name=label, **exchange)
@@ -296,8 +298,9 @@ class PersistentKernel:
         exchange: dict[str, str] = {}
         if self.world_size > 1:  # every rank's partials, gathered by each rank's reduce tile
             exchange = self._exchange_buffers(label, {
-                "gather_value": ((self.world_size, batch, count), torch.float32),
-                "gather_index": ((self.world_size, batch, count), torch.int64), "signal": ((1,), torch.int64)})
+                "gather_value": ((PARITIES, self.world_size, batch, count), torch.float32),
+                "gather_index": ((PARITIES, self.world_size, batch, count), torch.int64),
+                "signal": ((PARITIES,), torch.int64)})
         try:
             self._add("argmax", {"input": input}, {"output": output, "partial_value": partial_value,
                                                    "partial_index": partial_index},

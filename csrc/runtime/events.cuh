@@ -92,13 +92,16 @@ struct InputGate {
     return spin([&] { return load_acquire(counters + event); }, event, wanted, kTimeout);
   }
 
-  // Every thread calls this: thread 0 waits until a collective's 64-bit signal word, which the
-  // ranks add to once per launch each, reached `per_launch * (epoch + 1)` (compared modulo 2^32,
-  // like the events). Returns false when the kernel is stopping.
-  __device__ bool wait_peers(const uint64_t* signal, int index, uint32_t per_launch) const {
+  // Every thread calls this: thread 0 waits until a collective's 64-bit signal word of this
+  // launch's parity, to which each of `world` ranks adds 2 in every launch of that parity
+  // (runtime/peers.cuh), reached 2 * world * ((epoch >> 1) + 1), compared modulo 2^32 like the
+  // events (adding 2 keeps that exact across the epoch's wrap for any world size). Returns false
+  // when the kernel is stopping.
+  __device__ bool wait_peers(const uint64_t* signal, int index, uint32_t world) const {
     if (threadIdx.x == 0 && *ok) {
       const int32_t* low = reinterpret_cast<const int32_t*>(signal);  // little-endian: the low half
-      *ok = spin([&] { return load_acquire_sys(low); }, index, per_launch * (epoch + 1u), kPeerTimeout);
+      const uint32_t wanted = 2u * world * ((epoch >> 1) + 1u);
+      *ok = spin([&] { return load_acquire_sys(low); }, index, wanted, kPeerTimeout);
     }
     __syncthreads();
     return *ok;

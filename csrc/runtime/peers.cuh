@@ -3,17 +3,22 @@
 //
 // A collective tile on rank r writes its rows into slot r of every PE's copy of a symmetric buffer
 // (plain stores through nvshmem_ptr where the PE is load/store reachable, NVSHMEM puts otherwise),
-// fences, then adds 1 to that PE's signal word for the tile. Each PE's signal word therefore grows
-// by the world size per launch, and a tile waits for world * (epoch + 1) (events.cuh: wait_peers)
-// before it reads the slots. Slots and signal words are per tile and per op, so no rank can
-// overwrite data a peer has not read yet within a launch; the next launch starts only after every
-// collective of this one completed on this rank, which needed every peer's contributions, which
-// in turn follow the peers' reads of the same op's earlier data.
+// fences, then adds 2 to that PE's signal word for the tile; it then waits until its own word
+// reached 2 * world per launch (events.cuh: wait_peers) and reads the slots.
+//
+// Buffers and signal words are per op and per tile, and doubled by launch parity (epoch & 1):
+// a rank may finish launch E and start E + 1 while a slower peer still reads E's slots, or still
+// waits on E's signal; E + 1 writes the other half, so it neither overwrites data nor adds to a
+// signal that E is still counting. E + 2 (the same half as E) cannot start on any rank before
+// every rank finished E: E + 1's collectives need every rank's contribution to E + 1, which each
+// rank sends only after its launch E ended.
 #pragma once
 #include <cstdint>
 
 #include <nvshmem.h>
 #include <nvshmemx.h>
+
+#include "events.cuh"
 
 namespace mpk {
 
@@ -52,8 +57,14 @@ __device__ inline void signal_peers(uint64_t* signal, int world, int rank) {
   if (threadIdx.x == 0) {
     __threadfence_system();  // plain stores to peers (and their cumulativity over the block)
     nvshmem_fence();         // puts through NVSHMEM's transports, before the signals below
-    for (int k = 0; k < world; ++k) nvshmemx_signal_op(signal, 1, NVSHMEM_SIGNAL_ADD, (rank + k) % world);
+    for (int k = 0; k < world; ++k) nvshmemx_signal_op(signal, 2, NVSHMEM_SIGNAL_ADD, (rank + k) % world);
   }
+}
+
+// This launch's half of a parity-doubled exchange buffer or signal array of `half` elements.
+template <typename T>
+__device__ __forceinline__ T* launch_half(T* base, size_t half, const InputGate* gate) {
+  return base + (gate->epoch & 1u) * half;
 }
 
 // A 16-byte load that bypasses L1: slots are written by other GPUs during the kernel.

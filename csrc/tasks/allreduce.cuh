@@ -2,7 +2,8 @@
 //
 // allreduce_task: one rank (world size 1, no NVSHMEM): a copy.
 // allreduce_nvshmem_task (MPK_WITH_NVSHMEM): rank r pushes its part of the block into slot r of
-// every PE's receive buffer recv[world, batch, width], signals each PE's word for this tile, waits
+// every PE's receive buffer recv[2, world, batch, width] (this launch's parity half; signal words
+// [2, tiles] likewise), signals each PE's word for this tile, waits
 // until all ranks signalled its own word this launch, then sums slots 0..world-1 in rank order in
 // float (the same order on every rank: identical, deterministic results) into out. At world size
 // 1 the sum is the part itself, bit for bit. See runtime/peers.cuh for the ordering argument.
@@ -15,7 +16,7 @@
 namespace mpk {
 
 struct AllReduceArgs {
-  enum { kInput, kOutput, kColStart, kColEnd, kWidth, kRecv, kSignal, kTile, kWorld, kRank, kBatch };
+  enum { kInput, kOutput, kColStart, kColEnd, kWidth, kRecv, kSignal, kTile, kWorld, kRank, kBatch, kTiles };
 };
 
 template <int NT>
@@ -36,12 +37,13 @@ __device__ void allreduce_nvshmem_task(const TaskContext& c) {
   using bf16 = __nv_bfloat16;
   const bf16* part = c.ptr<const bf16>(AllReduceArgs::kInput);
   bf16* out = c.ptr<bf16>(AllReduceArgs::kOutput);
-  bf16* recv = c.ptr<bf16>(AllReduceArgs::kRecv);
-  uint64_t* signal = c.ptr<uint64_t>(AllReduceArgs::kSignal) + c.arg(AllReduceArgs::kTile);
   const int c0 = c.arg(AllReduceArgs::kColStart), width = c.arg(AllReduceArgs::kColEnd) - c0;
   const int stride = c.arg(AllReduceArgs::kWidth), world = c.arg(AllReduceArgs::kWorld);
   const int rank = c.arg(AllReduceArgs::kRank), rows = c.num_tokens;
   const size_t slot = (size_t)c.arg(AllReduceArgs::kBatch) * stride;  // elements per rank's slot
+  bf16* recv = launch_half(c.ptr<bf16>(AllReduceArgs::kRecv), world * slot, c.gate);
+  uint64_t* signal = launch_half(c.ptr<uint64_t>(AllReduceArgs::kSignal), c.arg(AllReduceArgs::kTiles), c.gate) +
+                     c.arg(AllReduceArgs::kTile);
   const int64_t row_bytes = (int64_t)stride * sizeof(bf16);
   char* mine = reinterpret_cast<char*>(recv + rank * slot + c0);
   for (int k = 0; k < world; ++k)

@@ -14,6 +14,7 @@ namespace mpk {
 struct ArgmaxArgs {
   enum { kLogits, kPartialValue, kPartialIndex, kOutput, kStage, kVocabBegin, kVocabEnd, kSlot, kPartials,
          kVocabOffset, kLogitsStride, kGatherValue, kGatherIndex, kSignal, kWorld, kRank, kBatch };
+// Collective: gather buffers [2, world, batch, partials] and signal words [2], halves by launch parity.
 };
 
 __device__ __forceinline__ bool better(float v, int64_t i, float bv, int64_t bi) {
@@ -26,14 +27,16 @@ __device__ __forceinline__ bool better(float v, int64_t i, float bv, int64_t bi)
 __device__ inline bool gather_partials(const TaskContext& c, const float* pv, const int64_t* pi, int partials) {
   const int world = c.arg(ArgmaxArgs::kWorld), rank = c.arg(ArgmaxArgs::kRank);
   const size_t slot = (size_t)c.arg(ArgmaxArgs::kBatch) * partials;
-  char* gv = reinterpret_cast<char*>(c.ptr<float>(ArgmaxArgs::kGatherValue) + rank * slot);
-  char* gi = reinterpret_cast<char*>(c.ptr<int64_t>(ArgmaxArgs::kGatherIndex) + rank * slot);
+  char* gv = reinterpret_cast<char*>(launch_half(c.ptr<float>(ArgmaxArgs::kGatherValue), world * slot, c.gate) +
+                                     rank * slot);
+  char* gi = reinterpret_cast<char*>(launch_half(c.ptr<int64_t>(ArgmaxArgs::kGatherIndex), world * slot, c.gate) +
+                                     rank * slot);
   for (int k = 0; k < world; ++k) {
     const int pe = (rank + k) % world;
     push_rows(gv, reinterpret_cast<const char*>(pv), c.num_tokens, partials * 4, partials * 4, partials * 4, pe);
     push_rows(gi, reinterpret_cast<const char*>(pi), c.num_tokens, partials * 8, partials * 8, partials * 8, pe);
   }
-  uint64_t* signal = c.ptr<uint64_t>(ArgmaxArgs::kSignal);
+  uint64_t* signal = launch_half(c.ptr<uint64_t>(ArgmaxArgs::kSignal), 1, c.gate);
   signal_peers(signal, world, rank);
   return c.gate->wait_peers(signal, 0, static_cast<uint32_t>(world));
 }
@@ -56,10 +59,11 @@ __device__ void argmax_task(const TaskContext& c) {
 #ifdef MPK_WITH_NVSHMEM
     if (reduce) {
       if (!gather_partials(c, pv, pi, partials)) return;
-      pv = c.ptr<float>(ArgmaxArgs::kGatherValue);  // every rank's partials, rank-major
-      pi = c.ptr<int64_t>(ArgmaxArgs::kGatherIndex);
-      count = partials * c.arg(ArgmaxArgs::kWorld);
+      const int world = c.arg(ArgmaxArgs::kWorld);
+      count = partials * world;
       slot = (size_t)c.arg(ArgmaxArgs::kBatch) * partials;
+      pv = launch_half(c.ptr<float>(ArgmaxArgs::kGatherValue), world * slot, c.gate);  // rank-major
+      pi = launch_half(c.ptr<int64_t>(ArgmaxArgs::kGatherIndex), world * slot, c.gate);
     }
 #else
     static_assert(!kCollective, "a collective argmax needs a build with MPK_WITH_NVSHMEM");

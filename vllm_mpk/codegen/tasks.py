@@ -178,7 +178,8 @@ def task_args(task: Task, ids: Mapping[str, int], tensors: Mapping[str, torch.Te
         if not uses_nvshmem(op):
             return words
         recv, signal = exchange_words(op, ids, ("recv", "signal"))[:2]
-        return [*words, recv, signal, task.tile, op.attrs["world_size"], op.attrs.get("rank", 0), x.shape[0]]
+        return [*words, recv, signal, task.tile, op.attrs["world_size"], op.attrs.get("rank", 0), x.shape[0],
+                op.num_tiles]
     raise UnsupportedOnGPU(f"no argument layout for {op.kind}")
 
 
