@@ -20,6 +20,7 @@ from vllm_mpk.codegen.toolchain import has_nvshmem
 from vllm_mpk.models.catalog import shipped_config
 from vllm_mpk.models.spec import ModelSpec
 from vllm_mpk.models.weights import random_weights, save_checkpoint
+from vllm_mpk.runtime import nvshmem
 
 _GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_GPUS < 2, reason=f"needs 2 GPUs, torch sees {_GPUS}"),
@@ -66,7 +67,8 @@ def run_engine(tmp: Path, model: Path, impl: str, eager: bool) -> tuple[dict[str
     args = dict(model=str(model), impl=impl, tp=2, eager=eager, steps=STEPS, prompts=prompts, repo=str(REPO),
                 out=str(out))
     (tmp / f"{impl}-{eager}.args.json").write_text(json.dumps(args))
-    env = {**os.environ, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # LLM.apply_model across workers
+    # NVLink multicast off in NCCL, torch and NVSHMEM from the start (vLLM's NCCL groups come first)
+    env = {**os.environ, **nvshmem.ENVIRONMENT, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # + LLM.apply_model
     proc = subprocess.run([sys.executable, "-c", ENGINE, str(tmp / f"{impl}-{eager}.args.json")],
                           capture_output=True, text=True, timeout=900, env=env)
     log = proc.stdout + proc.stderr

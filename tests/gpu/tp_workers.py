@@ -51,7 +51,7 @@ def run_ranks(fn: Callable[..., None], world: int, *args: Any, timeout_s: float 
 
 
 def _bootstrap(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **nvshmem.ENVIRONMENT)
     torch.cuda.set_device(rank)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     nvshmem.init_from_process_group()

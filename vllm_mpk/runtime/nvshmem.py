@@ -34,9 +34,10 @@ from vllm_mpk.codegen.toolchain import find_nvshmem
 
 GLUE_SOURCE = "runtime/nvshmem_glue.cpp"
 ALIGN = 256  # bytes; every symmetric tensor starts on this boundary
-# NVLink SHARP (multicast) stays off: the all-reduce moves its tiles itself, and NVLS objects
-# would take memory and setup time on every PE for nothing.
-ENVIRONMENT = {"NVSHMEM_DISABLE_NVLS": "1", "NCCL_NVLS_ENABLE": "0"}
+# NVLink SHARP (multicast) stays off: the all-reduce moves its tiles itself, NVLS objects would
+# take memory and setup time on every PE for nothing, and on shared hosts a program using
+# multicast can take the GPUs out of service. Forced (not defaults) for NVSHMEM, NCCL and torch.
+ENVIRONMENT = {"NVSHMEM_DISABLE_NVLS": "1", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 
 _allocations: list[int] = []  # addresses of live nvshmem_malloc blocks
 
@@ -65,7 +66,7 @@ def glue() -> ModuleType:
 
 def is_initialized() -> bool:
     """True once ``init`` ran in this process (without building the glue when it never did)."""
-    return _glue is not None and _glue.init_status() >= 2  # NVSHMEM_STATUS_IS_INITIALIZED
+    return _glue is not None and _glue.init_status() >= 1  # NVSHMEM_STATUS_IS_BOOTSTRAPPED or later
 
 
 def unique_id() -> bytes:
@@ -102,6 +103,7 @@ def init_from_process_group(group: Any = None) -> None:
     if not dist.is_initialized():
         raise NvshmemError("torch.distributed is not initialised: call init_process_group first (torchrun sets "
                            "its environment), or pass the unique id to nvshmem.init yourself")
+    os.environ.update(ENVIRONMENT)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     payload: list[bytes | None] = [unique_id() if rank == 0 else None]
     dist.broadcast_object_list(payload, src=dist.get_global_rank(group, 0) if group is not None else 0,
