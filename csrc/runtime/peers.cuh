@@ -22,16 +22,29 @@
 
 namespace mpk {
 
+// The cold path, for a PE that loads and stores cannot reach (another node): NVSHMEM puts. Kept
+// out of line, like every NVSHMEM call, so that the megakernel's hot loops do not pay for the
+// call ABI (inlined, these calls made the whole kernel spill registers).
+static __device__ __noinline__ void put_rows(char* dst, const char* src, int rows, int bytes_per_row, int64_t dst_stride,
+                                             int64_t src_stride, int pe) {
+  for (int b = 0; b < rows; ++b)
+    nvshmemx_putmem_nbi_block(dst + b * dst_stride, src + b * src_stride, bytes_per_row, pe);
+}
+
+static __device__ __noinline__ void put_signal(uint64_t* signal, uint64_t value, int pe) {
+  nvshmem_fence();  // this PE's earlier puts land before the signal
+  nvshmemx_signal_op(signal, value, NVSHMEM_SIGNAL_ADD, pe);
+}
+
 // Block-wide: rows x `bytes_per_row` from `src` (row stride `src_stride` bytes) to `dst` (a
-// symmetric address; row stride `dst_stride` bytes) on PE `pe`. Returns whether plain stores did it
-// (the caller then orders them with a system fence) or NVSHMEM puts (ordered with nvshmem_fence).
-__device__ inline bool push_rows(char* dst, const char* src, int rows, int bytes_per_row, int64_t dst_stride,
+// symmetric address; row stride `dst_stride` bytes) on PE `pe`: plain stores through the address
+// nvshmem_ptr maps (NVLink or PCIe peer, or this PE), else NVSHMEM puts.
+__device__ inline void push_rows(char* dst, const char* src, int rows, int bytes_per_row, int64_t dst_stride,
                                  int64_t src_stride, int pe) {
   char* peer = static_cast<char*>(nvshmem_ptr(dst, pe));
   if (peer == nullptr) {
-    for (int b = 0; b < rows; ++b)
-      nvshmemx_putmem_nbi_block(dst + b * dst_stride, src + b * src_stride, bytes_per_row, pe);
-    return false;
+    put_rows(dst, src, rows, bytes_per_row, dst_stride, src_stride, pe);
+    return;
   }
   const bool vectors = ((bytes_per_row | dst_stride | src_stride) % 16) == 0 &&
                        (reinterpret_cast<uintptr_t>(peer) | reinterpret_cast<uintptr_t>(src)) % 16 == 0;
@@ -47,17 +60,29 @@ __device__ inline bool push_rows(char* dst, const char* src, int rows, int bytes
       peer[b * dst_stride + v] = src[b * src_stride + v];
     }
   }
-  return true;
 }
 
-// Block-wide, after every push of the tile: make the pushes visible, then add 1 to `signal` on
-// every PE. Thread 0 fences and signals once the whole block's stores are done.
+__device__ __forceinline__ void add_release_sys(uint64_t* p, uint64_t v) {
+  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// Block-wide, after every push of the tile: make the pushes visible, then add 2 to `signal` on
+// every PE. Thread 0 signals once the whole block's stores are done: a system-scope fence (its
+// cumulativity covers the block's stores, ordered before it by the barrier), then a release add
+// through the mapped address, or NVSHMEM's fence and signal for an unmapped PE.
 __device__ inline void signal_peers(uint64_t* signal, int world, int rank) {
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence_system();  // plain stores to peers (and their cumulativity over the block)
-    nvshmem_fence();         // puts through NVSHMEM's transports, before the signals below
-    for (int k = 0; k < world; ++k) nvshmemx_signal_op(signal, 2, NVSHMEM_SIGNAL_ADD, (rank + k) % world);
+    __threadfence_system();
+    for (int k = 0; k < world; ++k) {
+      const int pe = (rank + k) % world;
+      uint64_t* peer = static_cast<uint64_t*>(nvshmem_ptr(signal, pe));
+      if (peer != nullptr) {
+        add_release_sys(peer, 2);
+      } else {
+        put_signal(signal, 2, pe);
+      }
+    }
   }
 }
 

@@ -33,7 +33,7 @@ __device__ void allreduce_task(const TaskContext& c) {
 
 #ifdef MPK_WITH_NVSHMEM
 template <int NT>
-__device__ void allreduce_nvshmem_task(const TaskContext& c) {
+__device__ __noinline__ void allreduce_nvshmem_task(const TaskContext& c) {
   using bf16 = __nv_bfloat16;
   const bf16* part = c.ptr<const bf16>(AllReduceArgs::kInput);
   bf16* out = c.ptr<bf16>(AllReduceArgs::kOutput);

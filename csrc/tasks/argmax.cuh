@@ -24,7 +24,7 @@ __device__ __forceinline__ bool better(float v, int64_t i, float bv, int64_t bi)
 #ifdef MPK_WITH_NVSHMEM
 // The reduce tile of a collective argmax: gather every rank's partials (world x partials per row,
 // rank-major) into this PE's gather buffers. False when the kernel is stopping.
-__device__ inline bool gather_partials(const TaskContext& c, const float* pv, const int64_t* pi, int partials) {
+static __device__ __noinline__ bool gather_partials(const TaskContext& c, const float* pv, const int64_t* pi, int partials) {
   const int world = c.arg(ArgmaxArgs::kWorld), rank = c.arg(ArgmaxArgs::kRank);
   const size_t slot = (size_t)c.arg(ArgmaxArgs::kBatch) * partials;
   char* gv = reinterpret_cast<char*>(launch_half(c.ptr<float>(ArgmaxArgs::kGatherValue), world * slot, c.gate) +
