@@ -108,3 +108,21 @@ def test_binding_a_tp_plan_needs_nvshmem_initialised(monkeypatch: pytest.MonkeyP
     assert plan_ranks(decoder_plan(1, 0).plan) == (1, 0)
     with pytest.raises(nvshmem.NvshmemError, match=r"rank 1 of 2\).*init_from_process_group"):
         bind_tensors(plan, {}, nvshmem.torch.device("cuda", 1))
+
+
+def test_peer_timeout_names_the_signal_and_the_ranks() -> None:
+    from tests.test_codegen_tensor_parallel import decoder_plan
+    from vllm_mpk.runtime import control
+    from vllm_mpk.runtime.megakernel import Megakernel
+
+    plan = decoder_plan(2, 0).plan
+    task = next(t for t in plan.tasks if t.op.kind == "allreduce")
+    kernel = Megakernel.__new__(Megakernel)  # the host side of check() only: no GPU
+    kernel.plan = plan
+    kernel.control = nvshmem.torch.zeros(control.WORDS, dtype=nvshmem.torch.int32)
+    kernel.control[control.ERROR], kernel.control[control.ERR_TASK] = control.PEER_TIMEOUT, task.id
+    kernel.control[control.ERR_EVENT], kernel.control[control.ERR_SEEN] = task.tile, 2
+    kernel.control[control.ERR_WANTED] = 4
+    with pytest.raises(control.MegakernelError, match=rf"other tensor-parallel ranks.*signal word {task.tile} "
+                                                      r"\(count 2, wanted 4: 2 ranks per launch\)"):
+        kernel.check()

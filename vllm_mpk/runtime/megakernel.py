@@ -30,7 +30,9 @@ def plan_ranks(plan: Plan) -> tuple[int, int]:
 
 def _symmetric(plan: Plan, device: torch.device) -> dict[str, torch.Tensor]:
     """The plan's nvshmem tensors, zeroed (the collectives' signal words count from 0), in one
-    collective allocation: every rank's plan declares the same ones in the same order."""
+    collective allocation: every rank's plan declares the same ones in the same order. From then
+    on the ranks' megakernels must launch together: the same number of times, with the same
+    ``num_tokens`` (a rank that stops or skips a launch makes its peers' collectives time out)."""
     world, rank = plan_ranks(plan)
     if not nvshmem.is_initialized():
         raise nvshmem.NvshmemError(

@@ -191,8 +191,9 @@ def symmetric_tensors(specs: Sequence[tuple[Sequence[int], torch.dtype]], zero: 
             t.zero_()
         out.append(t)
         offset += size
-    if zero:
+    if zero:  # no peer may signal into these before every PE has zeroed its copy
         torch.cuda.current_stream().synchronize()
+        module.barrier_all()
     return out
 
 
