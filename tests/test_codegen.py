@@ -32,6 +32,7 @@ from vllm_mpk.codegen.tables import (
 )
 from vllm_mpk.codegen.tasks import LINEAR_MODES, UnsupportedOnGPU
 from vllm_mpk.codegen.toolchain import ToolchainError, find_nvcc, nvcc_version
+from vllm_mpk.graph.ir import Role
 from vllm_mpk.graph.ops import REGISTRY
 from vllm_mpk.graph.plan import Plan
 from vllm_mpk.models import DecodeOptions, ModelSpec, build_decoder
@@ -279,3 +280,17 @@ def test_wheel_build_puts_csrc_in_the_package(tmp_path: Path) -> None:
                  for p in (tmp_path / "lib" / "vllm_mpk" / "_csrc").rglob("*") if p.is_file())
     assert got == want and any(name.endswith(".cuh") for name in got)
     assert (tmp_path / "lib" / "vllm_mpk" / "codegen" / "source.py").is_file()
+
+
+def test_parallel_prebuild_compiles_what_megakernel_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """build_kernels describes intermediates with meta tensors; the source it compiles must be the
+    one Megakernel generates from the allocated buffers, or every load would compile again."""
+    from vllm_mpk.runtime import megakernel
+
+    plan = linear_plan(512, torch.bfloat16)
+    given = {n: torch.zeros(h.shape, dtype=h.dtype) for n, h in plan.tensors.items() if h.role is Role.INPUT}
+    built: list[str] = []
+    monkeypatch.setattr(JitSpec, "build", lambda spec: built.append(spec.content_hash()))
+    megakernel.build_kernels([(plan, given), (plan, given)])
+    loaded = kernel_spec(plan, megakernel.bind_tensors(plan, given, torch.device("cpu")))[0].content_hash()
+    assert built == [loaded, loaded]
