@@ -81,6 +81,7 @@ class MpkRuntime:
         self.hidden = ""  # the plans' final-norm output, named when built
         self.steps = 0  # megakernel steps launched from Python (a replayed CUDA graph adds none)
         self.stock_reasons: set[str] = set()  # why batches went to the stock layers, logged once each
+        self.controls: torch.Tensor | None = None  # [plans, control words] on the GPU, row i for kernel i
         self._watch: tuple[torch.Tensor, torch.cuda.Event] | None = None
         self._layer_name: str | None = None
         self.reservation: Reservation | None = None
@@ -255,8 +256,13 @@ class MpkRuntime:
             if world > 1:  # the plans' all-reduce tiles exchange through NVSHMEM (collective: every TP rank)
                 bootstrap_nvshmem(world, rank)
             build_kernels(list(plans.values()))  # nvcc in parallel; each Megakernel below loads its build
-            kernels = {size: Megakernel(plan, tensors, timeout_s=self.options.timeout_s, profile=self.options.profile)
-                       for size, (plan, tensors) in plans.items()}
+            from vllm_mpk.runtime import control
+
+            # One tensor holds every kernel's control block: the watchdog reads them with one copy.
+            self.controls = torch.zeros(len(plans), control.WORDS, dtype=torch.int32, device=device)
+            kernels = {size: Megakernel(plan, tensors, timeout_s=self.options.timeout_s, profile=self.options.profile,
+                                        control_block=self.controls[i])
+                       for i, (size, (plan, tensors)) in enumerate(plans.items())}
         else:  # the CPU reference executor: same plans, same bindings, tile by tile (tests)
             from vllm_mpk.graph.reference import ReferenceExecutor
 
@@ -286,23 +292,22 @@ class MpkRuntime:
 
     def poll_watchdog(self) -> None:
         """Raise MegakernelError if an earlier launch stopped on its watchdog. Never waits: it
-        reads a copy of the plans' error words queued on the previous call, once it has landed."""
-        kernels = [k for k in self.kernels.values() if hasattr(k, "control")]
-        if not kernels or torch.cuda.is_current_stream_capturing():
+        reads a copy of every plan's control block queued on the previous call, once it has landed."""
+        if self.controls is None or torch.cuda.is_current_stream_capturing():
             return
         from vllm_mpk.runtime import control
 
         if self._watch is None:
-            self._watch = (torch.zeros(len(kernels), dtype=torch.int32, pin_memory=True), torch.cuda.Event())
+            self._watch = (torch.zeros(self.controls.shape, dtype=torch.int32, pin_memory=True), torch.cuda.Event())
         else:
-            flags, copied = self._watch
+            blocks, copied = self._watch
             if not copied.query():
                 return  # the previous copy has not landed yet; look next time
-            for kernel, flag in zip(kernels, flags.tolist(), strict=True):
-                if flag:
+            for kernel, words in zip(self.kernels.values(), blocks.tolist(), strict=True):
+                if words[control.ERROR]:
                     kernel.check()  # synchronises and raises with the stalled task and event
-        flags, copied = self._watch
-        flags.copy_(torch.stack([k.control[control.ERROR] for k in kernels]), non_blocking=True)
+        blocks, copied = self._watch
+        blocks.copy_(self.controls, non_blocking=True)
         copied.record()
 
 

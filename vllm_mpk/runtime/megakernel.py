@@ -94,10 +94,13 @@ def build_kernels(plans: Sequence[tuple[Plan, Mapping[str, torch.Tensor]]]) -> N
 
 class Megakernel:
     def __init__(self, plan: Plan, tensors: Mapping[str, torch.Tensor], *, timeout_s: float = 2.0,
-                 profile: bool | torch.Tensor = False):
+                 profile: bool | torch.Tensor = False, control_block: torch.Tensor | None = None):
         """``profile``: True to record per-task timestamps into ``self.profile``, or an int64 CUDA
         tensor of at least ``num_workers * max_tasks * 2`` elements to record into (MPK's
-        ``profiler_tensor``); ``self.profile`` is then a ``[num_workers, max_tasks, 2]`` view of it."""
+        ``profiler_tensor``); ``self.profile`` is then a ``[num_workers, max_tasks, 2]`` view of it.
+        ``control_block``: ``control.WORDS`` int32 words on the GPU to use as the control block
+        (zeroed here), e.g. one row of a tensor shared by several kernels, whose error words a
+        watchdog then reads with one copy."""
         device = next((t.device for t in tensors.values() if t.device.type == "cuda"), None)
         if device is None:
             raise ValueError("the megakernel runs on CUDA tensors; none of the given tensors is on a GPU")
@@ -122,7 +125,13 @@ class Megakernel:
                                      dtype=torch.int64, device=device)
         self.triggers = torch.from_numpy(trigger_counts(plan)).to(device)
         self.counters = torch.zeros_like(self.triggers)
-        self.control = torch.zeros(control.WORDS, dtype=torch.int32, device=device)
+        if control_block is None:
+            control_block = torch.zeros(control.WORDS, dtype=torch.int32, device=device)
+        elif control_block.shape != (control.WORDS,) or control_block.dtype != torch.int32 \
+                or control_block.device != device or not control_block.is_contiguous():
+            raise ValueError(f"the control block must be {control.WORDS} contiguous int32 words on {device}, got "
+                             f"{control_block.dtype} {tuple(control_block.shape)} on {control_block.device}")
+        self.control = control_block.zero_()
         self.profile = self._profile_buffer(profile, device)
 
     def _profile_buffer(self, profile: bool | torch.Tensor, device: torch.device) -> torch.Tensor | None:
