@@ -55,12 +55,15 @@ llm = LLM(model=args["model"], model_impl=args["impl"], skip_tokenizer_init=True
           load_format=args["load_format"],
           kv_cache_dtype=args["kv_cache_dtype"], additional_config={"mpk": args["mpk"]})
 
+def as_greedy(result):
+    out = result.outputs[0]
+    return Greedy(list(out.token_ids), [{t: lp.logprob for t, lp in step.items()} for step in out.logprobs])
+
 def greedy(prompts, max_tokens):
     params = [SamplingParams(temperature=0.0, max_tokens=n, logprobs=2, ignore_eos=True, detokenize=False)
               for n in max_tokens]
     results = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return [Greedy(list(r.outputs[0].token_ids), [{t: lp.logprob for t, lp in step.items()} for step in r.outputs[0].logprobs])
-            for r in results]
+    return [as_greedy(r) for r in results]
 
 def staggered(prompts, max_tokens):
     # Continuous batching: request i joins at engine step 3 * i and leaves after its own length,
@@ -73,8 +76,7 @@ def staggered(prompts, max_tokens):
                     temperature=0.0, max_tokens=n, logprobs=2, ignore_eos=True, detokenize=False))
         for r in engine.step():
             if r.finished:
-                done[int(r.request_id)] = Greedy(list(r.outputs[0].token_ids),
-                                                 [{t: lp.logprob for t, lp in s.items()} for s in r.outputs[0].logprobs])
+                done[int(r.request_id)] = as_greedy(r)
         step += 1
     return [done[i] for i in range(len(prompts))]
 

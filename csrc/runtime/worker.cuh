@@ -65,7 +65,7 @@ __device__ void worker_loop(const KernelParams& p) {
     if (threadIdx.x == 0) {
       __threadfence();
       for (int s = 0; s < Record::kMaxSignals && r.signals[s] >= 0; ++s) add_release(p.counters + r.signals[s], 1);
-      if (p.profile) p.profile[((size_t)blockIdx.x * p.max_tasks + i) * 2 + 1] = global_ns();
+      if (profile_start) profile_start[1] = global_ns();  // the task's end
     }
   }
   if (threadIdx.x == 0) {

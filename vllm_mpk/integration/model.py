@@ -273,7 +273,7 @@ class MpkRuntime:
                     kv_caches[0].shape[0], page, attention_modules(model)[0].attn_backend.get_name(),
                     len(plans[self.max_batch][0].tasks), self.max_batch,
                     sum(map(allocated_bytes, kernels.values())) / 2**20, self._estimated_bytes(workers) / 2**20)
-        return kernels, step_buffers(input_ids, positions, batch, self.max_batch)
+        return kernels, buffers  # the largest plan's views (plan_batches ends at max_batch)
 
     def check_weights_in_place(self, model: torch.nn.Module) -> None:
         """After a weight reload: vLLM loads into the existing parameters, so a built megakernel
