@@ -2,10 +2,10 @@
 the comparison (pure: the GPU integration tests run it inside the engine's subprocess, with
 ``LLM.generate`` as the generator; ``tests/test_greedy_compare.py`` runs it with a fake one).
 
-Stock vLLM runs first: its greedy token and top-two logprobs at every step. The engine under test
+Stock vLLM runs first: its greedy token and its top few logprobs (the candidates) at every step. The engine under test
 then generates from the same prompts, all requests in one batch. At the first step ``t`` where a
-request's token differs from stock's, stock's top two must be a near tie (they hold our token and
-their gap is under ``near_tie``); that request restarts from ``prompt + stock[:t + 1]`` for the
+request's token differs from stock's, it must be a near tie: stock's candidates hold our token, less
+than ``near_tie`` below stock's own; that request restarts from ``prompt + stock[:t + 1]`` for the
 remaining steps, which are compared with ``stock[t + 1:]``: stock generated those from the very
 same prefix. Restarts of several requests go through one generate call. A divergence that is not a
 near tie is a mismatch; its request is restarted the same way, so all of them are counted.
@@ -58,10 +58,10 @@ class Divergence:
     step: int
     ours: int
     stock: int
-    gap: float | None  # stock's logprob of its token minus that of ours; None: ours not in stock's top two
+    gap: float | None  # stock's logprob of its token minus that of ours; None: ours not among stock's candidates
 
     def __str__(self) -> str:
-        gap = "not in stock's top two" if self.gap is None else f"gap {self.gap:.4f}"
+        gap = "not among stock's candidates" if self.gap is None else f"gap {self.gap:.4f}"
         return f"request {self.request} step {self.step}: {self.ours} vs stock {self.stock} ({gap})"
 
 
@@ -82,7 +82,7 @@ class Comparison:
         order = sorted(self.mismatches, key=lambda d: (d.request, d.step))
         bad = "".join(f"\n  MISMATCH: {d}" for d in order[:10])
         more = f"\n  ... {len(self.mismatches) - 10} more mismatches" if len(self.mismatches) > 10 else ""
-        return (f"{self.steps} steps compared teacher-forced, {len(self.near_ties)} near ties (stock's top-two gap "
+        return (f"{self.steps} steps compared teacher-forced, {len(self.near_ties)} near ties (stock's gap to our token "
                 f"< {self.near_tie}), {len(self.mismatches)} mismatches, {lp}, {self.generate_calls} generate calls"
                 f"{ties}{bad}{more}")
 
@@ -91,7 +91,7 @@ class Comparison:
         """Raise AssertionError (with the summary) unless every divergence is a near tie, near ties are
         at most ``max_tie_fraction`` of the steps and logprobs agree within ``logprob_tolerance``."""
         assert self.steps > 0, "nothing was compared"
-        assert not self.mismatches, f"greedy tokens differ where stock's top two are not a near tie: {self.summary()}"
+        assert not self.mismatches, f"greedy tokens differ where stock's logprobs do not make it a near tie: {self.summary()}"
         assert len(self.near_ties) <= max_tie_fraction * self.steps, \
             f"more than {max_tie_fraction:.0%} of the steps are near ties: {self.summary()}"
         if logprob_tolerance is not None and self.max_logprob_diff is not None:

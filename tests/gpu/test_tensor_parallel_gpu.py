@@ -42,7 +42,7 @@ def test_one_pe_allreduce_is_an_exact_identity_and_tp1_is_unchanged(tmp_path: Pa
     (result,) = load(tmp_path, 1)
     assert len(result["got"]) == 6
     for got, want in zip(result["got"], result["want"], strict=True):
-        assert bitwise_equal(got, want)  # -0.0 included
+        assert bitwise_equal(got, want)
     assert torch.equal(result["decode"]["logits"], reference["logits"])
     assert torch.equal(result["decode"]["tokens"], reference["tokens"])
 
