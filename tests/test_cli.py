@@ -13,8 +13,8 @@ from vllm_mpk.integration import plugin
 from vllm_mpk.models.catalog import UnknownModelError, resolve_model, shipped_config, shipped_models
 
 # The layers of one decode step (see vllm_mpk/models/decoder.py).
-DECODER_OP_KINDS = ("embed", "rmsnorm_linear", "attention", "linear_with_residual",
-                    "silu_mul_linear_with_residual", "argmax")
+DECODER_OP_KINDS = ("embed", "rmsnorm_linear", "attention", "linear_with_residual", "rmsnorm_linear_silu_mul",
+                    "argmax")
 
 
 def test_plan_summary_names_every_op_kind(capsys: pytest.CaptureFixture[str]) -> None:

@@ -141,7 +141,8 @@ def build_linear_family(kind: str) -> Callable[[dict, torch.Generator], Built]:
         wdt, odt = c.get("weight_dtype", dt), c.get("out_dtype", dt)
         n = c.get("num_tokens", b)
         width = 2 * k if kind.startswith("silu_mul_linear") else k
-        x, w = randn((b, width), gen, dt), randn((nout, k), gen, wdt, k ** -0.5)
+        rows = 2 * nout if kind == "rmsnorm_linear_silu_mul" else nout  # [gate | up] weight rows
+        x, w = randn((b, width), gen, dt), randn((rows, k), gen, wdt, k ** -0.5)
         mpk = kernel(b)
         X, W, out = mpk.attach_input(x, "x"), mpk.attach_input(w, "w"), mpk.new_tensor((b, nout), odt, "out")
         bias = randn((nout,), gen, wdt) if c.get("bias") else None
@@ -157,6 +158,11 @@ def build_linear_family(kind: str) -> Callable[[dict, torch.Generator], Built]:
             nw = norm_weight(k, gen, dt)
             mpk.rmsnorm_linear_layer(X, mpk.attach_input(nw, "norm"), W, out, c["grid"], BLOCK, eps=EPS)
             want = F.linear(rms_norm(x, nw, EPS), w.float())
+        elif kind == "rmsnorm_linear_silu_mul":
+            nw = norm_weight(k, gen, dt)
+            mpk.rmsnorm_linear_silu_mul_layer(X, mpk.attach_input(nw, "norm"), W, out, c["grid"], BLOCK, eps=EPS)
+            gate, up = F.linear(rms_norm(x, nw, EPS), w.float()).chunk(2, dim=-1)
+            want = F.silu(gate) * up
         elif kind == "silu_mul_linear":
             gate, up = x.float()[:, :k], x.float()[:, k:]
             mpk.silu_mul_linear_layer(X, W, out, c["grid"], BLOCK)
@@ -185,6 +191,13 @@ NORM_LINEAR_CASES = [
     dict(id="b1-k64-n16", batch=1, k=64, n=16, grid=1, dtype=F32),
     dict(id="b5-k1000-n100", batch=5, k=1000, n=100, grid=4, dtype=BF16),
     dict(id="b16-k128-n200-f32-out", batch=16, k=128, n=200, grid=13, dtype=BF16, out_dtype=F32),
+]
+# n: output columns (the SwiGLU width I); the weight has 2n rows. grid 7 over 100 columns leaves a
+# last tile of 4 columns, whose gate and up rows share one 16-row tensor-core group on the GPU.
+NORM_SILU_CASES = [
+    dict(id="b1-k64-n16", batch=1, k=64, n=16, grid=1, dtype=F32),
+    dict(id="b5-k1000-n100", batch=5, k=1000, n=100, grid=7, dtype=BF16),
+    dict(id="b16-k128-n200-n11", batch=16, k=128, n=200, grid=13, dtype=F32, num_tokens=11),
 ]
 SILU_LINEAR_CASES = [
     dict(id="b1-i64-n48", batch=1, k=64, n=48, grid=3, dtype=F32),
@@ -383,6 +396,7 @@ OP_TESTS = [
     OpTest("linear", build_linear_family("linear"), LINEAR_CASES, FLOAT_TOL),
     OpTest("linear_with_residual", build_linear_family("linear_with_residual"), RESIDUAL_CASES, FLOAT_TOL),
     OpTest("rmsnorm_linear", build_linear_family("rmsnorm_linear"), NORM_LINEAR_CASES, FLOAT_TOL),
+    OpTest("rmsnorm_linear_silu_mul", build_linear_family("rmsnorm_linear_silu_mul"), NORM_SILU_CASES, FLOAT_TOL),
     OpTest("attention", build_attention, ATTENTION_CASES, FLOAT_TOL),
     OpTest("silu_mul", build_silu_mul, SILU_CASES, FLOAT_TOL),
     OpTest("silu_mul_linear", build_linear_family("silu_mul_linear"), SILU_LINEAR_CASES, FLOAT_TOL),

@@ -16,7 +16,7 @@ from vllm_mpk.graph.validate import check_no_deadlock, validate
 from vllm_mpk.models import DecodeOptions, build_decoder
 from vllm_mpk.models.kv_cache import allocate_kv_caches
 
-LINEAR_KINDS = ("linear", "linear_with_residual", "rmsnorm_linear", "silu_mul_linear_with_residual")
+LINEAR_KINDS = ("linear", "linear_with_residual", "rmsnorm_linear", "rmsnorm_linear_silu_mul")
 WORKERS = (132, 7)  # one worker per H100 SM; and fewer workers than most grids
 
 
@@ -49,7 +49,7 @@ def test_plan_validates(plan: Plan):
     validate(plan.tensors, plan.tasks, plan.events, plan.queues)
     check_no_deadlock(plan.tasks, plan.events, plan.queues)
     assert {op.kind for op in plan.ops} == {"embed", "rmsnorm_linear", "attention", "linear_with_residual",
-                                            "silu_mul_linear_with_residual", "argmax"}
+                                            "rmsnorm_linear_silu_mul", "argmax"}
     assert sum(op.kind == "attention" for op in plan.ops) == 2
 
 

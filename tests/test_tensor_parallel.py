@@ -30,7 +30,7 @@ def test_shipped_configs_shard_into_valid_plans(name, world_size):
                               DecodeOptions(max_batch=4, max_seq_len=MAX_SEQ, world_size=world_size, rank=rank))
         kinds = [op.kind for op in model.plan.ops]
         assert kinds.count("allreduce") == 1 + 2 * spec.num_layers  # embedding, o_proj and down_proj sums
-        residual_adds = kinds.count("linear_with_residual") + kinds.count("silu_mul_linear_with_residual")
+        residual_adds = kinds.count("linear_with_residual")
         assert residual_adds == (2 * spec.num_layers if rank == 0 else 0)  # the residual is added once
         attention = next(op for op in model.plan.ops if op.kind == "attention")
         assert attention.attrs["num_kv_heads"] == spec.num_kv_heads // world_size
@@ -93,7 +93,7 @@ def test_cli_plan_prints_every_rank(capsys):
 
     assert main(["plan", "--model", "qwen3-0.6b", "--layers", "1", "--tensor-parallel-size", "2"]) == 0
     out = capsys.readouterr().out
-    assert "rank 0 of 2" in out and "rank 1 of 2" in out and "silu_mul_linear " in out
+    assert "rank 0 of 2" in out and "rank 1 of 2" in out and "\nlinear " in out
     assert main(["plan", "--model", "qwen3-0.6b", "--layers", "1", "--tensor-parallel-size", "3"]) == 2
     assert "does not divide" in capsys.readouterr().err
 

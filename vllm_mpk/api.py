@@ -207,6 +207,14 @@ class PersistentKernel:
         self._add("rmsnorm_linear", {"input": input, "norm_weight": weight_norm, "weight": weight_linear},
                   {"output": output}, grid_dim, block_dim, eps=eps, name=name)
 
+    def rmsnorm_linear_silu_mul_layer(self, input: TensorHandle, weight_norm: TensorHandle,
+                                      weight_gate_up: TensorHandle, output: TensorHandle, grid_dim: Dim3,
+                                      block_dim: Dim3, eps: float = 1e-6, name: str | None = None) -> None:
+        """SwiGLU of the normalised input's gate and up projections: ``weight_gate_up`` is ``[2I, K]``
+        (gate rows, then up rows), ``output`` ``[batch, I]``."""
+        self._add("rmsnorm_linear_silu_mul", {"input": input, "norm_weight": weight_norm, "weight": weight_gate_up},
+                  {"output": output}, grid_dim, block_dim, eps=eps, name=name)
+
     def linear_layer(self, input: TensorHandle, weight: TensorHandle, output: TensorHandle, grid_dim: Dim3,
                      block_dim: Dim3, bias: TensorHandle | None = None, name: str | None = None) -> None:
         self._add("linear", {"input": input, "weight": weight, "bias": bias}, {"output": output},

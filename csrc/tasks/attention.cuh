@@ -63,7 +63,7 @@ __device__ __forceinline__ const __nv_bfloat16* cached_row(const __nv_bfloat16* 
 }
 
 template <int HD, int GROUP, int NQ, int NKV, int PAGE, bool QK_NORM, int NT, typename RopeT>
-__device__ void attention_task(const TaskContext& c) {
+__device__ __noinline__ void attention_task(const TaskContext& c) {
   static_assert(HD % kWarp == 0, "head_dim must be a multiple of 32");
   static_assert(NT % kWarp == 0, "whole warps");
   constexpr int NW = NT / kWarp, D = HD / kWarp, QKV_W = (NQ + 2 * NKV) * HD;

@@ -1,5 +1,7 @@
 // Linear tiles: out[b, c0:c1] = f(x[b]) . W[c0:c1]^T (+ bias) (+ residual), with f one of
-// identity, RMSNorm (rmsnorm_linear) or SiLU-mul over [gate | up] (silu_mul_linear[_with_residual]).
+// identity, RMSNorm (rmsnorm_linear) or SiLU-mul over [gate | up] (silu_mul_linear[_with_residual]);
+// or, for rmsnorm_linear_silu_mul, out[b, c0:c1] = silu(n . Wg^T) * (n . Wu^T) with n = RMSNorm(x[b]):
+// the tile streams gate rows [c0, c1) and up rows [I + c0, I + c1) as its local rows, gate first.
 //
 // Tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate) with the weight tile as A (16 output
 // columns per fragment) and the batch as B (8 rows per fragment). Each thread loads 16 contiguous
@@ -20,13 +22,14 @@
 
 namespace mpk {
 
-enum class LinearMode : int { kPlain = 0, kResidual = 1, kNorm = 2, kSiluResidual = 3, kSilu = 4 };
+enum class LinearMode : int { kPlain = 0, kResidual = 1, kNorm = 2, kSiluResidual = 3, kSilu = 4, kNormSiluOut = 5 };
 
 constexpr bool gated(LinearMode m) { return m == LinearMode::kSilu || m == LinearMode::kSiluResidual; }
+constexpr bool normalized(LinearMode m) { return m == LinearMode::kNorm || m == LinearMode::kNormSiluOut; }
 
 // Argument words of a linear record (order fixed by vllm_mpk/codegen/tasks.py).
 struct LinearArgs {
-  enum { kInput, kWeight, kOutput, kBias, kResidual, kNormWeight, kColStart, kColEnd, kEps, kOutStride };
+  enum { kInput, kWeight, kOutput, kBias, kResidual, kNormWeight, kColStart, kColEnd, kEps, kOutStride, kUpRow };
 };
 
 constexpr int kLinearStageBytes = 64 * 1024;
@@ -85,8 +88,11 @@ __device__ void linear_task(const TaskContext& c) {
   const __nv_bfloat16* residual = c.ptr<const __nv_bfloat16>(LinearArgs::kResidual);
   const __nv_bfloat16* norm_w = c.ptr<const __nv_bfloat16>(LinearArgs::kNormWeight);
   OutT* out = c.ptr<OutT>(LinearArgs::kOutput);
-  const int c0 = c.arg(LinearArgs::kColStart), c1 = c.arg(LinearArgs::kColEnd), rows = c1 - c0;
-  const int out_stride = c.arg(LinearArgs::kOutStride);
+  constexpr bool kSiluOut = MODE == LinearMode::kNormSiluOut;
+  const int c0 = c.arg(LinearArgs::kColStart), c1 = c.arg(LinearArgs::kColEnd), cols = c1 - c0;
+  const int rows = kSiluOut ? 2 * cols : cols;  // weight rows this tile streams (its local rows)
+  const int out_stride = c.arg(LinearArgs::kOutStride), up_row = c.arg(LinearArgs::kUpRow);
+  auto weight_row = [&](int local) { return kSiluOut && local >= cols ? up_row + c0 + local - cols : c0 + local; };
   __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(c.smem);                 // [NB][XS]
   float* acc = reinterpret_cast<float*>(c.smem + NB * XS * 2);                  // [ROWS][NB]
   float* inv_rms = acc + ROWS * NB;                                              // [NB]
@@ -97,12 +103,14 @@ __device__ void linear_task(const TaskContext& c) {
   // A work item's 16 rows x 256 columns of weights: 16 independent 16-byte loads per thread.
   auto load_item = [&](int item, int k0, int slices, uint4 (&wa)[8], uint4 (&wb)[8]) {
     const int group = item / slices, kb = (item % slices) * kSliceK;
-    const int r_lo = c0 + group * 16 + g, r_hi = r_lo + 8;
+    const int l_lo = group * 16 + g, l_hi = l_lo + 8;
+    const __nv_bfloat16* w_lo = w + (size_t)weight_row(l_lo) * K;
+    const __nv_bfloat16* w_hi = w + (size_t)weight_row(l_hi) * K;
 #pragma unroll
     for (int s = 0; s < 8; ++s) {
       const int k = k0 + kb + s * 32 + t * 8;
-      wa[s] = r_lo < c1 ? load_weights(w + (size_t)r_lo * K + k) : make_uint4(0, 0, 0, 0);
-      wb[s] = r_hi < c1 ? load_weights(w + (size_t)r_hi * K + k) : make_uint4(0, 0, 0, 0);
+      wa[s] = l_lo < rows ? load_weights(w_lo + k) : make_uint4(0, 0, 0, 0);
+      wb[s] = l_hi < rows ? load_weights(w_hi + k) : make_uint4(0, 0, 0, 0);
     }
   };
   // Each warp's first item's weights are requested before the task's inputs are ready: weights
@@ -117,7 +125,7 @@ __device__ void linear_task(const TaskContext& c) {
   if (!c.inputs_ready()) return;  // the first items' weights stream while this waits
 
   for (int i = threadIdx.x; i < rows * NB; i += NT) acc[i] = 0.f;
-  if constexpr (MODE == LinearMode::kNorm) {
+  if constexpr (normalized(MODE)) {
     const float eps = c.farg(LinearArgs::kEps);
     for (int b = warp; b < n_tok; b += NW) {
       float ss = 0.f;
@@ -150,7 +158,7 @@ __device__ void linear_task(const TaskContext& c) {
         if (idx < NB * kc && b < n_tok) {
           a[j] = *reinterpret_cast<const uint4*>(x + (size_t)b * XW + k);
           if constexpr (gated(MODE)) e[j] = *reinterpret_cast<const uint4*>(x + (size_t)b * XW + K + k);
-          if constexpr (MODE == LinearMode::kNorm) e[j] = *reinterpret_cast<const uint4*>(norm_w + k);
+          if constexpr (normalized(MODE)) e[j] = *reinterpret_cast<const uint4*>(norm_w + k);
         }
       }
 #pragma unroll
@@ -164,7 +172,7 @@ __device__ void linear_task(const TaskContext& c) {
 #pragma unroll
           for (int i = 0; i < 8; ++i) {
             if constexpr (gated(MODE)) f[i] = f[i] / (1.f + __expf(-f[i])) * g2[i];
-            if constexpr (MODE == LinearMode::kNorm) f[i] *= inv_rms[b] * g2[i];
+            if constexpr (normalized(MODE)) f[i] *= inv_rms[b] * g2[i];
           }
         }
         *reinterpret_cast<Bf16x8*>(xs + b * XS + kk) = pack(f);
@@ -224,9 +232,10 @@ __device__ void linear_task(const TaskContext& c) {
     }
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < n_tok * rows; idx += NT) {
-    const int b = idx / rows, r = idx % rows, col = c0 + r;
+  for (int idx = threadIdx.x; idx < n_tok * cols; idx += NT) {
+    const int b = idx / cols, r = idx % cols, col = c0 + r;
     float v = acc[r * NB + b];
+    if constexpr (kSiluOut) v = v / (1.f + __expf(-v)) * acc[(cols + r) * NB + b];
     if (bias) v += __bfloat162float(bias[col]);
     if constexpr (MODE == LinearMode::kResidual || MODE == LinearMode::kSiluResidual)
       v += __bfloat162float(residual[(size_t)b * out_stride + col]);

@@ -31,7 +31,8 @@ LINEAR_GPU_CASES = [
     dict(id="gpu-b16-k2304-n200-n9", batch=16, k=2304, n=200, grid=13, dtype=BF16, num_tokens=9),
     dict(id="gpu-b8-k4096-n1000-f32-out", batch=8, k=4096, n=1000, grid=5, dtype=BF16, out_dtype=torch.float32),
 ]
-LINEAR_KINDS = ("linear", "linear_with_residual", "rmsnorm_linear", "silu_mul_linear", "silu_mul_linear_with_residual")
+LINEAR_KINDS = ("linear", "linear_with_residual", "rmsnorm_linear", "rmsnorm_linear_silu_mul", "silu_mul_linear",
+                "silu_mul_linear_with_residual")
 CASES = [pytest.param(t, c, id=f"{t.kind}-{c['id']}") for t in OP_TESTS for c in t.cases
          if t.kind not in LINEAR_KINDS]
 CASES += [pytest.param(t, {k: v for k, v in c.items() if k != "out_dtype" or t.kind in ("linear", "rmsnorm_linear")},

@@ -17,7 +17,9 @@ from vllm_mpk.graph.ops.linear import COLUMN_ALIGN
 MAX_TILE_ROWS = 256  # keeps a linear tile's partial sums and staged input inside shared memory
 CPP_DTYPES = {torch.bfloat16: "__nv_bfloat16", torch.float32: "float"}
 LINEAR_MODES = {"linear": "kPlain", "linear_with_residual": "kResidual", "rmsnorm_linear": "kNorm",
-                "silu_mul_linear": "kSilu", "silu_mul_linear_with_residual": "kSiluResidual"}
+                "silu_mul_linear": "kSilu", "silu_mul_linear_with_residual": "kSiluResidual",
+                "rmsnorm_linear_silu_mul": "kNormSiluOut"}
+SILU_OUTPUT = "rmsnorm_linear_silu_mul"  # a tile streams two weight rows (gate, up) per output column
 
 
 class UnsupportedOnGPU(ValueError):
@@ -50,11 +52,13 @@ def _linear(op: Op, threads: int) -> CudaTask:
     if k % 256:
         raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}': reduction dim {k} is not a multiple of 256")
     out = CPP_DTYPES[op.outputs["output"].dtype]
-    widest = max(c1 - c0 for c0, c1 in split_even(op.inputs["weight"].shape[0], op.num_tiles, COLUMN_ALIGN))
-    rows = -(-widest // 16) * 16
+    columns, per_column = op.outputs["output"].shape[1], 2 if op.kind == SILU_OUTPUT else 1
+    widest = max(c1 - c0 for c0, c1 in split_even(columns, op.num_tiles, COLUMN_ALIGN))
+    rows = -(-widest * per_column // 16) * 16  # weight rows a tile streams
     if rows > MAX_TILE_ROWS:
-        raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}': tiles of {widest} output columns exceed the GPU's "
-                               f"{MAX_TILE_ROWS}; raise grid_dim to at least {-(-op.inputs['weight'].shape[0] // MAX_TILE_ROWS)}")
+        raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}': tiles of {widest * per_column} weight rows exceed the "
+                               f"GPU's {MAX_TILE_ROWS}; raise grid_dim to at least "
+                               f"{-(-columns * per_column // MAX_TILE_ROWS)}")
     mode = LINEAR_MODES[op.kind]
     return CudaTask(f"mpk::linear_task<mpk::LinearMode::{mode}, {k}, {batch}, {rows}, {threads}, {out}>",
                     f"mpk::linear_smem_bytes<{k}, {batch}, {rows}, {threads}>()", opens_gate=True)
@@ -119,8 +123,7 @@ def _allreduce(op: Op, threads: int) -> CudaTask:
 EMITTERS: dict[str, Callable[[Op, int], CudaTask]] = {
     "embed": _embed,
     "rmsnorm": _simple("rmsnorm_task", "128", ("input", "weight", "output", "residual", "residual_output")),
-    "linear": _linear, "linear_with_residual": _linear, "rmsnorm_linear": _linear,
-    "silu_mul_linear": _linear, "silu_mul_linear_with_residual": _linear,
+    **dict.fromkeys(LINEAR_MODES, _linear),
     "attention": _attention,
     "allreduce": _allreduce,
     "argmax": _argmax,
@@ -146,8 +149,10 @@ def task_args(task: Task, ids: Mapping[str, int], tensors: Mapping[str, torch.Te
         return -1 if t is None else ids[t.name]
 
     if op.kind in LINEAR_MODES:
+        up_row = op.inputs["weight"].shape[0] // 2 if op.kind == SILU_OUTPUT else 0
         return [tid("input"), tid("weight"), tid("output"), tid("bias"), tid("residual"), tid("norm_weight"),
-                p["col_start"], p["col_end"], f32_bits(op.attrs.get("eps", 0.0)), op.outputs["output"].shape[1]]
+                p["col_start"], p["col_end"], f32_bits(op.attrs.get("eps", 0.0)), op.outputs["output"].shape[1],
+                up_row]
     if op.kind == "attention":
         cache = tensors[op.inputs["kv_cache"].name]
         if cache.stride(3) != 1:
@@ -189,8 +194,9 @@ def exchange_words(op: Op, ids: Mapping[str, int], roles: tuple[str, ...]) -> li
 
 
 def prefetch_region(task: Task, ids: Mapping[str, int], tensors: Mapping[str, torch.Tensor]) -> tuple[int, int, int] | None:
-    """(tensor id, byte offset, bytes) of the weight rows a linear tile streams: one contiguous block
-    when the weight is row-major. None for other tasks."""
+    """(tensor id, byte offset, bytes) of the weight rows a linear tile streams first: one contiguous
+    block when the weight is row-major (the gate rows of ``rmsnorm_linear_silu_mul``). None for
+    other tasks."""
     if task.op.kind not in LINEAR_MODES:
         return None
     handle = task.op.inputs["weight"]

@@ -12,7 +12,7 @@ whose own allocations then take the same memory back.
 The estimate mirrors what a build allocates (``runtime/megakernel.py:Megakernel.__init__``, and
 the plan of ``models/decoder.py:build_decoder`` with ``final="hidden"``, one rank):
 - intermediates, exactly: ``[max_batch, width]`` bf16 buffers, per layer qkv, attention output,
-  gate_up, the two residual sums, plus the embedding output and the final norm's output;
+  SwiGLU activation, the two residual sums, plus the embedding output and the final norm's output;
 - the task table ``[workers, max_tasks, words]`` int32, bounded: the task count is exact, the
   longest queue is taken as twice the mean (plans measured stay under 1.35x), words under 32;
 - event triggers and counters, the pointer table, the control block and the optional profile.
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from vllm_mpk.graph.ir import Role
-from vllm_mpk.models.decoder import linear_grid
+from vllm_mpk.models.decoder import linear_grid, silu_mul_grid
 from vllm_mpk.models.spec import ModelSpec
 from vllm_mpk.models.weights import expected_shapes
 from vllm_mpk.runtime import control
@@ -49,7 +49,7 @@ def _rounded(nbytes: int) -> int:
 def activation_widths(spec: ModelSpec) -> list[int]:
     """The row width of every intermediate of the decode plan, each ``[max_batch, width]`` bf16."""
     h = spec.hidden_size
-    layer = [spec.qkv_width, spec.num_q_heads * spec.head_dim, 2 * spec.intermediate_size, h, h]
+    layer = [spec.qkv_width, spec.num_q_heads * spec.head_dim, spec.intermediate_size, h, h]
     return [h, *layer * spec.num_layers, h]
 
 
@@ -62,7 +62,7 @@ def task_count(spec: ModelSpec, max_batch: int, num_workers: int) -> int:
     """Tiles of the decode plan: embedding, five ops per layer, the final norm."""
     h, w = spec.hidden_size, num_workers
     layer = (linear_grid(spec.qkv_width, w) + spec.num_kv_heads * max_batch + linear_grid(h, w)
-             + linear_grid(2 * spec.intermediate_size, w) + linear_grid(h, w))
+             + silu_mul_grid(spec.intermediate_size, w) + linear_grid(h, w))
     return min(w, h // 8) + spec.num_layers * layer + max_batch
 
 

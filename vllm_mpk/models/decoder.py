@@ -5,8 +5,8 @@ Per layer (vLLM's fused residual structure, SSA intermediates):
     qkv   = rmsnorm_linear(x, input_layernorm, qkv_proj)
     attn  = attention(qkv, kv_cache)                 # q/k norm (Qwen3), RoPE, paged cache
     h     = linear_with_residual(attn, o_proj, x)    # x + attn @ o_proj^T
-    gu    = rmsnorm_linear(h, post_attention_layernorm, gate_up_proj)
-    x'    = silu_mul_linear_with_residual(gu, down_proj, h)
+    act   = rmsnorm_linear_silu_mul(h, post_attention_layernorm, gate_up_proj)  # silu(gate) * up
+    x'    = linear_with_residual(act, down_proj, h)
 
 then ``logits = rmsnorm_linear(x, norm, lm_head)`` (float32) and ``tokens = argmax(logits)``.
 """
@@ -71,6 +71,12 @@ def linear_grid(columns: int, num_workers: int) -> int:
     return max(1, min(num_workers, columns // TILE_COLUMNS))
 
 
+def silu_mul_grid(intermediate: int, num_workers: int) -> int:
+    """Tiles of the gate/up projection with SwiGLU applied: a tile of c output columns streams 2c
+    weight rows (gate and up), so it is tiled like a layer of 2I columns, at most one per 16."""
+    return min(linear_grid(2 * intermediate, num_workers), max(1, intermediate // TILE_COLUMNS))
+
+
 def build_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_caches: Sequence[torch.Tensor],
                   options: DecodeOptions = DecodeOptions(), rope_cache: torch.Tensor | None = None) -> DecodeModel:
     """Build and compile one decode step of rank ``options.rank`` of ``options.world_size``.
@@ -116,7 +122,7 @@ def build_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cache
         cache = mpk.attach_input(kv_caches[i], f"model.layers.{i}.self_attn.attn.kv_cache")
         p = f"layers.{i}"
         qkv, attn = new(f"{p}.qkv", local.qkv_width), new(f"{p}.attn", local.num_q_heads * spec.head_dim)
-        gate_up = new(f"{p}.gate_up", 2 * local.intermediate_size)
+        act = new(f"{p}.act", local.intermediate_size)
         mpk.rmsnorm_linear_layer(x, wt["input_norm"], wt["qkv"], qkv, linear_grid(local.qkv_width, w), block,
                                  eps=spec.rms_norm_eps, name=f"{p}.qkv_proj")
         mpk.attention_layer(qkv, cache, rope, attn, grid_dim=local.num_kv_heads * b, block_dim=block,
@@ -130,15 +136,15 @@ def build_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cache
         else:
             hid = summed(f"{p}.h", lambda out: mpk.linear_layer(attn, wt["o"], out, linear_grid(h, w), block,
                                                                 name=f"{p}.o_proj"))
-        mpk.rmsnorm_linear_layer(hid, wt["post_norm"], wt["gate_up"], gate_up,
-                                 linear_grid(2 * local.intermediate_size, w), block, eps=spec.rms_norm_eps,
-                                 name=f"{p}.gate_up_proj")
+        mpk.rmsnorm_linear_silu_mul_layer(hid, wt["post_norm"], wt["gate_up"], act,
+                                          silu_mul_grid(local.intermediate_size, w), block, eps=spec.rms_norm_eps,
+                                          name=f"{p}.gate_up_proj")
         if o.rank == 0:
-            x = summed(f"{p}.out", lambda out, hid=hid: mpk.silu_mul_linear_with_residual_layer(
-                gate_up, wt["down"], hid, out, linear_grid(h, w), block, name=f"{p}.down_proj"))
+            x = summed(f"{p}.out", lambda out, hid=hid: mpk.linear_with_residual_layer(
+                act, wt["down"], hid, out, linear_grid(h, w), block, name=f"{p}.down_proj"))
         else:
-            x = summed(f"{p}.out", lambda out: mpk.silu_mul_linear_layer(gate_up, wt["down"], out, linear_grid(h, w),
-                                                                         block, name=f"{p}.down_proj"))
+            x = summed(f"{p}.out", lambda out: mpk.linear_layer(act, wt["down"], out, linear_grid(h, w), block,
+                                                                name=f"{p}.down_proj"))
     final_norm = mpk.attach_input(weights[FINAL_NORM], FINAL_NORM)
     if o.final == "hidden":  # vLLM's compute_logits applies the lm_head (and everything after it)
         hidden = new("hidden", h)

@@ -9,6 +9,7 @@ from vllm_mpk.graph.ops.linear import (
     Linear,
     LinearWithResidual,
     RMSNormLinear,
+    RMSNormLinearSiluMul,
     SiluMulLinear,
     SiluMulLinearWithResidual,
 )
@@ -17,7 +18,7 @@ from vllm_mpk.graph.ops.silu_mul import SiluMul
 
 REGISTRY: dict[str, OpDef] = {
     d.kind: d
-    for d in (Embed(), RMSNorm(), Linear(), LinearWithResidual(), RMSNormLinear(), Attention(),
+    for d in (Embed(), RMSNorm(), Linear(), LinearWithResidual(), RMSNormLinear(), RMSNormLinearSiluMul(), Attention(),
               SiluMul(), SiluMulLinear(), SiluMulLinearWithResidual(), AllReduce(), Argmax())
 }
 

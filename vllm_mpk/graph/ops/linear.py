@@ -1,6 +1,8 @@
 """Linear layers: ``y = f(x) W^T (+ bias) (+ residual)`` with ``f`` the identity, ``rmsnorm`` or
 SwiGLU's ``silu(gate) * up`` over vLLM's merged ``[gate | up]`` input (each tile then recomputes
-the activation of the whole row, I values, cheaper than a round trip through memory and an event).
+the activation of the whole row, I values, cheaper than a round trip through memory and an event),
+and ``rmsnorm_linear_silu_mul``, the gate/up projection that applies SwiGLU to its own output (a
+tile owns matching gate and up rows), so the down projection after it is a plain linear layer.
 
 Tiles own a contiguous block of output columns (weight rows) and read the whole input row, so
 each tile streams its own slice of the weight exactly once. Column blocks are multiples of 16,
@@ -101,7 +103,7 @@ class LinearFamily(OpDef):
         store(env[op.outputs["output"].name][rows(env), c0:c1], self._compute(op, env, c0, c1))
 
     def reference(self, op: Op, env: Env) -> None:
-        n = op.inputs["weight"].shape[0]
+        n = op.outputs["output"].shape[1]
         store(env[op.outputs["output"].name][rows(env)], self._compute(op, env, 0, n))
 
 
@@ -145,3 +147,48 @@ class SiluMulLinearWithResidual(SiluMulLinear):
     opcode = 8
     required_inputs = ("input", "weight", "residual")
     with_residual = True
+
+
+class RMSNormLinearSiluMul(RMSNormLinear):
+    """``out = silu(n Wg^T) * (n Wu^T)`` with ``n = rmsnorm(x)`` and ``W = [Wg | Wu]`` of shape
+    ``[2I, K]`` (vLLM's merged gate_up_proj, used in place): the output is ``[batch, I]``. A tile
+    owns output columns ``[c0, c1)`` and streams weight rows ``[c0, c1)`` and ``[I + c0, I + c1)``."""
+
+    kind = "rmsnorm_linear_silu_mul"
+    opcode = 12
+    optional_inputs = ()
+
+    def check(self, op: Op) -> None:
+        x, w, out = op.inputs["input"], op.inputs["weight"], op.outputs["output"]
+        for role, t in (("input", x), ("weight", w), ("output", out)):
+            expect_rank(op, role, t, 2)
+            expect_dtype(op, role, t, FLOAT_DTYPES)
+        batch, k = x.shape
+        if w.shape[0] % 2:
+            raise layer_error(op, f"weight '{w.name}' has {w.shape[0]} rows; expected an even [gate | up] height")
+        inter = w.shape[0] // 2
+        expect_shape(op, "weight", w, (2 * inter, k))
+        expect_shape(op, "output", out, (batch, inter))
+        expect_shape(op, "norm weight", op.inputs["norm_weight"], (k,))
+        if "eps" not in op.attrs:
+            raise layer_error(op, "eps is required")
+        expect_tiles(op, -(-inter // COLUMN_ALIGN), f"{inter} output columns in blocks of {COLUMN_ALIGN}")
+
+    def lower(self, op: Op) -> list[Tile]:
+        x, w, out, nw = op.inputs["input"], op.inputs["weight"], op.outputs["output"], op.inputs["norm_weight"]
+        batch, inter, k = x.shape[0], out.shape[1], w.shape[1]
+        tiles = []
+        for c0, c1 in split_even(inter, op.num_tiles, COLUMN_ALIGN):
+            reads = (Access(x.name, x.full_box), Access(w.name, ((c0, c1), (0, k))),
+                     Access(w.name, ((inter + c0, inter + c1), (0, k))), Access(nw.name, nw.full_box))
+            nbytes = 2 * (c1 - c0) * k * w.dtype.itemsize + x.nbytes + batch * (c1 - c0) * out.dtype.itemsize
+            tiles.append(Tile(reads, (Access(out.name, col_box(batch, c0, c1)),), nbytes,
+                              {"col_start": c0, "col_end": c1}))
+        return tiles
+
+    def _compute(self, op: Op, env: Env, c0: int, c1: int) -> torch.Tensor:
+        x = rms_normalize(env[op.inputs["input"].name][rows(env)].float(), env[op.inputs["norm_weight"].name],
+                          op.attrs["eps"])
+        w = env[op.inputs["weight"].name]
+        inter = w.shape[0] // 2
+        return silu_mul(torch.cat([x @ w[c0:c1].float().T, x @ w[inter + c0:inter + c1].float().T], dim=1))
