@@ -35,7 +35,6 @@ __device__ __forceinline__ void prefetch_weights(const KernelParams& p, const Re
 // signals[MAX_SIGNALS], args[...]}, -1 padded.
 template <typename Record, typename Dispatch, int NT>
 __device__ void worker_loop(const KernelParams& p) {
-  extern __shared__ __align__(16) char smem[];
   __shared__ int32_t epoch_s;
   __shared__ bool ok_s, opened_s;
   if (threadIdx.x == 0) {
@@ -57,7 +56,7 @@ __device__ void worker_loop(const KernelParams& p) {
     int64_t* profile_start = p.profile ? p.profile + ((size_t)blockIdx.x * p.max_tasks + i) * 2 : nullptr;
     const InputGate gate{r.waits, Record::kMaxWaits, p.counters, p.triggers, p.control, epoch, r.task,
                          p.timeout_ns, profile_start, &ok_s, &opened_s};
-    TaskContext c{r.args, p.tensors, p.num_tokens, smem, &gate};
+    TaskContext c{r.args, p.tensors, p.num_tokens, &gate};
     Dispatch::run(r.variant, c);
     __syncthreads();
     if (!opened_s) gate.open();  // a body that skipped its gate must not signal before its inputs

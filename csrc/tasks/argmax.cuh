@@ -48,8 +48,8 @@ __device__ void argmax_task(const TaskContext& c) {
   int64_t* pi = c.ptr<int64_t>(ArgmaxArgs::kPartialIndex);
   const int partials = c.arg(ArgmaxArgs::kPartials);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  float* sv = reinterpret_cast<float*>(c.smem);
-  int64_t* si = reinterpret_cast<int64_t*>(c.smem + 64 * sizeof(float));
+  float* sv = reinterpret_cast<float*>(worker_smem());
+  int64_t* si = reinterpret_cast<int64_t*>(worker_smem() + 64 * sizeof(float));
   const bool reduce = c.arg(ArgmaxArgs::kStage) == 1;
   const InT* logits = c.ptr<const InT>(ArgmaxArgs::kLogits);
   // The reduce reads `count` partials per row: partial g at (g / per_rank) * slot + row * per_rank + g % per_rank.

@@ -10,12 +10,18 @@ namespace mpk {
 
 constexpr int kWarp = 32;
 
+// The worker's dynamic shared memory, which every task body may use from offset 0. Named here
+// rather than passed as a pointer: a body that is not inlined would reach it through generic loads.
+__device__ __forceinline__ char* worker_smem() {
+  extern __shared__ __align__(16) char dynamic_smem[];
+  return dynamic_smem;
+}
+
 // What every task body receives: its argument words and the plan's tensor pointers.
 struct TaskContext {
   const int32_t* args;      // the record's argument words
   void* const* tensors;     // device pointers, indexed by the plan's tensor ids
   int num_tokens;           // rows of this step (<= max batch)
-  char* smem;               // dynamic shared memory of the worker
   const InputGate* gate;    // open() once per task, by every thread, before reading inputs
   __device__ bool inputs_ready() const { return gate->open(); }
   template <typename T>

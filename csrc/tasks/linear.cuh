@@ -93,8 +93,8 @@ __device__ void linear_task(const TaskContext& c) {
   const int rows = kSiluOut ? 2 * cols : cols;  // weight rows this tile streams (its local rows)
   const int out_stride = c.arg(LinearArgs::kOutStride), up_row = c.arg(LinearArgs::kUpRow);
   auto weight_row = [&](int local) { return kSiluOut && local >= cols ? up_row + c0 + local - cols : c0 + local; };
-  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(c.smem);                 // [NB][XS]
-  float* acc = reinterpret_cast<float*>(c.smem + NB * XS * 2);                  // [ROWS][NB]
+  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(worker_smem());                 // [NB][XS]
+  float* acc = reinterpret_cast<float*>(worker_smem() + NB * XS * 2);                  // [ROWS][NB]
   float* inv_rms = acc + ROWS * NB;                                              // [NB]
   float* part = inv_rms + NB;                                                    // [NW + groups][16][NB]
 
@@ -103,14 +103,12 @@ __device__ void linear_task(const TaskContext& c) {
   // A work item's 16 rows x 256 columns of weights: 16 independent 16-byte loads per thread.
   auto load_item = [&](int item, int k0, int slices, uint4 (&wa)[8], uint4 (&wb)[8]) {
     const int group = item / slices, kb = (item % slices) * kSliceK;
-    const int l_lo = group * 16 + g, l_hi = l_lo + 8;
-    const __nv_bfloat16* w_lo = w + (size_t)weight_row(l_lo) * K;
-    const __nv_bfloat16* w_hi = w + (size_t)weight_row(l_hi) * K;
+    const int l_lo = group * 16 + g, l_hi = l_lo + 8, r_lo = weight_row(l_lo), r_hi = weight_row(l_hi);
 #pragma unroll
     for (int s = 0; s < 8; ++s) {
       const int k = k0 + kb + s * 32 + t * 8;
-      wa[s] = l_lo < rows ? load_weights(w_lo + k) : make_uint4(0, 0, 0, 0);
-      wb[s] = l_hi < rows ? load_weights(w_hi + k) : make_uint4(0, 0, 0, 0);
+      wa[s] = l_lo < rows ? load_weights(w + (size_t)r_lo * K + k) : make_uint4(0, 0, 0, 0);
+      wb[s] = l_hi < rows ? load_weights(w + (size_t)r_hi * K + k) : make_uint4(0, 0, 0, 0);
     }
   };
   // Each warp's first item's weights are requested before the task's inputs are ready: weights

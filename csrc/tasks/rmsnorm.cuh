@@ -17,7 +17,7 @@ __device__ void rmsnorm_task(const TaskContext& c) {
   __nv_bfloat16* out = c.ptr<__nv_bfloat16>(RMSNormArgs::kOutput);
   const int hidden = c.arg(RMSNormArgs::kHidden);
   const float eps = c.farg(RMSNormArgs::kEps);
-  float* scratch = reinterpret_cast<float*>(c.smem);
+  float* scratch = reinterpret_cast<float*>(worker_smem());
   const int end = min(c.arg(RMSNormArgs::kRowEnd), c.num_tokens);
   for (int b = c.arg(RMSNormArgs::kRowStart); b < end; ++b) {
     float ss = 0.f;

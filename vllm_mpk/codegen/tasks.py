@@ -12,7 +12,7 @@ import torch
 
 from vllm_mpk.codegen.toolchain import NVSHMEM_INSTALL_HINT, has_nvshmem
 from vllm_mpk.graph.ir import Op, Task, split_even
-from vllm_mpk.graph.ops.linear import COLUMN_ALIGN
+from vllm_mpk.graph.ops import REGISTRY
 
 MAX_TILE_ROWS = 256  # keeps a linear tile's partial sums and staged input inside shared memory
 CPP_DTYPES = {torch.bfloat16: "__nv_bfloat16", torch.float32: "float"}
@@ -53,7 +53,7 @@ def _linear(op: Op, threads: int) -> CudaTask:
         raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}': reduction dim {k} is not a multiple of 256")
     out = CPP_DTYPES[op.outputs["output"].dtype]
     columns, per_column = op.outputs["output"].shape[1], 2 if op.kind == SILU_OUTPUT else 1
-    widest = max(c1 - c0 for c0, c1 in split_even(columns, op.num_tiles, COLUMN_ALIGN))
+    widest = max(c1 - c0 for c0, c1 in split_even(columns, op.num_tiles, REGISTRY[op.kind].column_align))
     rows = -(-widest * per_column // 16) * 16  # weight rows a tile streams
     if rows > MAX_TILE_ROWS:
         raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}': tiles of {widest * per_column} weight rows exceed the "
@@ -157,6 +157,9 @@ def task_args(task: Task, ids: Mapping[str, int], tensors: Mapping[str, torch.Te
         cache = tensors[op.inputs["kv_cache"].name]
         if cache.stride(3) != 1:
             raise UnsupportedOnGPU(f"attention layer '{op.name}': the KV cache's last dim must be contiguous")
+        if any(stride % 8 for stride in cache.stride()[:3]) or cache.data_ptr() % 16:
+            raise UnsupportedOnGPU(f"attention layer '{op.name}': the KV cache's rows must start on 16 bytes "
+                                   f"(strides {cache.stride()}, in elements, must be multiples of 8)")
         table = tensors[op.inputs["block_tables"].name]
         return [tid("input"), tid("kv_cache"), tid("cos_sin_cache"), tid("positions"), tid("seq_lens"),
                 tid("block_tables"), tid("slot_mapping"), tid("q_norm"), tid("k_norm"), tid("output"),

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from vllm_mpk.graph.ir import Role
-from vllm_mpk.models.decoder import linear_grid, silu_mul_grid
+from vllm_mpk.models.decoder import linear_grid
 from vllm_mpk.models.spec import ModelSpec
 from vllm_mpk.models.weights import expected_shapes
 from vllm_mpk.runtime import control
@@ -62,7 +62,7 @@ def task_count(spec: ModelSpec, max_batch: int, num_workers: int) -> int:
     """Tiles of the decode plan: embedding, five ops per layer, the final norm."""
     h, w = spec.hidden_size, num_workers
     layer = (linear_grid(spec.qkv_width, w) + spec.num_kv_heads * max_batch + linear_grid(h, w)
-             + silu_mul_grid(spec.intermediate_size, w) + linear_grid(h, w))
+             + linear_grid(2 * spec.intermediate_size, w) + linear_grid(h, w))
     return min(w, h // 8) + spec.num_layers * layer + max_batch
 
 

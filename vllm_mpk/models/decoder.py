@@ -71,11 +71,6 @@ def linear_grid(columns: int, num_workers: int) -> int:
     return max(1, min(num_workers, columns // TILE_COLUMNS))
 
 
-def silu_mul_grid(intermediate: int, num_workers: int) -> int:
-    """Tiles of the gate/up projection with SwiGLU applied: a tile of c output columns streams 2c
-    weight rows (gate and up), so it is tiled like a layer of 2I columns, at most one per 16."""
-    return min(linear_grid(2 * intermediate, num_workers), max(1, intermediate // TILE_COLUMNS))
-
 
 def build_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_caches: Sequence[torch.Tensor],
                   options: DecodeOptions = DecodeOptions(), rope_cache: torch.Tensor | None = None) -> DecodeModel:
@@ -136,9 +131,10 @@ def build_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cache
         else:
             hid = summed(f"{p}.h", lambda out: mpk.linear_layer(attn, wt["o"], out, linear_grid(h, w), block,
                                                                 name=f"{p}.o_proj"))
+        # Tiled like the 2I weight rows it streams: 8 output columns read 16 of them (gate and up).
         mpk.rmsnorm_linear_silu_mul_layer(hid, wt["post_norm"], wt["gate_up"], act,
-                                          silu_mul_grid(local.intermediate_size, w), block, eps=spec.rms_norm_eps,
-                                          name=f"{p}.gate_up_proj")
+                                          linear_grid(2 * local.intermediate_size, w), block,
+                                          eps=spec.rms_norm_eps, name=f"{p}.gate_up_proj")
         if o.rank == 0:
             x = summed(f"{p}.out", lambda out, hid=hid: mpk.linear_with_residual_layer(
                 act, wt["down"], hid, out, linear_grid(h, w), block, name=f"{p}.down_proj"))

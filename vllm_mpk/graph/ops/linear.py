@@ -35,8 +35,9 @@ COLUMN_ALIGN = 16
 
 
 class LinearFamily(OpDef):
-    """Shared checks, tiling and arithmetic for the three linear layers."""
+    """Shared checks, tiling and arithmetic for the linear layers."""
 
+    column_align = COLUMN_ALIGN  # output columns per tiling unit: 16 weight rows
     required_inputs = ("input", "weight")
     optional_inputs: tuple[str, ...] = ("bias",)
     normalized = False
@@ -156,6 +157,7 @@ class RMSNormLinearSiluMul(RMSNormLinear):
 
     kind = "rmsnorm_linear_silu_mul"
     opcode = 12
+    column_align = COLUMN_ALIGN // 2  # 8 output columns stream 16 weight rows: 8 gate, 8 up
     optional_inputs = ()
 
     def check(self, op: Op) -> None:
@@ -172,13 +174,13 @@ class RMSNormLinearSiluMul(RMSNormLinear):
         expect_shape(op, "norm weight", op.inputs["norm_weight"], (k,))
         if "eps" not in op.attrs:
             raise layer_error(op, "eps is required")
-        expect_tiles(op, -(-inter // COLUMN_ALIGN), f"{inter} output columns in blocks of {COLUMN_ALIGN}")
+        expect_tiles(op, -(-inter // self.column_align), f"{inter} output columns in blocks of {self.column_align}")
 
     def lower(self, op: Op) -> list[Tile]:
         x, w, out, nw = op.inputs["input"], op.inputs["weight"], op.outputs["output"], op.inputs["norm_weight"]
         batch, inter, k = x.shape[0], out.shape[1], w.shape[1]
         tiles = []
-        for c0, c1 in split_even(inter, op.num_tiles, COLUMN_ALIGN):
+        for c0, c1 in split_even(inter, op.num_tiles, self.column_align):
             reads = (Access(x.name, x.full_box), Access(w.name, ((c0, c1), (0, k))),
                      Access(w.name, ((inter + c0, inter + c1), (0, k))), Access(nw.name, nw.full_box))
             nbytes = 2 * (c1 - c0) * k * w.dtype.itemsize + x.nbytes + batch * (c1 - c0) * out.dtype.itemsize
