@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,20 @@ def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     return path
 
 
+@pytest.fixture(scope="module")
+def stock_greedy(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path, bool], dict[str, Any]]:
+    """Stock vLLM's bs1 and bs8 greedy runs of a checkpoint, eager or with FULL decode graphs, made
+    once per module: several tests compare against the same ones (each engine start costs ~30 s)."""
+    runs: dict[tuple[Path, bool], dict[str, Any]] = {}
+
+    def get(checkpoint: Path, eager: bool) -> dict[str, Any]:
+        if (checkpoint, eager) not in runs:
+            runs[checkpoint, eager] = run_engine(tmp_path_factory.mktemp("stock"), checkpoint, "vllm", eager=eager)[0]
+        return runs[checkpoint, eager]
+
+    return get
+
+
 def prompts(vocab: int, batch: int, seed: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (int(n),), generator=gen).tolist()
@@ -175,9 +190,9 @@ def assert_matches_stock(ours: dict[str, Any], label: str) -> None:
             raise AssertionError(f"{label} {name}: {e}") from None
 
 
-def test_greedy_tokens_match_stock_vllm(checkpoint: Path, tmp_path: Path) -> None:
+def test_greedy_tokens_match_stock_vllm(checkpoint: Path, tmp_path: Path, stock_greedy) -> None:
     """FULL decode CUDA graphs around the megakernel's launch, batch 1 and 8, strict mode."""
-    stock, _ = run_engine(tmp_path, checkpoint, "vllm")
+    stock = stock_greedy(checkpoint, False)
     ours, log = run_engine(tmp_path, checkpoint, "mpk", mpk={"strict": True}, stock=stock)
     assert ours["mpk"][0]["class"].startswith("Mpk") and ours["mpk"][0]["disabled"] is None
     assert ours["mpk"][0]["steps"] > 0  # warm-up and capture ran it; replays do not count
@@ -185,8 +200,8 @@ def test_greedy_tokens_match_stock_vllm(checkpoint: Path, tmp_path: Path) -> Non
     assert_matches_stock(ours, f"{checkpoint.name} cuda graphs")
 
 
-def test_eager_decode_steps_run_the_megakernel(checkpoint: Path, tmp_path: Path) -> None:
-    stock, _ = run_engine(tmp_path, checkpoint, "vllm", eager=True)
+def test_eager_decode_steps_run_the_megakernel(checkpoint: Path, tmp_path: Path, stock_greedy) -> None:
+    stock = stock_greedy(checkpoint, True)
     ours, _ = run_engine(tmp_path, checkpoint, "mpk", eager=True, mpk={"strict": True}, stock=stock)
     # Every step after each batch's first (prefill) token is a pure decode step (restarts add more).
     assert ours["mpk"][0]["steps"] >= 2 * (STEPS - 1)
@@ -207,10 +222,10 @@ def test_requests_joining_and_leaving_decode_as_alone(checkpoint: Path, tmp_path
     result.check()
 
 
-def test_default_compile_mode_matches_stock(checkpoint: Path, tmp_path: Path) -> None:
+def test_default_compile_mode_matches_stock(checkpoint: Path, tmp_path: Path, stock_greedy) -> None:
     """vLLM's default compilation (torch.compile of the stock model, FULL_AND_PIECEWISE graphs):
     the megakernel is captured in the FULL decode graphs and prefill still runs compiled."""
-    stock, _ = run_engine(tmp_path, checkpoint, "vllm")
+    stock = stock_greedy(checkpoint, False)
     ours, log = run_engine(tmp_path, checkpoint, "mpk", mpk={"strict": True}, stock=stock, compilation=None)
     assert ours["mpk"][0]["disabled"] is None and "megakernel ready" in log
     assert_matches_stock(ours, f"{checkpoint.name} default compile")
