@@ -37,6 +37,10 @@ CASES = [pytest.param(t, c, id=f"{t.kind}-{c['id']}") for t in OP_TESTS for c in
          if t.kind not in LINEAR_KINDS]
 CASES += [pytest.param(t, {k: v for k, v in c.items() if k != "out_dtype" or t.kind in ("linear", "rmsnorm_linear")},
                        id=f"{t.kind}-{c['id']}") for t in OP_TESTS if t.kind in LINEAR_KINDS for c in LINEAR_GPU_CASES]
+# Qwen3-0.6B's gate/up projection as the decoder tiles it: 132 tiles of 16 or 24 output columns
+# (32 or 48 weight rows: gate and up rows share a tensor-core group where a tile's width is 24).
+CASES += [pytest.param(t, dict(id="gpu-b8-k1024-n3072-g132", batch=8, k=1024, n=3072, grid=132, dtype=BF16),
+                       id=f"{t.kind}-gpu-b8-k1024-n3072-g132") for t in OP_TESTS if t.kind == "rmsnorm_linear_silu_mul"]
 
 
 def on_gpu(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
