@@ -65,13 +65,13 @@ class LinearFamily(OpDef):
             expect_shape(op, "norm weight", op.inputs["norm_weight"], (k,))
             if "eps" not in op.attrs:
                 raise layer_error(op, "eps is required")
-        expect_tiles(op, -(-n // COLUMN_ALIGN), f"{n} output columns in blocks of {COLUMN_ALIGN}")
+        expect_tiles(op, -(-n // self.column_align), f"{n} output columns in blocks of {self.column_align}")
 
     def lower(self, op: Op) -> list[Tile]:
         x, w, out = op.inputs["input"], op.inputs["weight"], op.outputs["output"]
         batch, k = x.shape[0], w.shape[1]
         tiles = []
-        for c0, c1 in split_even(w.shape[0], op.num_tiles, COLUMN_ALIGN):
+        for c0, c1 in split_even(w.shape[0], op.num_tiles, self.column_align):
             reads = [Access(x.name, x.full_box), Access(w.name, ((c0, c1), (0, k)))]
             if "bias" in op.inputs:
                 reads.append(Access(op.inputs["bias"].name, ((c0, c1),)))
