@@ -384,7 +384,7 @@ ATTENTION_CASES = [
     dict(id="b16-g2-hd64-bs16-contiguous", batch=16, nq=4, nkv=2, head_dim=64, block_size=16,
          seq_lens=[16, 17, 0, 0, 5, 32, 33, 48, 49, 1, 2, 3, 15, 14, 31, 30], qk_norm=False, dtype=BF16,
          chunks=16, max_seq_len=49, layout="contiguous"),
-    # Longer than one 256-position chunk of the CUDA body: the running maximum moves between chunks.
+    # A long history (600 positions over 38 pages, past 256: a chunk of the chunked CUDA body) next to short ones.
     dict(id="b4-g4-hd128-bs16-len600-qknorm", batch=4, nq=8, nkv=2, head_dim=128, block_size=16,
          seq_lens=[600, 257, 256, 3], qk_norm=True, dtype=BF16, chunks=2, max_seq_len=600),
 ]

@@ -62,7 +62,7 @@ __device__ void attention_task(const TaskContext& c) {
   const int table_stride = c.arg(AttentionArgs::kTableStride);
   __nv_bfloat16* head_cache = cache + head * head_stride;
   float* vec = reinterpret_cast<float*>(worker_smem());  // [GROUP + 2][HD]: q heads, k, v
-  float* part = vec + (GROUP + 2) * HD;            // [NW][GROUP][HD + 2]: acc, then max and sum
+  float* part = vec + (GROUP + 2) * HD;                  // [NW][GROUP][HD + 2]: acc, then max and sum
 
   const int row_start = c.arg(AttentionArgs::kRowStart), row_end = c.arg(AttentionArgs::kRowEnd);
   // Before the inputs are ready: the KV history was written by earlier steps and the block tables
