@@ -169,7 +169,7 @@ __device__ void linear_task(const TaskContext& c) {
         if (b < n_tok) {  // rows past the batch stay zero (their inv_rms is not computed)
 #pragma unroll
           for (int i = 0; i < 8; ++i) {
-            if constexpr (gated(MODE)) f[i] = f[i] / (1.f + __expf(-f[i])) * g2[i];
+            if constexpr (gated(MODE)) f[i] = silu(f[i]) * g2[i];
             if constexpr (normalized(MODE)) f[i] *= inv_rms[b] * g2[i];
           }
         }
@@ -233,7 +233,7 @@ __device__ void linear_task(const TaskContext& c) {
   for (int idx = threadIdx.x; idx < n_tok * cols; idx += NT) {
     const int b = idx / cols, r = idx % cols, col = c0 + r;
     float v = acc[r * NB + b];
-    if constexpr (kSiluOut) v = v / (1.f + __expf(-v)) * acc[(cols + r) * NB + b];
+    if constexpr (kSiluOut) v = silu(v) * acc[(cols + r) * NB + b];
     if (bias) v += __bfloat162float(bias[col]);
     if constexpr (MODE == LinearMode::kResidual || MODE == LinearMode::kSiluResidual)
       v += __bfloat162float(residual[(size_t)b * out_stride + col]);
