@@ -19,7 +19,6 @@ CPP_DTYPES = {torch.bfloat16: "__nv_bfloat16", torch.float32: "float"}
 LINEAR_MODES = {"linear": "kPlain", "linear_with_residual": "kResidual", "rmsnorm_linear": "kNorm",
                 "silu_mul_linear": "kSilu", "silu_mul_linear_with_residual": "kSiluResidual",
                 "rmsnorm_linear_silu_mul": "kNormSiluOut"}
-SILU_OUTPUT = "rmsnorm_linear_silu_mul"  # a tile streams two weight rows (gate, up) per output column
 
 
 class UnsupportedOnGPU(ValueError):
@@ -52,8 +51,9 @@ def _linear(op: Op, threads: int) -> CudaTask:
     if k % 256:
         raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}': reduction dim {k} is not a multiple of 256")
     out = CPP_DTYPES[op.outputs["output"].dtype]
-    columns, per_column = op.outputs["output"].shape[1], 2 if op.kind == SILU_OUTPUT else 1
-    widest = max(c1 - c0 for c0, c1 in split_even(columns, op.num_tiles, REGISTRY[op.kind].column_align))
+    family = REGISTRY[op.kind]
+    columns, per_column = op.outputs["output"].shape[1], 2 if family.silu_output else 1  # gate and up rows
+    widest = max(c1 - c0 for c0, c1 in split_even(columns, op.num_tiles, family.column_align))
     rows = -(-widest * per_column // 16) * 16  # weight rows a tile streams
     if rows > MAX_TILE_ROWS:
         raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}': tiles of {widest * per_column} weight rows exceed the "
@@ -149,7 +149,7 @@ def task_args(task: Task, ids: Mapping[str, int], tensors: Mapping[str, torch.Te
         return -1 if t is None else ids[t.name]
 
     if op.kind in LINEAR_MODES:
-        up_row = op.inputs["weight"].shape[0] // 2 if op.kind == SILU_OUTPUT else 0
+        up_row = op.outputs["output"].shape[1] if REGISTRY[op.kind].silu_output else 0
         return [tid("input"), tid("weight"), tid("output"), tid("bias"), tid("residual"), tid("norm_weight"),
                 p["col_start"], p["col_end"], f32_bits(op.attrs.get("eps", 0.0)), op.outputs["output"].shape[1],
                 up_row]

@@ -42,20 +42,28 @@ class LinearFamily(OpDef):
     optional_inputs: tuple[str, ...] = ("bias",)
     normalized = False
     gated = False  # input is [gate | up], twice the weight's width
+    silu_output = False  # weight is [gate | up]: output column c is silu(gate row c) * (up row I + c)
     with_residual = False
+
+    def weight_rows(self, columns: int, c0: int, c1: int) -> list[tuple[int, int]]:
+        """The weight row blocks that output columns [c0, c1) of a ``columns``-wide output read."""
+        return [(c0, c1), (columns + c0, columns + c1)] if self.silu_output else [(c0, c1)]
 
     def check(self, op: Op) -> None:
         x, w, out = op.inputs["input"], op.inputs["weight"], op.outputs["output"]
         for role, t in (("input", x), ("weight", w), ("output", out)):
             expect_rank(op, role, t, 2)
             expect_dtype(op, role, t, FLOAT_DTYPES)
-        batch, n = x.shape[0], w.shape[0]
+        batch, height = x.shape[0], w.shape[0]
+        if self.silu_output and height % 2:
+            raise layer_error(op, f"weight '{w.name}' has {height} rows; expected an even [gate | up] height")
+        n = height // 2 if self.silu_output else height  # output columns
         if self.gated:  # the weight's width I fixes the input's: [gate | up] = 2I
             k = w.shape[1]
             expect_shape(op, "input", x, (batch, 2 * k))
         else:
             k = x.shape[1]
-            expect_shape(op, "weight", w, (n, k))
+            expect_shape(op, "weight", w, (height, k))
         expect_shape(op, "output", out, (batch, n))
         if "bias" in op.inputs:
             expect_shape(op, "bias", op.inputs["bias"], (n,))
@@ -69,10 +77,11 @@ class LinearFamily(OpDef):
 
     def lower(self, op: Op) -> list[Tile]:
         x, w, out = op.inputs["input"], op.inputs["weight"], op.outputs["output"]
-        batch, k = x.shape[0], w.shape[1]
+        batch, k, n = x.shape[0], w.shape[1], out.shape[1]
         tiles = []
-        for c0, c1 in split_even(w.shape[0], op.num_tiles, self.column_align):
-            reads = [Access(x.name, x.full_box), Access(w.name, ((c0, c1), (0, k)))]
+        for c0, c1 in split_even(n, op.num_tiles, self.column_align):
+            blocks = self.weight_rows(n, c0, c1)
+            reads = [Access(x.name, x.full_box), *(Access(w.name, (block, (0, k))) for block in blocks)]
             if "bias" in op.inputs:
                 reads.append(Access(op.inputs["bias"].name, ((c0, c1),)))
             if self.with_residual:
@@ -80,7 +89,7 @@ class LinearFamily(OpDef):
             if self.normalized:
                 nw = op.inputs["norm_weight"]
                 reads.append(Access(nw.name, nw.full_box))
-            nbytes = (c1 - c0) * k * w.dtype.itemsize + x.nbytes + batch * (c1 - c0) * out.dtype.itemsize
+            nbytes = len(blocks) * (c1 - c0) * k * w.dtype.itemsize + x.nbytes + batch * (c1 - c0) * out.dtype.itemsize
             tiles.append(Tile(tuple(reads), (Access(out.name, col_box(batch, c0, c1)),), nbytes,
                               {"col_start": c0, "col_end": c1}))
         return tiles
@@ -92,7 +101,10 @@ class LinearFamily(OpDef):
             x = silu_mul(x)
         if self.normalized:
             x = rms_normalize(x, env[op.inputs["norm_weight"].name], op.attrs["eps"])
-        y = x @ env[op.inputs["weight"].name][c0:c1].float().T
+        w, n = env[op.inputs["weight"].name], op.outputs["output"].shape[1]
+        y = torch.cat([x @ w[b0:b1].float().T for b0, b1 in self.weight_rows(n, c0, c1)], dim=1)
+        if self.silu_output:
+            y = silu_mul(y)
         if "bias" in op.inputs:
             y = y + env[op.inputs["bias"].name][c0:c1].float()
         if self.with_residual:
@@ -159,38 +171,4 @@ class RMSNormLinearSiluMul(RMSNormLinear):
     opcode = 12
     column_align = COLUMN_ALIGN // 2  # 8 output columns stream 16 weight rows: 8 gate, 8 up
     optional_inputs = ()
-
-    def check(self, op: Op) -> None:
-        x, w, out = op.inputs["input"], op.inputs["weight"], op.outputs["output"]
-        for role, t in (("input", x), ("weight", w), ("output", out)):
-            expect_rank(op, role, t, 2)
-            expect_dtype(op, role, t, FLOAT_DTYPES)
-        batch, k = x.shape
-        if w.shape[0] % 2:
-            raise layer_error(op, f"weight '{w.name}' has {w.shape[0]} rows; expected an even [gate | up] height")
-        inter = w.shape[0] // 2
-        expect_shape(op, "weight", w, (2 * inter, k))
-        expect_shape(op, "output", out, (batch, inter))
-        expect_shape(op, "norm weight", op.inputs["norm_weight"], (k,))
-        if "eps" not in op.attrs:
-            raise layer_error(op, "eps is required")
-        expect_tiles(op, -(-inter // self.column_align), f"{inter} output columns in blocks of {self.column_align}")
-
-    def lower(self, op: Op) -> list[Tile]:
-        x, w, out, nw = op.inputs["input"], op.inputs["weight"], op.outputs["output"], op.inputs["norm_weight"]
-        batch, inter, k = x.shape[0], out.shape[1], w.shape[1]
-        tiles = []
-        for c0, c1 in split_even(inter, op.num_tiles, self.column_align):
-            reads = (Access(x.name, x.full_box), Access(w.name, ((c0, c1), (0, k))),
-                     Access(w.name, ((inter + c0, inter + c1), (0, k))), Access(nw.name, nw.full_box))
-            nbytes = 2 * (c1 - c0) * k * w.dtype.itemsize + x.nbytes + batch * (c1 - c0) * out.dtype.itemsize
-            tiles.append(Tile(reads, (Access(out.name, col_box(batch, c0, c1)),), nbytes,
-                              {"col_start": c0, "col_end": c1}))
-        return tiles
-
-    def _compute(self, op: Op, env: Env, c0: int, c1: int) -> torch.Tensor:
-        x = rms_normalize(env[op.inputs["input"].name][rows(env)].float(), env[op.inputs["norm_weight"].name],
-                          op.attrs["eps"])
-        w = env[op.inputs["weight"].name]
-        inter = w.shape[0] // 2
-        return silu_mul(torch.cat([x @ w[c0:c1].float().T, x @ w[inter + c0:inter + c1].float().T], dim=1))
+    silu_output = True
