@@ -45,6 +45,14 @@ def test_latest_run_per_model_is_drawn() -> None:
     assert all(r["run"] == "2026-11-27T10:00:00Z" for r in latest) and len(latest) == len(ROWS) - 1
 
 
+def test_tensor_parallel_rows_are_their_own_lines_with_their_own_latest_run() -> None:
+    tp2 = [{**row("qwen3-8b", impl, 1, tpot, tpot - 0.5, 0.3, run="2026-11-28T10:00:00Z"), "tp": 2}
+           for impl, tpot in (("vllm", 4.0), ("mpk", 3.2))]
+    md = render(ROWS + tp2)
+    assert table_cells(md, "qwen3-8b TP2", 1)[:5] == ["qwen3-8b TP2", "1", "4.00", "3.20", "1.25×"]
+    assert table_cells(md, "qwen3-8b", 1)[2] == "6.70"  # the one-GPU line keeps its own (older) run
+
+
 def test_table_has_ratios_overhead_and_ceiling() -> None:
     md = render(ROWS)
     assert table_cells(md, "qwen3-0.6b", 1) == ["qwen3-0.6b", "1", "1.60", "1.20", "1.33×", "0.90", "0.50", "1.80×",
@@ -146,6 +154,8 @@ def test_engine_kwargs() -> None:
     mpk = engine_kwargs(EngineConfig("qwen3-0.6b", "mpk", batches=(1, 8), vllm_compile=True), Path("/m"))
     assert mpk["additional_config"] == {"mpk": {"max_batch": 8, "strict": True}}
     assert "compilation_config" not in mpk and mpk["model_impl"] == "mpk"
+    assert stock["tensor_parallel_size"] == 1
+    assert engine_kwargs(EngineConfig("qwen3-8b", "mpk", tensor_parallel_size=2), Path("/m"))["tensor_parallel_size"] == 2
     cfg = EngineConfig("qwen3-8b", "mpk", batches=(1, 16), repeats=5)
     assert EngineConfig.from_json(cfg.to_json()) == cfg
 

@@ -258,8 +258,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return analyze_traces(args.analyze_trace, args.gap_us)
     for model in args.models:
         shipped_config(model)  # UnknownModelError (exit 2) before any engine starts
-    if min(args.batches) < 1 or args.new_tokens < 2 or args.repeats < 1:
-        raise CliError("--batches must be positive, --new-tokens at least 2, --repeats at least 1")
+    if min(args.batches) < 1 or args.new_tokens < 2 or args.repeats < 1 or args.tensor_parallel_size < 1:
+        raise CliError("--batches and --tensor-parallel-size must be positive, --new-tokens at least 2, "
+                       "--repeats at least 1")
     if not 2 <= args.profile_tokens <= args.new_tokens or not 0 <= args.profile_stack_tokens <= args.new_tokens:
         raise CliError("--profile-tokens must be 2 to --new-tokens, --profile-stack-tokens 0 to --new-tokens")
     rows: list[Row] = []
@@ -270,7 +271,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         profile_dir = None if args.profile_dir is None else str(args.profile_dir.expanduser().resolve())
         configs = [EngineConfig(model, impl, tuple(args.batches), args.prompt_len, args.new_tokens, args.repeats,
                                 args.gpu_memory_utilization, args.vllm_compile, profile_dir=profile_dir,
-                                profile_tokens=args.profile_tokens, profile_stack_tokens=args.profile_stack_tokens)
+                                profile_tokens=args.profile_tokens, profile_stack_tokens=args.profile_stack_tokens,
+                                tensor_parallel_size=args.tensor_parallel_size)
                    for model in args.models for impl in args.impls]
         log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="vllm_mpk_bench_"))
         print(f"{len(configs)} engines, one process each; logs in {log_dir}", flush=True)
@@ -362,6 +364,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--vllm-compile", action="store_true",
                    help="vLLM's default compilation (torch.compile, FULL_AND_PIECEWISE) instead of mode 0 with "
                    "FULL_DECODE_ONLY graphs; slower start")
+    b.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per engine (default 1)")
     b.add_argument("--timeout", type=float, default=300.0, help="seconds per engine process (default 300)")
     b.add_argument("--log-dir", type=Path, default=None, help="one log per engine (default a new temp folder)")
     b.add_argument("--profile-dir", type=Path, default=None,

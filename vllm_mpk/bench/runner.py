@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_mpk.bench.worker import EngineConfig
+from vllm_mpk.runtime import nvshmem
 
 Row = dict[str, Any]
 
@@ -40,7 +41,8 @@ def run_engine(cfg: EngineConfig, log: Path, timeout_s: float) -> list[Row]:
         rows_file = Path(tmp) / "rows.jsonl"
         cmd = [sys.executable, "-m", "vllm_mpk.bench.worker", cfg.to_json(), "--rows", str(rows_file)]
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **nvshmem.ENVIRONMENT})  # NVLink multicast off from the start
         try:
             rc: int | str = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -50,7 +52,8 @@ def run_engine(cfg: EngineConfig, log: Path, timeout_s: float) -> list[Row]:
         rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
     done = {r["batch"] for r in rows}
     error = f"exit {rc}: {log_tail(log)} (log: {log})"
-    rows += [{"model": cfg.model, "impl": cfg.impl, "batch": b, "error": error} for b in cfg.batches if b not in done]
+    rows += [{"model": cfg.model, "impl": cfg.impl, "batch": b, "tp": cfg.tensor_parallel_size, "error": error}
+             for b in cfg.batches if b not in done]
     return [{**r, "process_s": seconds} for r in rows]
 
 
@@ -71,7 +74,7 @@ def run_engines(configs: Iterable[EngineConfig], rows_path: Path, log_dir: Path,
     rows_path.parent.mkdir(parents=True, exist_ok=True)
     all_rows: list[Row] = []
     for cfg in configs:
-        rows = [{**r, "run": run} for r in run_engine(cfg, log_dir / f"{cfg.model}-{cfg.impl}.log", timeout_s)]
+        rows = [{**r, "run": run} for r in run_engine(cfg, log_dir / f"{cfg.label.replace(' ', '-')}-{cfg.impl}.log", timeout_s)]
         with rows_path.open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         on_rows(rows)

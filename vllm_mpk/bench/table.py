@@ -1,8 +1,8 @@
 """The vLLM comparison table of benchmarks/RESULTS.md, made from the rows ``vllm-mpk bench``
 writes (JSON lines, see ``vllm_mpk.bench.worker``). Pure functions: no GPU, no vLLM.
 
-For each model the table uses the rows of the latest run that measured it, so stock and mpk
-always come from the same run on the same card. Per model and batch (milliseconds): TPOT and
+For each model (and tensor-parallel size: ``qwen3-8b TP2``) the table uses the rows of the
+latest run that measured it, so stock and mpk always come from the same run on the same card(s). Per model and batch (milliseconds): TPOT and
 forward time of both impls and their ratios; lm_head (``compute_logits``, vLLM's GEMV for both
 impls; the stock row's value); overhead = TPOT - forward - lm_head, vLLM's own per-step work
 outside the model (scheduling, input preparation, sampling, host gaps between launches); and the
@@ -31,13 +31,22 @@ def read_rows(path: Path) -> list[Row]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def model_label(model: str, tensor_parallel_size: int) -> str:
+    return model if tensor_parallel_size == 1 else f"{model} TP{tensor_parallel_size}"
+
+
+def label(r: Row) -> str:
+    """The row's model and tensor-parallel size (rows from before TP was recorded ran on one GPU)."""
+    return model_label(r["model"], r.get("tp", 1))
+
+
 def latest_rows(rows: Iterable[Row]) -> list[Row]:
     """The rows of each model's latest run (run ids sort by time), in first-seen model order."""
     rows = list(rows)
     latest: dict[str, str] = {}
     for r in rows:
-        latest[r["model"]] = max(latest.get(r["model"], r["run"]), r["run"])
-    return [r for r in rows if r["run"] == latest[r["model"]]]
+        latest[label(r)] = max(latest.get(label(r), r["run"]), r["run"])
+    return [r for r in rows if r["run"] == latest[label(r)]]
 
 
 def ms(value: float | None) -> str:
@@ -86,7 +95,7 @@ def overhead_note(ok: list[Row]) -> str:
     worst, over = max(stock, key=lambda ro: ro[1] / ro[0]["tpot_ms"])
     return (f"vLLM's own per-step work outside the model (scheduling, input preparation, sampling, host gaps) "
             f"takes {min(o for _, o in stock):.2f}–{max(o for _, o in stock):.2f} ms, {min(shares):.0%}–"
-            f"{max(shares):.0%} of stock TPOT. It bounds the gain most for {worst['model']} at batch "
+            f"{max(shares):.0%} of stock TPOT. It bounds the gain most for {label(worst)} at batch "
             f"{worst['batch']} ({over / worst['tpot_ms']:.0%} of the step): any forward, even one taking "
             f"no time, leaves TPOT there at ≥ {over + worst['lm_head_ms']:.2f} ms (ceiling "
             f"{worst['tpot_ms'] / (worst['tpot_ms'] - worst['forward_ms']):.2f}×).")
@@ -110,22 +119,22 @@ def render(rows: Iterable[Row]) -> str:
     ok = [r for r in rows if "error" not in r]
     if not rows:
         return "No vLLM benchmark rows yet: run `vllm-mpk bench` on a GPU."
-    by_key = {(r["model"], r["batch"], r["impl"]): r for r in ok}
+    by_key = {(label(r), r["batch"], r["impl"]): r for r in ok}
     lines = [f"Card: {distinct(ok, 'gpu') or '—'}; run {distinct(rows, 'run')}. Dummy weights (vLLM's "
              f"`load_format=\"dummy\"` on the shipped configs), prompts of {distinct(ok, 'prompt_len')} tokens, "
              f"{distinct(ok, 'new_tokens')} greedy tokens with EOS ignored, TPOT median of "
              f"{distinct(ok, 'repeats')}; compilation: {distinct(ok, 'compilation')}. Each engine in its own "
              f"process. Milliseconds.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for model in dict.fromkeys(r["model"] for r in rows):
-        for batch in sorted({r["batch"] for r in rows if r["model"] == model}):
+    for model in dict.fromkeys(label(r) for r in rows):
+        for batch in sorted({r["batch"] for r in rows if label(r) == model}):
             lines.append(table_line(model, batch, by_key.get((model, batch, STOCK)), by_key.get((model, batch, MPK))))
     settings = settings_note(ok)
     lines += ["", overhead_note(ok), *(["", settings] if settings else []), "",
               "forward: GPU time of the decode step's CUDA-graph replay (embedding to final norm). lm_head: "
               "`compute_logits`. overhead = TPOT − forward − lm_head (share of that TPOT). ceiling: stock TPOT "
               "over stock TPOT − stock forward, the speed-up of a forward that took no time."]
-    failures = [f"- {r['model']} {r['impl']} batch {r['batch']}: {r['error']}" for r in rows if "error" in r]
+    failures = [f"- {label(r)} {r['impl']} batch {r['batch']}: {r['error']}" for r in rows if "error" in r]
     if failures:
         lines += ["", "Failed:", *failures]
     return "\n".join(lines)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_mpk.bench.profiling import engine_profile_dir, profile_engine, profile_passes, profiler_config
+from vllm_mpk.bench.table import model_label
 from vllm_mpk.models.catalog import shipped_config
 
 FAST_COMPILATION = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}  # no torch.compile; FULL decode graphs
@@ -52,6 +53,7 @@ class EngineConfig:
     profile_dir: str | None = None
     profile_tokens: int = 24
     profile_stack_tokens: int = 12
+    tensor_parallel_size: int = 1
 
     @classmethod
     def from_json(cls, text: str) -> EngineConfig:
@@ -64,6 +66,11 @@ class EngineConfig:
     @property
     def compilation(self) -> str:
         return "vLLM default" if self.vllm_compile else "mode 0, FULL_DECODE_ONLY"
+
+    @property
+    def label(self) -> str:
+        """The model as the table and the log names show it: ``qwen3-8b`` or ``qwen3-8b TP2``."""
+        return model_label(self.model, self.tensor_parallel_size)
 
 
 def model_dir(name: str, root: Path) -> Path:
@@ -80,7 +87,7 @@ def engine_kwargs(cfg: EngineConfig, directory: Path) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(
         model=str(directory), model_impl=cfg.impl, load_format="dummy", skip_tokenizer_init=True,
         max_model_len=cfg.prompt_len + cfg.new_tokens + 16, max_num_seqs=max(cfg.batches),
-        gpu_memory_utilization=cfg.gpu_memory_utilization, worker_extension_cls=STEP_TIMER)
+        tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization, worker_extension_cls=STEP_TIMER)
     if not cfg.vllm_compile:
         kwargs["compilation_config"] = FAST_COMPILATION
     if cfg.profile_dir is not None:
@@ -149,7 +156,7 @@ def run(cfg: EngineConfig, rows: Path) -> None:
                 row = {"model": cfg.model, "impl": cfg.impl, "batch": batch, "tpot_ms": statistics.median(samples),
                        "tpot_samples_ms": samples, **times, "model_class": state["class"], "gpu": gpu,
                        "engine_s": engine_s, "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens,
-                       "repeats": cfg.repeats, "compilation": cfg.compilation,
+                       "repeats": cfg.repeats, "compilation": cfg.compilation, "tp": cfg.tensor_parallel_size,
                        "async_scheduling": info["async_scheduling"], "attention_backend": info["attention_backend"]}
                 with rows.open("a") as f:
                     f.write(json.dumps(row) + "\n")
