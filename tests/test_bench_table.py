@@ -56,11 +56,11 @@ def test_tensor_parallel_rows_are_their_own_lines_with_their_own_latest_run() ->
 def test_table_has_ratios_overhead_and_ceiling() -> None:
     md = render(ROWS)
     assert table_cells(md, "qwen3-0.6b", 1) == ["qwen3-0.6b", "1", "1.60", "1.20", "1.33×", "0.90", "0.50", "1.80×",
-                                                "0.10", "0.60 (38%)", "0.60 (50%)", "2.29×"]
+                                                "0.10", "0.60 (38%)", "0.60 (50%)", "2.29×", "H100 80GB HBM3"]
     assert table_cells(md, "qwen3-0.6b", 8)[4] == "0.90×"  # slower is shown as such
     # the failed mpk engine leaves dashes in its columns and a line under the table
     assert table_cells(md, "qwen3-8b", 1) == ["qwen3-8b", "1", "6.70", "—", "—", "6.00", "—", "—", "0.30",
-                                              "0.40 (6%)", "—", "9.57×"]
+                                              "0.40 (6%)", "—", "9.57×", "H100 80GB HBM3"]
     assert "- qwen3-8b mpk batch 1: exit 1: MpkFallbackError: no" in md
     assert "NVIDIA H100 80GB HBM3" in md and "2026-11-27T10:00:00Z" in md and "9.00" not in md
     # the note names the range of vLLM's overhead and where it bounds the gain most

@@ -36,12 +36,13 @@ class StepTimer:
 
     def bench_mpk_state(self) -> dict[str, Any]:
         """Which model class runs and, for ``--model-impl mpk``, whether its megakernel is built,
-        why it is off, and which batches went to the stock layers: a benchmark of a megakernel
-        that never ran would otherwise time stock vLLM twice."""
+        why it is off, which batches went to the stock layers, and how many steps it launched from
+        Python: a benchmark of a megakernel that never ran would otherwise time stock vLLM twice."""
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
         mpk = getattr(model, "_mpk", None)
         return {"class": type(model).__name__, "built": bool(mpk is not None and mpk.kernels),
-                "disabled": mpk and mpk.disabled, "stock": sorted(mpk.stock_reasons) if mpk else []}
+                "disabled": mpk and mpk.disabled, "stock": sorted(mpk.stock_reasons) if mpk else [],
+                "steps": mpk.steps if mpk else 0}
 
     def bench_engine_info(self) -> dict[str, Any]:
         """Whether the engine core schedules asynchronously (it then prepares step n+1 while the

@@ -22,7 +22,7 @@ START, END = "<!-- vllm-bench:start -->", "<!-- vllm-bench:end -->"
 HEADING = "## vLLM time per output token: stock vs `--model-impl mpk`"
 STOCK, MPK = "vllm", "mpk"
 COLUMNS = ("model", "batch", "TPOT vLLM", "TPOT mpk", "TPOT ×", "forward vLLM", "forward mpk", "forward ×",
-           "lm_head", "overhead vLLM", "overhead mpk", "ceiling ×")
+           "lm_head", "overhead vLLM", "overhead mpk", "ceiling ×", "card")
 
 
 def read_rows(path: Path) -> list[Row]:
@@ -69,7 +69,7 @@ def overhead_cell(r: Row | None, lm_head: float | None) -> str:
 
 
 def table_line(model: str, batch: int, stock: Row | None, mpk: Row | None) -> str:
-    def get(r: Row | None, key: str) -> float | None:
+    def get(r: Row | None, key: str) -> Any:
         return None if r is None else r.get(key)
 
     lm_head = get(stock, "lm_head_ms") if get(stock, "lm_head_ms") is not None else get(mpk, "lm_head_ms")
@@ -77,7 +77,8 @@ def table_line(model: str, batch: int, stock: Row | None, mpk: Row | None) -> st
     ceiling = ratio(tpot_s, tpot_s - fwd_s) if tpot_s is not None and fwd_s is not None else "—"
     cells = [model, str(batch), ms(tpot_s), ms(get(mpk, "tpot_ms")), ratio(tpot_s, get(mpk, "tpot_ms")),
              ms(fwd_s), ms(get(mpk, "forward_ms")), ratio(fwd_s, get(mpk, "forward_ms")), ms(lm_head),
-             overhead_cell(stock, lm_head), overhead_cell(mpk, lm_head), ceiling]
+             overhead_cell(stock, lm_head), overhead_cell(mpk, lm_head), ceiling,
+             (get(stock, "gpu") or get(mpk, "gpu") or "—").removeprefix("NVIDIA ")]
     return "| " + " | ".join(cells) + " |"
 
 
