@@ -219,12 +219,12 @@ def test_qwen3_8b_megakernel_compiles_for_sm90a(qwen3_8b: Generated, tmp_path: P
 # --- what the GPU cannot run ----------------------------------------------------------------------
 
 
-def linear_plan(k: int, weight_dtype: torch.dtype, name: str = "layers.3.mlp.down_proj") -> Plan:
-    """One linear layer [8, k] x [64, k]^T on shape-only tensors."""
-    mpk = PersistentKernel(num_workers=4, max_batch=8, max_seq_len=32)
-    x = mpk.attach_input(torch.empty(8, k, dtype=torch.bfloat16, device="meta"), "x")
+def linear_plan(k: int, weight_dtype: torch.dtype, name: str = "layers.3.mlp.down_proj", batch: int = 8) -> Plan:
+    """One linear layer [batch, k] x [64, k]^T on shape-only tensors."""
+    mpk = PersistentKernel(num_workers=4, max_batch=batch, max_seq_len=32)
+    x = mpk.attach_input(torch.empty(batch, k, dtype=torch.bfloat16, device="meta"), "x")
     w = mpk.attach_input(torch.empty(64, k, dtype=weight_dtype, device="meta"), f"{name}.weight")
-    y = mpk.new_tensor((8, 64), torch.bfloat16, "y")
+    y = mpk.new_tensor((batch, 64), torch.bfloat16, "y")
     mpk.linear_layer(x, w, y, grid_dim=4, block_dim=256, name=name)
     return mpk.compile()
 
@@ -236,13 +236,14 @@ def test_supported_linear_generates() -> None:
     assert "mpk::linear_task<mpk::LinearMode::kPlain, 512, 8, 16, 256, __nv_bfloat16>" in g.spec.sources["megakernel.cu"]
 
 
-@pytest.mark.parametrize(("k", "dtype", "message"), [
-    (512, torch.float16, r"linear layer 'layers\.3\.mlp\.down_proj': weight 'layers\.3\.mlp\.down_proj\.weight' "
-                         r"is torch\.float16; the GPU kernels take torch\.bfloat16"),
-    (320, torch.bfloat16, r"linear layer 'layers\.3\.mlp\.down_proj': reduction dim 320 is not a multiple of 256"),
-], ids=["fp16-weight", "k-not-multiple-of-256"])
-def test_unsupported_linear_names_the_layer(k: int, dtype: torch.dtype, message: str) -> None:
-    plan = linear_plan(k, dtype)
+@pytest.mark.parametrize(("k", "dtype", "batch", "message"), [
+    (512, torch.float16, 8, r"linear layer 'layers\.3\.mlp\.down_proj': weight 'layers\.3\.mlp\.down_proj\.weight' "
+                            r"is torch\.float16; the GPU kernels take torch\.bfloat16"),
+    (320, torch.bfloat16, 8, r"linear layer 'layers\.3\.mlp\.down_proj': reduction dim 320 is not a multiple of 256"),
+    (512, torch.bfloat16, 33, r"linear layer 'layers\.3\.mlp\.down_proj': batch 33 exceeds the 32 rows .*lower max_batch"),
+], ids=["fp16-weight", "k-not-multiple-of-256", "batch-above-32"])
+def test_unsupported_linear_names_the_layer(k: int, dtype: torch.dtype, batch: int, message: str) -> None:
+    plan = linear_plan(k, dtype, batch=batch)
     with pytest.raises(UnsupportedOnGPU, match=message):
         kernel_spec(plan, meta_bound(plan, {}))
 

@@ -76,6 +76,7 @@ __device__ __forceinline__ uint4 load_weights(const __nv_bfloat16* p) {
 template <LinearMode MODE, int K, int B, int ROWS, int NT, typename OutT>
 __device__ void linear_task(const TaskContext& c) {
   static_assert(K % kSliceK == 0, "the reduction dim must be a multiple of 256");
+  static_assert(linear_smem_bytes<K, B, ROWS, NT>() <= 227 * 1024, "batch too large for shared memory");
   constexpr int NB = padded_batch<B>(), NTILES = NB / 8;
   constexpr int KC = linear_chunk<K, B>(), XS = KC + 8;  // +16 bytes per row: no bank conflicts
   constexpr int NW = NT / kWarp;

@@ -15,6 +15,7 @@ from vllm_mpk.graph.ir import Op, Task, split_even
 from vllm_mpk.graph.ops import REGISTRY
 
 MAX_TILE_ROWS = 256  # keeps a linear tile's partial sums and staged input inside shared memory
+MAX_LINEAR_BATCH = 32  # rows of input a linear tile stages in shared memory (with 256-row tiles: ~146 KiB)
 CPP_DTYPES = {torch.bfloat16: "__nv_bfloat16", torch.float32: "float"}
 LINEAR_MODES = {"linear": "kPlain", "linear_with_residual": "kResidual", "rmsnorm_linear": "kNorm",
                 "silu_mul_linear": "kSilu", "silu_mul_linear_with_residual": "kSiluResidual",
@@ -50,6 +51,9 @@ def _linear(op: Op, threads: int) -> CudaTask:
     k, batch = op.inputs["weight"].shape[1], op.inputs["input"].shape[0]
     if k % 256:
         raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}': reduction dim {k} is not a multiple of 256")
+    if batch > MAX_LINEAR_BATCH:
+        raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}': batch {batch} exceeds the {MAX_LINEAR_BATCH} rows a "
+                               f"linear tile stages in shared memory; lower max_batch")
     out = CPP_DTYPES[op.outputs["output"].dtype]
     family = REGISTRY[op.kind]
     columns, per_column = op.outputs["output"].shape[1], 2 if family.silu_output else 1  # gate and up rows
