@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +28,8 @@ from typing import Any
 import pytest
 import torch
 
-from tests.greedy_compare import NEAR_TIE, Comparison, Greedy, compare_teacher_forced
+from tests.greedy_compare import NEAR_TIE, Comparison, Greedy
+from tests.vllm_serve import serve_and_compare
 from vllm_mpk.models.catalog import shipped_config
 from vllm_mpk.models.spec import ModelSpec
 from vllm_mpk.models.weights import random_weights, save_checkpoint
@@ -259,63 +257,12 @@ def test_fp8_kv_cache_falls_back_with_one_line(checkpoint: Path, tmp_path: Path)
     assert all(len(r["tokens"]) == 8 for r in ours["bs8"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_vllm_serve_on_loopback(checkpoint: Path, tmp_path: Path) -> None:
     """`vllm serve --model-impl mpk` answers completions with the tokens the LLM API gives, and
     streams the same tokens it returns in one piece."""
-    port = _free_port()
     vocab = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
     prompt = prompts(vocab, 1, 3)[0]
     stock, _ = run_engine(tmp_path, checkpoint, "vllm", batches={"one": [prompt]}, steps=16)
-    # vLLM's CLI through this interpreter: its `vllm` script may live elsewhere (or belong to another Python).
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(checkpoint), "--model-impl", "mpk",
-           "--host", "127.0.0.1", "--port", str(port), "--skip-tokenizer-init", "--dtype", "bfloat16",
-           "--max-model-len", "512", "--gpu-memory-utilization", "0.35", "-cc.mode=0",
-           "-cc.cudagraph_mode=FULL_DECODE_ONLY", "--additional-config", json.dumps({"mpk": {"strict": True}})]
-    log_path = tmp_path / "serve.log"
-    with log_path.open("w") as log_file:
-        server = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 900
-            while True:
-                assert server.poll() is None, log_path.read_text()[-6000:]
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline, "vllm serve did not become healthy"
-                    time.sleep(2)
-
-            def complete(batch: list[list[int]], max_tokens: list[int]) -> list[Greedy]:
-                out = []
-                for tokens, n in zip(batch, max_tokens, strict=True):
-                    body = {"model": str(checkpoint), "prompt": tokens, "max_tokens": n, "temperature": 0,
-                            "ignore_eos": True, "return_token_ids": True}
-                    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions",
-                                                     json.dumps(body).encode(), {"Content-Type": "application/json"})
-                    reply = json.loads(urllib.request.urlopen(request, timeout=120).read())
-                    out.append(Greedy(reply["choices"][0]["token_ids"]))
-                return out
-
-            result = compare_teacher_forced([prompt], [Greedy.from_json(stock["one"][0])], complete)
-            body = {"model": str(checkpoint), "prompt": prompt, "max_tokens": 16, "temperature": 0,
-                    "ignore_eos": True, "return_token_ids": True, "stream": True}
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
-                                             {"Content-Type": "application/json"})
-            streamed: list[int] = []
-            for line in urllib.request.urlopen(request, timeout=120).read().decode().splitlines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    streamed += json.loads(line[len("data: "):])["choices"][0].get("token_ids") or []
-            whole = complete([prompt], [16])[0].tokens
-        finally:
-            server.terminate()
-            server.wait(timeout=120)
-    print(f"{checkpoint.name} vllm serve: {result.summary()}")
-    result.check()
-    assert streamed == whole, f"streamed {streamed}, non-streaming {whole}"
-    assert "megakernel ready" in log_path.read_text()
+    served = serve_and_compare(checkpoint, tmp_path, prompt, Greedy.from_json(stock["one"][0]))
+    print(f"{checkpoint.name} vllm serve: {served.comparison.summary()}")
+    served.check()

@@ -2,7 +2,8 @@
 NVSHMEM). Each engine runs in its own subprocess on a 2-layer random checkpoint; greedy tokens of
 ``model_impl="mpk"`` follow ``model_impl="vllm"`` at the same TP size until the first step where
 they differ, which must be a near tie in stock's top-two logprobs (a random checkpoint's logits
-are nearly flat, and the megakernel sums the ranks' parts in another order than NCCL)."""
+are nearly flat, and the megakernel sums the ranks' parts in another order than NCCL). `vllm serve`
+at TP=2 answers completions with stock's tokens, compared teacher-forced (tests/vllm_serve.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 
+from tests.greedy_compare import Greedy
+from tests.vllm_serve import serve_and_compare
 from vllm_mpk.codegen.toolchain import has_nvshmem
 from vllm_mpk.models.catalog import shipped_config
 from vllm_mpk.models.spec import ModelSpec
@@ -39,7 +43,7 @@ llm = LLM(model=args["model"], model_impl=args["impl"], tensor_parallel_size=arg
           compilation_config=None if args["eager"] else {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"},
           additional_config={"mpk": {"max_batch": 8, "strict": True}},
           worker_extension_cls="vllm_mpk.bench.step_timer.StepTimer")
-params = SamplingParams(temperature=0.0, max_tokens=args["steps"], logprobs=2, ignore_eos=True, detokenize=False)
+params = SamplingParams(temperature=0.0, max_tokens=args["steps"], logprobs=5, ignore_eos=True, detokenize=False)
 results = llm.generate([{"prompt_token_ids": p} for p in args["prompts"]], params, use_tqdm=False)
 out = {"tokens": [list(r.outputs[0].token_ids) for r in results],
        "logprobs": [[{str(t): lp.logprob for t, lp in s.items()} for s in r.outputs[0].logprobs] for r in results]}
@@ -59,12 +63,15 @@ def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     return path
 
 
-def run_engine(tmp: Path, model: Path, impl: str, eager: bool) -> tuple[dict[str, Any], str]:
+def prompts(model: Path) -> list[list[int]]:
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     gen = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, vocab, (int(n),), generator=gen).tolist() for n in (9, 40, 17, 100)]
+    return [torch.randint(0, vocab, (int(n),), generator=gen).tolist() for n in (9, 40, 17, 100)]
+
+
+def run_engine(tmp: Path, model: Path, impl: str, eager: bool) -> tuple[dict[str, Any], str]:
     out = tmp / f"{impl}-{eager}.json"
-    args = dict(model=str(model), impl=impl, tp=2, eager=eager, steps=STEPS, prompts=prompts, repo=str(REPO),
+    args = dict(model=str(model), impl=impl, tp=2, eager=eager, steps=STEPS, prompts=prompts(model), repo=str(REPO),
                 out=str(out))
     (tmp / f"{impl}-{eager}.args.json").write_text(json.dumps(args))
     # NVLink multicast off in NCCL, torch and NVSHMEM from the start (vLLM's NCCL groups come first)
@@ -76,9 +83,23 @@ def run_engine(tmp: Path, model: Path, impl: str, eager: bool) -> tuple[dict[str
     return json.loads(out.read_text()), log
 
 
+@pytest.fixture(scope="module")
+def stock_tp2(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path, bool], dict[str, Any]]:
+    """Stock vLLM's TP=2 greedy run of a checkpoint, eager or with FULL decode graphs, made once per
+    module (the greedy and the serve tests compare against the same one)."""
+    runs: dict[tuple[Path, bool], dict[str, Any]] = {}
+
+    def get(checkpoint: Path, eager: bool) -> dict[str, Any]:
+        if (checkpoint, eager) not in runs:
+            runs[checkpoint, eager] = run_engine(tmp_path_factory.mktemp("stock"), checkpoint, "vllm", eager)[0]
+        return runs[checkpoint, eager]
+
+    return get
+
+
 @pytest.mark.parametrize("eager", [False, True], ids=["cuda-graphs", "eager"])
-def test_tp2_greedy_tokens_follow_stock_tp2(checkpoint: Path, tmp_path: Path, eager: bool) -> None:
-    stock, _ = run_engine(tmp_path, checkpoint, "vllm", eager)
+def test_tp2_greedy_tokens_follow_stock_tp2(checkpoint: Path, tmp_path: Path, eager: bool, stock_tp2) -> None:
+    stock = stock_tp2(checkpoint, eager)
     ours, log = run_engine(tmp_path, checkpoint, "mpk", eager)
     assert "megakernel ready" in log
     assert len(ours["workers"]) == 2
@@ -96,3 +117,14 @@ def test_tp2_greedy_tokens_follow_stock_tp2(checkpoint: Path, tmp_path: Path, ea
             ties += 1
     print(f"{checkpoint.name} TP=2 {'eager' if eager else 'graphs'}: {compared} steps compared, {ties} near ties")
     assert compared >= len(stock["tokens"])  # at least every request's first decoded token
+
+
+def test_tp2_vllm_serve_on_loopback(checkpoint: Path, tmp_path: Path, stock_tp2) -> None:
+    """`vllm serve --tensor-parallel-size 2 --model-impl mpk` answers completions with stock TP=2's
+    greedy tokens (near ties aside) and streams what it returns in one piece."""
+    stock = stock_tp2(checkpoint, False)
+    first = Greedy.from_json({"tokens": stock["tokens"][0], "logprobs": stock["logprobs"][0]})
+    served = serve_and_compare(checkpoint, tmp_path, prompts(checkpoint)[0], first,
+                               ("--tensor-parallel-size", "2"), env={**os.environ, **nvshmem.ENVIRONMENT})
+    print(f"{checkpoint.name} TP=2 vllm serve: {served.comparison.summary()}")
+    served.check()
