@@ -3,6 +3,7 @@ samples greedily, matching ``transformers``; EOS stops a request early; ``__call
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.helpers import TINY_QWEN3
@@ -16,13 +17,13 @@ from vllm_mpk.runtime.meta import step_inputs
 MAX_BATCH, MAX_SEQ, PAGE = 3, 48, 16
 
 
-def tiny_model(seed: int = 0):
+def tiny_model(seed: int = 0, multi_step: bool = False):
     """A float32 model, so the reference executor agrees with transformers far below any margin."""
     spec = ModelSpec.from_hf_config(TINY_QWEN3)
     weights = random_weights(spec, seed=seed, dtype=torch.float32, std=0.05)
     caches = allocate_kv_caches(spec, MAX_BATCH * MAX_SEQ // PAGE, PAGE, dtype=torch.float32)
     model = build_decoder(spec, weights, caches, DecodeOptions(max_batch=MAX_BATCH, max_seq_len=MAX_SEQ,
-                                                               page_size=PAGE, num_workers=4))
+                                                               page_size=PAGE, num_workers=4, multi_step=multi_step))
     return spec, weights, model
 
 
@@ -51,6 +52,29 @@ def test_eos_ends_a_request_and_meta_tensors_are_filled():
     assert stopped[1] == free[1][:cut]
     assert step[:2].tolist() == [len(s) for s in stopped]
     assert tokens[1, :len(stopped[1])].tolist() == stopped[1]
+
+
+@pytest.mark.parametrize("eos", [False, True], ids=["to-max-new-tokens", "eos"])
+def test_multi_step_plan_decodes_every_step_in_one_launch_like_single_steps(eos: bool):
+    """A multi-step plan (begin_step first) gives the single-step plan's sequences, ragged prompts
+    and an EOS that ends one request early included, from one run_steps call."""
+    _, _, single = tiny_model(seed=2)
+    _, _, multi = tiny_model(seed=2, multi_step=True)
+    prompts = [[5, 9, 200, 31, 7], list(range(100, 119)), [42]]
+    free = single.kernel.generate(prompts, max_new_tokens=8, tokens_output=single.tokens)
+    stop = free[2][2] if eos else None  # request 2's second generated token
+    want = single.kernel.generate(prompts, max_new_tokens=8, tokens_output=single.tokens, eos_token_id=stop)
+    executor = multi.kernel.executor()
+    launches = []
+    run_steps = executor.run_steps
+    executor.run_steps = lambda n, steps: (launches.append((n, steps)), run_steps(n, steps))
+    got = multi.kernel.generate(prompts, max_new_tokens=8, tokens_output=multi.tokens, eos_token_id=stop)
+    assert got == want
+    assert launches == [(3, 19 + 8 - 1)]  # one launch: the longest prompt's positions, then its new tokens
+    assert [op.kind for op in multi.plan.ops][:2] == ["begin_step", "embed"]
+    (carried,) = [e for e in multi.plan.events if e.lag]
+    assert {multi.plan.tasks[t].op.kind for t in carried.producers} == {"argmax"}
+    assert [multi.plan.tasks[t].op.kind for t in carried.consumers] == ["begin_step"]
 
 
 def test_call_runs_one_step_on_the_step_buffers():

@@ -36,7 +36,7 @@ from vllm_mpk.graph.ops import REGISTRY
 from vllm_mpk.graph.plan import Plan, build_plan
 from vllm_mpk.graph.reference import ReferenceExecutor
 from vllm_mpk.runtime.meta import STEP_INPUT_NAMES, contiguous_block_tables
-from vllm_mpk.runtime.standalone import StepExecutor, decode
+from vllm_mpk.runtime.standalone import StepExecutor, decode, decode_in_one_launch
 
 SUPPORTED_BLOCK_DIMS = ((128, 1, 1), (256, 1, 1))
 PARITIES = 2  # collectives' exchange buffers come in two halves, used by alternate launches (peers.cuh)
@@ -319,6 +319,34 @@ class PersistentKernel:
                 del self.tensors[tensor]
             raise
 
+    def begin_step_layer(self, sampled: TensorHandle, block_dim: Dim3, name: str | None = None) -> None:
+        """Make this a multi-step plan: the first layer moves the decoding state on by one step on
+        the GPU (``graph/ops/begin_step.py``), so one launch decodes many steps. ``sampled`` is the
+        argmax layer's output (declare it with ``new_tensor`` first; add the argmax layer last). The
+        state (``step``, ``tokens``: the meta tensors if given, int64; prompt lengths, ends, pending
+        flags, the EOS token) is attached here, on the device of the tensors attached so far."""
+        if self.ops:
+            raise ValueError("begin_step_layer must be the kernel's first layer: it writes the step inputs")
+        if self.world_size > 1:
+            raise ValueError("begin_step_layer: multi-step plans run on one GPU (world_size 1)")
+        for meta in ("step", "tokens"):
+            if meta in self.meta and self.meta[meta].dtype != torch.int64:
+                raise ValueError(f"begin_step_layer: meta tensor '{meta}' must be int64, got {self.meta[meta].dtype}")
+        device = next((t.device for t in self.attached.values()), torch.device("cpu"))
+        b = self.max_batch
+
+        def state(role: str, shape: tuple[int, ...], dtype: torch.dtype) -> TensorHandle:
+            tensor = self.meta.get(role)
+            return self.attach_input(tensor if tensor is not None else torch.zeros(shape, dtype=dtype, device=device),
+                                     f"state.{role}")
+
+        inputs = {"sampled": sampled, "step": state("step", (b,), torch.int64),
+                  "tokens": state("tokens", (b, self.max_seq_len), torch.int64),
+                  "prompt_lens": state("prompt_lens", (b,), torch.int64), "end": state("end", (b,), torch.int64),
+                  "pending": state("pending", (b,), torch.int32), "eos": state("eos", (1,), torch.int64),
+                  "block_tables": self.block_tables, **{n: getattr(self, n) for n in STEP_INPUT_DTYPES}}
+        self._add("begin_step", inputs, {}, 1, block_dim, page_size=self.page_size, name=name or "begin_step")
+
     # compile and run ----------------------------------------------------------------------------
 
     def compile(self) -> Plan:
@@ -377,10 +405,17 @@ class PersistentKernel:
         or ``eos_token_id``. Requests use contiguous blocks of the attached KV caches. When meta
         tensors were given, ``tokens`` receives the sequences and ``step`` their lengths."""
         blocks = contiguous_block_tables(self.max_batch, self.max_seq_len, self.page_size)
-        logits = next(op.inputs["input"].name for op in self.ops if op.outputs.get("output") is tokens_output)
-        sequences = decode(self.executor(), [list(p) for p in prompts], blocks, self.page_size,
-                           max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, logits_name=logits,
-                           tokens_name=tokens_output.name)
+        begin = next((op for op in self.ops if op.kind == "begin_step"), None)
+        if begin is not None:
+            if begin.inputs["sampled"] is not tokens_output:
+                raise ValueError(f"tokens_output must be the tensor begin_step reads, '{begin.inputs['sampled'].name}'")
+            sequences = decode_in_one_launch(self.executor(), begin, [list(p) for p in prompts], blocks,
+                                             max_new_tokens, eos_token_id)
+        else:
+            logits = next(op.inputs["input"].name for op in self.ops if op.outputs.get("output") is tokens_output)
+            sequences = decode(self.executor(), [list(p) for p in prompts], blocks, self.page_size,
+                               max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, logits_name=logits,
+                               tokens_name=tokens_output.name)
         if "tokens" in self.meta:
             for b, seq in enumerate(sequences):
                 self.meta["tokens"][b, :len(seq)] = torch.tensor(seq, dtype=self.meta["tokens"].dtype)

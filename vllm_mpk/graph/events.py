@@ -8,6 +8,10 @@ KV head h waits on an event that only the QKV tiles covering head h trigger.
 Groups implied by another are dropped (transitive reduction at op level): once every tile of op
 Q has run, every op whose tiles Q's tiles together depended on has run too. The residual read of
 ``o_proj`` is covered this way by its wait on the attention tiles, so it costs no event.
+
+A read marked ``previous_step`` (a multi-step plan's ``begin_step`` reading the last step's tokens)
+becomes an event with lag 1, listed in the reader's ``carried_events``: it orders the reader after
+the previous step's writers, and nothing within a step.
 """
 
 from __future__ import annotations
@@ -55,10 +59,13 @@ class WriterIndex:
         return frozenset(t.id for t, w in self.in_place.get(access.tensor, ())
                          if t.op.index < reader.op.index and w.overlaps(access))
 
-    def dependencies(self, task: Task) -> set[int]:
+    def dependencies(self, task: Task, previous_step: bool = False) -> set[int]:
+        """Tasks whose writes ``task`` reads in the same step (or, with ``previous_step``, in the
+        step before)."""
         deps: set[int] = set()
         for access in task.reads:
-            deps |= self.writers(task, access)
+            if access.previous_step == previous_step:
+                deps |= self.writers(task, access)
         deps.discard(-1)
         deps.discard(task.id)
         return deps
@@ -94,23 +101,24 @@ def wire_events(tensors: dict[str, TensorHandle], tasks: list[Task]) -> list[Eve
                 out |= completes(p)
         return frozenset(out)
 
-    by_producers: dict[frozenset[int], Event] = {}
+    by_producers: dict[tuple[frozenset[int], int], Event] = {}
     signals: dict[int, list[int]] = defaultdict(list)
+
+    def event_for(producers: frozenset[int], lag: int, consumer: int) -> int:
+        if (producers, lag) not in by_producers:
+            event = Event(len(by_producers), tuple(sorted(producers)), lag=lag)
+            by_producers[producers, lag] = event
+            for p in event.producers:
+                signals[p].append(event.id)
+        by_producers[producers, lag].consumers.append(consumer)
+        return by_producers[producers, lag].id
+
     for task, g in zip(tasks, groups):
         full = [op for op, m in g.items() if len(m) == tiles_of_op[op]]
         implied = set().union(*(completes(op) - {op} for op in full))
-        waits = []
-        for op in sorted(g):
-            if op in implied:
-                continue
-            if g[op] not in by_producers:
-                event = Event(len(by_producers), tuple(sorted(g[op])))
-                by_producers[g[op]] = event
-                for p in event.producers:
-                    signals[p].append(event.id)
-            by_producers[g[op]].consumers.append(task.id)
-            waits.append(by_producers[g[op]].id)
-        task.wait_events = tuple(waits)
+        task.wait_events = tuple(event_for(g[op], 0, task.id) for op in sorted(g) if op not in implied)
+        carried = _group_by_op(tasks, index.dependencies(task, previous_step=True))
+        task.carried_events = tuple(event_for(carried[op], 1, task.id) for op in sorted(carried))
     for task in tasks:
         task.signal_events = tuple(signals[task.id])
     return list(by_producers.values())

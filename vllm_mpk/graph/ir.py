@@ -57,10 +57,12 @@ class TensorHandle:
 
 @dataclass(frozen=True)
 class Access:
-    """One tile's read or write of a region of a tensor."""
+    """One tile's read or write of a region of a tensor. ``previous_step``: a read of what the
+    previous decode step wrote (a multi-step plan's first layer reads the last step's tokens)."""
 
     tensor: str
     box: Box
+    previous_step: bool = False
 
     def overlaps(self, other: Access) -> bool:
         return self.tensor == other.tensor and all(
@@ -100,6 +102,7 @@ class Task:
     params: dict[str, int] = field(default_factory=dict)
     wait_events: tuple[int, ...] = ()
     signal_events: tuple[int, ...] = ()
+    carried_events: tuple[int, ...] = ()  # waited for one step behind (events with lag 1)
     worker: int = -1
 
     def __repr__(self) -> str:
@@ -109,11 +112,13 @@ class Task:
 @dataclass
 class Event:
     """A dependency counter: consumers wait until all ``producers`` (tiles of one op) have
-    signalled it once."""
+    signalled it once. With ``lag`` 1 the consumers wait for the previous step's signals: the
+    event carries a value from one decode step to the next, and orders nothing within a step."""
 
     id: int
     producers: tuple[int, ...]
     consumers: list[int] = field(default_factory=list)
+    lag: int = 0
 
     @property
     def trigger_count(self) -> int:

@@ -42,7 +42,7 @@ class ReadyTasks:
         self.ready.remove(tid)
         for s in self.plan.tasks[tid].signal_events:
             self.count[s] += 1
-            if self.count[s] == self.plan.events[s].trigger_count:
+            if self.count[s] == self.plan.events[s].trigger_count and not self.plan.events[s].lag:
                 for c in self.plan.events[s].consumers:
                     self.unfired[c] -= 1
                     if not self.unfired[c]:
@@ -63,10 +63,12 @@ class ReferenceExecutor:
                 dtype = torch.float32 if exact and t.dtype.is_floating_point else t.dtype
                 self.tensors[name] = torch.empty(t.shape, dtype=dtype, device=device)
         self.collectives = {k: v for k, v in (("all_reduce", all_reduce), ("all_gather", all_gather)) if v}
+        # what a multi-step plan's next step reads (the last tokens) survives the poisoning
+        self.carried = {a.tensor for t in plan.tasks for a in t.reads if a.previous_step}
 
     def poison(self) -> None:
         for name, t in self.plan.tensors.items():
-            if t.role is not Role.INPUT:
+            if t.role is not Role.INPUT and name not in self.carried:
                 self.tensors[name].fill_(float("nan") if t.dtype.is_floating_point else -1)
 
     def env(self, num_tokens: int) -> Env:
@@ -91,6 +93,11 @@ class ReferenceExecutor:
             return
         for tid in self._scheduled_order() if order == "schedule" else self._random_order(seed):
             self.run_task(tid, num_tokens)
+
+    def run_steps(self, num_tokens: int, steps: int) -> None:
+        """``steps`` decode steps in a row, as one launch of a multi-step plan runs them."""
+        for _ in range(steps):
+            self.run_step(num_tokens)
 
     def _scheduled_order(self) -> list[int]:
         try:

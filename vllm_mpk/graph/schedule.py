@@ -37,7 +37,7 @@ def topological_order(tasks: list[Task], events: list[Event]) -> list[int]:
         order.append(tid)
         for eid in tasks[tid].signal_events:
             remaining[eid] -= 1
-            if remaining[eid] == 0:
+            if remaining[eid] == 0 and not events[eid].lag:  # a lagged event orders the next step
                 for c in events[eid].consumers:
                     unfired[c] -= 1
                     if not unfired[c]:

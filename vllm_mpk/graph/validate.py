@@ -4,7 +4,9 @@
    element that no task writes;
 2. the event graph is acyclic;
 3. every read is ordered after the tasks that wrote it by events, directly or transitively;
-4. the per-worker queues cannot deadlock (simulated with the counters).
+4. the per-worker queues cannot deadlock (simulated with the counters);
+5. in a multi-step plan (events with lag 1), steps cannot overlap: every task has run when a lagged
+   event fires, and every task but the step's entry tasks waits, transitively, for those entries.
 """
 
 from __future__ import annotations
@@ -30,31 +32,53 @@ def check_coverage(tensors: dict[str, TensorHandle], index: WriterIndex) -> None
             raise ValueError(f"intermediate '{name}' has {(owner < 0).sum()} elements no task writes, e.g. {first}")
 
 
-def event_ancestry(tasks: list[Task], events: list[Event]) -> list[int]:
-    """For each event, a bitset (Python int) of every task that has run once it fires."""
+def event_ancestry(tasks: list[Task], events: list[Event]) -> tuple[list[int], list[int]]:
+    """Bitsets (Python ints) of tasks: for each event, every task that has run once it fires; for
+    each task, every task that has run before it starts (within one step)."""
     done = [0] * len(events)
-    before = [0] * len(tasks)  # tasks guaranteed to have run before each task starts
+    before = [0] * len(tasks)
     for tid in topological_order(tasks, events):
         for e in tasks[tid].wait_events:
             before[tid] |= done[e]
         for e in tasks[tid].signal_events:
             done[e] |= before[tid] | (1 << tid)
-    return done
+    return done, before
 
 
 def check_reads_ordered(tasks: list[Task], events: list[Event], index: WriterIndex) -> None:
-    done = event_ancestry(tasks, events)
+    done, _ = event_ancestry(tasks, events)
     for task in tasks:
         seen = 0
         for e in task.wait_events:
             seen |= done[e]
         for access in task.reads:
+            if access.previous_step:  # ordered across steps: check_steps_serialized
+                continue
             for p in index.writers(task, access):
                 if p == -1 and access.tensor in index.owner:
                     raise ValueError(f"{task} reads '{access.tensor}' box {access.box}, part of which nothing writes")
                 if p not in (-1, task.id) and not (seen >> p) & 1:
                     raise ValueError(f"{task} reads '{access.tensor}' box {access.box} written by {tasks[p]}, "
                                      f"but no event orders the write before the read")
+
+
+def check_steps_serialized(tasks: list[Task], events: list[Event]) -> None:
+    lagged = [e for e in events if e.lag]
+    if not lagged:
+        return
+    done, before = event_ancestry(tasks, events)
+    everything = (1 << len(tasks)) - 1
+    for e in lagged:
+        if done[e.id] != everything:
+            late = next(t for t in tasks if not (done[e.id] >> t.id) & 1)
+            raise ValueError(f"{late} may still run when event {e.id} (carried to the next step) fires: the next "
+                             f"step could overwrite what it reads")
+    entries = {c for e in lagged for c in e.consumers}
+    for task in tasks:
+        missing = [t for t in entries if t != task.id and not (before[task.id] >> t) & 1]
+        if task.id not in entries and missing:
+            raise ValueError(f"{task} does not wait for the step's entry {tasks[missing[0]]}: it could run "
+                             f"before the step begins")
 
 
 def run_queues(tasks: list[Task], events: list[Event], queues: list[list[int]]) -> list[int]:
@@ -99,4 +123,5 @@ def validate(tensors: dict[str, TensorHandle], tasks: list[Task], events: list[E
     index = WriterIndex(tensors, tasks)
     check_coverage(tensors, index)
     check_reads_ordered(tasks, events, index)
+    check_steps_serialized(tasks, events)
     check_no_deadlock(tasks, events, queues)

@@ -41,10 +41,14 @@ class DecodeOptions:
     world_size: int = 1  # tensor-parallel ranks
     rank: int = 0
     final: str = "tokens"  # "tokens": lm_head and greedy argmax; "hidden": stop at the final RMSNorm
+    multi_step: bool = False  # begin_step first: one launch decodes many steps (standalone, one GPU)
 
     def __post_init__(self) -> None:
         if self.final not in FINALS:
             raise ValueError(f"DecodeOptions.final must be one of {FINALS}, got {self.final!r}")
+        if self.multi_step and (self.final != "tokens" or self.world_size > 1):
+            raise ValueError("DecodeOptions.multi_step needs final='tokens' (the step samples its next token) "
+                             "and world_size 1")
 
 
 @dataclass
@@ -108,6 +112,9 @@ def build_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cache
     if rope_cache is None:
         rope_cache = cos_sin_cache(spec, o.max_seq_len).to(weights[EMBED].device)
     rope = mpk.attach_input(rope_cache, "rope.cos_sin_cache")
+    tokens = mpk.new_tensor((b,), torch.int64, "tokens") if o.final == "tokens" else None
+    if o.multi_step:
+        mpk.begin_step_layer(tokens, block)
     embed = mpk.attach_input(weights[EMBED], EMBED)
     x = summed("embed.out", lambda out: mpk.embed_layer(None, embed, out, grid_dim=min(w, h // 8), block_dim=block,
                                                         vocab_start=o.rank * local.vocab_size, name="embed"))
@@ -152,6 +159,5 @@ def build_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cache
     logits = mpk.new_tensor((b, v), torch.float32, "logits")
     mpk.rmsnorm_linear_layer(x, final_norm, head, logits,
                              linear_grid(v, w), block, eps=spec.rms_norm_eps, name="lm_head")
-    tokens = mpk.new_tensor((b,), torch.int64, "tokens")
     mpk.argmax_layer(logits, tokens, grid_dim=w, block_dim=block, vocab_start=o.rank * v, name="argmax")
     return DecodeModel(spec, o, mpk, mpk.compile(), logits, tokens)

@@ -3,8 +3,10 @@ tensors, one decode step per launch, on any executor with the plan's ``run_step`
 CPU reference executor or the megakernel). Prompts are fed token by token through the same decode
 step, which writes the paged KV cache the later steps read.
 
-One launch per step, driven from the host. The in-kernel multi-step loop (several steps per launch)
-is not built yet.
+``decode`` launches once per step from the host. ``decode_in_one_launch`` runs a multi-step plan
+(its first layer is ``begin_step``, which moves the state on by one step on the GPU): the host
+writes the prompts and the requests' ends into the state, one launch decodes every step, and the
+host takes in the last step's tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Protocol
 
 import torch
 
+from vllm_mpk.graph.ir import Op
+from vllm_mpk.graph.ops import REGISTRY, Env
 from vllm_mpk.runtime.meta import advance, step_inputs
 
 
@@ -21,6 +25,8 @@ class StepExecutor(Protocol):
     tensors: dict[str, torch.Tensor]
 
     def run_step(self, num_tokens: int, order: str = "schedule", seed: int = 0) -> None: ...
+
+    def run_steps(self, num_tokens: int, steps: int) -> None: ...
 
 
 StepHook = Callable[[torch.Tensor, torch.Tensor], None]  # (positions decoded [B], logits [B, V])
@@ -39,10 +45,7 @@ def decode(executor: StepExecutor, sequences: list[list[int]], block_tables: tor
     holds their addresses.
     """
     batch = executor.tensors["input_ids"].shape[0]
-    if not 1 <= len(sequences) <= batch:
-        raise ValueError(f"got {len(sequences)} requests; this plan decodes 1 to {batch} at a time")
-    if any(not s for s in sequences):
-        raise ValueError("every request needs at least one token")
+    _check_requests(sequences, batch)
     lengths = torch.tensor([len(s) for s in sequences] + [1] * (batch - len(sequences)))
     extra = 0 if teacher_forced else max_new_tokens
     capacity = int(lengths.max()) + extra
@@ -68,6 +71,48 @@ def decode(executor: StepExecutor, sequences: list[list[int]], block_tables: tor
             out.append(list(seq))
             continue
         row = tokens[b, len(seq):].tolist()
+        out.append(list(seq) + row[:_generated_count(row, max_new_tokens, eos_token_id)])
+    return out
+
+
+def _check_requests(sequences: list[list[int]], batch: int) -> None:
+    if not 1 <= len(sequences) <= batch:
+        raise ValueError(f"got {len(sequences)} requests; this plan decodes 1 to {batch} at a time")
+    if any(not s for s in sequences):
+        raise ValueError("every request needs at least one token")
+
+
+def decode_in_one_launch(executor: StepExecutor, begin: Op, sequences: list[list[int]], block_tables: torch.Tensor,
+                         max_new_tokens: int, eos_token_id: int | None = None) -> list[list[int]]:
+    """Run requests to completion in one launch of a multi-step plan whose first layer is ``begin``
+    and return each one's whole sequence (prompt, then up to ``max_new_tokens`` greedy tokens,
+    stopping early at ``eos_token_id``)."""
+    state = {role: executor.tensors[handle.name] for role, handle in begin.inputs.items()}
+    batch, width = state["tokens"].shape
+    _check_requests(sequences, batch)
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    n = len(sequences)
+    lengths = torch.tensor([len(s) for s in sequences])
+    capacity = int(lengths.max()) + max_new_tokens
+    if capacity > min(width, block_tables.shape[1] * begin.attrs["page_size"]):
+        raise ValueError(f"sequences reach {capacity} tokens; the plan holds {width} per request and the block "
+                         f"tables {block_tables.shape[1] * begin.attrs['page_size']}")
+    state["tokens"].zero_()
+    for b, seq in enumerate(sequences):
+        state["tokens"][b, :len(seq)] = torch.tensor(seq)
+    end = lengths + max_new_tokens - 1  # the last position decoded; its token lands at end
+    state["prompt_lens"][:n] = lengths
+    state["end"][:n] = end
+    state["step"][:n] = 0
+    state["pending"].zero_()  # nothing to take in before the first step
+    state["eos"].fill_(-1 if eos_token_id is None else eos_token_id)
+    state["block_tables"].copy_(block_tables)
+    executor.run_steps(n, int(end.max()))
+    REGISTRY[begin.kind].reference(begin, Env(executor.tensors, n))  # the last step's tokens
+    out = []
+    for b, seq in enumerate(sequences):
+        row = state["tokens"][b, len(seq):capacity].tolist()
         out.append(list(seq) + row[:_generated_count(row, max_new_tokens, eos_token_id)])
     return out
 
