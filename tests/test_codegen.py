@@ -216,6 +216,45 @@ def test_qwen3_8b_megakernel_compiles_for_sm90a(qwen3_8b: Generated, tmp_path: P
     print(f"\nnvcc ({nvcc_version(nvcc)}) compiled {qwen3_8b.spec.name} in {seconds:.1f} s")
 
 
+# --- multi-step plans ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def multi_step() -> Generated:
+    """Two layers of Qwen3-0.6B with begin_step first (one launch decodes many steps), on meta tensors."""
+    spec = ModelSpec.from_hf_config(load_config("qwen3-0.6b")).with_layers(2)
+    options = DecodeOptions(max_batch=4, max_seq_len=256, multi_step=True)
+    weights = {n: torch.empty(s, dtype=torch.bfloat16, device="meta") for n, s in expected_shapes(spec).items()}
+    caches = allocate_kv_caches(spec, 4 * 256 // options.page_size, options.page_size, device="meta")
+    model = build_decoder(spec, weights, caches, options)
+    return generated(model.plan, meta_bound(model.plan, model.kernel.attached))
+
+
+def test_begin_step_waits_for_the_previous_steps_argmax(multi_step: Generated) -> None:
+    """begin_step's record holds its carried wait as -(event + 2), for the event the argmax's final
+    tile signals; every other record's waits are this step's (non-negative)."""
+    g = multi_step
+    (carried,) = [e for e in g.plan.events if e.lag]
+    for _, _, task, row in g.records():
+        waits = g.waits(row)
+        if task.op.kind == "begin_step":
+            assert waits.tolist()[:2] == [-(carried.id + 2), -1] and not task.wait_events
+            assert row[OPCODE] == REGISTRY["begin_step"].opcode
+        else:
+            assert tuple(waits[waits >= 0]) == task.wait_events and (waits[len(task.wait_events):] == -1).all()
+    assert {g.plan.tasks[t].op.kind for t in carried.producers} == {"argmax"}
+    assert all(carried.id in g.plan.tasks[t].signal_events for t in carried.producers)
+
+
+def test_multi_step_megakernel_compiles_for_sm90a(multi_step: Generated, tmp_path: Path) -> None:
+    try:
+        find_nvcc()
+    except ToolchainError as err:
+        pytest.skip(f"cannot prove the generated CUDA compiles: {err}")
+    assert "mpk::begin_step_task<256>" in multi_step.spec.sources["megakernel.cu"]
+    assert compile_only(multi_step.spec, tmp_path).is_file()
+
+
 # --- what the GPU cannot run ----------------------------------------------------------------------
 
 

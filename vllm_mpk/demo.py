@@ -25,16 +25,16 @@ def weight_bytes(spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> int:
         head if spec.tie_word_embeddings else 0)
 
 
-def gpu_model(spec: ModelSpec, weights: Mapping[str, torch.Tensor], batch: int,
-              max_seq: int) -> tuple[DecodeModel, dict[str, torch.Tensor], list[torch.Tensor], torch.Tensor]:
+def gpu_model(spec: ModelSpec, weights: Mapping[str, torch.Tensor], batch: int, max_seq: int,
+              multi_step: bool = False) -> tuple[DecodeModel, dict[str, torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """The decode plan on the GPU, one worker per SM: (model, weights, KV caches, block tables)."""
     device = torch.device("cuda")
     weights = {k: v.to(device) for k, v in weights.items()}
     blocks = contiguous_block_tables(batch, max_seq, PAGE)
     caches = allocate_kv_caches(spec, int(blocks.numel()), PAGE, device=device)
     workers = torch.cuda.get_device_properties(device).multi_processor_count
-    model = build_decoder(spec, weights, caches, DecodeOptions(max_batch=batch, max_seq_len=max_seq,
-                                                               page_size=PAGE, num_workers=workers))
+    model = build_decoder(spec, weights, caches, DecodeOptions(max_batch=batch, max_seq_len=max_seq, page_size=PAGE,
+                                                               num_workers=workers, multi_step=multi_step))
     return model, weights, caches, blocks
 
 

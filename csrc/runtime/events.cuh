@@ -109,10 +109,15 @@ struct InputGate {
 
   // Every thread of the block calls this once per task; it returns when the task's inputs are
   // ready (true) or the kernel is stopping (false).
+  // A wait word -(e + 2) is for event e's signals of the previous step (a multi-step plan's
+  // carried tokens): trigger * epoch.
   __device__ bool open() const {
     if (threadIdx.x == 0) {
-      for (int w = 0; w < max_waits && waits[w] >= 0 && *ok; ++w)
-        *ok = wait_event(waits[w], static_cast<uint32_t>(triggers[waits[w]]) * (epoch + 1u));
+      for (int w = 0; w < max_waits && waits[w] != -1 && *ok; ++w) {
+        const bool previous = waits[w] < -1;
+        const int event = previous ? -waits[w] - 2 : waits[w];
+        *ok = wait_event(event, static_cast<uint32_t>(triggers[event]) * (epoch + (previous ? 0u : 1u)));
+      }
       if (profile_start) *profile_start = global_ns();
       *opened = true;
     }

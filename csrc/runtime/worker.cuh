@@ -1,8 +1,10 @@
-// The persistent worker loop: one block per worker runs its queue of task records in order.
-// Before a task's body reads its inputs, the task's gate waits until each of its events reached
-// trigger * (epoch + 1) (acquire; events.cuh). After the task: signal each of its events (release).
-// The epoch counts completed launches: workers read it on entry, and the last worker to finish
-// advances it, so a CUDA graph can replay the launch without any host write.
+// The persistent worker loop: one block per worker runs its queue of task records in order, once
+// per decode step of the launch (`steps`: 1, or more for a multi-step plan, whose first task moves
+// the decoding state on). Before a task's body reads its inputs, the task's gate waits until each
+// of its events reached trigger * (epoch + 1) (acquire; events.cuh). After the task: signal each of
+// its events (release). The epoch counts completed steps: workers read it on entry, step s of the
+// launch runs at epoch + s, and the last worker to finish advances it by `steps`, so a CUDA graph
+// can replay the launch without any host write.
 #pragma once
 #include <cstdint>
 #include "../tasks/common.cuh"
@@ -18,6 +20,7 @@ struct KernelParams {
   int32_t* control;           // [kControlWords]
   int64_t* profile;           // null, or [num_workers][max_tasks][2] start/end (globaltimer ns)
   int32_t num_tokens;
+  int32_t steps;              // decode steps in this launch
   int32_t max_tasks;
   int64_t timeout_ns;
 };
@@ -42,36 +45,39 @@ __device__ void worker_loop(const KernelParams& p) {
     ok_s = true;
   }
   __syncthreads();
-  const uint32_t epoch = static_cast<uint32_t>(epoch_s);
+  const uint32_t first_epoch = static_cast<uint32_t>(epoch_s);
   const int n = p.queue_lens[blockIdx.x];
   const Record* queue = reinterpret_cast<const Record*>(p.tasks) + (size_t)blockIdx.x * p.max_tasks;
-  for (int i = 0; i < n; ++i) {
-    const Record& r = queue[i];
-    if (threadIdx.x == 0) {
-      if (i == 0) prefetch_weights(p, r);
-      if (i + 1 < n) prefetch_weights(p, queue[i + 1]);
-      opened_s = false;
-    }
-    __syncthreads();  // the previous task is done with shared memory and the gate flags
-    int64_t* profile_start = p.profile ? p.profile + ((size_t)blockIdx.x * p.max_tasks + i) * 2 : nullptr;
-    const InputGate gate{r.waits, Record::kMaxWaits, p.counters, p.triggers, p.control, epoch, r.task,
-                         p.timeout_ns, profile_start, &ok_s, &opened_s};
-    TaskContext c{r.args, p.tensors, p.num_tokens, &gate};
-    Dispatch::run(r.variant, c);
-    __syncthreads();
-    if (!opened_s) gate.open();  // a body that skipped its gate must not signal before its inputs
-    if (!ok_s) return;
-    if (threadIdx.x == 0) {
-      __threadfence();
-      for (int s = 0; s < Record::kMaxSignals && r.signals[s] >= 0; ++s) add_release(p.counters + r.signals[s], 1);
-      if (profile_start) profile_start[1] = global_ns();  // the task's end
+  for (int step = 0; step < p.steps; ++step) {
+    const uint32_t epoch = first_epoch + static_cast<uint32_t>(step);
+    for (int i = 0; i < n; ++i) {
+      const Record& r = queue[i];
+      if (threadIdx.x == 0) {
+        if (i == 0) prefetch_weights(p, r);
+        if (i + 1 < n) prefetch_weights(p, queue[i + 1]);
+        opened_s = false;
+      }
+      __syncthreads();  // the previous task is done with shared memory and the gate flags
+      int64_t* profile_start = p.profile ? p.profile + ((size_t)blockIdx.x * p.max_tasks + i) * 2 : nullptr;
+      const InputGate gate{r.waits, Record::kMaxWaits, p.counters, p.triggers, p.control, epoch, r.task,
+                           p.timeout_ns, profile_start, &ok_s, &opened_s};
+      TaskContext c{r.args, p.tensors, p.num_tokens, &gate};
+      Dispatch::run(r.variant, c);
+      __syncthreads();
+      if (!opened_s) gate.open();  // a body that skipped its gate must not signal before its inputs
+      if (!ok_s) return;
+      if (threadIdx.x == 0) {
+        __threadfence();
+        for (int s = 0; s < Record::kMaxSignals && r.signals[s] >= 0; ++s) add_release(p.counters + r.signals[s], 1);
+        if (profile_start) profile_start[1] = global_ns();  // the task's end
+      }
     }
   }
   if (threadIdx.x == 0) {
     __threadfence();
     if (atomicAdd(p.control + kDone, 1) == static_cast<int32_t>(gridDim.x) - 1) {
       p.control[kDone] = 0;  // every worker has counted; the next launch starts after this one ends
-      atomicExch(p.control + kEpoch, static_cast<int32_t>(epoch + 1u));
+      atomicExch(p.control + kEpoch, static_cast<int32_t>(first_epoch + static_cast<uint32_t>(p.steps)));
     }
   }
 }

@@ -150,3 +150,22 @@ def test_counters_and_epoch_wrap_around(small_step):
         mk.tensors["logits"].fill_(float("nan"))
         mk.run_step(4)
         assert torch.equal(mk.tensors["logits"], want)
+
+
+@pytest.mark.parametrize("eos", [False, True], ids=["to-max-new-tokens", "eos"])
+def test_one_multi_step_launch_generates_what_single_steps_do(eos: bool):
+    """A multi-step plan decodes ragged prompts and their new tokens in one launch (begin_step
+    moves the state on inside the kernel) and gives the single-step plan's sequences exactly: the
+    tiles are the same, only the launches differ. With EOS one request stops early."""
+    spec = model_spec("qwen3-0.6b", 2)
+    weights = random_weights(spec, seed=seed_of("multi-step"))
+    prompts = [[7, 300, 12, 5], list(range(1000, 1037)), [42], [9] * 17]  # 37 crosses two pages
+    single, *_ = gpu_model(spec, weights, 4, 80)
+    multi, *_ = gpu_model(spec, weights, 4, 80, multi_step=True)
+    free = single.kernel.generate(prompts, 24, tokens_output=single.tokens)
+    stop = free[0][len(prompts[0]) + 2] if eos else None
+    want = single.kernel.generate(prompts, 24, tokens_output=single.tokens, eos_token_id=stop) if eos else free
+    got = multi.kernel.generate(prompts, 24, tokens_output=multi.tokens, eos_token_id=stop)
+    assert got == want
+    if eos:
+        assert len(got[0]) <= len(prompts[0]) + 3 < len(free[0])  # stopped at (or before) its third new token

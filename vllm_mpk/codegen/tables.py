@@ -3,7 +3,8 @@ event trigger counts, and the order of the tensor pointer table.
 
 Record layout (the one source of truth; ``source.py`` emits the matching C++ struct):
 ``{opcode, variant, task id, prefetch tensor, prefetch offset / 16, prefetch bytes / 16,
-waits[max_waits], signals[max_signals], args[num_args]}``, -1 padded.
+waits[max_waits], signals[max_signals], args[num_args]}``, -1 padded. A wait for the previous
+step's signals (an event with lag 1, ``Task.carried_events``) is written as ``-(event + 2)``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from vllm_mpk.codegen.tasks import CudaTask, cuda_task, prefetch_region, task_args
+from vllm_mpk.graph.ir import Task
 from vllm_mpk.graph.ops import REGISTRY
 from vllm_mpk.graph.plan import Plan
 
@@ -52,12 +54,17 @@ def plan_variants(plan: Plan, threads: int) -> Variants:
     return Variants(tasks, of_op)
 
 
+def waits(task: Task) -> tuple[int, ...]:
+    """The task's wait words: this step's events, then the previous step's as ``-(event + 2)``."""
+    return (*task.wait_events, *(-(e + 2) for e in task.carried_events))
+
+
 def tensor_ids(plan: Plan) -> dict[str, int]:
     return {name: i for i, name in enumerate(plan.tensors)}
 
 
 def record_layout(plan: Plan, args: list[list[int]]) -> RecordLayout:
-    return RecordLayout(max(1, max(len(t.wait_events) for t in plan.tasks)),
+    return RecordLayout(max(1, max(len(waits(t)) for t in plan.tasks)),
                         max(1, max(len(t.signal_events) for t in plan.tasks)), max(map(len, args)))
 
 
@@ -82,7 +89,7 @@ def task_table(plan: Plan, variants: Variants, args: list[list[int]], layout: Re
             pf = (-1, 0, 0) if region is None else (region[0], region[1] // 16,
                                                      min(region[2], PREFETCH_CAP_BYTES) // 16)
             row[:HEADER_WORDS] = (REGISTRY[task.op.kind].opcode, variants.of_op[task.op.index], tid, *pf)
-            row[w0:w0 + len(task.wait_events)] = task.wait_events
+            row[w0:w0 + len(waits(task))] = waits(task)
             row[s0:s0 + len(task.signal_events)] = task.signal_events
             row[a0:a0 + len(args[tid])] = args[tid]
     return table

@@ -14,6 +14,9 @@ from vllm_mpk.codegen.toolchain import NVSHMEM_INSTALL_HINT, has_nvshmem
 from vllm_mpk.graph.ir import Op, Task, split_even
 from vllm_mpk.graph.ops import REGISTRY
 
+# begin_step's tensor operands, in the order of BeginStepArgs (csrc/tasks/begin_step.cuh)
+BEGIN_STEP_OPERANDS = ("sampled", "step", "tokens", "prompt_lens", "end", "pending", "eos", "block_tables",
+                       "input_ids", "positions", "seq_lens", "slot_mapping")
 MAX_TILE_ROWS = 256  # keeps a linear tile's partial sums and staged input inside shared memory
 MAX_LINEAR_BATCH = 32  # rows of input a linear tile stages in shared memory (with 256-row tiles: ~146 KiB)
 CPP_DTYPES = {torch.bfloat16: "__nv_bfloat16", torch.float32: "float"}
@@ -131,6 +134,7 @@ EMITTERS: dict[str, Callable[[Op, int], CudaTask]] = {
     "attention": _attention,
     "allreduce": _allreduce,
     "argmax": _argmax,
+    "begin_step": lambda op, threads: CudaTask(f"mpk::begin_step_task<{threads}>", "0"),
 }
 
 
@@ -192,6 +196,10 @@ def task_args(task: Task, ids: Mapping[str, int], tensors: Mapping[str, torch.Te
         recv, signal = exchange_words(op, ids, ("recv", "signal"))[:2]
         return [*words, recv, signal, task.tile, op.attrs["world_size"], op.attrs.get("rank", 0), x.shape[0],
                 op.num_tiles]
+    if op.kind == "begin_step":
+        return [tid(r) for r in BEGIN_STEP_OPERANDS] + [op.inputs["tokens"].shape[1],
+                                                       tensors[op.inputs["block_tables"].name].stride(0),
+                                                       op.attrs["page_size"]]
     raise UnsupportedOnGPU(f"no argument layout for {op.kind}")
 
 

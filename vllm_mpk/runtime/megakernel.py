@@ -145,13 +145,26 @@ class Megakernel:
                              f"{tuple(profile.shape)} on {profile.device}")
         return profile.view(-1)[:needed].view(shape)
 
-    def launch(self, num_tokens: int, stream: torch.cuda.Stream | None = None) -> None:
-        """Enqueue one decode step for the first ``num_tokens`` rows; capturable in a CUDA graph."""
+    def launch(self, num_tokens: int, stream: torch.cuda.Stream | None = None, steps: int = 1) -> None:
+        """Enqueue one decode step for the first ``num_tokens`` rows (``steps`` of them for a
+        multi-step plan, whose first task moves the state on); capturable in a CUDA graph."""
+        if steps > 1 and not self.multi_step:
+            raise ValueError(f"launch(steps={steps}) needs a multi-step plan (begin_step first): each step of this "
+                             f"plan reads step inputs that only the host writes")
         stream = stream or torch.cuda.current_stream(self.device)
         self.module.launch(self.tasks.data_ptr(), self.queue_lens.data_ptr(), self.pointers.data_ptr(),
                            self.counters.data_ptr(), self.triggers.data_ptr(), self.control.data_ptr(),
-                           0 if self.profile is None else self.profile.data_ptr(), num_tokens, self.max_tasks,
-                           self.plan.num_workers, self.timeout_ns, stream.cuda_stream)
+                           0 if self.profile is None else self.profile.data_ptr(), num_tokens, steps,
+                           self.max_tasks, self.plan.num_workers, self.timeout_ns, stream.cuda_stream)
+
+    @property
+    def multi_step(self) -> bool:
+        return any(op.kind == "begin_step" for op in self.plan.ops)
+
+    def run_steps(self, num_tokens: int, steps: int) -> None:
+        """``steps`` decode steps in one synchronous launch of a multi-step plan."""
+        self.launch(num_tokens, steps=steps)
+        self.check()
 
     def run_step(self, num_tokens: int, order: str = "schedule", seed: int = 0) -> None:
         """One synchronous step, with the reference executor's signature (the GPU picks its own
