@@ -36,14 +36,15 @@ def spec_of(name: str, layers: int | None) -> ModelSpec:
     return spec.with_layers(layers) if layers else spec
 
 
-def build(spec: ModelSpec, batch: int, context: int, device: str, weights=None, workers: int = 132):
+def build(spec: ModelSpec, batch: int, context: int, device: str, weights=None, workers: int = 132,
+          kv_splits: int = 1):
     max_seq = context + 8 * batch + 16
     blocks = contiguous_block_tables(batch, max_seq, 16, device)
     if weights is None:
         weights = {k: torch.empty(s, dtype=torch.bfloat16, device=device) for k, s in expected_shapes(spec).items()}
     caches = allocate_kv_caches(spec, int(blocks.numel()), 16, device=device)
     model = build_decoder(spec, weights, caches, DecodeOptions(max_batch=batch, max_seq_len=max_seq,
-                                                               num_workers=workers))
+                                                               num_workers=workers, kv_splits=kv_splits))
     step = torch.tensor([context + 7 * b for b in range(batch)], device=device)
     tokens = torch.randint(0, spec.vocab_size, (batch, max_seq), device=device)
     inputs = step_inputs(step, tokens, blocks, 16).as_dict()
@@ -58,8 +59,8 @@ def copy_bandwidth(device: str) -> float:
     return 2 * src.numel() / us / 1e6  # TB/s, read + write
 
 
-def run_case(spec, batch, context, device, weights, log, trace_path=None) -> dict:
-    model, tensors, caches = build(spec, batch, context, device, weights)
+def run_case(spec, batch, context, device, weights, log, trace_path=None, kv_splits: int = 1) -> dict:
+    model, tensors, caches = build(spec, batch, context, device, weights, kv_splits=kv_splits)
     for c in caches:
         c.normal_(0, 1)
     t0 = time.perf_counter()
@@ -122,12 +123,14 @@ def main() -> None:
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--trace", action="store_true", help="write a Perfetto trace per case under $OUT")
+    p.add_argument("--kv-splits", type=int, default=1, help="attention tasks per KV head and request (split KV)")
     args = p.parse_args()
     device = "cuda"
     out = Path(os.environ.get("OUT", "/tmp"))
     specs = {m: spec_of(m, args.layers) for m in args.models}
     # Build every kernel first, in parallel (nvcc runs as a subprocess), from meta tensors.
-    jobs = [build(spec, b, args.context, "meta")[:2] for spec in specs.values() for b in args.batches]
+    jobs = [build(spec, b, args.context, "meta", kv_splits=args.kv_splits)[:2]
+            for spec in specs.values() for b in args.batches]
     t0 = time.perf_counter()
     build_kernels([(model.plan, tensors) for model, tensors in jobs])
     print(f"built {len(jobs)} kernels in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -138,7 +141,7 @@ def main() -> None:
             weights = random_weights(spec, device=device)
             for b in args.batches:
                 trace = out / f"trace_{m}_bs{b}.json" if args.trace else None
-                rows.append({"name": m, **run_case(spec, b, args.context, device, weights, log, trace)})
+                rows.append({"name": m, **run_case(spec, b, args.context, device, weights, log, trace, args.kv_splits)})
                 print(rows[-1], flush=True)
             del weights
             torch.cuda.empty_cache()

@@ -226,10 +226,10 @@ def test_options_default_and_from_additional_config() -> None:
     assert MpkOptions.from_vllm_config(SimpleNamespace(additional_config={})) == MpkOptions()
     vc = SimpleNamespace(additional_config={"mpk": {"max_batch": 16, "num_workers": 66, "block_dim": 128,
                                                     "schedule": "round_robin", "timeout_s": 5, "profile": True,
-                                                    "strict": True}, "other_plugin": {"x": 1}})
+                                                    "strict": True, "kv_splits": 4}, "other_plugin": {"x": 1}})
     o = MpkOptions.from_vllm_config(vc)
-    assert (o.max_batch, o.num_workers, o.block_dim, o.schedule, o.timeout_s, o.profile, o.strict) == \
-        (16, 66, 128, "round_robin", 5, True, True)
+    assert (o.max_batch, o.num_workers, o.block_dim, o.schedule, o.timeout_s, o.profile, o.strict, o.kv_splits) == \
+        (16, 66, 128, "round_robin", 5, True, True, 4)
 
 
 @pytest.mark.parametrize("raw,match", [
@@ -241,6 +241,7 @@ def test_options_default_and_from_additional_config() -> None:
     ({"block_dim": 512}, r'\["block_dim"\] must be one of \(128, 256\)'),
     ({"schedule": "fastest"}, r'\["schedule"\] must be one of'),
     ({"timeout_s": 0}, r'\["timeout_s"\] must be a positive number'),
+    ({"kv_splits": 0}, r'\["kv_splits"\] must be a positive integer'),
     ({"strict": "yes"}, r'\["strict"\] must be true or false'),
     ([1, 2], "must be a JSON object"),
 ])

@@ -363,7 +363,8 @@ def build_attention(c: dict, gen: torch.Generator) -> Built:
         norms = dict(q_norm=mpk.attach_input(t["q_norm"], "q_norm"), k_norm=mpk.attach_input(t["k_norm"], "k_norm"))
     mpk.attention_layer(mpk.attach_input(t["qkv"], "qkv"), mpk.attach_input(cache, "kv_cache"),
                         mpk.attach_input(t["cos_sin"], "cos_sin"), out, nkv * c["chunks"], BLOCK,
-                        num_q_heads=nq, num_kv_heads=nkv, head_dim=hd, eps=EPS, scale=c.get("scale"), **norms)
+                        num_q_heads=nq, num_kv_heads=nkv, head_dim=hd, eps=EPS, scale=c.get("scale"),
+                        kv_splits=c.get("kv_splits", 1), **norms)
     cache_after, changed, rows, want = attention_expected(c, t, n)
     return Built(mpk, plan_inputs(mpk, step), n, {"out": (rows, want.to(dt))}, {"kv_cache": (cache_after, changed)})
 
@@ -445,6 +446,18 @@ BEGIN_STEP_CASES = [
 ]
 INDEX_EXACT = {torch.int64: dict(rtol=0, atol=0), torch.int32: dict(rtol=0, atol=0)}
 
+# Split KV: more splits than some requests have positions (empty splits), one split per position,
+# idle rows and rows past num_tokens, a long history.
+SPLIT_ATTENTION_CASES = [
+    dict(id="b5-g2-hd128-bs16-qknorm-idle-s3", batch=5, nq=8, nkv=4, head_dim=128, block_size=16,
+         seq_lens=[1, 16, 17, 33, 0], qk_norm=True, dtype=BF16, chunks=2, max_seq_len=48, kv_splits=3),
+    dict(id="b16-g4-hd64-bs32-n14-s4", batch=16, nq=8, nkv=2, head_dim=64, block_size=32,
+         seq_lens=[1, 2, 15, 16, 17, 0, 32, 33, 47, 48, 49, 63, 64, 65, 30, 20], qk_norm=False, dtype=F32,
+         chunks=3, max_seq_len=80, num_tokens=14, kv_splits=4),
+    dict(id="b4-g4-hd128-bs16-len600-s8", batch=4, nq=8, nkv=2, head_dim=128, block_size=16,
+         seq_lens=[600, 257, 3, 8], qk_norm=True, dtype=BF16, chunks=1, max_seq_len=600, kv_splits=8),
+]
+
 
 OP_TESTS = [
     OpTest("embed", build_embed, EMBED_CASES, FLOAT_TOL),
@@ -454,6 +467,7 @@ OP_TESTS = [
     OpTest("rmsnorm_linear", build_linear_family("rmsnorm_linear"), NORM_LINEAR_CASES, FLOAT_TOL),
     OpTest("rmsnorm_linear_silu_mul", build_linear_family("rmsnorm_linear_silu_mul"), NORM_SILU_CASES, FLOAT_TOL),
     OpTest("attention", build_attention, ATTENTION_CASES, FLOAT_TOL),
+    OpTest("attention_merge", build_attention, SPLIT_ATTENTION_CASES, FLOAT_TOL),
     OpTest("silu_mul", build_silu_mul, SILU_CASES, FLOAT_TOL),
     OpTest("silu_mul_linear", build_linear_family("silu_mul_linear"), SILU_LINEAR_CASES, FLOAT_TOL),
     OpTest("silu_mul_linear_with_residual", build_linear_family("silu_mul_linear_with_residual"),

@@ -17,18 +17,20 @@ from vllm_mpk.runtime.meta import step_inputs
 MAX_BATCH, MAX_SEQ, PAGE = 3, 48, 16
 
 
-def tiny_model(seed: int = 0, multi_step: bool = False):
+def tiny_model(seed: int = 0, multi_step: bool = False, kv_splits: int = 1):
     """A float32 model, so the reference executor agrees with transformers far below any margin."""
     spec = ModelSpec.from_hf_config(TINY_QWEN3)
     weights = random_weights(spec, seed=seed, dtype=torch.float32, std=0.05)
     caches = allocate_kv_caches(spec, MAX_BATCH * MAX_SEQ // PAGE, PAGE, dtype=torch.float32)
     model = build_decoder(spec, weights, caches, DecodeOptions(max_batch=MAX_BATCH, max_seq_len=MAX_SEQ,
-                                                               page_size=PAGE, num_workers=4, multi_step=multi_step))
+                                                               page_size=PAGE, num_workers=4, multi_step=multi_step,
+                                                               kv_splits=kv_splits))
     return spec, weights, model
 
 
-def test_generate_matches_transformers_greedy():
-    spec, weights, model = tiny_model()
+@pytest.mark.parametrize("kv_splits", [1, 3], ids=["one-task-per-head", "split-kv-3"])
+def test_generate_matches_transformers_greedy(kv_splits: int):
+    spec, weights, model = tiny_model(kv_splits=kv_splits)
     prompts = [[5, 9, 200, 31, 7], list(range(100, 119)), [42]]  # 19 crosses a page boundary
     got = model.kernel.generate(prompts, max_new_tokens=8, tokens_output=model.tokens)
     hf = hf_model(spec, weights)

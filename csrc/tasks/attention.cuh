@@ -2,6 +2,11 @@
 // neox RoPE from cos_sin_cache, the new k/v written into vLLM's packed K|V cache at the request's
 // slot, then an online-softmax pass over the request's cached positions.
 //
+// Split KV (SPLITS > 1): the task is split `split` of SPLITS over each request's positions
+// [L * split / SPLITS, L * (split + 1) / SPLITS); it writes a partial (the unnormalised sum, the
+// maximum and the sum of weights per query head) that attention_merge_task combines. Only the last
+// split, whose range ends at the new token, writes the new k/v.
+//
 // Warps split the positions; each lane owns HD/32 dims of every query head of the group, so one
 // warp reduction per head and position gives the score. Warp partials merge in shared memory.
 // The cached positions are requested into L2 before the task's q/k/v inputs are ready.
@@ -13,7 +18,7 @@ namespace mpk {
 struct AttentionArgs {
   enum {
     kQkv, kCache, kRope, kPositions, kSeqLens, kBlockTables, kSlots, kQNorm, kKNorm, kOutput,
-    kHead, kRowStart, kRowEnd, kBlockStride, kHeadStride, kSlotStride, kTableStride, kEps, kScale
+    kHead, kRowStart, kRowEnd, kBlockStride, kHeadStride, kSlotStride, kTableStride, kEps, kScale, kSplit, kPartial
   };
 };
 
@@ -42,7 +47,7 @@ __device__ __forceinline__ void rotate(float* v, const RopeT* cos_sin, int lane)
   __syncwarp();
 }
 
-template <int HD, int GROUP, int NQ, int NKV, int PAGE, bool QK_NORM, int NT, typename RopeT>
+template <int HD, int GROUP, int NQ, int NKV, int PAGE, bool QK_NORM, int NT, typename RopeT, int SPLITS>
 __device__ void attention_task(const TaskContext& c) {
   static_assert(HD % kWarp == 0, "head_dim must be a multiple of 32");
   constexpr int NW = NT / kWarp, D = HD / kWarp, QKV_W = (NQ + 2 * NKV) * HD;
@@ -57,6 +62,9 @@ __device__ void attention_task(const TaskContext& c) {
   const int* tables = c.ptr<const int>(AttentionArgs::kBlockTables);
   const int64_t* slots = c.ptr<const int64_t>(AttentionArgs::kSlots);
   __nv_bfloat16* out = c.ptr<__nv_bfloat16>(AttentionArgs::kOutput);
+  float* partial = c.ptr<float>(AttentionArgs::kPartial);  // [batch][NQ][SPLITS][HD + 2] when split
+  const int split = c.arg(AttentionArgs::kSplit);
+  const bool writes_kv = split == SPLITS - 1;
   const int64_t block_stride = c.arg(AttentionArgs::kBlockStride), head_stride = c.arg(AttentionArgs::kHeadStride);
   const int64_t slot_stride = c.arg(AttentionArgs::kSlotStride);
   const int table_stride = c.arg(AttentionArgs::kTableStride);
@@ -69,7 +77,8 @@ __device__ void attention_task(const TaskContext& c) {
   // are step inputs, so ask L2 for every cached position of this head while the q/k/v tiles run.
   for (int b = row_start; b < row_end && b < c.num_tokens; ++b) {
     const int* table = tables + (size_t)b * table_stride;
-    for (int pos = threadIdx.x; pos < seq_lens[b] - 1; pos += NT) {
+    const int len = seq_lens[b], hi = (int)((int64_t)len * (split + 1) / SPLITS);
+    for (int pos = (int)((int64_t)len * split / SPLITS) + threadIdx.x; pos < min(hi, len - 1); pos += NT) {
       const __nv_bfloat16* kv = head_cache + (int64_t)table[pos / PAGE] * block_stride + (pos % PAGE) * slot_stride;
       asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(kv), "r"(2 * HD * 2) : "memory");
     }
@@ -96,7 +105,7 @@ __device__ void attention_task(const TaskContext& c) {
     }
     __syncthreads();
     const int64_t slot = slots[b];
-    if (slot >= 0) {
+    if (writes_kv && slot >= 0) {
       __nv_bfloat16* dst = head_cache + (slot / PAGE) * block_stride + (slot % PAGE) * slot_stride;
       for (int i = threadIdx.x; i < 2 * HD; i += NT) dst[i] = __float2bfloat16_rn(vec[GROUP * HD + i]);
     }
@@ -114,20 +123,21 @@ __device__ void attention_task(const TaskContext& c) {
       }
     }
     const int* table = tables + (size_t)b * table_stride;
+    const int lo = (int)((int64_t)seq_len * split / SPLITS), hi = (int)((int64_t)seq_len * (split + 1) / SPLITS);
     // P positions per warp per round, their K/V loads issued together before any is used.
     constexpr int P = 4;
-    for (int p0 = warp * P; p0 < seq_len; p0 += NW * P) {
+    for (int p0 = lo + warp * P; p0 < hi; p0 += NW * P) {
       float k[P][D], v[P][D];
 #pragma unroll
       for (int j = 0; j < P; ++j) {
-        const int p = p0 + j < seq_len ? p0 + j : p0;
+        const int p = p0 + j < hi ? p0 + j : p0;
         const __nv_bfloat16* kv = head_cache + (int64_t)table[p / PAGE] * block_stride + (p % PAGE) * slot_stride;
         load_bf16<D>(kv + lane * D, k[j]);
         load_bf16<D>(kv + HD + lane * D, v[j]);
       }
 #pragma unroll
       for (int j = 0; j < P; ++j) {
-        if (p0 + j >= seq_len) break;
+        if (p0 + j >= hi) break;
 #pragma unroll
         for (int g = 0; g < GROUP; ++g) {
           float s = 0.f;
@@ -164,6 +174,50 @@ __device__ void attention_task(const TaskContext& c) {
         const float f = __expf(pw[HD] - m_all);
         num += pw[d] * f;
         den += pw[HD + 1] * f;
+      }
+      if constexpr (SPLITS == 1) {
+        out[(size_t)b * NQ * HD + (head * GROUP + g) * HD + d] = __float2bfloat16_rn(num / den);
+      } else {  // m_all is -inf and den 0 where this split had no position
+        float* mine = partial + (((size_t)b * NQ + head * GROUP + g) * SPLITS + split) * (HD + 2);
+        mine[d] = num;
+        if (d == 0) {
+          mine[HD] = m_all;
+          mine[HD + 1] = den;
+        }
+      }
+    }
+  }
+}
+
+struct AttentionMergeArgs {
+  enum { kPartial, kSeqLens, kOutput, kHead, kRowStart, kRowEnd };
+};
+
+// Combines the SPLITS partials of one KV head's query heads for a range of requests (see
+// vllm_mpk/graph/ops/attention_merge.py); splits without a position (maximum -inf) add nothing.
+template <int HD, int GROUP, int NQ, int SPLITS, int NT>
+__device__ void attention_merge_task(const TaskContext& c) {
+  const float* partial = c.ptr<const float>(AttentionMergeArgs::kPartial);
+  const int* seq_lens = c.ptr<const int>(AttentionMergeArgs::kSeqLens);
+  __nv_bfloat16* out = c.ptr<__nv_bfloat16>(AttentionMergeArgs::kOutput);
+  const int head = c.arg(AttentionMergeArgs::kHead);
+  const int row_end = min(c.arg(AttentionMergeArgs::kRowEnd), c.num_tokens);
+  for (int b = c.arg(AttentionMergeArgs::kRowStart); b < row_end; ++b) {
+    if (seq_lens[b] <= 0) continue;
+    for (int i = threadIdx.x; i < GROUP * HD; i += NT) {
+      const int g = i / HD, d = i % HD;
+      const float* p = partial + ((size_t)b * NQ + head * GROUP + g) * SPLITS * (HD + 2);
+      float m_all = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < SPLITS; ++j) m_all = fmaxf(m_all, p[j * (HD + 2) + HD]);
+      float num = 0.f, den = 0.f;
+#pragma unroll
+      for (int j = 0; j < SPLITS; ++j) {
+        const float* pj = p + j * (HD + 2);
+        if (pj[HD] == -INFINITY) continue;
+        const float f = __expf(pj[HD] - m_all);
+        num += pj[d] * f;
+        den += pj[HD + 1] * f;
       }
       out[(size_t)b * NQ * HD + (head * GROUP + g) * HD + d] = __float2bfloat16_rn(num / den);
     }

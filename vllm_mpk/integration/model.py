@@ -246,7 +246,8 @@ class MpkRuntime:
             buffers = step_buffers(input_ids, positions, batch, size)
             options = DecodeOptions(max_batch=size, max_seq_len=buffers["block_tables"].shape[1] * page,
                                     page_size=page, num_workers=workers, block_dim=self.options.block_dim,
-                                    schedule=self.options.schedule, world_size=world, rank=rank, final="hidden")
+                                    schedule=self.options.schedule, world_size=world, rank=rank, final="hidden",
+                                    kv_splits=self.options.kv_splits)
             decoder = build_decoder(spec, weights, kv_caches, options, rope_cache=rope)
             self.hidden = decoder.hidden.name
             plans[size] = (decoder.plan, {**decoder.kernel.attached, **buffers})

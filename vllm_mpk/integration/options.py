@@ -23,6 +23,7 @@ class MpkOptions:
     ``block_dim``: threads per worker, 128 or 256.
     ``schedule``: static placement policy of tasks on workers.
     ``timeout_s``: the watchdog bound on any wait inside the kernel.
+    ``kv_splits``: tasks per KV head and request that share its history (split KV; 1: one task).
     ``profile``: record per-task timestamps on every step (see ``MpkDecodeMixin.mpk_write_profile``).
     ``strict``: refuse to fall back: raise where the megakernel cannot run a batch it is meant for
     (unsupported model, KV-cache layout, build failure). Prefill, mixed batches and decode batches
@@ -33,6 +34,7 @@ class MpkOptions:
     block_dim: int = 256
     schedule: str = "earliest_finish"
     timeout_s: float = 2.0
+    kv_splits: int = 1
     profile: bool = False
     strict: bool = False
 
@@ -71,6 +73,8 @@ class MpkOptions:
             raise bad("block_dim", f"one of {BLOCK_DIMS}")
         if self.schedule not in POLICIES:
             raise bad("schedule", f"one of {sorted(POLICIES)}")
+        if not is_int(self.kv_splits) or self.kv_splits < 1:
+            raise bad("kv_splits", "a positive integer")
         if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
             raise bad("timeout_s", "a positive number of seconds")
         for key in ("profile", "strict"):

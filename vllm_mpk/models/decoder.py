@@ -42,6 +42,7 @@ class DecodeOptions:
     rank: int = 0
     final: str = "tokens"  # "tokens": lm_head and greedy argmax; "hidden": stop at the final RMSNorm
     multi_step: bool = False  # begin_step first: one launch decodes many steps (standalone, one GPU)
+    kv_splits: int = 1  # attention tasks per KV head and request (split KV, merged by attention_merge)
 
     def __post_init__(self) -> None:
         if self.final not in FINALS:
@@ -130,7 +131,7 @@ def build_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cache
         mpk.attention_layer(qkv, cache, rope, attn, grid_dim=local.num_kv_heads * b, block_dim=block,
                             num_q_heads=local.num_q_heads, num_kv_heads=local.num_kv_heads, head_dim=spec.head_dim,
                             q_norm=wt.get("q_norm"), k_norm=wt.get("k_norm"), eps=spec.rms_norm_eps,
-                            name=f"{p}.attention")
+                            name=f"{p}.attention", kv_splits=o.kv_splits)
         # The residual is added once: by rank 0, before the sum over ranks.
         if o.rank == 0:
             hid = summed(f"{p}.h", lambda out, x=x: mpk.linear_with_residual_layer(

@@ -8,6 +8,13 @@ over the first ``seq_lens[b]`` cached positions found through ``block_tables[b]`
 The cache is vLLM 0.26's packed layout: logical ``[num_blocks, num_kv_heads, block_size,
 2 * head_size]`` with K in the first half of the last dim and V in the second; strides are free.
 Tiles are (KV head, chunk of requests) pairs, so a tile waits only for the QKV columns of its head.
+
+Split KV (``kv_splits`` S > 1): each (KV head, chunk) pair becomes S tiles, tile j attending over
+positions ``[L * j / S, L * (j + 1) / S)`` of a request with L cached positions, and writing a
+partial result instead of the output: per query head the sum of ``exp(score - m) * v``, then the
+running maximum m and the sum of ``exp(score - m)``, into ``partial [batch, num_q_heads, S,
+head_dim + 2]`` (float32). ``attention_merge`` combines the S partials into the output. The last
+tile of a pair is the one that writes the new k/v (its range ends at the new token).
 """
 
 from __future__ import annotations
@@ -46,10 +53,18 @@ class Attention(OpDef):
     opcode = 6
     required_inputs = ("input", "kv_cache", "cos_sin_cache", *STEP_INPUTS)
     optional_inputs = ("q_norm", "k_norm")
+    required_outputs = ()
+    optional_outputs = ("output", "partial")  # the output, or with kv_splits > 1 the partials
 
     def check(self, op: Op) -> None:
-        qkv, cache, out = op.inputs["input"], op.inputs["kv_cache"], op.outputs["output"]
+        qkv, cache = op.inputs["input"], op.inputs["kv_cache"]
         nq, nkv, hd = op.attrs["num_q_heads"], op.attrs["num_kv_heads"], op.attrs["head_dim"]
+        splits = op.attrs.get("kv_splits", 1)
+        if splits < 1:
+            raise layer_error(op, f"kv_splits must be at least 1, got {splits}")
+        if set(op.outputs) != ({"output"} if splits == 1 else {"partial"}):
+            raise layer_error(op, f"with kv_splits {splits} the layer writes "
+                                  f"{'output' if splits == 1 else 'partial'}, got {sorted(op.outputs)}")
         if hd not in SUPPORTED_HEAD_DIMS:
             raise layer_error(op, f"head_dim {hd} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
         if nq % nkv:
@@ -58,7 +73,11 @@ class Attention(OpDef):
         expect_dtype(op, "input", qkv, FLOAT_DTYPES)
         batch = qkv.shape[0]
         expect_shape(op, "input", qkv, (batch, (nq + 2 * nkv) * hd))
-        expect_shape(op, "output", out, (batch, nq * hd))
+        if splits == 1:
+            expect_shape(op, "output", op.outputs["output"], (batch, nq * hd))
+        else:
+            expect_shape(op, "partial", op.outputs["partial"], (batch, nq, splits, hd + 2))
+            expect_dtype(op, "partial", op.outputs["partial"], (torch.float32,))
         expect_rank(op, "kv_cache", cache, 4)
         expect_shape(op, "kv_cache", cache, (cache.shape[0], nkv, cache.shape[2], 2 * hd))
         expect_rank(op, "cos_sin_cache", op.inputs["cos_sin_cache"], 2)
@@ -75,40 +94,45 @@ class Attention(OpDef):
                 expect_shape(op, name, op.inputs[name], (hd,))
         if ("q_norm" in op.inputs) != ("k_norm" in op.inputs):
             raise layer_error(op, "q_norm and k_norm must be given together")
-        if op.num_tiles % nkv or not 1 <= op.num_tiles // nkv <= batch:
+        if op.num_tiles % (nkv * splits) or not 1 <= op.num_tiles // (nkv * splits) <= batch:
             raise layer_error(op, f"grid_dim {op.grid_dim} makes {op.num_tiles} tasks; expected {nkv} KV heads "
-                                  f"times a number of request chunks between 1 and {batch}")
+                                  f"times {splits} KV splits times a number of request chunks between 1 and {batch}")
 
     def lower(self, op: Op) -> list[Tile]:
-        qkv, cache, out = op.inputs["input"], op.inputs["kv_cache"], op.outputs["output"]
+        qkv, cache = op.inputs["input"], op.inputs["kv_cache"]
         nq, nkv, hd = op.attrs["num_q_heads"], op.attrs["num_kv_heads"], op.attrs["head_dim"]
-        group = nq // nkv
-        chunks = split_even(qkv.shape[0], op.num_tiles // nkv)
+        group, splits = nq // nkv, op.attrs.get("kv_splits", 1)
+        chunks = split_even(qkv.shape[0], op.num_tiles // (nkv * splits))
         tiles = []
-        for head in range(nkv):
+        for head, (r0, r1), split in ((h, c, j) for h in range(nkv) for c in chunks for j in range(splits)):
             head_box = ((0, cache.shape[0]), (head, head + 1), (0, cache.shape[2]), (0, 2 * hd))
-            for r0, r1 in chunks:
-                q_cols = (head * group * hd, (head + 1) * group * hd)
-                k_cols = ((nq + head) * hd, (nq + head + 1) * hd)
-                v_cols = ((nq + nkv + head) * hd, (nq + nkv + head + 1) * hd)
-                reads = [Access(qkv.name, ((r0, r1), cols)) for cols in (q_cols, k_cols, v_cols)]
-                reads += [Access(cache.name, head_box), Access(op.inputs["cos_sin_cache"].name,
-                                                               op.inputs["cos_sin_cache"].full_box)]
-                for name in STEP_INPUTS:
-                    t = op.inputs[name]
-                    reads.append(Access(t.name, ((r0, r1),) + t.full_box[1:]))
-                for name in ("q_norm", "k_norm"):
-                    if name in op.inputs:
-                        reads.append(Access(op.inputs[name].name, op.inputs[name].full_box))
-                writes = (Access(out.name, ((r0, r1), q_cols)), Access(cache.name, head_box))
-                # Bytes are dominated by the KV history, which depends on the step; count one block.
-                nbytes = (r1 - r0) * (group + 2) * hd * qkv.dtype.itemsize * 2 + cache.shape[2] * 2 * hd * 2
-                tiles.append(Tile(tuple(reads), writes, nbytes, {"kv_head": head, "row_start": r0, "row_end": r1}))
+            q_cols = (head * group * hd, (head + 1) * group * hd)
+            k_cols = ((nq + head) * hd, (nq + head + 1) * hd)
+            v_cols = ((nq + nkv + head) * hd, (nq + nkv + head + 1) * hd)
+            reads = [Access(qkv.name, ((r0, r1), cols)) for cols in (q_cols, k_cols, v_cols)]
+            reads += [Access(cache.name, head_box), Access(op.inputs["cos_sin_cache"].name,
+                                                           op.inputs["cos_sin_cache"].full_box)]
+            for name in STEP_INPUTS:
+                t = op.inputs[name]
+                reads.append(Access(t.name, ((r0, r1),) + t.full_box[1:]))
+            for name in ("q_norm", "k_norm"):
+                if name in op.inputs:
+                    reads.append(Access(op.inputs[name].name, op.inputs[name].full_box))
+            if splits == 1:
+                result = Access(op.outputs["output"].name, ((r0, r1), q_cols))
+            else:
+                result = Access(op.outputs["partial"].name,
+                                ((r0, r1), (head * group, (head + 1) * group), (split, split + 1), (0, hd + 2)))
+            writes = (result, Access(cache.name, head_box)) if split == splits - 1 else (result,)
+            # Bytes are dominated by the KV history, which depends on the step; count one block.
+            nbytes = (r1 - r0) * (group + 2) * hd * qkv.dtype.itemsize * 2 + cache.shape[2] * 2 * hd * 2
+            tiles.append(Tile(tuple(reads), writes, nbytes,
+                              {"kv_head": head, "row_start": r0, "row_end": r1, "split": split}))
         return tiles
 
-    def _queries_and_write_kv(self, op: Op, env: Env, b: int, heads: range) -> torch.Tensor:
-        """Normalise and rotate q and k of request ``b`` for ``heads``, write k and v to the cache,
-        and return the rotated queries ``[len(heads) * group, hd]``."""
+    def _queries_and_write_kv(self, op: Op, env: Env, b: int, heads: range, write: bool = True) -> torch.Tensor:
+        """Normalise and rotate q and k of request ``b`` for ``heads``, write k and v to the cache
+        (``write``), and return the rotated queries ``[len(heads) * group, hd]``."""
         nq, nkv, hd = op.attrs["num_q_heads"], op.attrs["num_kv_heads"], op.attrs["head_dim"]
         group = nq // nkv
         row = env[op.inputs["input"].name][b]
@@ -121,7 +145,7 @@ class Attention(OpDef):
         cos_sin = env[op.inputs["cos_sin_cache"].name][int(env[op.inputs["positions"].name][b])]
         q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
         slot = int(env[op.inputs["slot_mapping"].name][b])
-        if slot >= 0:
+        if write and slot >= 0:
             cache = env[op.inputs["kv_cache"].name]
             block, offset = divmod(slot, cache.shape[2])
             store(cache[block, heads.start:heads.stop, offset, :hd], k)
@@ -143,17 +167,34 @@ class Attention(OpDef):
 
     def run_tile(self, op: Op, params: dict[str, int], env: Env) -> None:
         nq, nkv, hd = op.attrs["num_q_heads"], op.attrs["num_kv_heads"], op.attrs["head_dim"]
-        head, group = params["kv_head"], nq // nkv
-        out = env[op.outputs["output"].name]
+        head, group, split = params["kv_head"], nq // nkv, params["split"]
+        splits = op.attrs.get("kv_splits", 1)
         for b in range(params["row_start"], params["row_end"]):
             if not self._active(env, b, op):
                 continue
-            q = self._queries_and_write_kv(op, env, b, range(head, head + 1))
+            q = self._queries_and_write_kv(op, env, b, range(head, head + 1), write=split == splits - 1)
             keys, values = self._history(op, env, b, range(head, head + 1))
-            scores = (q @ keys[0].T) * op.attrs["scale"]
-            store(out[b, head * group * hd:(head + 1) * group * hd], (scores.softmax(-1) @ values[0]).flatten())
+            if splits == 1:
+                scores = (q @ keys[0].T) * op.attrs["scale"]
+                out = env[op.outputs["output"].name]
+                store(out[b, head * group * hd:(head + 1) * group * hd], (scores.softmax(-1) @ values[0]).flatten())
+                continue
+            length = keys.shape[1]
+            lo, hi = length * split // splits, length * (split + 1) // splits
+            part = env[op.outputs["partial"].name][b, head * group:(head + 1) * group, split]
+            if lo == hi:  # no position here: nothing to add
+                part[:, :hd], part[:, hd], part[:, hd + 1] = 0.0, -torch.inf, 0.0
+                continue
+            scores = (q @ keys[0, lo:hi].T) * op.attrs["scale"]
+            m = scores.max(-1).values
+            weights = (scores - m[:, None]).exp()
+            part[:, :hd], part[:, hd], part[:, hd + 1] = weights @ values[0, lo:hi], m, weights.sum(-1)
 
     def reference(self, op: Op, env: Env) -> None:
+        if op.attrs.get("kv_splits", 1) > 1:  # partials are a tiling artefact: the tiles are the definition
+            for tile in self.lower(op):
+                self.run_tile(op, tile.params, env)
+            return
         nkv = op.attrs["num_kv_heads"]
         out = env[op.outputs["output"].name]
         for b in range(out.shape[0]):
