@@ -28,13 +28,14 @@ from vllm_mpk.runtime.meta import STEP_INPUT_NAMES
 META = torch.device("meta")
 
 
-def meta_plan(spec: ModelSpec, max_batch: int, workers: int, schedule: str) -> tuple[Plan, dict[str, torch.Tensor]]:
+def meta_plan(spec: ModelSpec, max_batch: int, workers: int, schedule: str,
+              kv_splits: int = 1) -> tuple[Plan, dict[str, torch.Tensor]]:
     weights = {n: torch.empty(s, dtype=torch.bfloat16, device=META) for n, s in expected_shapes(spec).items()}
     caches = [torch.empty(4, 16, spec.num_kv_heads, 2 * spec.head_dim, dtype=torch.bfloat16, device=META)
               .permute(0, 2, 1, 3) for _ in range(spec.num_layers)]
     rope = torch.empty(4096, spec.head_dim, dtype=torch.bfloat16, device=META)
     options = DecodeOptions(max_batch=max_batch, max_seq_len=4096, num_workers=workers, schedule=schedule,
-                            final="hidden")
+                            final="hidden", kv_splits=kv_splits)
     decoder = build_decoder(spec, weights, caches, options, rope_cache=rope)
     plan = decoder.plan
     steps = {n: torch.empty(plan.tensors[n].shape, dtype=plan.tensors[n].dtype, device=META) for n in STEP_INPUT_NAMES}
@@ -51,21 +52,23 @@ def gpu_allocation(plan: Plan, tensors: dict[str, torch.Tensor], profile: bool) 
     return total + (plan.num_workers * longest * 2 * 8 if profile else 0)
 
 
-@pytest.mark.parametrize("name,max_batch,workers,schedule", [
-    ("qwen3-0.6b", 8, 132, "earliest_finish"),
-    ("qwen3-0.6b", 1, 132, "earliest_finish"),
-    ("llama-3.2-1b", 8, 132, "round_robin"),
-    ("qwen3-0.6b", 5, 16, "earliest_finish"),
+@pytest.mark.parametrize("name,max_batch,workers,schedule,kv_splits", [
+    ("qwen3-0.6b", 8, 132, "earliest_finish", 1),
+    ("qwen3-0.6b", 1, 132, "earliest_finish", 1),
+    ("llama-3.2-1b", 8, 132, "round_robin", 1),
+    ("qwen3-0.6b", 5, 16, "earliest_finish", 1),
+    ("llama-3.2-1b", 8, 132, "earliest_finish", 4),
 ])
-def test_estimate_covers_what_a_build_allocates(name: str, max_batch: int, workers: int, schedule: str) -> None:
+def test_estimate_covers_what_a_build_allocates(name: str, max_batch: int, workers: int, schedule: str,
+                                                kv_splits: int) -> None:
     spec = ModelSpec.from_hf_config(shipped_config(name))
-    plan, tensors = meta_plan(spec, max_batch, workers, schedule)
-    assert task_count(spec, max_batch, workers) == len(plan.tasks)
+    plan, tensors = meta_plan(spec, max_batch, workers, schedule, kv_splits)
+    assert task_count(spec, max_batch, workers, kv_splits) == len(plan.tasks)
     intermediates = sum(h.nbytes for h in plan.tensors.values() if h.role is not Role.INPUT)
-    assert activation_bytes(spec, max_batch) == intermediates
+    assert activation_bytes(spec, max_batch, kv_splits=kv_splits) == intermediates
     for profile in (False, True):
         exact = gpu_allocation(plan, tensors, profile)
-        estimate = megakernel_bytes(spec, max_batch, workers, profile=profile)
+        estimate = megakernel_bytes(spec, max_batch, workers, profile=profile, kv_splits=kv_splits)
         assert exact <= estimate <= 2 * exact + SEGMENT_SLACK, (exact, estimate)
 
 

@@ -13,6 +13,8 @@ The estimate mirrors what a build allocates (``runtime/megakernel.py:Megakernel.
 the plan of ``models/decoder.py:build_decoder`` with ``final="hidden"``, one rank):
 - intermediates, exactly: ``[max_batch, width]`` bf16 buffers, per layer qkv, attention output,
   SwiGLU activation, the two residual sums, plus the embedding output and the final norm's output;
+  with split KV (``kv_splits`` S > 1) each layer's float32 partials ``[max_batch, q heads, S,
+  head_dim + 2]`` too;
 - the task table ``[workers, max_tasks, words]`` int32, bounded: the task count is exact, the
   longest queue is taken as twice the mean (plans measured stay under 1.35x), words under 32;
 - event triggers and counters, the pointer table, the control block and the optional profile.
@@ -53,27 +55,38 @@ def activation_widths(spec: ModelSpec) -> list[int]:
     return [h, *layer * spec.num_layers, h]
 
 
-def activation_bytes(spec: ModelSpec, max_batch: int, dtype: torch.dtype = torch.bfloat16) -> int:
+def partial_bytes(spec: ModelSpec, max_batch: int, kv_splits: int) -> list[int]:
+    """Bytes of each layer's split-KV partials (none without splitting)."""
+    if kv_splits == 1:
+        return []
+    return [max_batch * spec.num_q_heads * kv_splits * (spec.head_dim + 2) * 4] * spec.num_layers
+
+
+def activation_bytes(spec: ModelSpec, max_batch: int, dtype: torch.dtype = torch.bfloat16, kv_splits: int = 1) -> int:
     """Bytes of the plan's intermediates (what the CPU reference executor allocates too)."""
-    return sum(max_batch * w * dtype.itemsize for w in activation_widths(spec))
+    return sum(max_batch * w * dtype.itemsize for w in activation_widths(spec)) + \
+        sum(partial_bytes(spec, max_batch, kv_splits))
 
 
-def task_count(spec: ModelSpec, max_batch: int, num_workers: int) -> int:
-    """Tiles of the decode plan: embedding, five ops per layer, the final norm."""
+def task_count(spec: ModelSpec, max_batch: int, num_workers: int, kv_splits: int = 1) -> int:
+    """Tiles of the decode plan: embedding, five ops per layer (six with split KV: the merge), the
+    final norm."""
     h, w = spec.hidden_size, num_workers
-    layer = (linear_grid(spec.qkv_width, w) + spec.num_kv_heads * max_batch + linear_grid(h, w)
+    attention = spec.num_kv_heads * max_batch * (kv_splits + (kv_splits > 1))
+    layer = (linear_grid(spec.qkv_width, w) + attention + linear_grid(h, w)
              + linear_grid(2 * spec.intermediate_size, w) + linear_grid(h, w))
     return min(w, h // 8) + spec.num_layers * layer + max_batch
 
 
-def megakernel_bytes(spec: ModelSpec, max_batch: int, num_workers: int, *, profile: bool = False) -> int:
+def megakernel_bytes(spec: ModelSpec, max_batch: int, num_workers: int, *, profile: bool = False,
+                     kv_splits: int = 1) -> int:
     """An upper estimate of the device memory a build allocates, allocator rounding included."""
-    tasks = task_count(spec, max_batch, num_workers)
+    tasks = task_count(spec, max_batch, num_workers, kv_splits)
     longest = QUEUE_SKEW * -(-tasks // num_workers) + 8
-    sizes = [max_batch * w * 2 for w in activation_widths(spec)]
+    sizes = [max_batch * w * 2 for w in activation_widths(spec)] + partial_bytes(spec, max_batch, kv_splits)
     sizes += [num_workers * longest * TABLE_WORDS * 4, num_workers * 4, control.WORDS * 4]
     sizes += [2 * tasks * 4] * 2  # event triggers and counters: fewer events than task signals
-    num_tensors = len(expected_shapes(spec)) + spec.num_layers + len(activation_widths(spec)) + 8
+    num_tensors = len(expected_shapes(spec)) + 2 * spec.num_layers + len(activation_widths(spec)) + 8
     sizes.append(num_tensors * 8)
     if profile:
         sizes.append(num_workers * longest * 2 * 8)
