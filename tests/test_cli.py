@@ -26,6 +26,15 @@ def test_plan_summary_names_every_op_kind(capsys: pytest.CaptureFixture[str]) ->
         assert kind in rows, f"plan summary has no row for '{kind}':\n{out}"
 
 
+def test_plan_shows_split_kv_and_multi_step(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--model", "llama-3.2-1b", "--layers", "2", "--kv-splits", "4", "--multi-step"]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert rows["begin_step"][:2] == ["1", "1"]  # one layer, one task
+    assert rows["attention"][:2] == ["2", str(2 * 8 * 8 * 4)]  # 2 layers x 8 KV heads x 8 requests x 4 splits
+    assert rows["attention_merge"][:2] == ["2", str(2 * 8 * 8)]
+    assert main(["plan", "--model", "qwen3-0.6b", "--multi-step", "--tensor-parallel-size", "2"]) == 2
+
+
 def test_check_unknown_model_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "--model", "no-such-model"]) == 2
     err = capsys.readouterr().err

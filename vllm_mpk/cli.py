@@ -70,10 +70,11 @@ def run_plan(model: ResolvedModel, layers: int | None, options: DecodeOptions) -
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    options = DecodeOptions(max_batch=args.max_batch, max_seq_len=args.max_seq_len, page_size=args.page_size,
-                            num_workers=args.num_workers, schedule=args.schedule,
-                            world_size=args.tensor_parallel_size)
     try:
+        options = DecodeOptions(max_batch=args.max_batch, max_seq_len=args.max_seq_len, page_size=args.page_size,
+                                num_workers=args.num_workers, schedule=args.schedule,
+                                world_size=args.tensor_parallel_size, kv_splits=args.kv_splits,
+                                multi_step=args.multi_step)
         run_plan(resolve(args.model), args.layers, options)
     except ValueError as e:
         raise CliError(str(e)) from e
@@ -321,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=d.page_size)
     p.add_argument("--schedule", choices=sorted(POLICIES), default=d.schedule)
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="print each of N ranks' plans (default 1)")
+    p.add_argument("--kv-splits", type=int, default=d.kv_splits, help="attention tasks per KV head and request")
+    p.add_argument("--multi-step", action="store_true", help="begin_step first: one launch decodes many steps")
     p.set_defaults(func=cmd_plan)
     c = sub.add_parser("check", help="run the plan on the CPU reference executor and compare with transformers")
     add_model_arg(c)
