@@ -246,6 +246,20 @@ def test_begin_step_waits_for_the_previous_steps_argmax(multi_step: Generated) -
     assert all(carried.id in g.plan.tasks[t].signal_events for t in carried.producers)
 
 
+def test_begin_step_needs_contiguous_state_rows() -> None:
+    tokens = torch.empty(4, 512, dtype=torch.int64, device="meta")[:, ::2]  # every other position
+    mpk = PersistentKernel(num_workers=4, meta_tensors={"step": torch.empty(4, dtype=torch.int64, device="meta"),
+                                                         "tokens": tokens})
+    embed = mpk.attach_input(torch.empty(1024, 256, dtype=torch.bfloat16, device="meta"), "embed")
+    x, out = mpk.new_tensor((4, 256), torch.bfloat16, "x"), mpk.new_tensor((4,), torch.int64, "next")
+    mpk.begin_step_layer(out, 256)
+    mpk.embed_layer(None, embed, x, grid_dim=4, block_dim=256)
+    mpk.argmax_layer(x, out, grid_dim=4, block_dim=256)
+    plan = mpk.compile()
+    with pytest.raises(UnsupportedOnGPU, match=r"begin_step layer 'begin_step': \['tokens'\] must be contiguous"):
+        kernel_spec(plan, meta_bound(plan, mpk.attached))
+
+
 def test_multi_step_megakernel_compiles_for_sm90a(multi_step: Generated, tmp_path: Path) -> None:
     try:
         find_nvcc()

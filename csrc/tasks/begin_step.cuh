@@ -11,7 +11,7 @@ namespace mpk {
 // Argument words of a begin_step record (order fixed by vllm_mpk/codegen/tasks.py).
 struct BeginStepArgs {
   enum { kSampled, kStep, kTokens, kPromptLens, kEnd, kPending, kEos, kTables, kInputIds, kPositions, kSeqLens,
-         kSlots, kWidth, kTableStride, kPage };
+         kSlots, kWidth, kTokenStride, kTableStride, kPage };
 };
 
 template <int NT>
@@ -28,20 +28,20 @@ __device__ void begin_step_task(const TaskContext& c) {
   int64_t* positions = c.ptr<int64_t>(BeginStepArgs::kPositions);
   int32_t* seq_lens = c.ptr<int32_t>(BeginStepArgs::kSeqLens);
   int64_t* slots = c.ptr<int64_t>(BeginStepArgs::kSlots);
-  const int64_t width = c.arg(BeginStepArgs::kWidth);
+  const int64_t width = c.arg(BeginStepArgs::kWidth), token_stride = c.arg(BeginStepArgs::kTokenStride);
   const int table_stride = c.arg(BeginStepArgs::kTableStride), page = c.arg(BeginStepArgs::kPage);
   for (int b = threadIdx.x; b < c.num_tokens; b += NT) {
     int64_t s = step[b];
     if (pending[b] && s >= 0) {
       const int64_t next = s + 1, token = sampled[b];
       const bool generating = next >= prompt_lens[b] && next < width;
-      if (generating) tokens[b * width + next] = token;
+      if (generating) tokens[b * token_stride + next] = token;
       s = next >= end[b] || (eos >= 0 && generating && token == eos) ? -1 : next;
       step[b] = s;
     }
     const bool active = s >= 0;
     const int64_t pos = active ? s : 0;
-    input_ids[b] = active ? static_cast<int32_t>(tokens[b * width + pos]) : 0;
+    input_ids[b] = active ? static_cast<int32_t>(tokens[b * token_stride + pos]) : 0;
     positions[b] = pos;
     seq_lens[b] = active ? static_cast<int32_t>(pos + 1) : 0;
     slots[b] = active ? static_cast<int64_t>(tables[(int64_t)b * table_stride + pos / page]) * page + pos % page : -1;

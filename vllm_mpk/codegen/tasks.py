@@ -207,7 +207,13 @@ def task_args(task: Task, ids: Mapping[str, int], tensors: Mapping[str, torch.Te
         return [*words, recv, signal, task.tile, op.attrs["world_size"], op.attrs.get("rank", 0), x.shape[0],
                 op.num_tiles]
     if op.kind == "begin_step":
-        return [tid(r) for r in BEGIN_STEP_OPERANDS] + [op.inputs["tokens"].shape[1],
+        rows = [r for r in BEGIN_STEP_OPERANDS if r not in ("tokens", "block_tables")]
+        strided = [r for r in rows if tensors[op.inputs[r].name].stride(0) != 1]
+        strided += [r for r in ("tokens", "block_tables") if tensors[op.inputs[r].name].stride(1) != 1]
+        if strided:
+            raise UnsupportedOnGPU(f"begin_step layer '{op.name}': {strided} must be contiguous in their last dim")
+        tokens = tensors[op.inputs["tokens"].name]
+        return [tid(r) for r in BEGIN_STEP_OPERANDS] + [tokens.shape[1], tokens.stride(0),
                                                        tensors[op.inputs["block_tables"].name].stride(0),
                                                        op.attrs["page_size"]]
     raise UnsupportedOnGPU(f"no argument layout for {op.kind}")
