@@ -45,12 +45,9 @@ def event_ancestry(tasks: list[Task], events: list[Event]) -> tuple[list[int], l
     return done, before
 
 
-def check_reads_ordered(tasks: list[Task], events: list[Event], index: WriterIndex) -> None:
-    done, _ = event_ancestry(tasks, events)
+def check_reads_ordered(tasks: list[Task], before: list[int], index: WriterIndex) -> None:
     for task in tasks:
-        seen = 0
-        for e in task.wait_events:
-            seen |= done[e]
+        seen = before[task.id]
         for access in task.reads:
             if access.previous_step:  # ordered across steps: check_steps_serialized
                 continue
@@ -62,11 +59,10 @@ def check_reads_ordered(tasks: list[Task], events: list[Event], index: WriterInd
                                      f"but no event orders the write before the read")
 
 
-def check_steps_serialized(tasks: list[Task], events: list[Event]) -> None:
+def check_steps_serialized(tasks: list[Task], events: list[Event], done: list[int], before: list[int]) -> None:
     lagged = [e for e in events if e.lag]
     if not lagged:
         return
-    done, before = event_ancestry(tasks, events)
     everything = (1 << len(tasks)) - 1
     for e in lagged:
         if done[e.id] != everything:
@@ -122,6 +118,7 @@ def validate(tensors: dict[str, TensorHandle], tasks: list[Task], events: list[E
     """Raise ValueError on the first violated property."""
     index = WriterIndex(tensors, tasks)
     check_coverage(tensors, index)
-    check_reads_ordered(tasks, events, index)
-    check_steps_serialized(tasks, events)
+    done, before = event_ancestry(tasks, events)
+    check_reads_ordered(tasks, before, index)
+    check_steps_serialized(tasks, events, done, before)
     check_no_deadlock(tasks, events, queues)

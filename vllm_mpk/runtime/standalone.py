@@ -65,14 +65,9 @@ def decode(executor: StepExecutor, sequences: list[list[int]], block_tables: tor
         if on_step is not None:
             on_step(step.clone(), executor.tensors[logits_name])
         advance(step, tokens, executor.tensors[tokens_name], lengths, end, teacher_forced, eos_token_id)
-    out = []
-    for b, seq in enumerate(sequences):
-        if teacher_forced:
-            out.append(list(seq))
-            continue
-        row = tokens[b, len(seq):].tolist()
-        out.append(list(seq) + row[:_generated_count(row, max_new_tokens, eos_token_id)])
-    return out
+    if teacher_forced:
+        return [list(seq) for seq in sequences]
+    return _prompts_and_generated(sequences, tokens, max_new_tokens, eos_token_id)
 
 
 def _check_requests(sequences: list[list[int]], batch: int) -> None:
@@ -110,14 +105,17 @@ def decode_in_one_launch(executor: StepExecutor, begin: Op, sequences: list[list
     state["block_tables"].copy_(block_tables)
     executor.run_steps(n, int(end.max()))
     REGISTRY[begin.kind].reference(begin, Env(executor.tensors, n))  # the last step's tokens
+    return _prompts_and_generated(sequences, state["tokens"], max_new_tokens, eos_token_id)
+
+
+def _prompts_and_generated(sequences: list[list[int]], tokens: torch.Tensor, max_new_tokens: int,
+                           eos_token_id: int | None) -> list[list[int]]:
+    """Each prompt followed by its generated tokens from ``tokens`` (prompt then generated, per
+    row): ``max_new_tokens`` of them, or up to and including the first ``eos_token_id``."""
     out = []
     for b, seq in enumerate(sequences):
-        row = state["tokens"][b, len(seq):capacity].tolist()
-        out.append(list(seq) + row[:_generated_count(row, max_new_tokens, eos_token_id)])
+        row = tokens[b, len(seq):len(seq) + max_new_tokens].tolist()
+        if eos_token_id is not None and eos_token_id in row:
+            row = row[:row.index(eos_token_id) + 1]
+        out.append(list(seq) + row)
     return out
-
-
-def _generated_count(row: list[int], max_new_tokens: int, eos_token_id: int | None) -> int:
-    if eos_token_id is not None and eos_token_id in row[:max_new_tokens]:
-        return row.index(eos_token_id) + 1
-    return max_new_tokens
