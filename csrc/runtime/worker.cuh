@@ -31,7 +31,7 @@ template <typename Record>
 __device__ __forceinline__ void prefetch_weights(const KernelParams& p, const Record& r) {
   if (r.prefetch_tensor < 0) return;
   const char* base = static_cast<const char*>(p.tensors[r.prefetch_tensor]) + (int64_t)r.prefetch_offset16 * 16;
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(base), "r"(r.prefetch_len16 * 16) : "memory");
+  prefetch_l2(base, r.prefetch_len16 * 16);
 }
 
 // Record: {opcode, variant, task id, prefetch tensor, offset/16, bytes/16, waits[MAX_WAITS],

@@ -47,6 +47,27 @@ __device__ __forceinline__ void rotate(float* v, const RopeT* cos_sin, int lane)
   __syncwarp();
 }
 
+// Combines COUNT online-softmax partials at p, p + stride, ...: each holds its unnormalised sum
+// of weighted values at [0, HD), then its maximum score at [HD] and its sum of weights at [HD + 1];
+// one that saw no position (maximum -inf) adds nothing. Returns the overall maximum; `num` (dim d)
+// and `den` are relative to it.
+template <int HD, int COUNT>
+__device__ __forceinline__ float merge_partials(const float* p, int stride, int d, float& num, float& den) {
+  float m_all = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < COUNT; ++j) m_all = fmaxf(m_all, p[j * stride + HD]);
+  num = den = 0.f;
+#pragma unroll
+  for (int j = 0; j < COUNT; ++j) {
+    const float* pj = p + j * stride;
+    if (pj[HD] == -INFINITY) continue;
+    const float f = __expf(pj[HD] - m_all);
+    num += pj[d] * f;
+    den += pj[HD + 1] * f;
+  }
+  return m_all;
+}
+
 template <int HD, int GROUP, int NQ, int NKV, int PAGE, bool QK_NORM, int NT, typename RopeT, int SPLITS>
 __device__ void attention_task(const TaskContext& c) {
   static_assert(HD % kWarp == 0, "head_dim must be a multiple of 32");
@@ -80,7 +101,7 @@ __device__ void attention_task(const TaskContext& c) {
     const int len = seq_lens[b], hi = (int)((int64_t)len * (split + 1) / SPLITS);
     for (int pos = (int)((int64_t)len * split / SPLITS) + threadIdx.x; pos < min(hi, len - 1); pos += NT) {
       const __nv_bfloat16* kv = head_cache + (int64_t)table[pos / PAGE] * block_stride + (pos % PAGE) * slot_stride;
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(kv), "r"(2 * HD * 2) : "memory");
+      prefetch_l2(kv, 2 * HD * 2);
     }
   }
   if (!c.inputs_ready()) return;
@@ -165,16 +186,8 @@ __device__ void attention_task(const TaskContext& c) {
     __syncthreads();
     for (int i = threadIdx.x; i < GROUP * HD; i += NT) {
       const int g = i / HD, d = i % HD;
-      float m_all = -INFINITY;
-      for (int w = 0; w < NW; ++w) m_all = fmaxf(m_all, part[(w * GROUP + g) * (HD + 2) + HD]);
-      float num = 0.f, den = 0.f;
-      for (int w = 0; w < NW; ++w) {
-        const float* pw = part + (w * GROUP + g) * (HD + 2);
-        if (pw[HD] == -INFINITY) continue;  // this warp saw no position
-        const float f = __expf(pw[HD] - m_all);
-        num += pw[d] * f;
-        den += pw[HD + 1] * f;
-      }
+      float num, den;  // over the warps' partials
+      const float m_all = merge_partials<HD, NW>(part + g * (HD + 2), GROUP * (HD + 2), d, num, den);
       if constexpr (SPLITS == 1) {
         out[(size_t)b * NQ * HD + (head * GROUP + g) * HD + d] = __float2bfloat16_rn(num / den);
       } else {  // m_all is -inf and den 0 where this split had no position
@@ -206,19 +219,9 @@ __device__ void attention_merge_task(const TaskContext& c) {
     if (seq_lens[b] <= 0) continue;
     for (int i = threadIdx.x; i < GROUP * HD; i += NT) {
       const int g = i / HD, d = i % HD;
-      const float* p = partial + ((size_t)b * NQ + head * GROUP + g) * SPLITS * (HD + 2);
-      float m_all = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < SPLITS; ++j) m_all = fmaxf(m_all, p[j * (HD + 2) + HD]);
-      float num = 0.f, den = 0.f;
-#pragma unroll
-      for (int j = 0; j < SPLITS; ++j) {
-        const float* pj = p + j * (HD + 2);
-        if (pj[HD] == -INFINITY) continue;
-        const float f = __expf(pj[HD] - m_all);
-        num += pj[d] * f;
-        den += pj[HD + 1] * f;
-      }
+      float num, den;
+      merge_partials<HD, SPLITS>(partial + ((size_t)b * NQ + head * GROUP + g) * SPLITS * (HD + 2), HD + 2, d, num,
+                                 den);
       out[(size_t)b * NQ * HD + (head * GROUP + g) * HD + d] = __float2bfloat16_rn(num / den);
     }
   }

@@ -100,6 +100,11 @@ __device__ __forceinline__ Bf16x8 load_stream(const __nv_bfloat16* p) {
   return *reinterpret_cast<Bf16x8*>(&r);
 }
 
+// Asks L2 for `bytes` (a multiple of 16) from a 16-byte aligned address; nothing waits for it.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+}
+
 template <typename T>
 __device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
 template <>
