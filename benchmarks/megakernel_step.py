@@ -141,7 +141,8 @@ def main() -> None:
             weights = random_weights(spec, device=device)
             for b in args.batches:
                 trace = out / f"trace_{m}_bs{b}.json" if args.trace else None
-                rows.append({"name": m, **run_case(spec, b, args.context, device, weights, log, trace, args.kv_splits)})
+                case = run_case(spec, b, args.context, device, weights, log, trace, args.kv_splits)
+                rows.append({"name": m, **case})
                 print(rows[-1], flush=True)
             del weights
             torch.cuda.empty_cache()

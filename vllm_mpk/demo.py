@@ -25,8 +25,8 @@ def weight_bytes(spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> int:
         head if spec.tie_word_embeddings else 0)
 
 
-def gpu_model(spec: ModelSpec, weights: Mapping[str, torch.Tensor], batch: int, max_seq: int,
-              multi_step: bool = False) -> tuple[DecodeModel, dict[str, torch.Tensor], list[torch.Tensor], torch.Tensor]:
+def gpu_model(spec: ModelSpec, weights: Mapping[str, torch.Tensor], batch: int, max_seq: int, multi_step: bool = False
+              ) -> tuple[DecodeModel, dict[str, torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """The decode plan on the GPU, one worker per SM: (model, weights, KV caches, block tables)."""
     device = torch.device("cuda")
     weights = {k: v.to(device) for k, v in weights.items()}

@@ -74,7 +74,8 @@ def run_engines(configs: Iterable[EngineConfig], rows_path: Path, log_dir: Path,
     rows_path.parent.mkdir(parents=True, exist_ok=True)
     all_rows: list[Row] = []
     for cfg in configs:
-        rows = [{**r, "run": run} for r in run_engine(cfg, log_dir / f"{cfg.label.replace(' ', '-')}-{cfg.impl}.log", timeout_s)]
+        log = log_dir / f"{cfg.label.replace(' ', '-')}-{cfg.impl}.log"
+        rows = [{**r, "run": run} for r in run_engine(cfg, log, timeout_s)]
         with rows_path.open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         on_rows(rows)

@@ -2,12 +2,12 @@
 writes (JSON lines, see ``vllm_mpk.bench.worker``). Pure functions: no GPU, no vLLM.
 
 For each model (and tensor-parallel size: ``qwen3-8b TP2``) the table uses the rows of the
-latest run that measured it, so stock and mpk always come from the same run on the same card(s). Per model and batch (milliseconds): TPOT and
-forward time of both impls and their ratios; lm_head (``compute_logits``, vLLM's GEMV for both
-impls; the stock row's value); overhead = TPOT - forward - lm_head, vLLM's own per-step work
-outside the model (scheduling, input preparation, sampling, host gaps between launches); and the
-ceiling, stock TPOT / (stock TPOT - stock forward): the TPOT speed-up of a forward that took no
-time at all. Where the ceiling is small, vLLM's overhead, not the forward, bounds the gain.
+latest run that measured it, so stock and mpk always come from the same run on the same card(s).
+Per model and batch (milliseconds): TPOT and forward time of both impls and their ratios;
+lm_head (``compute_logits``, vLLM's GEMV for both impls; the stock row's value); overhead =
+TPOT - forward - lm_head, vLLM's own per-step work outside the model (scheduling, input
+preparation, sampling, host gaps between launches); and the ceiling, stock TPOT / (stock TPOT -
+stock forward): the TPOT speed-up of a forward that took no time at all. Where the ceiling is small, vLLM's overhead, not the forward, bounds the gain.
 """
 
 from __future__ import annotations

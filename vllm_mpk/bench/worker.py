@@ -87,7 +87,8 @@ def engine_kwargs(cfg: EngineConfig, directory: Path) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(
         model=str(directory), model_impl=cfg.impl, load_format="dummy", skip_tokenizer_init=True,
         max_model_len=cfg.prompt_len + cfg.new_tokens + 16, max_num_seqs=max(cfg.batches),
-        tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization, worker_extension_cls=STEP_TIMER)
+        tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
+        worker_extension_cls=STEP_TIMER)
     if not cfg.vllm_compile:
         kwargs["compilation_config"] = FAST_COMPILATION
     if cfg.profile_dir is not None:

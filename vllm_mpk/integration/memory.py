@@ -62,7 +62,8 @@ def partial_bytes(spec: ModelSpec, max_batch: int, kv_splits: int) -> list[int]:
     return [max_batch * spec.num_q_heads * kv_splits * (spec.head_dim + 2) * 4] * spec.num_layers
 
 
-def activation_bytes(spec: ModelSpec, max_batch: int, dtype: torch.dtype = torch.bfloat16, kv_splits: int = 1) -> int:
+def activation_bytes(spec: ModelSpec, max_batch: int, dtype: torch.dtype = torch.bfloat16,
+                     kv_splits: int = 1) -> int:
     """Bytes of the plan's intermediates (what the CPU reference executor allocates too)."""
     return sum(max_batch * w * dtype.itemsize for w in activation_widths(spec)) + \
         sum(partial_bytes(spec, max_batch, kv_splits))

@@ -95,7 +95,8 @@ class MpkRuntime:
         self.reservation = Reservation(self._estimated_bytes(self._num_workers(device)), device)
 
     def _estimated_bytes(self, workers: int) -> int:
-        return sum(megakernel_bytes(self.spec, b, workers, profile=self.options.profile, kv_splits=self.options.kv_splits)
+        return sum(megakernel_bytes(self.spec, b, workers, profile=self.options.profile,
+                                    kv_splits=self.options.kv_splits)
                    for b in plan_batches(self.max_batch))
 
     def _release(self) -> None:

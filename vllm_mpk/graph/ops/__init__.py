@@ -21,7 +21,8 @@ from vllm_mpk.graph.ops.silu_mul import SiluMul
 REGISTRY: dict[str, OpDef] = {
     d.kind: d
     for d in (Embed(), RMSNorm(), Linear(), LinearWithResidual(), RMSNormLinear(), RMSNormLinearSiluMul(), Attention(),
-              SiluMul(), SiluMulLinear(), SiluMulLinearWithResidual(), AllReduce(), Argmax(), BeginStep(), AttentionMerge())
+              SiluMul(), SiluMulLinear(), SiluMulLinearWithResidual(), AllReduce(), Argmax(), BeginStep(),
+              AttentionMerge())
 }
 
 __all__ = ["REGISTRY", "Env", "OpDef", "Tile"]

@@ -2,8 +2,8 @@
 
 For each request row ``b < num_tokens``: if ``pending[b]``, the previous step's greedy token
 ``sampled[b]`` is taken in (``runtime.meta.advance``: written after the prompt, the row moves one
-position on, and retires at ``end[b]`` or on the token ``eos[0]`` unless it is negative); then the step inputs (``input_ids``,
-``positions``, ``seq_lens``, ``slot_mapping``) are derived from ``step`` and ``tokens``
+position on, and retires at ``end[b]`` or on the token ``eos[0]`` unless it is negative); then the
+step inputs (``input_ids``, ``positions``, ``seq_lens``, ``slot_mapping``) are derived from ``step`` and ``tokens``
 (``runtime.meta.step_inputs``), and ``pending[b]`` says whether this step decodes the row. All
 operands are attached tensors updated in place; ``sampled`` is read one step behind (it is the
 argmax of the step before), so the host starts a generation with ``pending`` all zero and takes in
@@ -21,8 +21,8 @@ from vllm_mpk.runtime.meta import advance, step_inputs
 STATE = ("step", "tokens", "prompt_lens", "end", "pending", "eos")
 STEP_INPUTS = ("input_ids", "positions", "seq_lens", "slot_mapping")
 DTYPES = {"sampled": torch.int64, "step": torch.int64, "tokens": torch.int64, "prompt_lens": torch.int64,
-          "end": torch.int64, "pending": torch.int32, "eos": torch.int64, "block_tables": torch.int32, "input_ids": torch.int32,
-          "positions": torch.int64, "seq_lens": torch.int32, "slot_mapping": torch.int64}
+          "end": torch.int64, "pending": torch.int32, "eos": torch.int64, "block_tables": torch.int32,
+          "input_ids": torch.int32, "positions": torch.int64, "seq_lens": torch.int32, "slot_mapping": torch.int64}
 
 
 class BeginStep(OpDef):
