@@ -7,8 +7,9 @@
 // maximum and the sum of weights per query head) that attention_merge_task combines. Only the last
 // split, whose range ends at the new token, writes the new k/v.
 //
-// Warps split the positions; each lane owns HD/32 dims of every query head of the group, so one
-// warp reduction per head and position gives the score. Warp partials merge in shared memory.
+// Rounds stage up to 32 positions per warp in shared memory: a lane scores one position for every
+// query head of the group, then each lane accumulates HD/32 dims of the weighted values. Warp
+// partials merge in shared memory.
 // The cached positions are requested into L2 before the task's q/k/v inputs are ready.
 #pragma once
 #include "common.cuh"
@@ -22,9 +23,26 @@ struct AttentionArgs {
   };
 };
 
+// A round stages the K|V rows of up to 32 positions per warp in shared memory (cp.async, all in
+// flight at once), each row padded by 16 bytes so that lanes reading different rows at the same
+// column hit different banks. Rounds stay within 144 KiB of staged rows.
+constexpr int kStagePad = 8;  // bf16 elements
+template <int HD, int NT>
+constexpr int attention_round() {
+  constexpr int fit = (144 * 1024) / (kWarp * (2 * HD + kStagePad) * 2);
+  return (NT / kWarp < fit ? NT / kWarp : fit) * kWarp;
+}
+
+// Bytes before the round's row offsets: q, k, v, then per warp the partials [GROUP][HD + 2] and
+// the weights [GROUP][32], rounded up to 16 bytes.
 template <int HD, int GROUP, int NT>
-constexpr int attention_smem_bytes() {
-  return ((GROUP + 2) * HD + (NT / kWarp) * GROUP * (HD + 2)) * 4;
+constexpr int attention_float_bytes() {
+  return (((GROUP + 2) * HD + (NT / kWarp) * GROUP * (HD + 2 + kWarp)) * 4 + 15) / 16 * 16;
+}
+
+template <int HD, int GROUP, int NT>
+constexpr int attention_smem_bytes() {  // then the round's row offsets (int64) and staged rows (bf16)
+  return attention_float_bytes<HD, GROUP, NT>() + attention_round<HD, NT>() * (8 + (2 * HD + kStagePad) * 2);
 }
 
 template <int HD>
@@ -92,16 +110,34 @@ __device__ void attention_task(const TaskContext& c) {
   __nv_bfloat16* head_cache = cache + head * head_stride;
   float* vec = reinterpret_cast<float*>(worker_smem());  // [GROUP + 2][HD]: q heads, k, v
   float* part = vec + (GROUP + 2) * HD;                  // [NW][GROUP][HD + 2]: acc, then max and sum
+  float* weights = part + NW * GROUP * (HD + 2) + warp * GROUP * kWarp;  // this warp's [GROUP][32]
+  constexpr int ROUND = attention_round<HD, NT>(), STAGE_ROW = 2 * HD + kStagePad, CHUNKS = 2 * HD / 8;
+  int64_t* rows = reinterpret_cast<int64_t*>(worker_smem() + attention_float_bytes<HD, GROUP, NT>());  // [ROUND]
+  __nv_bfloat16* stage = reinterpret_cast<__nv_bfloat16*>(rows + ROUND);  // [ROUND][STAGE_ROW]
 
   const int row_start = c.arg(AttentionArgs::kRowStart), row_end = c.arg(AttentionArgs::kRowEnd);
   // Before the inputs are ready: the KV history was written by earlier steps and the block tables
-  // are step inputs, so ask L2 for every cached position of this head while the q/k/v tiles run.
+  // are step inputs, so ask L2 for this head's cached positions while the q/k/v tiles run. The
+  // copy engine takes bulk requests one at a time, so ask for few: one range of PAGE slots per page
+  // where the head's slots are adjacent (head-major pages), or where a page holds all heads'
+  // slots contiguously (slot-major: each of the NKV head tasks then asks for one NKV-th of the page,
+  // together the whole page); otherwise one request per position.
+  constexpr int64_t kPageRange = (int64_t)PAGE * 2 * HD;  // elements
+  const int64_t page_offset = slot_stride == 2 * HD ? head * head_stride
+                              : slot_stride == NKV * head_stride && head_stride == 2 * HD &&
+                                        block_stride == PAGE * slot_stride
+                                    ? head * kPageRange
+                                    : -1;
   for (int b = row_start; b < row_end && b < c.num_tokens; ++b) {
     const int* table = tables + (size_t)b * table_stride;
-    const int len = seq_lens[b], hi = (int)((int64_t)len * (split + 1) / SPLITS);
-    for (int pos = (int)((int64_t)len * split / SPLITS) + threadIdx.x; pos < min(hi, len - 1); pos += NT) {
-      const __nv_bfloat16* kv = head_cache + (int64_t)table[pos / PAGE] * block_stride + (pos % PAGE) * slot_stride;
-      prefetch_l2(kv, 2 * HD * 2);
+    const int len = seq_lens[b], lo = (int)((int64_t)len * split / SPLITS);
+    const int hi = min((int)((int64_t)len * (split + 1) / SPLITS), len - 1);  // the last one is new
+    if (page_offset >= 0) {
+      for (int page = lo / PAGE + threadIdx.x; page * PAGE < hi; page += NT)
+        prefetch_l2(cache + (int64_t)table[page] * block_stride + page_offset, kPageRange * 2);
+    } else {
+      for (int pos = lo + threadIdx.x; pos < hi; pos += NT)
+        prefetch_l2(head_cache + (int64_t)table[pos / PAGE] * block_stride + (pos % PAGE) * slot_stride, 2 * HD * 2);
     }
   }
   if (!c.inputs_ready()) return;
@@ -132,55 +168,83 @@ __device__ void attention_task(const TaskContext& c) {
     }
     __syncthreads();  // the new k/v are read back below like every other position
 
-    float q[GROUP][D], acc[GROUP][D], m[GROUP], l[GROUP];
+    // Rounds of up to 32 positions per warp, staged in shared memory. Scores with lanes over
+    // positions (a lane's dot products read its staged K row and the q heads), so no reduction per
+    // position; then the weighted V rows with lanes over dims, the weights passed through shared
+    // memory. Only the running maximum needs a warp reduction, once per round and head.
+    float acc[GROUP][D], m[GROUP], l[GROUP];  // l: this lane's share of the sum of weights
 #pragma unroll
     for (int g = 0; g < GROUP; ++g) {
       m[g] = -INFINITY;
       l[g] = 0.f;
 #pragma unroll
-      for (int d = 0; d < D; ++d) {
-        q[g][d] = vec[g * HD + lane * D + d] * scale;
-        acc[g][d] = 0.f;
-      }
+      for (int d = 0; d < D; ++d) acc[g][d] = 0.f;
     }
     const int* table = tables + (size_t)b * table_stride;
     const int lo = (int)((int64_t)seq_len * split / SPLITS), hi = (int)((int64_t)seq_len * (split + 1) / SPLITS);
-    // P positions per warp per round, their K/V loads issued together before any is used.
-    constexpr int P = 4;
-    for (int p0 = lo + warp * P; p0 < hi; p0 += NW * P) {
-      float k[P][D], v[P][D];
-#pragma unroll
-      for (int j = 0; j < P; ++j) {
-        const int p = p0 + j < hi ? p0 + j : p0;
-        const __nv_bfloat16* kv = head_cache + (int64_t)table[p / PAGE] * block_stride + (p % PAGE) * slot_stride;
-        load_bf16<D>(kv + lane * D, k[j]);
-        load_bf16<D>(kv + HD + lane * D, v[j]);
+    for (int r0 = lo; r0 < hi; r0 += ROUND) {
+      const int count = min(ROUND, hi - r0);
+      __syncthreads();  // the previous round is done with the rows and the stage
+      for (int i = threadIdx.x; i < count; i += NT) {
+        const int p = r0 + i;
+        rows[i] = (int64_t)table[p / PAGE] * block_stride + (p % PAGE) * slot_stride;
       }
+      __syncthreads();
+      for (int i = threadIdx.x; i < count * CHUNKS; i += NT)  // a warp copies one row per instruction
+        cp_async16(stage + (i / CHUNKS) * STAGE_ROW + (i % CHUNKS) * 8, head_cache + rows[i / CHUNKS] + (i % CHUNKS) * 8);
+      cp_async_wait_all();
+      __syncthreads();
+      const int first = warp * kWarp;
+      if (first >= count) continue;  // warp-uniform
+      const bool valid = first + lane < count;
+      const __nv_bfloat16* k = stage + (valid ? first + lane : first) * STAGE_ROW;
+      float s[GROUP] = {};
 #pragma unroll
-      for (int j = 0; j < P; ++j) {
-        if (p0 + j >= hi) break;
+      for (int ch = 0; ch < HD / 8; ++ch) {
+        float kf[8];
+        unpack(*reinterpret_cast<const Bf16x8*>(k + ch * 8), kf);
 #pragma unroll
         for (int g = 0; g < GROUP; ++g) {
-          float s = 0.f;
-#pragma unroll
-          for (int d = 0; d < D; ++d) s += q[g][d] * k[j][d];
-          s = warp_sum(s);
-          const float m_new = fmaxf(m[g], s), corr = __expf(m[g] - m_new), e = __expf(s - m_new);
-          l[g] = l[g] * corr + e;
-#pragma unroll
-          for (int d = 0; d < D; ++d) acc[g][d] = acc[g][d] * corr + e * v[j][d];
-          m[g] = m_new;
+          const float4* qg = reinterpret_cast<const float4*>(vec + g * HD + ch * 8);
+          const float4 a = qg[0], c = qg[1];
+          s[g] += a.x * kf[0] + a.y * kf[1] + a.z * kf[2] + a.w * kf[3] + c.x * kf[4] + c.y * kf[5] + c.z * kf[6] +
+                  c.w * kf[7];
         }
       }
+#pragma unroll
+      for (int g = 0; g < GROUP; ++g) {
+        const float sg = valid ? s[g] * scale : -INFINITY;
+        const float m_new = fmaxf(m[g], warp_max(sg));  // finite: lane 0's position is in range
+        const float corr = __expf(m[g] - m_new), e = __expf(sg - m_new);
+        l[g] = l[g] * corr + e;
+        weights[g * kWarp + lane] = e;
+#pragma unroll
+        for (int d = 0; d < D; ++d) acc[g][d] *= corr;
+        m[g] = m_new;
+      }
+      __syncwarp();
+      const int n = min(kWarp, count - first);
+      for (int j = 0; j < n; ++j) {
+        float v[D];
+        load_bf16<D>(stage + (first + j) * STAGE_ROW + HD + lane * D, v);
+#pragma unroll
+        for (int g = 0; g < GROUP; ++g) {
+          const float e = weights[g * kWarp + j];
+#pragma unroll
+          for (int d = 0; d < D; ++d) acc[g][d] += e * v[d];
+        }
+      }
+      __syncwarp();  // the next round rewrites the weights
     }
     float* mine = part + warp * GROUP * (HD + 2);
 #pragma unroll
     for (int g = 0; g < GROUP; ++g) {
+      const float sum = warp_sum(l[g]);
 #pragma unroll
       for (int d = 0; d < D; ++d) mine[g * (HD + 2) + lane * D + d] = acc[g][d];
       if (lane == 0) {
         mine[g * (HD + 2) + HD] = m[g];
-        mine[g * (HD + 2) + HD + 1] = l[g];
+        mine[g * (HD + 2) + HD + 1] = sum;
       }
     }
     __syncthreads();

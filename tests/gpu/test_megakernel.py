@@ -22,7 +22,7 @@ from vllm_mpk.runtime.meta import step_inputs
 pytestmark = pytest.mark.gpu
 
 GPU_TOLERANCE = {BF16: dict(rtol=2e-2, atol=2e-2), torch.float32: dict(rtol=2e-2, atol=2e-2),
-                 torch.int64: dict(rtol=0, atol=0)}
+                 torch.int64: dict(rtol=0, atol=0), torch.int32: dict(rtol=0, atol=0)}
 # The CPU cases' reduction dims are small; the GPU's linear tiles need multiples of 256, so the
 # linear kinds get cases of their own: one chunk, several, and a short last chunk (2304 at bs16).
 LINEAR_GPU_CASES = [
