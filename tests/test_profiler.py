@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import torch
 
@@ -41,6 +42,12 @@ def test_spans_trace_and_summary_follow_the_timeline(tmp_path):
     assert {e["cat"] for e in events} == {op.kind for op in plan.ops}
 
     text = summary(plan, spans)
-    shares = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()[2:]}
-    assert set(shares) == {op.kind for op in plan.ops}
-    assert abs(sum(shares.values()) - 100) < 0.5
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in text.splitlines()[2:]}
+    assert set(rows) == {op.kind for op in plan.ops}
+    assert abs(sum(r[0] for r in rows.values()) - 100) < 0.5
+    for kind, row in rows.items():  # the median task runs 1000 + its worker's index ns
+        workers = sorted(s.worker for s in spans if s.kind == kind)
+        assert row[4] == round(statistics.median(1000 + w for w in workers) / 1e3, 2)
+        stages = [max(s.end_ns for s in spans if s.op == op.name) - min(s.start_ns for s in spans if s.op == op.name)
+                  for op in plan.ops if op.kind == kind]
+        assert row[5] == round(statistics.median(stages) / 1e3, 2) and row[5] >= row[4]

@@ -11,6 +11,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 
 import torch
 
@@ -54,22 +55,32 @@ def write_trace(plan: Plan, spans: list[TaskSpan], path: str | Path) -> None:
 
 
 def summary(plan: Plan, spans: list[TaskSpan]) -> str:
-    """Per op kind: share of busy time, bytes moved, bandwidth while running, time spent waiting."""
+    """Per op kind: share of busy time, bytes moved, bandwidth while running, time spent waiting,
+    the median task's time (gate open to signal: the task's own cost) and the median stage time
+    (one op's first gate opening to its last signal: its length on the critical path)."""
     busy: dict[str, int] = defaultdict(int)
     wait: dict[str, int] = defaultdict(int)
     nbytes: dict[str, int] = defaultdict(int)
+    durations: dict[str, list[int]] = defaultdict(list)
+    stages: dict[str, list[int]] = defaultdict(list)
+    by_op: dict[str, list[TaskSpan]] = defaultdict(list)
     for s in spans:
         busy[s.kind] += s.end_ns - s.start_ns
         wait[s.kind] += s.wait_ns
         nbytes[s.kind] += plan.tasks[s.task].bytes
+        durations[s.kind].append(s.end_ns - s.start_ns)
+        by_op[s.op].append(s)
+    for op_spans in by_op.values():
+        stages[op_spans[0].kind].append(max(s.end_ns for s in op_spans) - min(s.start_ns for s in op_spans))
     total = sum(busy.values()) or 1
     makespan = max(s.end_ns for s in spans)
     lines = [f"step {makespan / 1e3:.1f} us on {plan.num_workers} workers; busy {total / plan.num_workers / 1e3:.1f} us "
              f"per worker",
-             f"{'op':32} {'busy %':>7} {'MB':>9} {'GB/s/SM':>8} {'wait us/worker':>15}"]
+             f"{'op':32} {'busy %':>7} {'MB':>9} {'GB/s/SM':>8} {'wait us/worker':>15} {'task us':>8} {'stage us':>9}"]
     for kind in sorted(busy, key=busy.get, reverse=True):
         lines.append(f"{kind:32} {100 * busy[kind] / total:7.1f} {nbytes[kind] / 1e6:9.1f} "
-                     f"{nbytes[kind] / max(busy[kind], 1):8.1f} {wait[kind] / plan.num_workers / 1e3:15.1f}")
+                     f"{nbytes[kind] / max(busy[kind], 1):8.1f} {wait[kind] / plan.num_workers / 1e3:15.1f} "
+                     f"{median(durations[kind]) / 1e3:8.2f} {median(stages[kind]) / 1e3:9.2f}")
     return "\n".join(lines)
 
 
