@@ -23,16 +23,6 @@ struct AttentionArgs {
   };
 };
 
-// A round stages the K|V rows of up to 32 positions per warp in shared memory (cp.async, all in
-// flight at once), each row padded by 16 bytes so that lanes reading different rows at the same
-// column hit different banks. Rounds stay within 144 KiB of staged rows.
-constexpr int kStagePad = 8;  // bf16 elements
-template <int HD, int NT>
-constexpr int attention_round() {
-  constexpr int fit = (144 * 1024) / (kWarp * (2 * HD + kStagePad) * 2);
-  return (NT / kWarp < fit ? NT / kWarp : fit) * kWarp;
-}
-
 // Bytes before the round's row offsets: q, k, v, then per warp the partials [GROUP][HD + 2] and
 // the weights [GROUP][32], rounded up to 16 bytes.
 template <int HD, int GROUP, int NT>
@@ -40,9 +30,20 @@ constexpr int attention_float_bytes() {
   return (((GROUP + 2) * HD + (NT / kWarp) * GROUP * (HD + 2 + kWarp)) * 4 + 15) / 16 * 16;
 }
 
+// A round stages the K|V rows of up to 32 positions per warp in shared memory (cp.async, all in
+// flight at once), each row padded by 16 bytes so that lanes reading different rows at the same
+// column hit different banks. A round has as many warps' positions as fit in 200 KiB with the rest.
+constexpr int kStagePad = 8;  // bf16 elements
+template <int HD, int GROUP, int NT>
+constexpr int attention_round() {
+  constexpr int fit = (200 * 1024 - attention_float_bytes<HD, GROUP, NT>()) / (kWarp * (8 + (2 * HD + kStagePad) * 2));
+  static_assert(fit >= 1, "head_dim and group size leave no shared memory for staging K|V rows");
+  return (NT / kWarp < fit ? NT / kWarp : fit) * kWarp;
+}
+
 template <int HD, int GROUP, int NT>
 constexpr int attention_smem_bytes() {  // then the round's row offsets (int64) and staged rows (bf16)
-  return attention_float_bytes<HD, GROUP, NT>() + attention_round<HD, NT>() * (8 + (2 * HD + kStagePad) * 2);
+  return attention_float_bytes<HD, GROUP, NT>() + attention_round<HD, GROUP, NT>() * (8 + (2 * HD + kStagePad) * 2);
 }
 
 template <int HD>
@@ -111,7 +112,7 @@ __device__ void attention_task(const TaskContext& c) {
   float* vec = reinterpret_cast<float*>(worker_smem());  // [GROUP + 2][HD]: q heads, k, v
   float* part = vec + (GROUP + 2) * HD;                  // [NW][GROUP][HD + 2]: acc, then max and sum
   float* weights = part + NW * GROUP * (HD + 2) + warp * GROUP * kWarp;  // this warp's [GROUP][32]
-  constexpr int ROUND = attention_round<HD, NT>(), STAGE_ROW = 2 * HD + kStagePad, CHUNKS = 2 * HD / 8;
+  constexpr int ROUND = attention_round<HD, GROUP, NT>(), STAGE_ROW = 2 * HD + kStagePad, CHUNKS = 2 * HD / 8;
   int64_t* rows = reinterpret_cast<int64_t*>(worker_smem() + attention_float_bytes<HD, GROUP, NT>());  // [ROUND]
   __nv_bfloat16* stage = reinterpret_cast<__nv_bfloat16*>(rows + ROUND);  // [ROUND][STAGE_ROW]
 
