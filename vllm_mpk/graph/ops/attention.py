@@ -38,6 +38,25 @@ from vllm_mpk.graph.ops.base import (
 )
 
 SUPPORTED_HEAD_DIMS = (64, 128)
+
+
+def expect_query_groups(op: Op, nq: int, nkv: int) -> None:
+    if nq % nkv:
+        raise layer_error(op, f"{nq} query heads do not split into groups over {nkv} KV heads")
+
+
+def expect_head_tiles(op: Op, nkv: int, batch: int, splits: int = 1) -> None:
+    """Tiles are (KV head, chunk of requests) pairs, ``splits`` tiles per pair (attention with split
+    KV); attention_merge's tiles are the same pairs, so both layers chunk the requests alike."""
+    if op.num_tiles % (nkv * splits) or not 1 <= op.num_tiles // (nkv * splits) <= batch:
+        per_pair = f"times {splits} KV splits " if splits > 1 else ""
+        raise layer_error(op, f"grid_dim {op.grid_dim} makes {op.num_tiles} tasks; expected {nkv} KV heads "
+                              f"{per_pair}times a number of request chunks between 1 and {batch}")
+
+
+def request_chunks(op: Op, nkv: int, batch: int, splits: int = 1) -> list[tuple[int, int]]:
+    """The request rows of each (KV head, chunk) pair's tiles (see ``expect_head_tiles``)."""
+    return split_even(batch, op.num_tiles // (nkv * splits))
 STEP_INPUTS = ("positions", "seq_lens", "block_tables", "slot_mapping")
 
 
@@ -67,8 +86,7 @@ class Attention(OpDef):
                                   f"{'output' if splits == 1 else 'partial'}, got {sorted(op.outputs)}")
         if hd not in SUPPORTED_HEAD_DIMS:
             raise layer_error(op, f"head_dim {hd} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
-        if nq % nkv:
-            raise layer_error(op, f"{nq} query heads do not split into groups over {nkv} KV heads")
+        expect_query_groups(op, nq, nkv)
         expect_rank(op, "input", qkv, 2)
         expect_dtype(op, "input", qkv, FLOAT_DTYPES)
         batch = qkv.shape[0]
@@ -94,15 +112,13 @@ class Attention(OpDef):
                 expect_shape(op, name, op.inputs[name], (hd,))
         if ("q_norm" in op.inputs) != ("k_norm" in op.inputs):
             raise layer_error(op, "q_norm and k_norm must be given together")
-        if op.num_tiles % (nkv * splits) or not 1 <= op.num_tiles // (nkv * splits) <= batch:
-            raise layer_error(op, f"grid_dim {op.grid_dim} makes {op.num_tiles} tasks; expected {nkv} KV heads "
-                                  f"times {splits} KV splits times a number of request chunks between 1 and {batch}")
+        expect_head_tiles(op, nkv, batch, splits)
 
     def lower(self, op: Op) -> list[Tile]:
         qkv, cache = op.inputs["input"], op.inputs["kv_cache"]
         nq, nkv, hd = op.attrs["num_q_heads"], op.attrs["num_kv_heads"], op.attrs["head_dim"]
         group, splits = nq // nkv, op.attrs.get("kv_splits", 1)
-        chunks = split_even(qkv.shape[0], op.num_tiles // (nkv * splits))
+        chunks = request_chunks(op, nkv, qkv.shape[0], splits)
         tiles = []
         for head, (r0, r1), split in ((h, c, j) for h in range(nkv) for c in chunks for j in range(splits)):
             head_box = ((0, cache.shape[0]), (head, head + 1), (0, cache.shape[2]), (0, 2 * hd))

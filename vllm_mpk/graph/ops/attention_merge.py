@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from vllm_mpk.graph.ir import Access, Op, split_even
+from vllm_mpk.graph.ir import Access, Op
+from vllm_mpk.graph.ops.attention import expect_head_tiles, expect_query_groups, request_chunks
 from vllm_mpk.graph.ops.base import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -20,7 +21,6 @@ from vllm_mpk.graph.ops.base import (
     expect_dtype,
     expect_rank,
     expect_shape,
-    layer_error,
     store,
 )
 
@@ -38,11 +38,8 @@ class AttentionMerge(OpDef):
         expect_shape(op, "output", out, (batch, nq * (width - 2)))
         expect_dtype(op, "output", out, FLOAT_DTYPES)
         expect_dtype(op, "seq_lens", op.inputs["seq_lens"], INDEX_DTYPES)
-        if nq % nkv:
-            raise layer_error(op, f"{nq} query heads do not split into groups over {nkv} KV heads")
-        if op.num_tiles % nkv or not 1 <= op.num_tiles // nkv <= batch:
-            raise layer_error(op, f"grid_dim {op.grid_dim} makes {op.num_tiles} tasks; expected {nkv} KV heads "
-                                  f"times a number of request chunks between 1 and {batch}")
+        expect_query_groups(op, nq, nkv)
+        expect_head_tiles(op, nkv, batch)
 
     def lower(self, op: Op) -> list[Tile]:
         partial, out, nkv = op.inputs["partial"], op.outputs["output"], op.attrs["num_kv_heads"]
@@ -50,7 +47,7 @@ class AttentionMerge(OpDef):
         group, hd = nq // nkv, width - 2
         tiles = []
         for head in range(nkv):
-            for r0, r1 in split_even(batch, op.num_tiles // nkv):
+            for r0, r1 in request_chunks(op, nkv, batch):
                 reads = (Access(partial.name, ((r0, r1), (head * group, (head + 1) * group), (0, splits), (0, width))),
                          Access(op.inputs["seq_lens"].name, ((r0, r1),)))
                 writes = (Access(out.name, ((r0, r1), (head * group * hd, (head + 1) * group * hd))),)
