@@ -7,6 +7,12 @@ For each model config and batch: random weights at a realistic scale and a KV ca
 agreement, step time, and bandwidth as a fraction of a device-to-device copy measured in this run.
 
     python benchmarks/megakernel_step.py --models qwen3-0.6b qwen3-8b --batches 1 8
+
+Under torchrun (one process per GPU) each rank times its tensor-parallel shard instead: the step
+with its in-kernel all-reduces, per-rank bandwidth of its weight shard, the profiler summary (rank
+0) and with ``--trace`` one trace per rank. Correctness at TP>1 is the GPU tests' job.
+
+    torchrun --nproc-per-node 2 benchmarks/megakernel_step.py --models llama-3.1-8b --batches 1 8
 """
 
 from __future__ import annotations
@@ -37,14 +43,17 @@ def spec_of(name: str, layers: int | None) -> ModelSpec:
 
 
 def build(spec: ModelSpec, batch: int, context: int, device: str, weights=None, workers: int = 132,
-          kv_splits: int = 1):
+          kv_splits: int = 1, world: int = 1, rank: int = 0):
+    """Rank ``rank`` of ``world``'s decode step; ``weights`` (TP-local shapes) default to empty ones."""
+    local = spec.shard(world)
     max_seq = context + 8 * batch + 16
     blocks = contiguous_block_tables(batch, max_seq, 16, device)
     if weights is None:
-        weights = {k: torch.empty(s, dtype=torch.bfloat16, device=device) for k, s in expected_shapes(spec).items()}
-    caches = allocate_kv_caches(spec, int(blocks.numel()), 16, device=device)
+        weights = {k: torch.empty(s, dtype=torch.bfloat16, device=device) for k, s in expected_shapes(local).items()}
+    caches = allocate_kv_caches(local, int(blocks.numel()), 16, device=device)
     model = build_decoder(spec, weights, caches, DecodeOptions(max_batch=batch, max_seq_len=max_seq,
-                                                               num_workers=workers, kv_splits=kv_splits))
+                                                               num_workers=workers, kv_splits=kv_splits,
+                                                               world_size=world, rank=rank))
     step = torch.tensor([context + 7 * b for b in range(batch)], device=device)
     tokens = torch.randint(0, spec.vocab_size, (batch, max_seq), device=device)
     inputs = step_inputs(step, tokens, blocks, 16).as_dict()
@@ -116,6 +125,68 @@ def run_case(spec, batch, context, device, weights, log, trace_path=None, kv_spl
     return row
 
 
+def run_tp_case(spec: ModelSpec, batch: int, context: int, world: int, rank: int, trace_path: Path | None) -> dict:
+    """Time rank ``rank``'s shard (random weights at a realistic scale); every rank runs this in
+    lockstep: each launch's all-reduces wait for the peers' same launch."""
+    device = f"cuda:{torch.cuda.current_device()}"
+    weights = {k: torch.randn(s, dtype=torch.bfloat16, device=device) * (1.0 if len(s) == 1 else s[-1] ** -0.5)
+               for k, s in expected_shapes(spec.shard(world)).items()}
+    model, tensors, caches = build(spec, batch, context, device, weights, world=world, rank=rank)
+    for c in caches:
+        c.normal_(0, 1)
+    mk = Megakernel(model.plan, tensors)
+    us = graph_replay_us(lambda: mk.launch(batch))
+    mk.check()
+    profiled = Megakernel(model.plan, tensors, profile=True)
+    for _ in range(3):
+        profiled.launch(batch)
+    torch.cuda.synchronize()
+    profiled.check()
+    spans = task_spans(model.plan, profiled.profile)
+    if rank == 0:
+        print(summary(model.plan, spans), flush=True)
+    if trace_path is not None:
+        write_trace(model.plan, spans, trace_path)
+    nbytes = weight_bytes(spec.shard(world), weights)
+    return {"batch": batch, "rank": rank, "world": world, "step_us": us, "bytes": nbytes, "tbps": nbytes / us / 1e6}
+
+
+def tp_main(args: argparse.Namespace, world: int, rank: int, out: Path) -> None:
+    """One torchrun process per GPU: NVSHMEM from torchrun's group, then each case on every rank."""
+    import torch.distributed as dist
+
+    from vllm_mpk.runtime import nvshmem
+
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    dist.init_process_group("gloo")
+    nvshmem.init_from_process_group()
+    bw = copy_bandwidth("cuda")
+    rows = []
+    for m in args.models:
+        spec = spec_of(m, args.layers)
+        for b in args.batches:
+            trace = out / f"trace_{m}_bs{b}_tp{world}_rank{rank}.json" if args.trace else None
+            row = {"name": m, **run_tp_case(spec, b, args.context, world, rank, trace)}
+            gathered: list[dict | None] = [None] * world
+            dist.all_gather_object(gathered, row)
+            rows.append(gathered)
+            torch.cuda.empty_cache()
+    if rank == 0:
+        print(f"\n{torch.cuda.get_device_name()} x{world}  copy bandwidth {bw:.2f} TB/s (rank 0)")
+        print(f"{'model':14} {'bs':>3} {'TP':>3} {'step us (max rank)':>19} {'per rank':>24} {'TB/s/rank':>9} "
+              f"{'of copy':>7}")
+        for ranks in rows:
+            slowest = max(ranks, key=lambda r: r["step_us"])
+            per = "/".join(f"{r['step_us']:.0f}" for r in ranks)
+            print(f"{slowest['name']:14} {slowest['batch']:>3} {world:>3} {slowest['step_us']:19.1f} {per:>24} "
+                  f"{slowest['tbps']:9.2f} {slowest['tbps'] / bw:7.0%}")
+        with open(out / f"megakernel_step_tp{world}.jsonl", "w") as log:
+            for ranks in rows:
+                log.write(json.dumps(ranks) + "\n")
+    dist.barrier()
+    nvshmem.finalize()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=["qwen3-0.6b"])
@@ -127,6 +198,10 @@ def main() -> None:
     args = p.parse_args()
     device = "cuda"
     out = Path(os.environ.get("OUT", "/tmp"))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        tp_main(args, world, int(os.environ["RANK"]), out)
+        return
     specs = {m: spec_of(m, args.layers) for m in args.models}
     # Build every kernel first, in parallel (nvcc runs as a subprocess), from meta tensors.
     jobs = [build(spec, b, args.context, "meta", kv_splits=args.kv_splits)[:2]
