@@ -133,6 +133,12 @@ class Megakernel:
                              f"{control_block.dtype} {tuple(control_block.shape)} on {control_block.device}")
         self.control = control_block.zero_()
         self.profile = self._profile_buffer(profile, device)
+        if plan_uses_nvshmem(plan):
+            # The first launch's collectives wait only timeout_s for the peers' same launch, and a
+            # rank may still be compiling or loading its kernel (seconds): no rank leaves here
+            # before every rank has its kernel loaded. (Collective, like the symmetric buffers.)
+            torch.cuda.synchronize(device)
+            nvshmem.barrier()
 
     def _profile_buffer(self, profile: bool | torch.Tensor, device: torch.device) -> torch.Tensor | None:
         shape = (self.plan.num_workers, self.max_tasks, 2)
