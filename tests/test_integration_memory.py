@@ -22,24 +22,27 @@ from vllm_mpk.models.decoder import DecodeOptions, build_decoder
 from vllm_mpk.models.spec import ModelSpec
 from vllm_mpk.models.weights import expected_shapes
 from vllm_mpk.runtime import control
-from vllm_mpk.runtime.megakernel import bind_tensors
 from vllm_mpk.runtime.meta import STEP_INPUT_NAMES
 
 META = torch.device("meta")
 
 
 def meta_plan(spec: ModelSpec, max_batch: int, workers: int, schedule: str,
-              kv_splits: int = 1) -> tuple[Plan, dict[str, torch.Tensor]]:
-    weights = {n: torch.empty(s, dtype=torch.bfloat16, device=META) for n, s in expected_shapes(spec).items()}
-    caches = [torch.empty(4, 16, spec.num_kv_heads, 2 * spec.head_dim, dtype=torch.bfloat16, device=META)
+              kv_splits: int = 1, world_size: int = 1) -> tuple[Plan, dict[str, torch.Tensor]]:
+    """The last rank's plan of ``world_size`` (it adds no residual: the smallest tables) and
+    meta tensors for everything it binds, its symmetric ones included."""
+    local = spec.shard(world_size)
+    weights = {n: torch.empty(s, dtype=torch.bfloat16, device=META) for n, s in expected_shapes(local).items()}
+    caches = [torch.empty(4, 16, local.num_kv_heads, 2 * spec.head_dim, dtype=torch.bfloat16, device=META)
               .permute(0, 2, 1, 3) for _ in range(spec.num_layers)]
     rope = torch.empty(4096, spec.head_dim, dtype=torch.bfloat16, device=META)
     options = DecodeOptions(max_batch=max_batch, max_seq_len=4096, num_workers=workers, schedule=schedule,
-                            final="hidden", kv_splits=kv_splits)
+                            final="hidden", kv_splits=kv_splits, world_size=world_size, rank=world_size - 1)
     decoder = build_decoder(spec, weights, caches, options, rope_cache=rope)
     plan = decoder.plan
-    steps = {n: torch.empty(plan.tensors[n].shape, dtype=plan.tensors[n].dtype, device=META) for n in STEP_INPUT_NAMES}
-    return plan, bind_tensors(plan, {**decoder.kernel.attached, **steps}, META)
+    made = {n: torch.empty(h.shape, dtype=h.dtype, device=META) for n, h in plan.tensors.items()
+            if h.role is not Role.INPUT or n in STEP_INPUT_NAMES}
+    return plan, {**decoder.kernel.attached, **made}
 
 
 def gpu_allocation(plan: Plan, tensors: dict[str, torch.Tensor], profile: bool) -> int:
@@ -52,23 +55,27 @@ def gpu_allocation(plan: Plan, tensors: dict[str, torch.Tensor], profile: bool) 
     return total + (plan.num_workers * longest * 2 * 8 if profile else 0)
 
 
-@pytest.mark.parametrize("name,max_batch,workers,schedule,kv_splits", [
-    ("qwen3-0.6b", 8, 132, "earliest_finish", 1),
-    ("qwen3-0.6b", 1, 132, "earliest_finish", 1),
-    ("llama-3.2-1b", 8, 132, "round_robin", 1),
-    ("qwen3-0.6b", 5, 16, "earliest_finish", 1),
-    ("llama-3.2-1b", 8, 132, "earliest_finish", 4),
+@pytest.mark.parametrize("name,max_batch,workers,schedule,kv_splits,world", [
+    ("qwen3-0.6b", 8, 132, "earliest_finish", 1, 1),
+    ("qwen3-0.6b", 1, 132, "earliest_finish", 1, 1),
+    ("llama-3.2-1b", 8, 132, "round_robin", 1, 1),
+    ("qwen3-0.6b", 5, 16, "earliest_finish", 1, 1),
+    ("llama-3.2-1b", 8, 132, "earliest_finish", 4, 1),
+    ("qwen3-0.6b", 8, 132, "earliest_finish", 1, 2),
+    ("llama-3.1-8b", 1, 132, "earliest_finish", 1, 4),
+    ("qwen3-8b", 8, 132, "earliest_finish", 2, 2),
 ])
 def test_estimate_covers_what_a_build_allocates(name: str, max_batch: int, workers: int, schedule: str,
-                                                kv_splits: int) -> None:
+                                                kv_splits: int, world: int) -> None:
     spec = ModelSpec.from_hf_config(shipped_config(name))
-    plan, tensors = meta_plan(spec, max_batch, workers, schedule, kv_splits)
-    assert task_count(spec, max_batch, workers, kv_splits) == len(plan.tasks)
-    intermediates = sum(h.nbytes for h in plan.tensors.values() if h.role is not Role.INPUT)
-    assert activation_bytes(spec, max_batch, kv_splits=kv_splits) == intermediates
+    plan, tensors = meta_plan(spec, max_batch, workers, schedule, kv_splits, world)
+    assert task_count(spec, max_batch, workers, kv_splits, world) == len(plan.tasks)
+    intermediates = sum(h.nbytes for h in plan.tensors.values()
+                        if h.role in (Role.INTERMEDIATE, Role.SYMMETRIC))
+    assert activation_bytes(spec, max_batch, kv_splits=kv_splits, world_size=world) == intermediates
     for profile in (False, True):
         exact = gpu_allocation(plan, tensors, profile)
-        estimate = megakernel_bytes(spec, max_batch, workers, profile=profile, kv_splits=kv_splits)
+        estimate = megakernel_bytes(spec, max_batch, workers, profile=profile, kv_splits=kv_splits, world_size=world)
         assert exact <= estimate <= 2 * exact + SEGMENT_SLACK, (exact, estimate)
 
 

@@ -10,11 +10,14 @@ uncaptured decode step, so its activation buffers and task tables would sit outs
 whose own allocations then take the same memory back.
 
 The estimate mirrors what a build allocates (``runtime/megakernel.py:Megakernel.__init__``, and
-the plan of ``models/decoder.py:build_decoder`` with ``final="hidden"``, one rank):
+the plan of ``models/decoder.py:build_decoder`` with ``final="hidden"``, for one rank of
+``world_size``):
 - intermediates, exactly: ``[max_batch, width]`` bf16 buffers, per layer qkv, attention output,
-  SwiGLU activation, the two residual sums, plus the embedding output and the final norm's output;
-  with split KV (``kv_splits`` S > 1) each layer's float32 partials ``[max_batch, q heads, S,
-  head_dim + 2]`` too;
+  SwiGLU activation (the rank's shards of these three), the two residual sums, plus the embedding
+  output and the final norm's output; with split KV (``kv_splits`` S > 1) each layer's float32
+  partials ``[max_batch, q heads, S, head_dim + 2]`` too; with several ranks each all-reduce's
+  part, receive slots ``[2, world, max_batch, hidden]`` and signal words ``[2, tiles]`` (these on
+  NVSHMEM's symmetric heap, whose own reserve and bookkeeping are not counted here);
 - the task table ``[workers, max_tasks, words]`` int32, bounded: the task count is exact, the
   longest queue is taken as twice the mean (plans measured stay under 1.35x), words under 32;
 - event triggers and counters, the pointer table, the control block and the optional profile.
@@ -29,6 +32,7 @@ from typing import Any
 
 import torch
 
+from vllm_mpk.api import PARITIES
 from vllm_mpk.graph.ir import Role
 from vllm_mpk.models.decoder import linear_grid
 from vllm_mpk.models.spec import ModelSpec
@@ -48,46 +52,63 @@ def _rounded(nbytes: int) -> int:
     return -(-nbytes // ALLOCATION_ROUND) * ALLOCATION_ROUND
 
 
-def activation_widths(spec: ModelSpec) -> list[int]:
-    """The row width of every intermediate of the decode plan, each ``[max_batch, width]`` bf16."""
-    h = spec.hidden_size
-    layer = [spec.qkv_width, spec.num_q_heads * spec.head_dim, spec.intermediate_size, h, h]
-    return [h, *layer * spec.num_layers, h]
+def all_reduces(spec: ModelSpec, world_size: int) -> int:
+    """Sums over ranks in a decode plan: the embedding's and two per layer (none on one rank)."""
+    return 0 if world_size == 1 else 2 * spec.num_layers + 1
 
 
-def partial_bytes(spec: ModelSpec, max_batch: int, kv_splits: int) -> list[int]:
+def activation_widths(spec: ModelSpec, world_size: int = 1) -> list[int]:
+    """The row width of every intermediate of rank's decode plan, each ``[max_batch, width]`` bf16
+    (with several ranks, each all-reduce's part next to its sum)."""
+    h, local = spec.hidden_size, spec.shard(world_size)
+    layer = [local.qkv_width, local.num_q_heads * spec.head_dim, local.intermediate_size, h, h]
+    return [h, *layer * spec.num_layers, h] + [h] * all_reduces(spec, world_size)
+
+
+def partial_bytes(spec: ModelSpec, max_batch: int, kv_splits: int, world_size: int = 1) -> list[int]:
     """Bytes of each layer's split-KV partials (none without splitting)."""
     if kv_splits == 1:
         return []
-    return [max_batch * spec.num_q_heads * kv_splits * (spec.head_dim + 2) * 4] * spec.num_layers
+    heads = spec.shard(world_size).num_q_heads
+    return [max_batch * heads * kv_splits * (spec.head_dim + 2) * 4] * spec.num_layers
+
+
+def exchange_bytes(spec: ModelSpec, max_batch: int, num_workers: int, world_size: int) -> list[int]:
+    """Bytes of the all-reduces' receive slots and signal words (``allreduce_layer``)."""
+    slots = PARITIES * world_size * max_batch * spec.hidden_size * 2
+    signals = PARITIES * linear_grid(spec.hidden_size, num_workers) * 8
+    return [slots, signals] * all_reduces(spec, world_size)
 
 
 def activation_bytes(spec: ModelSpec, max_batch: int, dtype: torch.dtype = torch.bfloat16,
-                     kv_splits: int = 1) -> int:
+                     kv_splits: int = 1, world_size: int = 1) -> int:
     """Bytes of the plan's intermediates (what the CPU reference executor allocates too)."""
-    return sum(max_batch * w * dtype.itemsize for w in activation_widths(spec)) + \
-        sum(partial_bytes(spec, max_batch, kv_splits))
+    return sum(max_batch * w * dtype.itemsize for w in activation_widths(spec, world_size)) + \
+        sum(partial_bytes(spec, max_batch, kv_splits, world_size))
 
 
-def task_count(spec: ModelSpec, max_batch: int, num_workers: int, kv_splits: int = 1) -> int:
-    """Tiles of the decode plan: embedding, five ops per layer (six with split KV: the merge), the
-    final norm."""
-    h, w = spec.hidden_size, num_workers
-    attention = spec.num_kv_heads * max_batch * (kv_splits + (kv_splits > 1))
-    layer = (linear_grid(spec.qkv_width, w) + attention + linear_grid(h, w)
-             + linear_grid(2 * spec.intermediate_size, w) + linear_grid(h, w))
-    return min(w, h // 8) + spec.num_layers * layer + max_batch
+def task_count(spec: ModelSpec, max_batch: int, num_workers: int, kv_splits: int = 1, world_size: int = 1) -> int:
+    """Tiles of rank's decode plan: embedding, five ops per layer (six with split KV: the merge),
+    the all-reduces, the final norm."""
+    h, w, local = spec.hidden_size, num_workers, spec.shard(world_size)
+    attention = local.num_kv_heads * max_batch * (kv_splits + (kv_splits > 1))
+    layer = (linear_grid(local.qkv_width, w) + attention + linear_grid(h, w)
+             + linear_grid(2 * local.intermediate_size, w) + linear_grid(h, w))
+    return min(w, h // 8) + spec.num_layers * layer + all_reduces(spec, world_size) * linear_grid(h, w) + max_batch
 
 
 def megakernel_bytes(spec: ModelSpec, max_batch: int, num_workers: int, *, profile: bool = False,
-                     kv_splits: int = 1) -> int:
-    """An upper estimate of the device memory a build allocates, allocator rounding included."""
-    tasks = task_count(spec, max_batch, num_workers, kv_splits)
+                     kv_splits: int = 1, world_size: int = 1) -> int:
+    """An upper estimate of the device memory rank's build allocates, allocator rounding included."""
+    tasks = task_count(spec, max_batch, num_workers, kv_splits, world_size)
     longest = QUEUE_SKEW * -(-tasks // num_workers) + 8
-    sizes = [max_batch * w * 2 for w in activation_widths(spec)] + partial_bytes(spec, max_batch, kv_splits)
+    sizes = [max_batch * w * 2 for w in activation_widths(spec, world_size)]
+    sizes += partial_bytes(spec, max_batch, kv_splits, world_size) + exchange_bytes(spec, max_batch, num_workers,
+                                                                                   world_size)
     sizes += [num_workers * longest * TABLE_WORDS * 4, num_workers * 4, control.WORDS * 4]
     sizes += [2 * tasks * 4] * 2  # event triggers and counters: fewer events than task signals
-    num_tensors = len(expected_shapes(spec)) + 2 * spec.num_layers + len(activation_widths(spec)) + 8
+    num_tensors = len(expected_shapes(spec)) + 2 * spec.num_layers + len(activation_widths(spec, world_size)) + \
+        2 * all_reduces(spec, world_size) + 8
     sizes.append(num_tensors * 8)
     if profile:
         sizes.append(num_workers * longest * 2 * 8)

@@ -95,8 +95,9 @@ class MpkRuntime:
         self.reservation = Reservation(self._estimated_bytes(self._num_workers(device)), device)
 
     def _estimated_bytes(self, workers: int) -> int:
+        world = tp_rank_and_size()[1]
         return sum(megakernel_bytes(self.spec, b, workers, profile=self.options.profile,
-                                    kv_splits=self.options.kv_splits)
+                                    kv_splits=self.options.kv_splits, world_size=world)
                    for b in plan_batches(self.max_batch))
 
     def _release(self) -> None:
