@@ -68,6 +68,24 @@ def copy_bandwidth(device: str) -> float:
     return 2 * src.numel() / us / 1e6  # TB/s, read + write
 
 
+def time_and_profile(plan, tensors, mk: Megakernel, batch: int, trace_path: Path | None, show: bool) -> float:
+    """Median µs of ``mk``'s step replayed from a CUDA graph; then three launches of a profiled
+    copy, whose per-op summary is printed (``show``) and trace written (``trace_path``)."""
+    us = graph_replay_us(lambda: mk.launch(batch))
+    mk.check()
+    profiled = Megakernel(plan, tensors, profile=True)
+    for _ in range(3):
+        profiled.launch(batch)
+    torch.cuda.synchronize()
+    profiled.check()
+    spans = task_spans(plan, profiled.profile)
+    if show:
+        print(summary(plan, spans), flush=True)
+    if trace_path is not None:
+        write_trace(plan, spans, trace_path)
+    return us
+
+
 def run_case(spec, batch, context, device, weights, log, trace_path=None, kv_splits: int = 1) -> dict:
     model, tensors, caches = build(spec, batch, context, device, weights, kv_splits=kv_splits)
     for c in caches:
@@ -104,16 +122,7 @@ def run_case(spec, batch, context, device, weights, log, trace_path=None, kv_spl
               f"our argmax {int(logits[b].argmax())}), reference top2 {top.indices.tolist()} {top.values.tolist()}; "
               f"our logits there {logits[b, top.indices].tolist()}", flush=True)
     cache_rel = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(caches, ref_caches))
-    us = graph_replay_us(lambda: mk.launch(batch))
-    mk.check()
-    profiled = Megakernel(model.plan, tensors, profile=True)
-    for _ in range(3):
-        profiled.launch(batch)
-    torch.cuda.synchronize()
-    spans = task_spans(model.plan, profiled.profile)
-    print(summary(model.plan, spans), flush=True)
-    if trace_path is not None:
-        write_trace(model.plan, spans, trace_path)
+    us = time_and_profile(model.plan, tensors, mk, batch, trace_path, show=True)
     nbytes = weight_bytes(spec, weights) + sum(
         int(tensors["seq_lens"].sum()) * spec.num_kv_heads * 2 * spec.head_dim * 2 for _ in range(spec.num_layers))
     row = {"model": spec.architecture, "layers": spec.num_layers, "hidden": spec.hidden_size, "batch": batch,
@@ -134,19 +143,7 @@ def run_tp_case(spec: ModelSpec, batch: int, context: int, world: int, rank: int
     model, tensors, caches = build(spec, batch, context, device, weights, world=world, rank=rank)
     for c in caches:
         c.normal_(0, 1)
-    mk = Megakernel(model.plan, tensors)
-    us = graph_replay_us(lambda: mk.launch(batch))
-    mk.check()
-    profiled = Megakernel(model.plan, tensors, profile=True)
-    for _ in range(3):
-        profiled.launch(batch)
-    torch.cuda.synchronize()
-    profiled.check()
-    spans = task_spans(model.plan, profiled.profile)
-    if rank == 0:
-        print(summary(model.plan, spans), flush=True)
-    if trace_path is not None:
-        write_trace(model.plan, spans, trace_path)
+    us = time_and_profile(model.plan, tensors, Megakernel(model.plan, tensors), batch, trace_path, show=rank == 0)
     nbytes = weight_bytes(spec.shard(world), weights)
     return {"batch": batch, "rank": rank, "world": world, "step_us": us, "bytes": nbytes, "tbps": nbytes / us / 1e6}
 
