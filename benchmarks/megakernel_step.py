@@ -134,13 +134,14 @@ def run_case(spec, batch, context, device, weights, log, trace_path=None, kv_spl
     return row
 
 
-def run_tp_case(spec: ModelSpec, batch: int, context: int, world: int, rank: int, trace_path: Path | None) -> dict:
+def run_tp_case(spec: ModelSpec, batch: int, context: int, world: int, rank: int, trace_path: Path | None,
+                kv_splits: int = 1) -> dict:
     """Time rank ``rank``'s shard (random weights at a realistic scale); every rank runs this in
     lockstep: each launch's all-reduces wait for the peers' same launch."""
     device = f"cuda:{torch.cuda.current_device()}"
     weights = {k: torch.randn(s, dtype=torch.bfloat16, device=device) * (1.0 if len(s) == 1 else s[-1] ** -0.5)
                for k, s in expected_shapes(spec.shard(world)).items()}
-    model, tensors, caches = build(spec, batch, context, device, weights, world=world, rank=rank)
+    model, tensors, caches = build(spec, batch, context, device, weights, kv_splits=kv_splits, world=world, rank=rank)
     for c in caches:
         c.normal_(0, 1)
     us = time_and_profile(model.plan, tensors, Megakernel(model.plan, tensors), batch, trace_path, show=rank == 0)
@@ -163,7 +164,7 @@ def tp_main(args: argparse.Namespace, world: int, rank: int, out: Path) -> None:
         spec = spec_of(m, args.layers)
         for b in args.batches:
             trace = out / f"trace_{m}_bs{b}_tp{world}_rank{rank}.json" if args.trace else None
-            row = {"name": m, **run_tp_case(spec, b, args.context, world, rank, trace)}
+            row = {"name": m, **run_tp_case(spec, b, args.context, world, rank, trace, args.kv_splits)}
             gathered: list[dict | None] = [None] * world
             dist.all_gather_object(gathered, row)
             rows.append(gathered)
