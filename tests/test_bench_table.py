@@ -11,7 +11,7 @@ import pytest
 from vllm_mpk import cli
 from vllm_mpk.bench.runner import run_engine
 from vllm_mpk.bench.table import END, START, latest_rows, render, replace_section
-from vllm_mpk.bench.worker import FAST_COMPILATION, EngineConfig, engine_kwargs
+from vllm_mpk.bench.worker import FAST_COMPILATION, EngineConfig, engine_kwargs, model_dir
 
 COMMON = {"gpu": "NVIDIA H100 80GB HBM3", "prompt_len": 128, "new_tokens": 257, "repeats": 3,
           "compilation": "mode 0, FULL_DECODE_ONLY", "engine_s": 40.0, "process_s": 60.0, "graph_tokens": [1]}
@@ -56,16 +56,27 @@ def test_tensor_parallel_rows_are_their_own_lines_with_their_own_latest_run() ->
 def test_table_has_ratios_overhead_and_ceiling() -> None:
     md = render(ROWS)
     assert table_cells(md, "qwen3-0.6b", 1) == ["qwen3-0.6b", "1", "1.60", "1.20", "1.33×", "0.90", "0.50", "1.80×",
-                                                "0.10", "0.60 (38%)", "0.60 (50%)", "2.29×", "H100 80GB HBM3"]
+                                                "0.10", "0.60 (38%)", "0.60 (50%)", "—", "—", "H100 80GB HBM3"]
     assert table_cells(md, "qwen3-0.6b", 8)[4] == "0.90×"  # slower is shown as such
     # the failed mpk engine leaves dashes in its columns and a line under the table
     assert table_cells(md, "qwen3-8b", 1) == ["qwen3-8b", "1", "6.70", "—", "—", "6.00", "—", "—", "0.30",
-                                              "0.40 (6%)", "—", "9.57×", "H100 80GB HBM3"]
+                                              "0.40 (6%)", "—", "—", "—", "H100 80GB HBM3"]
     assert "- qwen3-8b mpk batch 1: exit 1: MpkFallbackError: no" in md
     assert "NVIDIA H100 80GB HBM3" in md and "2026-11-27T10:00:00Z" in md and "9.00" not in md
-    # the note names the range of vLLM's overhead and where it bounds the gain most
-    assert "0.40–0.60 ms, 6%–38% of stock TPOT" in md
-    assert "qwen3-0.6b at batch 1" in md and "≥ 0.70 ms" in md
+    # without floor rows the note gives the time outside the forward and says it is no bound
+    assert "0.40–0.60 ms (6%–38% of it)" in md and "was not run here" in md
+
+
+def test_floor_rows_give_the_ceiling() -> None:
+    """The floor engine's TPOT (stock with one decoder layer) bounds what any forward can gain."""
+    floors = [row("qwen3-0.6b", "floor", 1, 0.80, 0.05, 0.10), row("qwen3-0.6b", "floor", 8, 1.50, 0.06, 0.20)]
+    md = render(ROWS + floors)
+    assert table_cells(md, "qwen3-0.6b", 1)[11:13] == ["0.80", "2.00×"]
+    assert table_cells(md, "qwen3-0.6b", 8)[11:13] == ["1.50", "1.20×"]
+    assert table_cells(md, "qwen3-8b", 1)[11:13] == ["—", "—"]  # no floor engine for this model
+    assert "is 0.80–1.50 ms, 50%–83% of stock TPOT" in md
+    assert "qwen3-0.6b at batch 8" in md and "below 1.50 ms (ceiling 1.20×)" in md
+    assert "| qwen3-0.6b floor |" not in md and "floor batch" not in md  # floor rows are columns, not lines
 
 
 def test_engine_settings_are_noted_when_recorded() -> None:
@@ -97,7 +108,7 @@ def test_bench_arguments_parse() -> None:
     assert args.timeout == 120 and args.vllm_compile and not args.table_only
     defaults = cli.build_parser().parse_args(["bench"])
     assert defaults.models == ["llama-3.1-8b", "llama-3.2-1b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-8b"]
-    assert defaults.batches == [1, 8, 16] and defaults.impls == ["vllm", "mpk"]
+    assert defaults.batches == [1, 8, 16] and defaults.impls == ["vllm", "mpk", "floor"]
     assert defaults.results == Path("benchmarks/RESULTS.md") and defaults.gpu_memory_utilization == 0.85
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["bench", "--impls", "transformers"])
@@ -131,8 +142,8 @@ def test_bench_runs_one_engine_per_model_and_impl(tmp_path: Path, monkeypatch: p
     results = tmp_path / "RESULTS.md"
     assert cli.main(["bench", "--models", "qwen3-0.6b", "qwen3-8b", "--batches", "1", "16", "--repeats", "5",
                      "--rows", str(tmp_path / "r.jsonl"), "--results", str(results)]) == 0
-    assert [(c.model, c.impl) for c in seen] == [("qwen3-0.6b", "vllm"), ("qwen3-0.6b", "mpk"),
-                                                 ("qwen3-8b", "vllm"), ("qwen3-8b", "mpk")]
+    assert [(c.model, c.impl) for c in seen] == [(m, i) for m in ("qwen3-0.6b", "qwen3-8b")
+                                                 for i in ("vllm", "mpk", "floor")]
     assert all(c.batches == (1, 16) and c.repeats == 5 and not c.vllm_compile for c in seen)
     assert "| qwen3-8b | 16 | 2.00 | 2.00 | 1.00× |" in results.read_text()
 
@@ -158,6 +169,16 @@ def test_engine_kwargs() -> None:
     assert engine_kwargs(EngineConfig("qwen3-8b", "mpk", tensor_parallel_size=2), Path("/m"))["tensor_parallel_size"] == 2
     cfg = EngineConfig("qwen3-8b", "mpk", batches=(1, 16), repeats=5)
     assert EngineConfig.from_json(cfg.to_json()) == cfg
+    floor = engine_kwargs(EngineConfig("qwen3-0.6b", "floor"), Path("/m"))
+    assert floor["model_impl"] == "vllm" and "additional_config" not in floor
+
+
+def test_model_dir_keeps_the_shipped_config_or_cuts_its_layers(tmp_path: Path) -> None:
+    full = json.loads((model_dir("qwen3-0.6b", tmp_path / "a") / "config.json").read_text())
+    one = json.loads((model_dir("qwen3-0.6b", tmp_path / "b", layers=1) / "config.json").read_text())
+    assert full["num_hidden_layers"] == 28 and one["num_hidden_layers"] == 1
+    assert {k: v for k, v in one.items() if k != "num_hidden_layers"} == \
+        {k: v for k, v in full.items() if k != "num_hidden_layers"}
 
 
 def test_a_failing_worker_leaves_error_rows(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from vllm_mpk.bench.profiling import analyze_profiles, engine_profile_dir
 from vllm_mpk.bench.runner import Row, run_engines
 from vllm_mpk.bench.table import read_rows, update_results
 from vllm_mpk.bench.trace import analyze_file, format_report, trace_files
-from vllm_mpk.bench.worker import EngineConfig
+from vllm_mpk.bench.worker import IMPLS, EngineConfig
 from vllm_mpk.check import CheckResult, check_model
 from vllm_mpk.graph.schedule import POLICIES
 from vllm_mpk.models import DecodeModel, DecodeOptions, ModelSpec, build_decoder
@@ -355,7 +355,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                        "its own process; rewrites the table in RESULTS.md")
     b.add_argument("--models", nargs="+", type=str.lower, default=shipped_models(), help="shipped config names")
     b.add_argument("--batches", nargs="+", type=int, default=list(d.batches))
-    b.add_argument("--impls", nargs="+", choices=("vllm", "mpk"), default=["vllm", "mpk"])
+    b.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
+                   help="stock vLLM, --model-impl mpk, and floor: stock with one decoder layer (vLLM's per-step floor)")
     b.add_argument("--results", type=Path, default=Path("benchmarks/RESULTS.md"), help="markdown file to update")
     b.add_argument("--rows", type=Path, default=Path("benchmarks/vllm_bench.jsonl"),
                    help="JSON lines: new rows are appended, the table is drawn from all of them")

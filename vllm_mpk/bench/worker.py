@@ -8,7 +8,9 @@ shipped config.json. For each batch: ``batch`` prompts of ``prompt_len`` token i
 ignored. TPOT = (time to generate ``new_tokens`` - time to generate 1) / (new_tokens - 1), median
 of ``repeats``; then one more generation of ``new_tokens`` with ``StepTimer`` on gives the median
 GPU time of the decode step's graph replay (``forward_ms``) and of ``compute_logits``
-(``lm_head_ms``). Every row also says whether the engine scheduled asynchronously and which
+(``lm_head_ms``). The ``floor`` engine is stock vLLM with the model cut to one decoder layer: its
+TPOT is the step that vLLM's own work leaves (scheduling, inputs, lm_head, sampling, one layer),
+which no faster forward gets under. Every row also says whether the engine scheduled asynchronously and which
 attention backend it ran (``StepTimer.bench_engine_info``). With ``profile_dir`` set, the
 largest batch is then profiled (``vllm_mpk.bench.profiling``). Run by ``vllm_mpk.bench.runner``
 in a fresh process per engine, because GPU memory is not reliably freed between engines of one
@@ -27,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from vllm_mpk.bench.profiling import engine_profile_dir, profile_engine, profile_passes, profiler_config
-from vllm_mpk.bench.table import model_label
+from vllm_mpk.bench.table import FLOOR, model_label
 from vllm_mpk.models.catalog import shipped_config
 
 FAST_COMPILATION = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}  # no torch.compile; FULL decode graphs
 STEP_TIMER = "vllm_mpk.bench.step_timer.StepTimer"
+IMPLS = ("vllm", "mpk", FLOOR)
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class EngineConfig:
     ``profile_dir/<model>-<impl>/``."""
 
     model: str  # a shipped config name, e.g. "qwen3-0.6b"
-    impl: str  # vLLM's model_impl: "vllm" (stock) or "mpk"
+    impl: str  # vLLM's model_impl, "vllm" (stock) or "mpk"; or "floor": stock with one decoder layer
     batches: tuple[int, ...] = (1, 8, 16)
     prompt_len: int = 128
     new_tokens: int = 257
@@ -73,11 +76,13 @@ class EngineConfig:
         return model_label(self.model, self.tensor_parallel_size)
 
 
-def model_dir(name: str, root: Path) -> Path:
-    """A directory holding only the shipped config.json: vLLM loads it with dummy weights."""
+def model_dir(name: str, root: Path, layers: int | None = None) -> Path:
+    """A directory holding only the shipped config.json (``layers``: that many decoder layers):
+    vLLM loads it with dummy weights."""
     d = root / name
     d.mkdir(parents=True, exist_ok=True)
-    (d / "config.json").write_text(json.dumps(shipped_config(name)))
+    config = shipped_config(name)
+    (d / "config.json").write_text(json.dumps(config if layers is None else {**config, "num_hidden_layers": layers}))
     return d
 
 
@@ -85,7 +90,8 @@ def engine_kwargs(cfg: EngineConfig, directory: Path) -> dict[str, Any]:
     """Keyword arguments of ``vllm.LLM`` for ``cfg``. The mpk engine is strict (it raises rather
     than silently running vLLM's layers) and takes decode batches up to the largest measured."""
     kwargs: dict[str, Any] = dict(
-        model=str(directory), model_impl=cfg.impl, load_format="dummy", skip_tokenizer_init=True,
+        model=str(directory), model_impl="vllm" if cfg.impl == FLOOR else cfg.impl, load_format="dummy",
+        skip_tokenizer_init=True,
         max_model_len=cfg.prompt_len + cfg.new_tokens + 16, max_num_seqs=max(cfg.batches),
         tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
         worker_extension_cls=STEP_TIMER)
@@ -141,7 +147,7 @@ def run(cfg: EngineConfig, rows: Path) -> None:
 
     with tempfile.TemporaryDirectory(prefix="vllm_mpk_bench_") as root:
         start = time.perf_counter()
-        llm = LLM(**engine_kwargs(cfg, model_dir(cfg.model, Path(root))))
+        llm = LLM(**engine_kwargs(cfg, model_dir(cfg.model, Path(root), layers=1 if cfg.impl == FLOOR else None)))
         engine_s = time.perf_counter() - start
         try:
             gpu = llm.collective_rpc("bench_device_name")[0]
