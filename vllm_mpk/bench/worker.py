@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from vllm_mpk.bench.profiling import engine_profile_dir, profile_engine, profile_passes, profiler_config
-from vllm_mpk.bench.table import FLOOR, model_label
+from vllm_mpk.bench.table import FLOOR, MPK, STOCK, model_label
 from vllm_mpk.models.catalog import shipped_config
 
 FAST_COMPILATION = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}  # no torch.compile; FULL decode graphs
 STEP_TIMER = "vllm_mpk.bench.step_timer.StepTimer"
-IMPLS = ("vllm", "mpk", FLOOR)
+IMPLS = (STOCK, MPK, FLOOR)
 
 
 @dataclass(frozen=True)
