@@ -4,13 +4,16 @@ rewrite, the command's arguments, the engine arguments and a worker process that
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from vllm_mpk import cli
-from vllm_mpk.bench.runner import run_engine
-from vllm_mpk.bench.table import END, START, latest_rows, render, replace_section
+from vllm_mpk.bench import runner
+from vllm_mpk.bench.runner import gpu_lanes, run_engine, run_engines
+from vllm_mpk.bench.table import END, START, latest_rows, read_rows, render, replace_section
 from vllm_mpk.bench.worker import FAST_COMPILATION, EngineConfig, engine_kwargs, model_dir
 
 COMMON = {"gpu": "NVIDIA H100 80GB HBM3", "prompt_len": 128, "new_tokens": 257, "repeats": 3,
@@ -185,3 +188,51 @@ def test_a_failing_worker_leaves_error_rows(tmp_path: Path) -> None:
     rows = run_engine(EngineConfig("no-such-model", "vllm", batches=(1, 8)), tmp_path / "w.log", timeout_s=120)
     assert [(r["batch"], r["error"].split(":")[0]) for r in rows] == [(1, "exit 1"), (8, "exit 1")]
     assert "no shipped config named 'no-such-model'" in rows[0]["error"] and rows[0]["process_s"] > 0
+
+
+def test_gpu_lanes_group_gpus_by_tensor_parallel_size() -> None:
+    assert gpu_lanes(["0", "1", "2", "3"], 1) == ["0", "1", "2", "3"]
+    assert gpu_lanes(["0", "1", "2", "3"], 2) == ["0,1", "2,3"]
+    assert gpu_lanes(["4", "5", "6"], 2) == ["4,5"]  # the odd one out stays idle
+    with pytest.raises(ValueError, match="1 GPUs cannot hold an engine of tensor-parallel size 2"):
+        gpu_lanes(["0"], 2)
+
+
+def test_engines_run_in_lanes_one_model_per_lane(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each model's engines run in turn on one lane (stock and mpk on one card); lanes overlap."""
+    calls: list[tuple[str, str, str, str | None]] = []
+    lock = threading.Lock()
+
+    def fake_run_engine(cfg: EngineConfig, log: Path, timeout_s: float, devices: str | None = None) -> list[dict]:
+        with lock:
+            calls.append(("start", cfg.model, cfg.impl, devices))
+        time.sleep(0.05)
+        with lock:
+            calls.append(("end", cfg.model, cfg.impl, devices))
+        return [row(cfg.model, cfg.impl, b, 1.0, 0.5, 0.1) for b in cfg.batches]
+
+    monkeypatch.setattr(runner, "run_engine", fake_run_engine)
+    models = ("qwen3-0.6b", "llama-3.2-1b", "qwen3-8b")
+    configs = [EngineConfig(m, impl, batches=(1, 8)) for m in models for impl in ("vllm", "mpk")]
+    rows = run_engines(configs, tmp_path / "r.jsonl", tmp_path / "logs", 10.0, lanes=["0", "1"])
+    assert len(rows) == 12 and len(read_rows(tmp_path / "r.jsonl")) == 12
+    assert len({r["run"] for r in rows}) == 1
+    for m in models:
+        assert len({d for _, model, _, d in calls if model == m}) == 1  # one lane per model
+        starts = [impl for kind, model, impl, _ in calls if kind == "start" and model == m]
+        assert starts == ["vllm", "mpk"]
+    assert [kind for kind, *_ in calls[:2]] == ["start", "start"]  # two lanes at once
+    assert {d for *_, d in calls} == {"0", "1"}
+
+
+def test_bench_gpus_make_lanes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    lanes: list[list] = []
+    monkeypatch.setattr(cli, "bench_unavailable_reason", lambda: None)
+    monkeypatch.setattr(cli, "run_engines", lambda configs, *a, **kw: lanes.append(kw["lanes"]) or [])
+    common = ["bench", "--models", "qwen3-8b", "--rows", str(tmp_path / "r.jsonl"), "--results",
+              str(tmp_path / "R.md")]
+    assert cli.main(common) == 0 and cli.main([*common, "--gpus", "0", "1", "2", "3", "--tensor-parallel-size", "2"]) == 0
+    assert lanes == [[None], ["0,1", "2,3"]]
+    assert cli.main([*common, "--gpus", "0", "--tensor-parallel-size", "2"]) == 2
+    assert "--gpus: 1 GPUs cannot hold an engine of tensor-parallel size 2" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from vllm_mpk.bench.profiling import analyze_profiles, engine_profile_dir
-from vllm_mpk.bench.runner import Row, run_engines
+from vllm_mpk.bench.runner import Row, gpu_lanes, run_engines
 from vllm_mpk.bench.table import read_rows, update_results
 from vllm_mpk.bench.trace import analyze_file, format_report, trace_files
 from vllm_mpk.bench.worker import IMPLS, EngineConfig
@@ -264,6 +264,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                        "--repeats at least 1")
     if not 2 <= args.profile_tokens <= args.new_tokens or not 0 <= args.profile_stack_tokens <= args.new_tokens:
         raise CliError("--profile-tokens must be 2 to --new-tokens, --profile-stack-tokens 0 to --new-tokens")
+    try:
+        lanes: list[str | None] = [None] if args.gpus is None else list(gpu_lanes(args.gpus, args.tensor_parallel_size))
+    except ValueError as e:
+        raise CliError(f"--gpus: {e}") from e
     rows: list[Row] = []
     if not args.table_only:
         if (reason := bench_unavailable_reason()) is not None:
@@ -276,8 +280,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                 tensor_parallel_size=args.tensor_parallel_size)
                    for model in args.models for impl in args.impls]
         log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="vllm_mpk_bench_"))
-        print(f"{len(configs)} engines, one process each; logs in {log_dir}", flush=True)
-        rows = run_engines(configs, args.rows, log_dir, args.timeout, on_rows=print_rows)
+        print(f"{len(configs)} engines, one process each, {len(lanes)} at a time; logs in {log_dir}", flush=True)
+        rows = run_engines(configs, args.rows, log_dir, args.timeout, on_rows=print_rows, lanes=lanes)
         if profile_dir is not None:
             print(f"\nprofiles in {profile_dir} (<trace>.analysis.txt: every step and gap)\n"
                   + analyze_profiles([engine_profile_dir(profile_dir, c.model, c.impl) for c in configs], args.gap_us),
@@ -369,6 +373,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="vLLM's default compilation (torch.compile, FULL_AND_PIECEWISE) instead of mode 0 with "
                    "FULL_DECODE_ONLY graphs; slower start")
     b.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per engine (default 1)")
+    b.add_argument("--gpus", nargs="+", default=None, metavar="ID",
+                   help="run models side by side, one per group of --tensor-parallel-size of these GPUs (each "
+                        "model's engines in turn on one group, so stock and mpk share a card); default: one at a time")
     b.add_argument("--timeout", type=float, default=300.0, help="seconds per engine process (default 300)")
     b.add_argument("--log-dir", type=Path, default=None, help="one log per engine (default a new temp folder)")
     b.add_argument("--profile-dir", type=Path, default=None,

@@ -4,6 +4,10 @@ the engine core it spawns goes with it), and collect the rows.
 Every row gets the run's id (UTC start time; the table pairs stock and mpk from one run, hence one
 card) and the seconds its process took. An engine that fails or times out leaves an error row
 per missing batch, holding the last line of its log, and the run goes on to the next engine.
+
+On a machine with several GPUs the engines can run in lanes (``gpu_lanes``: one
+``CUDA_VISIBLE_DEVICES`` value each): one model's engines run in turn on one lane, so its stock,
+mpk and floor numbers still come from one card, while other models run on the other lanes.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,14 +40,17 @@ def log_tail(path: Path, lines: int = 1) -> str:
     return " | ".join(text[-lines:]) or "(empty log)"
 
 
-def run_engine(cfg: EngineConfig, log: Path, timeout_s: float) -> list[Row]:
-    """The rows of one worker process; error rows for the batches it did not finish."""
+def run_engine(cfg: EngineConfig, log: Path, timeout_s: float, devices: str | None = None) -> list[Row]:
+    """The rows of one worker process (on ``devices``, a ``CUDA_VISIBLE_DEVICES`` value, if given);
+    error rows for the batches it did not finish."""
     with tempfile.TemporaryDirectory() as tmp, log.open("w") as out:
         rows_file = Path(tmp) / "rows.jsonl"
         cmd = [sys.executable, "-m", "vllm_mpk.bench.worker", cfg.to_json(), "--rows", str(rows_file)]
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **nvshmem.ENVIRONMENT})  # NVLink multicast off from the start
+        env = {**os.environ, **nvshmem.ENVIRONMENT}  # NVLink multicast off from the start
+        if devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = devices
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         try:
             rc: int | str = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -66,18 +74,48 @@ def with_group_killed(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+def gpu_lanes(gpus: Sequence[str], tensor_parallel_size: int) -> list[str]:
+    """``CUDA_VISIBLE_DEVICES`` values of the lanes ``gpus`` make for engines of
+    ``tensor_parallel_size`` GPUs each (left-over GPUs stay idle)."""
+    if len(gpus) < tensor_parallel_size:
+        raise ValueError(f"{len(gpus)} GPUs cannot hold an engine of tensor-parallel size {tensor_parallel_size}")
+    n = tensor_parallel_size
+    return [",".join(gpus[i:i + n]) for i in range(0, len(gpus) - n + 1, n)]
+
+
 def run_engines(configs: Iterable[EngineConfig], rows_path: Path, log_dir: Path, timeout_s: float,
-                on_rows: Callable[[list[Row]], None] = lambda rows: None) -> list[Row]:
-    """Run every engine in turn; append each engine's rows to ``rows_path`` as they come."""
+                on_rows: Callable[[list[Row]], None] = lambda rows: None,
+                lanes: Sequence[str | None] = (None,)) -> list[Row]:
+    """Run every engine, one model's in turn on one lane, the lanes side by side; append each
+    engine's rows to ``rows_path`` as they come."""
     run = run_id()
     log_dir.mkdir(parents=True, exist_ok=True)
     rows_path.parent.mkdir(parents=True, exist_ok=True)
-    all_rows: list[Row] = []
+    by_model: dict[str, list[EngineConfig]] = {}
     for cfg in configs:
-        log = log_dir / f"{cfg.label.replace(' ', '-')}-{cfg.impl}.log"
-        rows = [{**r, "run": run} for r in run_engine(cfg, log, timeout_s)]
-        with rows_path.open("a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        on_rows(rows)
-        all_rows += rows
+        by_model.setdefault(cfg.label, []).append(cfg)
+    waiting = list(by_model.values())
+    all_rows: list[Row] = []
+    lock = threading.Lock()
+
+    def lane(devices: str | None) -> None:
+        while True:
+            with lock:
+                if not waiting:
+                    return
+                group = waiting.pop(0)
+            for cfg in group:
+                log = log_dir / f"{cfg.label.replace(' ', '-')}-{cfg.impl}.log"
+                rows = [{**r, "run": run} for r in run_engine(cfg, log, timeout_s, devices)]
+                with lock:
+                    with rows_path.open("a") as f:
+                        f.writelines(json.dumps(r) + "\n" for r in rows)
+                    on_rows(rows)
+                    all_rows.extend(rows)
+
+    threads = [threading.Thread(target=lane, args=(devices,)) for devices in lanes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     return all_rows
