@@ -1,9 +1,10 @@
-"""``--tensor-parallel-size 2 --model-impl mpk`` in a real vLLM (marked gpu; needs 2 GPUs and
-NVSHMEM). Each engine runs in its own subprocess on a 2-layer random checkpoint; greedy tokens of
-``model_impl="mpk"`` follow ``model_impl="vllm"`` at the same TP size until the first step where
-they differ, which must be a near tie in stock's top-two logprobs (a random checkpoint's logits
-are nearly flat, and the megakernel sums the ranks' parts in another order than NCCL). `vllm serve`
-at TP=2 answers completions with stock's tokens, compared teacher-forced (tests/vllm_serve.py)."""
+"""``--tensor-parallel-size N --model-impl mpk`` in a real vLLM (marked gpu; needs N GPUs and
+NVSHMEM; N = 2, and 4 where four GPUs are seen). Each engine runs in its own subprocess on a
+2-layer random checkpoint; greedy tokens of ``model_impl="mpk"`` follow ``model_impl="vllm"`` at
+the same TP size until the first step where they differ, which must be a near tie in stock's
+top-two logprobs (a random checkpoint's logits are nearly flat, and the megakernel sums the ranks'
+parts in another order than NCCL). `vllm serve` at TP=2 answers completions with stock's tokens,
+compared teacher-forced (tests/vllm_serve.py)."""
 
 from __future__ import annotations
 
@@ -69,9 +70,9 @@ def prompts(model: Path) -> list[list[int]]:
     return [torch.randint(0, vocab, (int(n),), generator=gen).tolist() for n in (9, 40, 17, 100)]
 
 
-def run_engine(tmp: Path, model: Path, impl: str, eager: bool) -> tuple[dict[str, Any], str]:
+def run_engine(tmp: Path, model: Path, impl: str, eager: bool, tp: int = 2) -> tuple[dict[str, Any], str]:
     out = tmp / f"{impl}-{eager}.json"
-    args = dict(model=str(model), impl=impl, tp=2, eager=eager, steps=STEPS, prompts=prompts(model), repo=str(REPO),
+    args = dict(model=str(model), impl=impl, tp=tp, eager=eager, steps=STEPS, prompts=prompts(model), repo=str(REPO),
                 out=str(out))
     (tmp / f"{impl}-{eager}.args.json").write_text(json.dumps(args))
     # NVLink multicast off in NCCL, torch and NVSHMEM from the start (vLLM's NCCL groups come first)
@@ -84,25 +85,29 @@ def run_engine(tmp: Path, model: Path, impl: str, eager: bool) -> tuple[dict[str
 
 
 @pytest.fixture(scope="module")
-def stock_tp2(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path, bool], dict[str, Any]]:
-    """Stock vLLM's TP=2 greedy run of a checkpoint, eager or with FULL decode graphs, made once per
-    module (the greedy and the serve tests compare against the same one)."""
-    runs: dict[tuple[Path, bool], dict[str, Any]] = {}
+def stock_tp(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict[str, Any]]:
+    """Stock vLLM's greedy run of a checkpoint at a TP size, eager or with FULL decode graphs, made
+    once per module (the greedy and the serve tests compare against the same one)."""
+    runs: dict[tuple[Path, bool, int], dict[str, Any]] = {}
 
-    def get(checkpoint: Path, eager: bool) -> dict[str, Any]:
-        if (checkpoint, eager) not in runs:
-            runs[checkpoint, eager] = run_engine(tmp_path_factory.mktemp("stock"), checkpoint, "vllm", eager)[0]
-        return runs[checkpoint, eager]
+    def get(checkpoint: Path, eager: bool, tp: int = 2) -> dict[str, Any]:
+        if (checkpoint, eager, tp) not in runs:
+            runs[checkpoint, eager, tp] = run_engine(tmp_path_factory.mktemp("stock"), checkpoint, "vllm", eager,
+                                                     tp)[0]
+        return runs[checkpoint, eager, tp]
 
     return get
 
 
+@pytest.mark.parametrize("tp", [2, pytest.param(4, marks=pytest.mark.skipif(_GPUS < 4, reason=f"needs 4 GPUs, "
+                                                                                                 f"torch sees {_GPUS}"))])
 @pytest.mark.parametrize("eager", [False, True], ids=["cuda-graphs", "eager"])
-def test_tp2_greedy_tokens_follow_stock_tp2(checkpoint: Path, tmp_path: Path, eager: bool, stock_tp2) -> None:
-    stock = stock_tp2(checkpoint, eager)
-    ours, log = run_engine(tmp_path, checkpoint, "mpk", eager)
+def test_tp_greedy_tokens_follow_stock_at_the_same_tp(checkpoint: Path, tmp_path: Path, eager: bool, tp: int,
+                                                      stock_tp) -> None:
+    stock = stock_tp(checkpoint, eager, tp)
+    ours, log = run_engine(tmp_path, checkpoint, "mpk", eager, tp)
     assert "megakernel ready" in log
-    assert len(ours["workers"]) == 2
+    assert len(ours["workers"]) == tp
     for worker in ours["workers"]:
         assert worker["class"].startswith("Mpk") and worker["built"] and worker["disabled"] is None
         assert worker["steps"] > 0
@@ -115,14 +120,14 @@ def test_tp2_greedy_tokens_follow_stock_tp2(checkpoint: Path, tmp_path: Path, ea
             assert top2[0] - top2[1] < NEAR_TIE, f"step {first}: mpk picked {got[first]}, stock {want[first]} " \
                                                  f"with a margin of {top2[0] - top2[1]:.3f} nats"
             ties += 1
-    print(f"{checkpoint.name} TP=2 {'eager' if eager else 'graphs'}: {compared} steps compared, {ties} near ties")
+    print(f"{checkpoint.name} TP={tp} {'eager' if eager else 'graphs'}: {compared} steps compared, {ties} near ties")
     assert compared >= len(stock["tokens"])  # at least every request's first decoded token
 
 
-def test_tp2_vllm_serve_on_loopback(checkpoint: Path, tmp_path: Path, stock_tp2) -> None:
+def test_tp2_vllm_serve_on_loopback(checkpoint: Path, tmp_path: Path, stock_tp) -> None:
     """`vllm serve --tensor-parallel-size 2 --model-impl mpk` answers completions with stock TP=2's
     greedy tokens (near ties aside) and streams what it returns in one piece."""
-    stock = stock_tp2(checkpoint, False)
+    stock = stock_tp(checkpoint, False)
     first = Greedy.from_json({"tokens": stock["tokens"][0], "logprobs": stock["logprobs"][0]})
     served = serve_and_compare(checkpoint, tmp_path, prompts(checkpoint)[0], first,
                                ("--tensor-parallel-size", "2"), env={**os.environ, **nvshmem.ENVIRONMENT})
