@@ -139,8 +139,7 @@ def run_tp_case(spec: ModelSpec, batch: int, context: int, world: int, rank: int
     """Time rank ``rank``'s shard (random weights at a realistic scale); every rank runs this in
     lockstep: each launch's all-reduces wait for the peers' same launch."""
     device = f"cuda:{torch.cuda.current_device()}"
-    weights = {k: torch.randn(s, dtype=torch.bfloat16, device=device) * (1.0 if len(s) == 1 else s[-1] ** -0.5)
-               for k, s in expected_shapes(spec.shard(world)).items()}
+    weights = random_weights(spec.shard(world), seed=rank, device=device)  # this rank's TP-local shapes
     model, tensors, caches = build(spec, batch, context, device, weights, kv_splits=kv_splits, world=world, rank=rank)
     for c in caches:
         c.normal_(0, 1)

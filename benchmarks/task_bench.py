@@ -76,7 +76,7 @@ def build_op(spec: ModelSpec, op: str, batch: int, workers: int, device: str) ->
 def time_op(spec: ModelSpec, op: str, batch: int, workers: int) -> dict[str, float]:
     """Median task and stage time (µs) over ``launches`` profiled launches, and the stage's GB/s."""
     from vllm_mpk.runtime.megakernel import Megakernel
-    from vllm_mpk.runtime.profiler import task_spans
+    from vllm_mpk.runtime.profiler import stage_ns, task_spans
 
     plan, tensors = build_op(spec, op, batch, workers, "cuda")
     kernel = Megakernel(plan, tensors, profile=True)
@@ -87,7 +87,7 @@ def time_op(spec: ModelSpec, op: str, batch: int, workers: int) -> dict[str, flo
         kernel.check()
         spans = task_spans(plan, kernel.profile)
         tasks.append(median(s.end_ns - s.start_ns for s in spans))
-        stages.append(max(s.end_ns for s in spans) - min(s.start_ns for s in spans))
+        stages.append(stage_ns(spans))
     stage_ns = median(stages)
     nbytes = sum(t.bytes for t in plan.tasks)
     return {"task_us": median(tasks) / 1e3, "stage_us": stage_ns / 1e3, "gbps": nbytes / stage_ns}

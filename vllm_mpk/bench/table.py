@@ -87,10 +87,15 @@ def distinct(rows: list[Row], key: str) -> str:
     return " / ".join(dict.fromkeys(str(r[key]) for r in rows if key in r))
 
 
+def keyed(rows: Iterable[Row]) -> dict[tuple[str, int, str], Row]:
+    """Rows by (model label, batch, impl)."""
+    return {(label(r), r["batch"], r["impl"]): r for r in rows}
+
+
 def overhead_note(ok: list[Row]) -> str:
     """How much of the step vLLM's own work takes: from the floor rows where measured (the TPOT
     stock vLLM keeps with one decoder layer), else the stock rows' time outside the forward."""
-    by_key = {(label(r), r["batch"], r["impl"]): r for r in ok}
+    by_key = keyed(ok)
     pairs = [(r, by_key[label(r), r["batch"], STOCK]) for r in ok
              if r["impl"] == FLOOR and (label(r), r["batch"], STOCK) in by_key]
     if pairs:
@@ -130,7 +135,7 @@ def render(rows: Iterable[Row]) -> str:
     ok = [r for r in rows if "error" not in r]
     if not rows:
         return "No vLLM benchmark rows yet: run `vllm-mpk bench` on a GPU."
-    by_key = {(label(r), r["batch"], r["impl"]): r for r in ok}
+    by_key = keyed(ok)
     lines = [f"Card: {distinct(ok, 'gpu') or '—'}; run {distinct(rows, 'run')}. Dummy weights (vLLM's "
              f"`load_format=\"dummy\"` on the shipped configs), prompts of {distinct(ok, 'prompt_len')} tokens, "
              f"{distinct(ok, 'new_tokens')} greedy tokens with EOS ignored, TPOT median of "

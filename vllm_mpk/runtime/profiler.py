@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
@@ -54,6 +55,12 @@ def write_trace(plan: Plan, spans: list[TaskSpan], path: str | Path) -> None:
     Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ns"}))
 
 
+def stage_ns(spans: Iterable[TaskSpan]) -> int:
+    """An op's stage: its first task's gate opening to its last task's signal."""
+    spans = list(spans)
+    return max(s.end_ns for s in spans) - min(s.start_ns for s in spans)
+
+
 def summary(plan: Plan, spans: list[TaskSpan]) -> str:
     """Per op kind: share of busy time, bytes moved, bandwidth while running, time spent waiting,
     the median task's time (gate open to signal: the task's own cost) and the median stage time
@@ -71,7 +78,7 @@ def summary(plan: Plan, spans: list[TaskSpan]) -> str:
         durations[s.kind].append(s.end_ns - s.start_ns)
         by_op[s.op].append(s)
     for op_spans in by_op.values():
-        stages[op_spans[0].kind].append(max(s.end_ns for s in op_spans) - min(s.start_ns for s in op_spans))
+        stages[op_spans[0].kind].append(stage_ns(op_spans))
     total = sum(busy.values()) or 1
     makespan = max(s.end_ns for s in spans)
     lines = [f"step {makespan / 1e3:.1f} us on {plan.num_workers} workers; busy {total / plan.num_workers / 1e3:.1f} us "
