@@ -128,7 +128,8 @@ class Worker(StepTimer):
         backend = SimpleNamespace(get_name=lambda: "FLASH_ATTN")
         self.model_runner = SimpleNamespace(attn_groups=[[SimpleNamespace(backend=backend)] * 2])
         self.vllm_config = SimpleNamespace(scheduler_config=SimpleNamespace(async_scheduling=True),
-                                           compilation_config=SimpleNamespace(cudagraph_mode="FULL_DECODE_ONLY"))
+                                           compilation_config=SimpleNamespace(cudagraph_mode="FULL_DECODE_ONLY"),
+                                           cache_config=SimpleNamespace(num_gpu_blocks=25488))
         self.profiler_config = ProfilerConfig(profiler="torch", torch_profiler_dir="/p", torch_profiler_with_stack=False)
         self.profiler = SimpleNamespace(shutdown=lambda: setattr(self, "shut", True))
 
@@ -141,7 +142,8 @@ def test_worker_extension_resets_the_profiler_and_reports_settings() -> None:
     assert worker.profiler_config.torch_profiler_with_stack and not worker.profiler_config.torch_profiler_dump_cuda_time_total
     assert worker.profiler_config.torch_profiler_dir == "/p"
     assert worker.bench_engine_info() == {"async_scheduling": True, "attention_backend": "FLASH_ATTN",
-                                          "model_runner": "SimpleNamespace", "cudagraph_mode": "FULL_DECODE_ONLY"}
+                                          "model_runner": "SimpleNamespace", "cudagraph_mode": "FULL_DECODE_ONLY",
+                                          "kv_blocks": 25488}
 
 
 def test_bench_profile_arguments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -82,6 +82,17 @@ def test_floor_rows_give_the_ceiling() -> None:
     assert "| qwen3-0.6b floor |" not in md and "floor batch" not in md  # floor rows are columns, not lines
 
 
+def test_floor_near_or_above_stock_says_the_host_step_sets_tpot() -> None:
+    """Where stock TPOT is within 10% of the floor (or below it, the host step varying between
+    processes), the note names those rows instead of promising a bound."""
+    floors = [row("qwen3-0.6b", "floor", 1, 0.80, 0.05, 0.10), row("qwen3-0.6b", "floor", 8, 1.90, 0.06, 0.20)]
+    md = render(ROWS + floors)  # stock TPOT at bs8 is 1.80
+    assert table_cells(md, "qwen3-0.6b", 8)[11:13] == ["1.90", "0.95×"]
+    assert "within 10% of the floor or below it for qwen3-0.6b at batch 8:" in md
+    assert "qwen3-0.6b at batch 1:" not in md and "varies between engine processes" in md
+    assert "no forward, however fast" not in md
+
+
 def test_engine_settings_are_noted_when_recorded() -> None:
     assert "Engine settings" not in render(ROWS)
     rows = [{**r, "async_scheduling": r["impl"] == "vllm", "attention_backend": "FLASH_ATTN"} for r in ROWS]
@@ -174,6 +185,9 @@ def test_engine_kwargs() -> None:
     assert EngineConfig.from_json(cfg.to_json()) == cfg
     floor = engine_kwargs(EngineConfig("qwen3-0.6b", "floor"), Path("/m"))
     assert floor["model_impl"] == "vllm" and "additional_config" not in floor
+    assert "num_gpu_blocks_override" not in floor
+    sized = engine_kwargs(EngineConfig("qwen3-0.6b", "floor", kv_blocks=25000), Path("/m"))
+    assert sized["num_gpu_blocks_override"] == 25000
 
 
 def test_model_dir_keeps_the_shipped_config_or_cuts_its_layers(tmp_path: Path) -> None:
@@ -201,26 +215,31 @@ def test_gpu_lanes_group_gpus_by_tensor_parallel_size() -> None:
 def test_engines_run_in_lanes_one_model_per_lane(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each model's engines run in turn on one lane (stock and mpk on one card); lanes overlap."""
     calls: list[tuple[str, str, str, str | None]] = []
+    floor_blocks: dict[str, int | None] = {}
     lock = threading.Lock()
 
     def fake_run_engine(cfg: EngineConfig, log: Path, timeout_s: float, devices: str | None = None) -> list[dict]:
         with lock:
             calls.append(("start", cfg.model, cfg.impl, devices))
+            if cfg.impl == "floor":
+                floor_blocks[cfg.model] = cfg.kv_blocks
         time.sleep(0.05)
         with lock:
             calls.append(("end", cfg.model, cfg.impl, devices))
-        return [row(cfg.model, cfg.impl, b, 1.0, 0.5, 0.1) for b in cfg.batches]
+        blocks = 1000 + len(cfg.model) if cfg.impl == "vllm" else 7
+        return [{**row(cfg.model, cfg.impl, b, 1.0, 0.5, 0.1), "kv_blocks": blocks} for b in cfg.batches]
 
     monkeypatch.setattr(runner, "run_engine", fake_run_engine)
     models = ("qwen3-0.6b", "llama-3.2-1b", "qwen3-8b")
-    configs = [EngineConfig(m, impl, batches=(1, 8)) for m in models for impl in ("vllm", "mpk")]
+    configs = [EngineConfig(m, impl, batches=(1, 8)) for m in models for impl in ("vllm", "mpk", "floor")]
     rows = run_engines(configs, tmp_path / "r.jsonl", tmp_path / "logs", 10.0, lanes=["0", "1"])
-    assert len(rows) == 12 and len(read_rows(tmp_path / "r.jsonl")) == 12
+    assert len(rows) == 18 and len(read_rows(tmp_path / "r.jsonl")) == 18
     assert len({r["run"] for r in rows}) == 1
     for m in models:
         assert len({d for _, model, _, d in calls if model == m}) == 1  # one lane per model
         starts = [impl for kind, model, impl, _ in calls if kind == "start" and model == m]
-        assert starts == ["vllm", "mpk"]
+        assert starts == ["vllm", "mpk", "floor"]
+        assert floor_blocks[m] == 1000 + len(m)  # the floor engine's KV cache is its stock engine's size
     assert [kind for kind, *_ in calls[:2]] == ["start", "start"]  # two lanes at once
     assert {d for *_, d in calls} == {"0", "1"}
 

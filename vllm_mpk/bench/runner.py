@@ -7,7 +7,8 @@ per missing batch, holding the last line of its log, and the run goes on to the 
 
 On a machine with several GPUs the engines can run in lanes (``gpu_lanes``: one
 ``CUDA_VISIBLE_DEVICES`` value each): one model's engines run in turn on one lane, so its stock,
-mpk and floor numbers still come from one card, while other models run on the other lanes.
+mpk and floor numbers still come from one card, while other models run on the other lanes. A
+floor engine after its model's stock engine gets the stock engine's KV cache size in blocks.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from vllm_mpk.bench.table import FLOOR, STOCK
 from vllm_mpk.bench.worker import EngineConfig
 from vllm_mpk.runtime import nvshmem
 
@@ -104,9 +107,13 @@ def run_engines(configs: Iterable[EngineConfig], rows_path: Path, log_dir: Path,
                 if not waiting:
                     return
                 group = waiting.pop(0)
+            blocks: int | None = None
             for cfg in group:
+                if cfg.impl == FLOOR and cfg.kv_blocks is None:
+                    cfg = replace(cfg, kv_blocks=blocks)
                 log = log_dir / f"{cfg.label.replace(' ', '-')}-{cfg.impl}.log"
                 rows = [{**r, "run": run} for r in run_engine(cfg, log, timeout_s, devices)]
+                blocks = next((r["kv_blocks"] for r in rows if cfg.impl == STOCK and r.get("kv_blocks")), blocks)
                 with lock:
                     with rows_path.open("a") as f:
                         f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -47,14 +47,16 @@ class StepTimer:
     def bench_engine_info(self) -> dict[str, Any]:
         """Whether the engine core schedules asynchronously (it then prepares step n+1 while the
         GPU runs step n, hiding most of its per-step work), the attention backend(s) of the KV
-        cache groups, the model runner class and the resolved CUDA graph mode."""
+        cache groups, the model runner class, the resolved CUDA graph mode and the KV cache's
+        blocks (the floor engine takes the stock engine's count)."""
         config = self.vllm_config  # type: ignore[attr-defined]
         runner = self.model_runner  # type: ignore[attr-defined]
         groups = getattr(runner, "attn_groups", None) or []
         backends = sorted({g.backend.get_name() for per_kv_group in groups for g in per_kv_group})
         return {"async_scheduling": bool(config.scheduler_config.async_scheduling),
                 "attention_backend": "+".join(backends) or None, "model_runner": type(runner).__name__,
-                "cudagraph_mode": str(config.compilation_config.cudagraph_mode)}
+                "cudagraph_mode": str(config.compilation_config.cudagraph_mode),
+                "kv_blocks": config.cache_config.num_gpu_blocks}
 
     def bench_profiler_reset(self, with_stack: bool, table: bool) -> None:
         """Make the next ``start_profile`` build a new torch profiler, with Python stacks or not

@@ -43,7 +43,10 @@ class EngineConfig:
     FULL_AND_PIECEWISE graphs, a slower start) instead of ``FAST_COMPILATION``. ``profile_dir``:
     profile the largest batch afterwards, ``profile_tokens`` new tokens without Python stacks and
     ``profile_stack_tokens`` with them (0: no such pass), traces under
-    ``profile_dir/<model>-<impl>/``."""
+    ``profile_dir/<model>-<impl>/``. ``kv_blocks``: the KV cache's size in blocks instead of what
+    the free memory holds; the floor engine takes the stock engine's count, since one decoder
+    layer's cache would otherwise hold ~30x the tokens and vLLM's block pool would not be the one
+    the stock engine schedules from."""
 
     model: str  # a shipped config name, e.g. "qwen3-0.6b"
     impl: str  # vLLM's model_impl, "vllm" (stock) or "mpk"; or "floor": stock with one decoder layer
@@ -57,6 +60,7 @@ class EngineConfig:
     profile_tokens: int = 24
     profile_stack_tokens: int = 12
     tensor_parallel_size: int = 1
+    kv_blocks: int | None = None
 
     @classmethod
     def from_json(cls, text: str) -> EngineConfig:
@@ -99,6 +103,8 @@ def engine_kwargs(cfg: EngineConfig, directory: Path) -> dict[str, Any]:
         kwargs["compilation_config"] = FAST_COMPILATION
     if cfg.profile_dir is not None:
         kwargs["profiler_config"] = profiler_config(engine_profile_dir(cfg.profile_dir, cfg.model, cfg.impl))
+    if cfg.kv_blocks is not None:
+        kwargs["num_gpu_blocks_override"] = cfg.kv_blocks
     if cfg.impl == "mpk":
         kwargs["additional_config"] = {"mpk": {"max_batch": max(cfg.batches), "strict": True}}
     return kwargs
@@ -164,7 +170,8 @@ def run(cfg: EngineConfig, rows: Path) -> None:
                        "tpot_samples_ms": samples, **times, "model_class": state["class"], "gpu": gpu,
                        "engine_s": engine_s, "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens,
                        "repeats": cfg.repeats, "compilation": cfg.compilation, "tp": cfg.tensor_parallel_size,
-                       "async_scheduling": info["async_scheduling"], "attention_backend": info["attention_backend"]}
+                       "async_scheduling": info["async_scheduling"], "attention_backend": info["attention_backend"],
+                       "kv_blocks": info.get("kv_blocks")}
                 with rows.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
