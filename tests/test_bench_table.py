@@ -43,9 +43,29 @@ def table_cells(markdown: str, model: str, batch: int) -> list[str]:
     return [c.strip() for c in line.strip("|").split("|")]
 
 
+def floor_row(batch: int, tpot: float, **extra: object) -> dict:
+    """A floor engine's row with its stock engine's KV cache size."""
+    return {**row("qwen3-0.6b", "floor", batch, tpot, 0.05, 0.10), "kv_blocks": 25000, **extra}
+
+
 def test_latest_run_per_model_is_drawn() -> None:
     latest = latest_rows(ROWS)
     assert all(r["run"] == "2026-11-27T10:00:00Z" for r in latest) and len(latest) == len(ROWS) - 1
+
+
+def test_a_run_of_fewer_batches_replaces_only_those() -> None:
+    older = [row("qwen3-0.6b", impl, 16, t, 1.7, 0.1, run="2026-11-26T09:00:00Z") for impl, t in (("vllm", 1.9),
+                                                                                                   ("mpk", 2.1))]
+    md = render(ROWS + older)
+    assert table_cells(md, "qwen3-0.6b", 16)[2:5] == ["1.90", "2.10", "0.90×"]  # the older run's bs16 pair
+    assert table_cells(md, "qwen3-0.6b", 1)[2] == "1.60"  # bs1 from the newer run
+
+
+def test_a_floor_without_the_stock_kv_cache_size_is_not_drawn() -> None:
+    unsized = {k: v for k, v in floor_row(1, 0.80).items() if k != "kv_blocks"}
+    md = render([*ROWS, unsized, floor_row(8, 1.50)])
+    assert table_cells(md, "qwen3-0.6b", 1)[11:13] == ["—", "—"]
+    assert table_cells(md, "qwen3-0.6b", 8)[11:13] == ["1.50", "1.20×"]
 
 
 def test_tensor_parallel_rows_are_their_own_lines_with_their_own_latest_run() -> None:
@@ -72,8 +92,7 @@ def test_table_has_ratios_overhead_and_ceiling() -> None:
 
 def test_floor_rows_give_the_ceiling() -> None:
     """The floor engine's TPOT (stock with one decoder layer) bounds what any forward can gain."""
-    floors = [row("qwen3-0.6b", "floor", 1, 0.80, 0.05, 0.10), row("qwen3-0.6b", "floor", 8, 1.50, 0.06, 0.20)]
-    md = render(ROWS + floors)
+    md = render([*ROWS, floor_row(1, 0.80), floor_row(8, 1.50)])
     assert table_cells(md, "qwen3-0.6b", 1)[11:13] == ["0.80", "2.00×"]
     assert table_cells(md, "qwen3-0.6b", 8)[11:13] == ["1.50", "1.20×"]
     assert table_cells(md, "qwen3-8b", 1)[11:13] == ["—", "—"]  # no floor engine for this model
@@ -85,8 +104,7 @@ def test_floor_rows_give_the_ceiling() -> None:
 def test_floor_near_or_above_stock_says_the_host_step_sets_tpot() -> None:
     """Where stock TPOT is within 10% of the floor (or below it, the host step varying between
     processes), the note names those rows instead of promising a bound."""
-    floors = [row("qwen3-0.6b", "floor", 1, 0.80, 0.05, 0.10), row("qwen3-0.6b", "floor", 8, 1.90, 0.06, 0.20)]
-    md = render(ROWS + floors)  # stock TPOT at bs8 is 1.80
+    md = render([*ROWS, floor_row(1, 0.80), floor_row(8, 1.90)])  # stock TPOT at bs8 is 1.80
     assert table_cells(md, "qwen3-0.6b", 8)[11:13] == ["1.90", "0.95×"]
     assert "within 10% of the floor or below it for qwen3-0.6b at batch 8:" in md
     assert "qwen3-0.6b at batch 1:" not in md and "varies between engine processes" in md

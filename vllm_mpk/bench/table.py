@@ -44,12 +44,20 @@ def label(r: Row) -> str:
 
 
 def latest_rows(rows: Iterable[Row]) -> list[Row]:
-    """The rows of each model's latest run (run ids sort by time), in first-seen model order."""
+    """The rows of each model and batch's latest run (run ids sort by time), in first-seen order: a
+    run of fewer batches replaces only those, and stock and mpk of a line always share a run."""
     rows = list(rows)
-    latest: dict[str, str] = {}
+    latest: dict[tuple[str, int], str] = {}
     for r in rows:
-        latest[label(r)] = max(latest.get(label(r), r["run"]), r["run"])
-    return [r for r in rows if r["run"] == latest[label(r)]]
+        key = (label(r), r["batch"])
+        latest[key] = max(latest.get(key, r["run"]), r["run"])
+    return [r for r in rows if r["run"] == latest[label(r), r["batch"]]]
+
+
+def drawn(r: Row) -> bool:
+    """A row the table uses: no error, and for the floor engine a KV cache of its stock engine's
+    size (rows from before ``kv_blocks`` was recorded ran one layer's cache of ~30x the tokens)."""
+    return "error" not in r and (r["impl"] != FLOOR or bool(r.get("kv_blocks")))
 
 
 def ms(value: float | None) -> str:
@@ -144,7 +152,7 @@ def settings_note(ok: list[Row]) -> str | None:
 def render(rows: Iterable[Row]) -> str:
     """The markdown between the markers: settings, card and date, table, overhead note, failures."""
     rows = latest_rows(rows)
-    ok = [r for r in rows if "error" not in r]
+    ok = [r for r in rows if drawn(r)]
     if not rows:
         return "No vLLM benchmark rows yet: run `vllm-mpk bench` on a GPU."
     by_key = keyed(ok)
