@@ -410,3 +410,43 @@ def test_each_decode_batch_runs_the_smallest_plan_that_holds_it(built: Built, st
     runner.step([(0, 7, 2)], 1)
     runner.step([(0, 8, 3), (1, 9, 1)], 2)
     assert calls == [4, 1, 2] and not stock_calls
+
+
+class FakeEvent:
+    def __init__(self) -> None:
+        self.records = 0
+
+    def record(self) -> None:
+        self.records += 1
+
+    def query(self) -> bool:
+        return True
+
+
+def test_the_watchdog_looks_at_most_every_poll_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where vLLM's host step bounds TPOT every token pays the poll, so it queues the control-block
+    copy at most every WATCHDOG_POLL_S; a stopped kernel still raises at the next look."""
+    from vllm_mpk.integration import model as integration
+    from vllm_mpk.runtime import control
+
+    clock = [100.0]
+    monkeypatch.setattr(integration.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    checked: list[str] = []
+    runtime = integration.MpkRuntime.__new__(integration.MpkRuntime)
+    runtime.controls = torch.zeros(1, 8, dtype=torch.int32)
+    runtime.kernels = {8: SimpleNamespace(check=lambda: checked.append("raised"))}
+    event = FakeEvent()
+    runtime._watch, runtime._next_poll = (torch.zeros(1, 8, dtype=torch.int32), event), 0.0
+    for _ in range(5):
+        runtime.poll_watchdog()
+    assert event.records == 1  # one copy queued in the interval
+    runtime.controls[0, control.ERROR] = 1  # the kernel stopped on its watchdog
+    runtime.poll_watchdog()
+    assert not checked  # still inside the interval
+    clock[0] += integration.WATCHDOG_POLL_S
+    runtime.poll_watchdog()  # reads the earlier copy (no error yet), queues a new one
+    assert event.records == 2 and not checked
+    clock[0] += integration.WATCHDOG_POLL_S
+    runtime.poll_watchdog()
+    assert checked == ["raised"]
