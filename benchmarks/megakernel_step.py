@@ -8,6 +8,10 @@ agreement, step time, and bandwidth as a fraction of a device-to-device copy mea
 
     python benchmarks/megakernel_step.py --models qwen3-0.6b qwen3-8b --batches 1 8
 
+``--prefetch 192:1 96:2 0:0`` also times each case under those L2 prefetch policies (KiB of a
+tile's weights asked of L2 : how many tasks ahead), on the same kernel (a policy is launch data),
+and checks that each gives logits bit-identical to the default's.
+
 Under torchrun (one process per GPU) each rank times its tensor-parallel shard instead: the step
 with its in-kernel all-reduces, per-rank bandwidth of its weight shard, the profiler summary (rank
 0) and with ``--trace`` one trace per rank. Correctness at TP>1 is the GPU tests' job.
@@ -25,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from vllm_mpk.codegen.tables import PrefetchPolicy
 from vllm_mpk.demo import weight_bytes
 from vllm_mpk.graph.reference import ReferenceExecutor
 from vllm_mpk.models import DecodeOptions, ModelSpec, build_decoder
@@ -86,7 +91,32 @@ def time_and_profile(plan, tensors, mk: Megakernel, batch: int, trace_path: Path
     return us
 
 
-def run_case(spec, batch, context, device, weights, log, trace_path=None, kv_splits: int = 1) -> dict:
+def prefetch_policy(text: str) -> PrefetchPolicy:
+    """``KIB:AHEAD`` (``AHEAD`` defaults to 1)."""
+    kib, _, ahead = text.partition(":")
+    return PrefetchPolicy(int(kib) * 1024, int(ahead or 1))
+
+
+def policy_name(policy: PrefetchPolicy) -> str:
+    return f"{policy.cap_bytes // 1024}:{policy.ahead}"
+
+
+def time_policies(mk: Megakernel, batch: int, logits: torch.Tensor, policies) -> dict[str, dict]:
+    """Step µs under each prefetch policy, and whether its logits stay bit-identical to ``logits``
+    (a prefetch is only a hint to L2); the default policy is restored afterwards."""
+    default, times = mk.prefetch, {}
+    for policy in policies:
+        mk.set_prefetch(policy)
+        mk.tensors["logits"].fill_(float("nan"))
+        us = graph_replay_us(lambda: mk.launch(batch))
+        mk.check()
+        times[policy_name(policy)] = {"us": us, "identical": torch.equal(mk.tensors["logits"][:batch].float(), logits)}
+    mk.set_prefetch(default)
+    return times
+
+
+def run_case(spec, batch, context, device, weights, log, trace_path=None, kv_splits: int = 1,
+             policies=()) -> dict:
     model, tensors, caches = build(spec, batch, context, device, weights, kv_splits=kv_splits)
     for c in caches:
         c.normal_(0, 1)
@@ -123,12 +153,13 @@ def run_case(spec, batch, context, device, weights, log, trace_path=None, kv_spl
               f"our logits there {logits[b, top.indices].tolist()}", flush=True)
     cache_rel = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(caches, ref_caches))
     us = time_and_profile(model.plan, tensors, mk, batch, trace_path, show=True)
+    sweep = time_policies(mk, batch, logits, policies)
     nbytes = weight_bytes(spec, weights) + sum(
         int(tensors["seq_lens"].sum()) * spec.num_kv_heads * 2 * spec.head_dim * 2 for _ in range(spec.num_layers))
     row = {"model": spec.architecture, "layers": spec.num_layers, "hidden": spec.hidden_size, "batch": batch,
            "rel_err": rel, "rel_err_same_rounding": rel_bf16, "cache_rel_err": cache_rel, "greedy_agree": f"{agree}/{batch}",
            "step_us": us, "bytes": nbytes, "tbps": nbytes / us / 1e6, "load_s": load_s,
-           "nan": bool(torch.isnan(logits).any())}
+           "nan": bool(torch.isnan(logits).any()), "prefetch": {policy_name(mk.prefetch): us, **sweep}}
     log.write(json.dumps(row) + "\n")
     log.flush()
     return row
@@ -192,6 +223,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--trace", action="store_true", help="write a Perfetto trace per case under $OUT")
     p.add_argument("--kv-splits", type=int, default=1, help="attention tasks per KV head and request (split KV)")
+    p.add_argument("--prefetch", nargs="+", type=prefetch_policy, default=[], metavar="KIB:AHEAD",
+                   help="also time each case under these L2 weight-prefetch policies (single GPU)")
     args = p.parse_args()
     device = "cuda"
     out = Path(os.environ.get("OUT", "/tmp"))
@@ -213,7 +246,7 @@ def main() -> None:
             weights = random_weights(spec, device=device)
             for b in args.batches:
                 trace = out / f"trace_{m}_bs{b}.json" if args.trace else None
-                case = run_case(spec, b, args.context, device, weights, log, trace, args.kv_splits)
+                case = run_case(spec, b, args.context, device, weights, log, trace, args.kv_splits, args.prefetch)
                 rows.append({"name": m, **case})
                 print(rows[-1], flush=True)
             del weights
@@ -224,6 +257,13 @@ def main() -> None:
         print(f"{r['name']:14} {r['batch']:>3} {r['rel_err']:9.2e} {r['rel_err_same_rounding']:9.2e} "
               f"{r['greedy_agree']:>7} {r['step_us']:9.1f} "
               f"{r['tbps']:6.2f} {r['tbps'] / bw:7.0%}")
+    if args.prefetch:
+        print(f"\nprefetch policies (KiB:ahead), step µs and vs the default {policy_name(PrefetchPolicy())}; "
+              "* = logits not bit-identical")
+        for r in rows:
+            cells = [f"{name} {t['us']:.0f} ({t['us'] / r['step_us'] - 1:+.1%}){'' if t['identical'] else '*'}"
+                     for name, t in r["prefetch"].items() if isinstance(t, dict)]
+            print(f"{r['name']:14} {r['batch']:>3} {r['step_us']:9.1f}  " + "  ".join(cells))
 
 
 if __name__ == "__main__":

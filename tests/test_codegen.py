@@ -23,6 +23,7 @@ from vllm_mpk.codegen.jit import JitSpec, compile_only
 from vllm_mpk.codegen.tables import (
     HEADER_WORDS,
     PREFETCH_CAP_BYTES,
+    PrefetchPolicy,
     RecordLayout,
     Variants,
     all_args,
@@ -174,6 +175,23 @@ def test_linear_prefetch_covers_exactly_its_weight_rows(qwen3_8b: Generated) -> 
         assert row[PF_LEN16] * 16 == min(rows_bytes, PREFETCH_CAP_BYTES), task
         capped += rows_bytes > PREFETCH_CAP_BYTES
     assert capped > 0  # the cap is exercised: Qwen3-8B's tiles are wider than it
+
+
+def test_prefetch_policy_sets_the_cap_of_the_same_table(qwen3_8b: Generated) -> None:
+    """Another cap changes only the prefetch lengths: the kernel built for the default policy runs it."""
+    g = qwen3_8b
+    _, table = kernel_spec(g.plan, g.tensors, PrefetchPolicy(cap_bytes=32 * 1024, ahead=2))
+    assert table.shape == g.table.shape
+    lens, default_lens = table[..., PF_LEN16], g.table[..., PF_LEN16]
+    assert (lens <= 2048).all() and (lens == np.minimum(default_lens, 2048)).all() and (lens == 2048).any()
+    other = np.ones(table.shape[-1], dtype=bool)
+    other[PF_LEN16] = False
+    assert (table[..., other] == g.table[..., other]).all()
+    assert not (kernel_spec(g.plan, g.tensors, PrefetchPolicy(cap_bytes=0))[1][..., PF_LEN16] > 0).any()
+    with pytest.raises(ValueError, match="non-negative multiple of 16"):
+        PrefetchPolicy(cap_bytes=100)
+    with pytest.raises(ValueError, match="ahead non-negative"):
+        PrefetchPolicy(ahead=-1)
 
 
 # --- the generated source -------------------------------------------------------------------------

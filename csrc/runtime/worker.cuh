@@ -22,6 +22,7 @@ struct KernelParams {
   int32_t num_tokens;
   int32_t steps;              // decode steps in this launch
   int32_t max_tasks;
+  int32_t prefetch_ahead;     // a task's weights are asked of L2 when the task this many places before it starts
   int64_t timeout_ns;
 };
 
@@ -29,7 +30,7 @@ struct KernelParams {
 // its inputs (weights never wait for activations). One thread issues it; the copy engine does the rest.
 template <typename Record>
 __device__ __forceinline__ void prefetch_weights(const KernelParams& p, const Record& r) {
-  if (r.prefetch_tensor < 0) return;
+  if (r.prefetch_tensor < 0 || r.prefetch_len16 == 0) return;
   const char* base = static_cast<const char*>(p.tensors[r.prefetch_tensor]) + (int64_t)r.prefetch_offset16 * 16;
   prefetch_l2(base, r.prefetch_len16 * 16);
 }
@@ -53,8 +54,9 @@ __device__ void worker_loop(const KernelParams& p) {
     for (int i = 0; i < n; ++i) {
       const Record& r = queue[i];
       if (threadIdx.x == 0) {
-        if (i == 0) prefetch_weights(p, r);
-        if (i + 1 < n) prefetch_weights(p, queue[i + 1]);
+        if (i == 0)
+          for (int d = 0; d < p.prefetch_ahead && d < n; ++d) prefetch_weights(p, queue[d]);
+        if (i + p.prefetch_ahead < n) prefetch_weights(p, queue[i + p.prefetch_ahead]);
         opened_s = false;
       }
       __syncthreads();  // the previous task is done with shared memory and the gate flags

@@ -106,11 +106,12 @@ PYBIND11_MODULE(MPK_MODULE_NAME, m) {
   m.attr("smem_bytes") = mpk_smem_bytes();
   m.def("launch", [](uintptr_t tasks, uintptr_t queue_lens, uintptr_t tensors, uintptr_t counters,
                      uintptr_t triggers, uintptr_t control, uintptr_t profile, int num_tokens, int steps,
-                     int max_tasks, int num_workers, int64_t timeout_ns, uintptr_t stream) {
+                     int max_tasks, int prefetch_ahead, int num_workers, int64_t timeout_ns, uintptr_t stream) {
     mpk::KernelParams p{reinterpret_cast<const int32_t*>(tasks), reinterpret_cast<const int32_t*>(queue_lens),
                         reinterpret_cast<void* const*>(tensors), reinterpret_cast<int32_t*>(counters),
                         reinterpret_cast<const int32_t*>(triggers), reinterpret_cast<int32_t*>(control),
-                        reinterpret_cast<int64_t*>(profile), num_tokens, steps, max_tasks, timeout_ns};
+                        reinterpret_cast<int64_t*>(profile), num_tokens, steps, max_tasks, prefetch_ahead,
+                        timeout_ns};
     mpk_launch(p, num_workers, reinterpret_cast<cudaStream_t>(stream));
   });
 }

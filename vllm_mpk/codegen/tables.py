@@ -25,6 +25,22 @@ PREFETCH_CAP_BYTES = 96 * 1024  # per task; two tasks per worker in flight stay 
 
 
 @dataclass(frozen=True)
+class PrefetchPolicy:
+    """How far ahead a worker asks L2 for its tasks' weights: the first ``cap_bytes`` of a linear
+    tile's rows, when the task ``ahead`` places before it in the worker's queue starts (0: never).
+    Both are launch data (the task table and a kernel argument), so a built kernel can be timed
+    under several policies."""
+
+    cap_bytes: int = PREFETCH_CAP_BYTES
+    ahead: int = 1
+
+    def __post_init__(self) -> None:
+        if self.cap_bytes < 0 or self.cap_bytes % 16 or self.ahead < 0:
+            raise ValueError(f"prefetch policy {self}: cap_bytes must be a non-negative multiple of 16 and ahead "
+                             "non-negative")
+
+
+@dataclass(frozen=True)
 class RecordLayout:
     max_waits: int
     max_signals: int
@@ -74,7 +90,7 @@ def all_args(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> list[list[int]]
 
 
 def task_table(plan: Plan, variants: Variants, args: list[list[int]], layout: RecordLayout,
-               tensors: Mapping[str, torch.Tensor]) -> np.ndarray:
+               tensors: Mapping[str, torch.Tensor], prefetch_cap_bytes: int = PREFETCH_CAP_BYTES) -> np.ndarray:
     """``[num_workers, max_tasks, words]`` int32, each worker's queue in order, -1 padded."""
     ids = tensor_ids(plan)
     max_tasks = max(len(q) for q in plan.queues)
@@ -87,7 +103,7 @@ def task_table(plan: Plan, variants: Variants, args: list[list[int]], layout: Re
             row = table[worker, i]
             region = prefetch_region(task, ids, tensors)
             pf = (-1, 0, 0) if region is None else (region[0], region[1] // 16,
-                                                     min(region[2], PREFETCH_CAP_BYTES) // 16)
+                                                     min(region[2], prefetch_cap_bytes) // 16)
             row[:HEADER_WORDS] = (REGISTRY[task.op.kind].opcode, variants.of_op[task.op.index], tid, *pf)
             row[w0:w0 + len(waits(task))] = waits(task)
             row[s0:s0 + len(task.signal_events)] = task.signal_events

@@ -11,7 +11,15 @@ import torch
 
 from vllm_mpk.codegen.jit import JitSpec
 from vllm_mpk.codegen.source import generate, plan_uses_nvshmem
-from vllm_mpk.codegen.tables import all_args, plan_variants, record_layout, task_table, tensor_ids, trigger_counts
+from vllm_mpk.codegen.tables import (
+    PrefetchPolicy,
+    all_args,
+    plan_variants,
+    record_layout,
+    task_table,
+    tensor_ids,
+    trigger_counts,
+)
 from vllm_mpk.codegen.tasks import uses_nvshmem
 from vllm_mpk.graph.ir import Role
 from vllm_mpk.graph.plan import Plan
@@ -69,14 +77,16 @@ def bind_tensors(plan: Plan, given: Mapping[str, torch.Tensor], device: torch.de
     return bound
 
 
-def kernel_spec(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> tuple[JitSpec, np.ndarray]:
+def kernel_spec(plan: Plan, tensors: Mapping[str, torch.Tensor],
+                prefetch: PrefetchPolicy = PrefetchPolicy()) -> tuple[JitSpec, np.ndarray]:
     """The specialised source and the task table of a plan bound to ``tensors`` (meta tensors do:
     only shapes and strides are read), so builds can run ahead of loading weights."""
     threads = plan.ops[0].block_dim[0]
     variants = plan_variants(plan, threads)
     args = all_args(plan, tensors)
     layout = record_layout(plan, args)
-    return generate(plan, variants, layout, threads), task_table(plan, variants, args, layout, tensors)
+    return (generate(plan, variants, layout, threads),
+            task_table(plan, variants, args, layout, tensors, prefetch.cap_bytes))
 
 
 def build_kernels(plans: Sequence[tuple[Plan, Mapping[str, torch.Tensor]]]) -> None:
@@ -94,13 +104,15 @@ def build_kernels(plans: Sequence[tuple[Plan, Mapping[str, torch.Tensor]]]) -> N
 
 class Megakernel:
     def __init__(self, plan: Plan, tensors: Mapping[str, torch.Tensor], *, timeout_s: float = 2.0,
-                 profile: bool | torch.Tensor = False, control_block: torch.Tensor | None = None):
+                 profile: bool | torch.Tensor = False, control_block: torch.Tensor | None = None,
+                 prefetch: PrefetchPolicy = PrefetchPolicy()):
         """``profile``: True to record per-task timestamps into ``self.profile``, or an int64 CUDA
         tensor of at least ``num_workers * max_tasks * 2`` elements to record into (MPK's
         ``profiler_tensor``); ``self.profile`` is then a ``[num_workers, max_tasks, 2]`` view of it.
         ``control_block``: ``control.WORDS`` int32 words on the GPU to use as the control block
         (zeroed here), e.g. one row of a tensor shared by several kernels, whose error words a
-        watchdog then reads with one copy."""
+        watchdog then reads with one copy. ``prefetch``: how far ahead workers ask L2 for weights
+        (``set_prefetch`` changes it without a rebuild)."""
         device = next((t.device for t in tensors.values() if t.device.type == "cuda"), None)
         if device is None:
             raise ValueError("the megakernel runs on CUDA tensors; none of the given tensors is on a GPU")
@@ -111,7 +123,8 @@ class Megakernel:
         topological_order(plan.tasks, plan.events)
         self.plan, self.device, self.timeout_ns = plan, device, int(timeout_s * 1e9)
         self.tensors = bind_tensors(plan, tensors, device)
-        spec, table = kernel_spec(plan, self.tensors)
+        spec, table = kernel_spec(plan, self.tensors, prefetch)
+        self.prefetch = prefetch
         self.module = spec.load()
         if plan_uses_nvshmem(plan):
             status = self.module.nvshmem_attach()  # this module's own copy of NVSHMEM's device state
@@ -161,7 +174,14 @@ class Megakernel:
         self.module.launch(self.tasks.data_ptr(), self.queue_lens.data_ptr(), self.pointers.data_ptr(),
                            self.counters.data_ptr(), self.triggers.data_ptr(), self.control.data_ptr(),
                            0 if self.profile is None else self.profile.data_ptr(), num_tokens, steps,
-                           self.max_tasks, self.plan.num_workers, self.timeout_ns, stream.cuda_stream)
+                           self.max_tasks, self.prefetch.ahead, self.plan.num_workers, self.timeout_ns,
+                           stream.cuda_stream)
+
+    def set_prefetch(self, prefetch: PrefetchPolicy) -> None:
+        """Use ``prefetch`` from the next launch on (the task table is rewritten in place; a CUDA
+        graph captured before keeps the old ``ahead``: capture again)."""
+        self.tasks.copy_(torch.from_numpy(kernel_spec(self.plan, self.tensors, prefetch)[1]))
+        self.prefetch = prefetch
 
     @property
     def multi_step(self) -> bool:
