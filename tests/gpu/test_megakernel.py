@@ -10,6 +10,7 @@ import torch
 from tests.helpers import model_spec, seed_of
 from tests.test_ops import BF16, OP_TESTS, check_outputs
 from vllm_mpk.check import check_model
+from vllm_mpk.codegen.tables import PrefetchPolicy
 from vllm_mpk.codegen.tasks import UnsupportedOnGPU
 from vllm_mpk.demo import gpu_model
 from vllm_mpk.graph.ir import Role
@@ -119,6 +120,20 @@ def test_launch_replays_from_a_cuda_graph(small_step):
         torch.cuda.synchronize()
         mk.check()
         assert torch.equal(mk.tensors["logits"], eager)
+
+
+@pytest.mark.parametrize("cap_kib, ahead", [(0, 0), (96, 2), (192, 3), (32, 1)])
+def test_prefetch_policies_leave_the_outputs_bit_identical(small_step, cap_kib, ahead):
+    """An L2 prefetch is only a hint: any policy (none, further ahead, more bytes) gives the same
+    logits as the default, set on a loaded kernel without a rebuild."""
+    model, tensors = small_step
+    mk = Megakernel(model.plan, tensors)
+    mk.run_step(4)
+    default = mk.tensors["logits"].clone()
+    mk.set_prefetch(PrefetchPolicy(cap_kib * 1024, ahead))
+    mk.tensors["logits"].fill_(float("nan"))
+    mk.run_step(4)
+    assert torch.equal(mk.tensors["logits"], default)
 
 
 def test_unsatisfiable_event_trips_the_watchdog(small_step):
