@@ -10,7 +10,7 @@ import torch
 from tests.helpers import TINY_LLAMA, meta_weights
 from vllm_mpk.models import DecodeOptions, ModelSpec, build_decoder
 from vllm_mpk.models.kv_cache import allocate_kv_caches
-from vllm_mpk.runtime.profiler import summary, task_spans, write_trace
+from vllm_mpk.runtime.profiler import gate_gaps_ns, summary, task_spans, write_trace
 
 
 def test_spans_trace_and_summary_follow_the_timeline(tmp_path):
@@ -42,7 +42,8 @@ def test_spans_trace_and_summary_follow_the_timeline(tmp_path):
     assert {e["cat"] for e in events} == {op.kind for op in plan.ops}
 
     text = summary(plan, spans)
-    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in text.splitlines()[2:]}
+    rows = {line.split()[0]: [float(v) if v != "-" else None for v in line.split()[1:]]
+            for line in text.splitlines()[2:]}
     assert set(rows) == {op.kind for op in plan.ops}
     assert abs(sum(r[0] for r in rows.values()) - 100) < 0.5
     for kind, row in rows.items():  # the median task runs 1000 + its worker's index ns
@@ -51,3 +52,9 @@ def test_spans_trace_and_summary_follow_the_timeline(tmp_path):
         stages = [max(s.end_ns for s in spans if s.op == op.name) - min(s.start_ns for s in spans if s.op == op.name)
                   for op in plan.ops if op.kind == kind]
         assert row[5] == round(statistics.median(stages) / 1e3, 2) and row[5] >= row[4]
+    assert rows["embed"][6] is None  # nothing before it
+    gaps = gate_gaps_ns(plan, {op.name: [s for s in spans if s.op == op.name] for op in plan.ops})
+    (attention,) = [op for op in plan.ops if op.kind == "attention"][:1]
+    qkv = [op for op in plan.ops if op.index == attention.index - 1][0]
+    assert gaps[attention.name] == (min(s.start_ns for s in spans if s.op == attention.name)
+                                    - max(s.end_ns for s in spans if s.op == qkv.name))

@@ -61,15 +61,41 @@ def stage_ns(spans: Iterable[TaskSpan]) -> int:
     return max(s.end_ns for s in spans) - min(s.start_ns for s in spans)
 
 
+def producers(plan: Plan) -> dict[str, set[str]]:
+    """Each op's producers: the ops whose tasks signal an event its tasks wait on (this step's)."""
+    signalled_by: dict[int, set[str]] = defaultdict(set)
+    for t in plan.tasks:
+        for e in t.signal_events:
+            signalled_by[e].add(t.op.name)
+    found: dict[str, set[str]] = defaultdict(set)
+    for t in plan.tasks:
+        for e in t.wait_events:
+            found[t.op.name] |= signalled_by[e]
+    return found
+
+
+def gate_gaps_ns(plan: Plan, by_op: dict[str, list[TaskSpan]]) -> dict[str, int]:
+    """Per op: its first gate opening minus its producers' last signal (negative where it starts
+    on the first producers' tiles): how late the stage starts once its inputs are ready."""
+    gaps = {}
+    for op, inputs in producers(plan).items():
+        ends = [s.end_ns for p in inputs for s in by_op.get(p, [])]
+        if ends and op in by_op:
+            gaps[op] = min(s.start_ns for s in by_op[op]) - max(ends)
+    return gaps
+
+
 def summary(plan: Plan, spans: list[TaskSpan]) -> str:
     """Per op kind: share of busy time, bytes moved, bandwidth while running, time spent waiting,
-    the median task's time (gate open to signal: the task's own cost) and the median stage time
-    (one op's first gate opening to its last signal: its length on the critical path)."""
+    the median task's time (gate open to signal: the task's own cost), the median stage time
+    (one op's first gate opening to its last signal: its length on the critical path) and the
+    median gate gap (its first gate opening after its producers' last signal)."""
     busy: dict[str, int] = defaultdict(int)
     wait: dict[str, int] = defaultdict(int)
     nbytes: dict[str, int] = defaultdict(int)
     durations: dict[str, list[int]] = defaultdict(list)
     stages: dict[str, list[int]] = defaultdict(list)
+    gaps: dict[str, list[int]] = defaultdict(list)
     by_op: dict[str, list[TaskSpan]] = defaultdict(list)
     for s in spans:
         busy[s.kind] += s.end_ns - s.start_ns
@@ -79,15 +105,19 @@ def summary(plan: Plan, spans: list[TaskSpan]) -> str:
         by_op[s.op].append(s)
     for op_spans in by_op.values():
         stages[op_spans[0].kind].append(stage_ns(op_spans))
+    for op, gap in gate_gaps_ns(plan, by_op).items():
+        gaps[by_op[op][0].kind].append(gap)
     total = sum(busy.values()) or 1
     makespan = max(s.end_ns for s in spans)
     lines = [f"step {makespan / 1e3:.1f} us on {plan.num_workers} workers; busy {total / plan.num_workers / 1e3:.1f} us "
              f"per worker",
-             f"{'op':32} {'busy %':>7} {'MB':>9} {'GB/s/SM':>8} {'wait us/worker':>15} {'task us':>8} {'stage us':>9}"]
+             f"{'op':32} {'busy %':>7} {'MB':>9} {'GB/s/SM':>8} {'wait us/worker':>15} {'task us':>8} {'stage us':>9} "
+             f"{'gap us':>7}"]
     for kind in sorted(busy, key=busy.get, reverse=True):
+        gap = f"{median(gaps[kind]) / 1e3:7.2f}" if gaps[kind] else f"{'-':>7}"
         lines.append(f"{kind:32} {100 * busy[kind] / total:7.1f} {nbytes[kind] / 1e6:9.1f} "
                      f"{nbytes[kind] / max(busy[kind], 1):8.1f} {wait[kind] / plan.num_workers / 1e3:15.1f} "
-                     f"{median(durations[kind]) / 1e3:8.2f} {median(stages[kind]) / 1e3:9.2f}")
+                     f"{median(durations[kind]) / 1e3:8.2f} {median(stages[kind]) / 1e3:9.2f} {gap}")
     return "\n".join(lines)
 
 
