@@ -73,17 +73,22 @@ def copy_bandwidth(device: str) -> float:
     return 2 * src.numel() / us / 1e6  # TB/s, read + write
 
 
+def profiled_spans(plan, tensors, batch: int, prefetch: PrefetchPolicy = PrefetchPolicy()):
+    """The task spans of the last of three launches of a profiled copy of the kernel."""
+    profiled = Megakernel(plan, tensors, profile=True, prefetch=prefetch)
+    for _ in range(3):
+        profiled.launch(batch)
+    torch.cuda.synchronize()
+    profiled.check()
+    return task_spans(plan, profiled.profile)
+
+
 def time_and_profile(plan, tensors, mk: Megakernel, batch: int, trace_path: Path | None, show: bool) -> float:
     """Median µs of ``mk``'s step replayed from a CUDA graph; then three launches of a profiled
     copy, whose per-op summary is printed (``show``) and trace written (``trace_path``)."""
     us = graph_replay_us(lambda: mk.launch(batch))
     mk.check()
-    profiled = Megakernel(plan, tensors, profile=True)
-    for _ in range(3):
-        profiled.launch(batch)
-    torch.cuda.synchronize()
-    profiled.check()
-    spans = task_spans(plan, profiled.profile)
+    spans = profiled_spans(plan, tensors, batch, mk.prefetch)
     if show:
         print(summary(plan, spans), flush=True)
     if trace_path is not None:
@@ -101,16 +106,20 @@ def policy_name(policy: PrefetchPolicy) -> str:
     return f"{policy.cap_bytes // 1024}:{policy.ahead}"
 
 
-def time_policies(mk: Megakernel, batch: int, logits: torch.Tensor, policies) -> dict[str, dict]:
+def time_policies(plan, tensors, mk: Megakernel, batch: int, logits: torch.Tensor, policies,
+                  trace_path: Path | None) -> dict[str, dict]:
     """Step µs under each prefetch policy, and whether its logits stay bit-identical to ``logits``
-    (a prefetch is only a hint to L2); the default policy is restored afterwards."""
+    (a prefetch is only a hint to L2), with each policy's profile summary (and trace); the
+    default policy is restored afterwards."""
     default, times = mk.prefetch, {}
     for policy in policies:
         mk.set_prefetch(policy)
         mk.tensors["logits"].fill_(float("nan"))
-        us = graph_replay_us(lambda: mk.launch(batch))
-        mk.check()
-        times[policy_name(policy)] = {"us": us, "identical": torch.equal(mk.tensors["logits"][:batch].float(), logits)}
+        name = policy_name(policy)
+        trace = trace_path and trace_path.with_name(f"{trace_path.stem}_prefetch{name.replace(':', '-')}.json")
+        print(f"prefetch {name}:")
+        us = time_and_profile(plan, tensors, mk, batch, trace, show=True)
+        times[name] = {"us": us, "identical": torch.equal(mk.tensors["logits"][:batch].float(), logits)}
     mk.set_prefetch(default)
     return times
 
@@ -153,7 +162,7 @@ def run_case(spec, batch, context, device, weights, log, trace_path=None, kv_spl
               f"our logits there {logits[b, top.indices].tolist()}", flush=True)
     cache_rel = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(caches, ref_caches))
     us = time_and_profile(model.plan, tensors, mk, batch, trace_path, show=True)
-    sweep = time_policies(mk, batch, logits, policies)
+    sweep = time_policies(model.plan, tensors, mk, batch, logits, policies, trace_path)
     nbytes = weight_bytes(spec, weights) + sum(
         int(tensors["seq_lens"].sum()) * spec.num_kv_heads * 2 * spec.head_dim * 2 for _ in range(spec.num_layers))
     row = {"model": spec.architecture, "layers": spec.num_layers, "hidden": spec.hidden_size, "batch": batch,
