@@ -17,7 +17,8 @@ from vllm_mpk.bench.table import END, START, latest_rows, read_rows, render, rep
 from vllm_mpk.bench.worker import FAST_COMPILATION, EngineConfig, engine_kwargs, model_dir
 
 COMMON = {"gpu": "NVIDIA H100 80GB HBM3", "prompt_len": 128, "new_tokens": 257, "repeats": 3,
-          "compilation": "mode 0, FULL_DECODE_ONLY", "engine_s": 40.0, "process_s": 60.0, "graph_tokens": [1]}
+          "compilation": "mode 0, FULL_DECODE_ONLY", "engine_s": 40.0, "process_s": 60.0, "graph_tokens": [1],
+          "kv_blocks": 25000}
 
 
 def row(model: str, impl: str, batch: int, tpot: float, forward: float | None, lm_head: float | None,
@@ -62,8 +63,14 @@ def test_a_run_of_fewer_batches_replaces_only_those() -> None:
 
 
 def test_a_floor_without_the_stock_kv_cache_size_is_not_drawn() -> None:
-    unsized = {k: v for k, v in floor_row(1, 0.80).items() if k != "kv_blocks"}
-    md = render([*ROWS, unsized, floor_row(8, 1.50)])
+    """A floor whose KV cache is not its stock engine's size (one layer's cache of all the free
+    memory, or a row from before the size was recorded) leaves the floor columns empty."""
+    own_pool = floor_row(1, 0.80, kv_blocks=1_016_181)
+    md = render([*ROWS, own_pool, floor_row(8, 1.50)])
+    assert table_cells(md, "qwen3-0.6b", 1)[11:13] == ["—", "—"]
+    assert table_cells(md, "qwen3-0.6b", 8)[11:13] == ["1.50", "1.20×"]
+    unrecorded = {k: v for k, v in floor_row(1, 0.80).items() if k != "kv_blocks"}
+    md = render([*ROWS, unrecorded, floor_row(8, 1.50)])
     assert table_cells(md, "qwen3-0.6b", 1)[11:13] == ["—", "—"]
     assert table_cells(md, "qwen3-0.6b", 8)[11:13] == ["1.50", "1.20×"]
 
@@ -220,6 +227,24 @@ def test_a_failing_worker_leaves_error_rows(tmp_path: Path) -> None:
     rows = run_engine(EngineConfig("no-such-model", "vllm", batches=(1, 8)), tmp_path / "w.log", timeout_s=120)
     assert [(r["batch"], r["error"].split(":")[0]) for r in rows] == [(1, "exit 1"), (8, "exit 1")]
     assert "no shipped config named 'no-such-model'" in rows[0]["error"] and rows[0]["process_s"] > 0
+
+
+def test_the_floor_runs_after_its_stock_engine_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[tuple[str, int | None]] = []
+
+    def fake_run_engine(cfg: EngineConfig, log: Path, timeout_s: float, devices: str | None = None) -> list[dict]:
+        ran.append((cfg.impl, cfg.kv_blocks))
+        return [{**row(cfg.model, cfg.impl, b, 1.0, 0.5, 0.1), "kv_blocks": 4321} for b in cfg.batches]
+
+    monkeypatch.setattr(runner, "run_engine", fake_run_engine)
+    configs = [EngineConfig("qwen3-0.6b", impl, batches=(1, 8)) for impl in ("floor", "vllm")]
+    run_engines(configs, tmp_path / "r.jsonl", tmp_path / "logs", 10.0)
+    assert ran == [("vllm", None), ("floor", 4321)]  # given first, run last, with stock's size
+    ran.clear()
+    rows = run_engines([EngineConfig("qwen3-0.6b", "floor", batches=(1, 8))], tmp_path / "r.jsonl", tmp_path / "logs",
+                       10.0)
+    assert ran == [] and [r["batch"] for r in rows] == [1, 8]
+    assert all("no stock engine of this model reported one" in r["error"] for r in rows)
 
 
 def test_gpu_lanes_group_gpus_by_tensor_parallel_size() -> None:

@@ -10,7 +10,7 @@ import torch
 from tests.helpers import TINY_LLAMA, meta_weights
 from vllm_mpk.models import DecodeOptions, ModelSpec, build_decoder
 from vllm_mpk.models.kv_cache import allocate_kv_caches
-from vllm_mpk.runtime.profiler import gate_gaps_ns, summary, task_spans, write_trace
+from vllm_mpk.runtime.profiler import gate_gaps_ns, producers, summary, task_spans, write_trace
 
 
 def test_spans_trace_and_summary_follow_the_timeline(tmp_path):
@@ -53,6 +53,8 @@ def test_spans_trace_and_summary_follow_the_timeline(tmp_path):
                   for op in plan.ops if op.kind == kind]
         assert row[5] == round(statistics.median(stages) / 1e3, 2) and row[5] >= row[4]
     assert rows["embed"][6] is None  # nothing before it
+    argmax = [op for op in plan.ops if op.kind == "argmax"][0]
+    assert argmax.name not in producers(plan)[argmax.name]  # its final tiles wait on its own partials
     gaps = gate_gaps_ns(plan, {op.name: [s for s in spans if s.op == op.name] for op in plan.ops})
     (attention,) = [op for op in plan.ops if op.kind == "attention"][:1]
     qkv = [op for op in plan.ops if op.index == attention.index - 1][0]

@@ -56,7 +56,7 @@ __device__ void worker_loop(const KernelParams& p) {
       if (threadIdx.x == 0) {
         if (i == 0)
           for (int d = 0; d < p.prefetch_ahead && d < n; ++d) prefetch_weights(p, queue[d]);
-        if (i + p.prefetch_ahead < n) prefetch_weights(p, queue[i + p.prefetch_ahead]);
+        if (p.prefetch_ahead > 0 && i + p.prefetch_ahead < n) prefetch_weights(p, queue[i + p.prefetch_ahead]);
         opened_s = false;
       }
       __syncthreads();  // the previous task is done with shared memory and the gate flags

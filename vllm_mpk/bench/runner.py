@@ -108,11 +108,17 @@ def run_engines(configs: Iterable[EngineConfig], rows_path: Path, log_dir: Path,
                     return
                 group = waiting.pop(0)
             blocks: int | None = None
-            for cfg in group:
+            for cfg in sorted(group, key=lambda c: c.impl == FLOOR):  # the floor after its stock engine
                 if cfg.impl == FLOOR and cfg.kv_blocks is None:
                     cfg = replace(cfg, kv_blocks=blocks)
                 log = log_dir / f"{cfg.label.replace(' ', '-')}-{cfg.impl}.log"
-                rows = [{**r, "run": run} for r in run_engine(cfg, log, timeout_s, devices)]
+                if cfg.impl == FLOOR and cfg.kv_blocks is None:
+                    rows = [{"model": cfg.model, "impl": FLOOR, "batch": b, "tp": cfg.tensor_parallel_size,
+                             "error": "not run: the floor engine takes its stock engine's KV cache size, and no "
+                                      "stock engine of this model reported one in this run (add --impls vllm)",
+                             "run": run} for b in cfg.batches]
+                else:
+                    rows = [{**r, "run": run} for r in run_engine(cfg, log, timeout_s, devices)]
                 blocks = next((r["kv_blocks"] for r in rows if cfg.impl == STOCK and r.get("kv_blocks")), blocks)
                 with lock:
                     with rows_path.open("a") as f:

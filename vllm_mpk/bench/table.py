@@ -54,10 +54,14 @@ def latest_rows(rows: Iterable[Row]) -> list[Row]:
     return [r for r in rows if r["run"] == latest[label(r), r["batch"]]]
 
 
-def drawn(r: Row) -> bool:
-    """A row the table uses: no error, and for the floor engine a KV cache of its stock engine's
-    size (rows from before ``kv_blocks`` was recorded ran one layer's cache of ~30x the tokens)."""
-    return "error" not in r and (r["impl"] != FLOOR or bool(r.get("kv_blocks")))
+def drawn(rows: list[Row]) -> list[Row]:
+    """The rows the table uses: no error, and a floor row only where its KV cache had the same
+    number of blocks as its stock engine's (the runner sizes it so; a floor with one decoder
+    layer's cache of all the free memory holds ~30x the tokens and its host step ran slower)."""
+    ok = [r for r in rows if "error" not in r]
+    stock = keyed(r for r in ok if r["impl"] == STOCK)
+    return [r for r in ok if r["impl"] != FLOOR or
+            (r.get("kv_blocks") and r["kv_blocks"] == stock.get((label(r), r["batch"], STOCK), {}).get("kv_blocks"))]
 
 
 def ms(value: float | None) -> str:
@@ -152,7 +156,7 @@ def settings_note(ok: list[Row]) -> str | None:
 def render(rows: Iterable[Row]) -> str:
     """The markdown between the markers: settings, card and date, table, overhead note, failures."""
     rows = latest_rows(rows)
-    ok = [r for r in rows if drawn(r)]
+    ok = drawn(rows)
     if not rows:
         return "No vLLM benchmark rows yet: run `vllm-mpk bench` on a GPU."
     by_key = keyed(ok)

@@ -70,7 +70,7 @@ def producers(plan: Plan) -> dict[str, set[str]]:
     found: dict[str, set[str]] = defaultdict(set)
     for t in plan.tasks:
         for e in t.wait_events:
-            found[t.op.name] |= signalled_by[e]
+            found[t.op.name] |= signalled_by[e] - {t.op.name}  # argmax's final tiles wait on its partials
     return found
 
 
