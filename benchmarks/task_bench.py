@@ -2,7 +2,8 @@
 task time (gate open to signal, median over its tiles) and stage time (first gate opening to
 last signal: its length on a step's critical path), and the bytes it streams over the stage. The
 micro-benchmark that found v9's attention cost, for the linear tiles (how they grow from bs1 to
-bs16; what double-buffering costs the small models).
+bs16; what double-buffering costs the small models). L2 is overwritten before each launch, as a
+decode step finds it.
 
     python benchmarks/task_bench.py --models qwen3-0.6b llama-3.1-8b --ops qkv gate_up --batches 1 8 16
 
@@ -73,6 +74,15 @@ def build_op(spec: ModelSpec, op: str, batch: int, workers: int, device: str) ->
     return mpk.compile(), {**mpk.attached, **mpk.step_buffers}
 
 
+def l2_evictor(device: str) -> Callable[[], None]:
+    """Overwrites a buffer of twice the GPU's L2 cache, so the next launch finds none of its
+    weights there (repeated launches of a small op such as o_proj would otherwise read them from
+    L2: 3.6-3.9 TB/s for Llama-3.1-8B's on an H100)."""
+    scratch = torch.empty(2 * torch.cuda.get_device_properties(device).L2_cache_size, dtype=torch.uint8,
+                          device=device)
+    return lambda: scratch.fill_(1)
+
+
 def time_op(spec: ModelSpec, op: str, batch: int, workers: int) -> dict[str, float]:
     """Median task and stage time (µs) over ``launches`` profiled launches, and the stage's GB/s."""
     from vllm_mpk.runtime.megakernel import Megakernel
@@ -80,8 +90,10 @@ def time_op(spec: ModelSpec, op: str, batch: int, workers: int) -> dict[str, flo
 
     plan, tensors = build_op(spec, op, batch, workers, "cuda")
     kernel = Megakernel(plan, tensors, profile=True)
+    evict = l2_evictor("cuda")
     tasks, stages = [], []
     for _ in range(20):
+        evict()  # a step streams each weight once: none of it is in L2 when the op starts
         kernel.launch(batch)
         torch.cuda.synchronize()
         kernel.check()
