@@ -73,7 +73,7 @@ def copy_bandwidth(device: str) -> float:
     return 2 * src.numel() / us / 1e6  # TB/s, read + write
 
 
-def profiled_spans(plan, tensors, batch: int, prefetch: PrefetchPolicy = PrefetchPolicy()):
+def profiled_spans(plan, tensors, batch: int, prefetch: PrefetchPolicy):
     """The task spans of the last of three launches of a profiled copy of the kernel."""
     profiled = Megakernel(plan, tensors, profile=True, prefetch=prefetch)
     for _ in range(3):
@@ -168,7 +168,7 @@ def run_case(spec, batch, context, device, weights, log, trace_path=None, kv_spl
     row = {"model": spec.architecture, "layers": spec.num_layers, "hidden": spec.hidden_size, "batch": batch,
            "rel_err": rel, "rel_err_same_rounding": rel_bf16, "cache_rel_err": cache_rel, "greedy_agree": f"{agree}/{batch}",
            "step_us": us, "bytes": nbytes, "tbps": nbytes / us / 1e6, "load_s": load_s,
-           "nan": bool(torch.isnan(logits).any()), "prefetch": {policy_name(mk.prefetch): us, **sweep}}
+           "nan": bool(torch.isnan(logits).any()), "prefetch": sweep}
     log.write(json.dumps(row) + "\n")
     log.flush()
     return row
@@ -271,7 +271,7 @@ def main() -> None:
               "* = logits not bit-identical")
         for r in rows:
             cells = [f"{name} {t['us']:.0f} ({t['us'] / r['step_us'] - 1:+.1%}){'' if t['identical'] else '*'}"
-                     for name, t in r["prefetch"].items() if isinstance(t, dict)]
+                     for name, t in r["prefetch"].items()]
             print(f"{r['name']:14} {r['batch']:>3} {r['step_us']:9.1f}  " + "  ".join(cells))
 
 

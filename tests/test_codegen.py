@@ -39,7 +39,7 @@ from vllm_mpk.graph.plan import Plan
 from vllm_mpk.models import DecodeOptions, ModelSpec, build_decoder
 from vllm_mpk.models.kv_cache import allocate_kv_caches
 from vllm_mpk.models.weights import expected_shapes
-from vllm_mpk.runtime.megakernel import kernel_spec
+from vllm_mpk.runtime.megakernel import kernel_spec, kernel_table
 
 # Word offsets inside a record (tables.py's layout); waits/signals/args start where the header ends.
 OPCODE, VARIANT, TASK, PF_TENSOR, PF_OFFSET16, PF_LEN16 = range(HEADER_WORDS)
@@ -180,14 +180,14 @@ def test_linear_prefetch_covers_exactly_its_weight_rows(qwen3_8b: Generated) -> 
 def test_prefetch_policy_sets_the_cap_of_the_same_table(qwen3_8b: Generated) -> None:
     """Another cap changes only the prefetch lengths: the kernel built for the default policy runs it."""
     g = qwen3_8b
-    _, table = kernel_spec(g.plan, g.tensors, PrefetchPolicy(cap_bytes=32 * 1024, ahead=2))
+    table = kernel_table(g.plan, g.tensors, PrefetchPolicy(cap_bytes=32 * 1024, ahead=2))
     assert table.shape == g.table.shape
     lens, default_lens = table[..., PF_LEN16], g.table[..., PF_LEN16]
     assert (lens <= 2048).all() and (lens == np.minimum(default_lens, 2048)).all() and (lens == 2048).any()
     other = np.ones(table.shape[-1], dtype=bool)
     other[PF_LEN16] = False
     assert (table[..., other] == g.table[..., other]).all()
-    assert not (kernel_spec(g.plan, g.tensors, PrefetchPolicy(cap_bytes=0))[1][..., PF_LEN16] > 0).any()
+    assert not (kernel_table(g.plan, g.tensors, PrefetchPolicy(cap_bytes=0))[..., PF_LEN16] > 0).any()
     with pytest.raises(ValueError, match="non-negative multiple of 16"):
         PrefetchPolicy(cap_bytes=100)
     with pytest.raises(ValueError, match="ahead non-negative"):

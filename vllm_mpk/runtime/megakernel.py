@@ -13,6 +13,8 @@ from vllm_mpk.codegen.jit import JitSpec
 from vllm_mpk.codegen.source import generate, plan_uses_nvshmem
 from vllm_mpk.codegen.tables import (
     PrefetchPolicy,
+    RecordLayout,
+    Variants,
     all_args,
     plan_variants,
     record_layout,
@@ -77,14 +79,31 @@ def bind_tensors(plan: Plan, given: Mapping[str, torch.Tensor], device: torch.de
     return bound
 
 
+def _records(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> tuple[int, Variants, list[list[int]], RecordLayout]:
+    """Threads per worker, the plan's task variants, each task's argument words and the record layout."""
+    threads = plan.ops[0].block_dim[0]
+    args = all_args(plan, tensors)
+    return threads, plan_variants(plan, threads), args, record_layout(plan, args)
+
+
+def kernel_table(plan: Plan, tensors: Mapping[str, torch.Tensor],
+                 prefetch: PrefetchPolicy = PrefetchPolicy()) -> np.ndarray:
+    """The task table of a plan bound to ``tensors`` under ``prefetch`` (launch data: no rebuild)."""
+    _, variants, args, layout = _records(plan, tensors)
+    return task_table(plan, variants, args, layout, tensors, prefetch.cap_bytes)
+
+
+def kernel_source(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> JitSpec:
+    """The specialised source of a plan bound to ``tensors`` (what a build needs; no task table)."""
+    threads, variants, _, layout = _records(plan, tensors)
+    return generate(plan, variants, layout, threads)
+
+
 def kernel_spec(plan: Plan, tensors: Mapping[str, torch.Tensor],
                 prefetch: PrefetchPolicy = PrefetchPolicy()) -> tuple[JitSpec, np.ndarray]:
     """The specialised source and the task table of a plan bound to ``tensors`` (meta tensors do:
     only shapes and strides are read), so builds can run ahead of loading weights."""
-    threads = plan.ops[0].block_dim[0]
-    variants = plan_variants(plan, threads)
-    args = all_args(plan, tensors)
-    layout = record_layout(plan, args)
+    threads, variants, args, layout = _records(plan, tensors)
     return (generate(plan, variants, layout, threads),
             task_table(plan, variants, args, layout, tensors, prefetch.cap_bytes))
 
@@ -97,7 +116,7 @@ def build_kernels(plans: Sequence[tuple[Plan, Mapping[str, torch.Tensor]]]) -> N
     for plan, tensors in plans:
         meta = {n: torch.empty(h.shape, dtype=h.dtype, device="meta") for n, h in plan.tensors.items()
                 if h.role is not Role.INPUT}
-        specs.append(kernel_spec(plan, {**tensors, **meta})[0])
+        specs.append(kernel_source(plan, {**tensors, **meta}))
     with ThreadPoolExecutor(max(1, len(specs))) as pool:
         list(pool.map(lambda spec: spec.build(), specs))
 
@@ -180,7 +199,7 @@ class Megakernel:
     def set_prefetch(self, prefetch: PrefetchPolicy) -> None:
         """Use ``prefetch`` from the next launch on (the task table is rewritten in place; a CUDA
         graph captured before keeps the old ``ahead``: capture again)."""
-        self.tasks.copy_(torch.from_numpy(kernel_spec(self.plan, self.tensors, prefetch)[1]))
+        self.tasks.copy_(torch.from_numpy(kernel_table(self.plan, self.tensors, prefetch)))
         self.prefetch = prefetch
 
     @property
