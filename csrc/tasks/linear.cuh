@@ -32,7 +32,7 @@ struct LinearArgs {
   enum { kInput, kWeight, kOutput, kBias, kResidual, kNormWeight, kColStart, kColEnd, kEps, kOutStride, kUpRow };
 };
 
-constexpr int kLinearStageBytes = 64 * 1024;
+constexpr int kLinearStageBytes = 128 * 1024;  // staged input per chunk: down_proj of 8B models in 2 chunks at batch <= 8
 constexpr int kSliceK = 256;  // columns per work item: 8 steps of 32
 constexpr int kStageLoads = 4;  // input vectors in flight per thread while staging
 

@@ -18,7 +18,7 @@ from vllm_mpk.graph.ops import REGISTRY
 BEGIN_STEP_OPERANDS = ("sampled", "step", "tokens", "prompt_lens", "end", "pending", "eos", "block_tables",
                        "input_ids", "positions", "seq_lens", "slot_mapping")
 MAX_TILE_ROWS = 256  # keeps a linear tile's partial sums and staged input inside shared memory
-MAX_LINEAR_BATCH = 32  # rows of input a linear tile stages in shared memory (with 256-row tiles: ~146 KiB)
+MAX_LINEAR_BATCH = 32  # rows of input a linear tile stages in shared memory (with 256-row tiles: ~209 KiB)
 CPP_DTYPES = {torch.bfloat16: "__nv_bfloat16", torch.float32: "float"}
 LINEAR_MODES = {"linear": "kPlain", "linear_with_residual": "kResidual", "rmsnorm_linear": "kNorm",
                 "silu_mul_linear": "kSilu", "silu_mul_linear_with_residual": "kSiluResidual",
