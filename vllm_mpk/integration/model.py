@@ -27,7 +27,6 @@ its launch. This also sees the weights of every load format (``--load-format dum
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import torch
@@ -61,7 +60,6 @@ from vllm_mpk.models.weights import EMBED
 logger = logging.getLogger("vllm.mpk")
 
 _CLASSES: dict[type, type] = {}
-WATCHDOG_POLL_S = 0.01  # seconds between looks at the kernels' control blocks
 
 
 class MpkFallbackError(RuntimeError):
@@ -85,7 +83,6 @@ class MpkRuntime:
         self.stock_reasons: set[str] = set()  # why batches went to the stock layers, logged once each
         self.controls: torch.Tensor | None = None  # [plans, control words] on the GPU, row i for kernel i
         self._watch: tuple[torch.Tensor, torch.cuda.Event] | None = None
-        self._next_poll = 0.0  # time.monotonic() from which poll_watchdog looks again
         self._layer_name: str | None = None
         self.reservation: Reservation | None = None
 
@@ -298,16 +295,9 @@ class MpkRuntime:
 
     def poll_watchdog(self) -> None:
         """Raise MegakernelError if an earlier launch stopped on its watchdog. Never waits: it
-        reads a copy of every plan's control block queued by an earlier call, once it has landed.
-        It looks at most every ``WATCHDOG_POLL_S``: where vLLM's host step bounds TPOT (small
-        models) the copy, event and check are host time on every token, and a stopped kernel
-        still surfaces within milliseconds."""
+        reads a copy of every plan's control block queued on the previous call, once it has landed."""
         if self.controls is None or torch.cuda.is_current_stream_capturing():
             return
-        now = time.monotonic()
-        if now < self._next_poll:
-            return
-        self._next_poll = now + WATCHDOG_POLL_S
         from vllm_mpk.runtime import control
 
         if self._watch is None:
