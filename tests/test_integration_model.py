@@ -410,3 +410,40 @@ def test_each_decode_batch_runs_the_smallest_plan_that_holds_it(built: Built, st
     runner.step([(0, 7, 2)], 1)
     runner.step([(0, 8, 3), (1, 9, 1)], 2)
     assert calls == [4, 1, 2] and not stock_calls
+
+
+class LandedEvent:
+    """A CUDA event stand-in whose work has always completed; counts its records."""
+
+    def __init__(self) -> None:
+        self.records = 0
+
+    def record(self) -> None:
+        self.records += 1
+
+    def query(self) -> bool:
+        return True
+
+
+def test_the_watchdog_covers_every_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each decode step queues a copy of the control blocks behind its launch, so a kernel that
+    stopped in the last steps of a request fails that request at the next step (a poll that skipped
+    steps let a 4-token request succeed after a stall, on the GPU)."""
+    from vllm_mpk.integration import model as integration
+    from vllm_mpk.runtime import control
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    checked: list[str] = []
+    runtime = integration.MpkRuntime.__new__(integration.MpkRuntime)
+    runtime.controls = torch.zeros(1, 8, dtype=torch.int32)
+    runtime.kernels = {8: SimpleNamespace(check=lambda: checked.append("raised"))}
+    event = LandedEvent()
+    runtime._watch = (torch.zeros(1, 8, dtype=torch.int32), event)
+    for step in range(1, 4):
+        runtime.poll_watchdog()
+        assert event.records == step  # one copy behind every launch
+    runtime.controls[0, control.ERROR] = 1  # the last launch stopped on its watchdog
+    runtime.poll_watchdog()  # its copy (queued now) is read at the next step
+    assert not checked
+    runtime.poll_watchdog()
+    assert checked == ["raised"]
