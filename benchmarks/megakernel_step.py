@@ -8,9 +8,10 @@ agreement, step time, and bandwidth as a fraction of a device-to-device copy mea
 
     python benchmarks/megakernel_step.py --models qwen3-0.6b qwen3-8b --batches 1 8
 
-``--prefetch 192:1 96:2 0:0`` also times each case under those L2 prefetch policies (KiB of a
-tile's weights asked of L2 : how many tasks ahead), on the same kernel (a policy is launch data),
-and checks that each gives logits bit-identical to the default's.
+``--prefetch 192:1 96:2 0:0 48:1,rmsnorm_linear_silu_mul=0`` also times each case under those L2
+prefetch policies (KiB of a tile's weights asked of L2 : how many tasks ahead, then caps of their
+own for some linear op kinds), on the same kernel (a policy is launch data), and checks that each
+gives logits bit-identical to the default's.
 
 Under torchrun (one process per GPU) each rank times its tensor-parallel shard instead: the step
 with its in-kernel all-reduces, per-rank bandwidth of its weight shard, the profiler summary (rank
@@ -97,13 +98,17 @@ def time_and_profile(plan, tensors, mk: Megakernel, batch: int, trace_path: Path
 
 
 def prefetch_policy(text: str) -> PrefetchPolicy:
-    """``KIB:AHEAD`` (``AHEAD`` defaults to 1)."""
-    kib, _, ahead = text.partition(":")
-    return PrefetchPolicy(int(kib) * 1024, int(ahead or 1))
+    """``KIB:AHEAD[,KIND=KIB...]`` (``AHEAD`` defaults to 1; a KIND is a linear op kind with a cap
+    of its own)."""
+    head, *kinds = text.split(",")
+    kib, _, ahead = head.partition(":")
+    caps = tuple((kind, int(cap) * 1024) for kind, _, cap in (k.partition("=") for k in kinds))
+    return PrefetchPolicy(int(kib) * 1024, int(ahead or 1), caps)
 
 
 def policy_name(policy: PrefetchPolicy) -> str:
-    return f"{policy.cap_bytes // 1024}:{policy.ahead}"
+    return ",".join([f"{policy.cap_bytes // 1024}:{policy.ahead}",
+                     *(f"{kind}={cap // 1024}" for kind, cap in policy.kind_caps)])
 
 
 def time_policies(plan, tensors, mk: Megakernel, batch: int, logits: torch.Tensor, policies,

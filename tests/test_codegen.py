@@ -188,8 +188,29 @@ def test_prefetch_policy_sets_the_cap_of_the_same_table(qwen3_8b: Generated) -> 
     other[PF_LEN16] = False
     assert (table[..., other] == g.table[..., other]).all()
     assert not (kernel_table(g.plan, g.tensors, PrefetchPolicy(cap_bytes=0))[..., PF_LEN16] > 0).any()
-    with pytest.raises(ValueError, match="non-negative multiple of 16"):
+    with pytest.raises(ValueError, match="non-negative multiples of 16"):
         PrefetchPolicy(cap_bytes=100)
+    with pytest.raises(ValueError, match="non-negative multiples of 16"):
+        PrefetchPolicy(kind_caps=(("rmsnorm_linear", 8),))
+    with pytest.raises(ValueError, match="only linear tiles prefetch; \\['attention'\\]"):
+        PrefetchPolicy(kind_caps=(("attention", 0),))
+
+
+def test_a_kind_cap_changes_only_that_kinds_tiles(qwen3_8b: Generated) -> None:
+    g = qwen3_8b
+    policy = PrefetchPolicy(kind_caps=(("rmsnorm_linear_silu_mul", 0), ("rmsnorm_linear", 1024)))
+    table = kernel_table(g.plan, g.tensors, policy)
+    kinds = {"rmsnorm_linear_silu_mul": 0, "rmsnorm_linear": 0}
+    for worker, i, task, row in g.records():
+        length = table[worker, i, PF_LEN16]
+        if task.op.kind == "rmsnorm_linear_silu_mul":
+            assert length == 0, task
+        elif task.op.kind == "rmsnorm_linear":
+            assert length == min(row[PF_LEN16], 1024 // 16), task
+        else:
+            assert length == row[PF_LEN16], task
+        kinds[task.op.kind] = kinds.get(task.op.kind, 0) + 1
+    assert kinds["rmsnorm_linear_silu_mul"] > 0 and kinds["rmsnorm_linear"] > 0
     with pytest.raises(ValueError, match="ahead non-negative"):
         PrefetchPolicy(ahead=-1)
 

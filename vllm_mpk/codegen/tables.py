@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vllm_mpk.codegen.tasks import CudaTask, cuda_task, prefetch_region, task_args
+from vllm_mpk.codegen.tasks import LINEAR_MODES, CudaTask, cuda_task, prefetch_region, task_args
 from vllm_mpk.graph.ir import Task
 from vllm_mpk.graph.ops import REGISTRY
 from vllm_mpk.graph.plan import Plan
@@ -27,17 +27,28 @@ PREFETCH_CAP_BYTES = 48 * 1024  # per task: the step-time optimum of a 16-96 KiB
 @dataclass(frozen=True)
 class PrefetchPolicy:
     """How far ahead a worker asks L2 for its tasks' weights: the first ``cap_bytes`` of a linear
-    tile's rows, when the task ``ahead`` places before it in the worker's queue starts (0: never).
-    Both are launch data (the task table and a kernel argument), so a built kernel can be timed
-    under several policies."""
+    tile's rows (``kind_caps``: another cap for the tiles of some op kinds, e.g.
+    ``(("rmsnorm_linear_silu_mul", 0),)``), when the task ``ahead`` places before it in the worker's
+    queue starts (0: never). All of it is launch data (the task table and a kernel argument), so a
+    built kernel can be timed under several policies."""
 
     cap_bytes: int = PREFETCH_CAP_BYTES
     ahead: int = 1
+    kind_caps: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.cap_bytes < 0 or self.cap_bytes % 16 or self.ahead < 0:
-            raise ValueError(f"prefetch policy {self}: cap_bytes must be a non-negative multiple of 16 and ahead "
+        caps = [self.cap_bytes, *(cap for _, cap in self.kind_caps)]
+        if any(cap < 0 or cap % 16 for cap in caps) or self.ahead < 0:
+            raise ValueError(f"prefetch policy {self}: caps must be non-negative multiples of 16 and ahead "
                              "non-negative")
+        unknown = sorted({kind for kind, _ in self.kind_caps} - set(LINEAR_MODES))
+        if unknown:
+            raise ValueError(f"prefetch policy {self}: only linear tiles prefetch; {unknown} are not among "
+                             f"{sorted(LINEAR_MODES)}")
+
+    def cap_of(self, kind: str) -> int:
+        """Bytes of a tile of op ``kind`` asked of L2."""
+        return dict(self.kind_caps).get(kind, self.cap_bytes)
 
 
 @dataclass(frozen=True)
@@ -90,7 +101,7 @@ def all_args(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> list[list[int]]
 
 
 def task_table(plan: Plan, variants: Variants, args: list[list[int]], layout: RecordLayout,
-               tensors: Mapping[str, torch.Tensor], prefetch_cap_bytes: int = PREFETCH_CAP_BYTES) -> np.ndarray:
+               tensors: Mapping[str, torch.Tensor], prefetch: PrefetchPolicy = PrefetchPolicy()) -> np.ndarray:
     """``[num_workers, max_tasks, words]`` int32, each worker's queue in order, -1 padded."""
     ids = tensor_ids(plan)
     max_tasks = max(len(q) for q in plan.queues)
@@ -103,7 +114,7 @@ def task_table(plan: Plan, variants: Variants, args: list[list[int]], layout: Re
             row = table[worker, i]
             region = prefetch_region(task, ids, tensors)
             pf = (-1, 0, 0) if region is None else (region[0], region[1] // 16,
-                                                     min(region[2], prefetch_cap_bytes) // 16)
+                                                     min(region[2], prefetch.cap_of(task.op.kind)) // 16)
             row[:HEADER_WORDS] = (REGISTRY[task.op.kind].opcode, variants.of_op[task.op.index], tid, *pf)
             row[w0:w0 + len(waits(task))] = waits(task)
             row[s0:s0 + len(task.signal_events)] = task.signal_events

@@ -90,7 +90,7 @@ def kernel_table(plan: Plan, tensors: Mapping[str, torch.Tensor],
                  prefetch: PrefetchPolicy = PrefetchPolicy()) -> np.ndarray:
     """The task table of a plan bound to ``tensors`` under ``prefetch`` (launch data: no rebuild)."""
     _, variants, args, layout = _records(plan, tensors)
-    return task_table(plan, variants, args, layout, tensors, prefetch.cap_bytes)
+    return task_table(plan, variants, args, layout, tensors, prefetch)
 
 
 def kernel_source(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> JitSpec:
@@ -105,7 +105,7 @@ def kernel_spec(plan: Plan, tensors: Mapping[str, torch.Tensor],
     only shapes and strides are read), so builds can run ahead of loading weights."""
     threads, variants, args, layout = _records(plan, tensors)
     return (generate(plan, variants, layout, threads),
-            task_table(plan, variants, args, layout, tensors, prefetch.cap_bytes))
+            task_table(plan, variants, args, layout, tensors, prefetch))
 
 
 def build_kernels(plans: Sequence[tuple[Plan, Mapping[str, torch.Tensor]]]) -> None:
