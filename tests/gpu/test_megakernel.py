@@ -4,6 +4,10 @@ capture, and the watchdog. Skipped where torch sees no CUDA device."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -17,7 +21,7 @@ from vllm_mpk.graph.ir import Role
 from vllm_mpk.models.weights import random_weights
 from vllm_mpk.runtime import control
 from vllm_mpk.runtime.control import MegakernelError
-from vllm_mpk.runtime.megakernel import Megakernel
+from vllm_mpk.runtime.megakernel import Megakernel, build_kernels
 from vllm_mpk.runtime.meta import step_inputs
 
 pytestmark = pytest.mark.gpu
@@ -48,11 +52,34 @@ def on_gpu(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.cuda() for k, v in inputs.items()}
 
 
-@pytest.mark.parametrize("op_test,case", CASES)
-def test_task_body_matches_torch(op_test, case):
-    """The same cases as the CPU tests, in bf16 where the case has a dtype, on the GPU."""
+def build_case(op_test, case):
+    """A CPU test case in bf16 (where it has a dtype), with the GPU test's seed."""
     case = {**case, **({"dtype": BF16} if "dtype" in case else {})}
-    built = op_test.build(case, torch.Generator().manual_seed(seed_of(f"gpu-{op_test.kind}-{case['id']}")))
+    return op_test.build(case, torch.Generator().manual_seed(seed_of(f"gpu-{op_test.kind}-{case['id']}")))
+
+
+@pytest.fixture(scope="module")
+def task_kernels(request: pytest.FixtureRequest) -> None:
+    """Compile the kernels of every selected task-body case at once (nvcc runs as subprocesses), so
+    each test loads its kernel from the build cache: one after another the builds took most of this
+    file's ten minutes."""
+    selected = [item.callspec.params for item in request.session.items
+                if getattr(item, "originalname", None) == "test_task_body_matches_torch"]
+
+    def build(params) -> None:
+        built = build_case(params["op_test"], params["case"])
+        if built.all_reduce is None:
+            with contextlib.suppress(UnsupportedOnGPU):  # the test skips it
+                build_kernels([(built.mpk.compile(), built.inputs)])
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        list(pool.map(build, selected))
+
+
+@pytest.mark.parametrize("op_test,case", CASES)
+def test_task_body_matches_torch(op_test, case, task_kernels):
+    """The same cases as the CPU tests, in bf16 where the case has a dtype, on the GPU."""
+    built = build_case(op_test, case)
     plan = built.mpk.compile()
     if built.all_reduce is not None:
         pytest.skip("a multi-rank all-reduce runs one process per GPU: tests/gpu/test_tensor_parallel_gpu.py")
