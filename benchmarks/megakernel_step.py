@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -102,8 +103,13 @@ def prefetch_policy(text: str) -> PrefetchPolicy:
     of its own)."""
     head, *kinds = text.split(",")
     kib, _, ahead = head.partition(":")
+    if any("=" not in k for k in kinds):
+        raise argparse.ArgumentTypeError(f"{text!r}: each kind's cap is KIND=KIB, e.g. rmsnorm_linear_silu_mul=0")
     caps = tuple((kind, int(cap) * 1024) for kind, _, cap in (k.partition("=") for k in kinds))
-    return PrefetchPolicy(int(kib) * 1024, int(ahead or 1), caps)
+    try:
+        return PrefetchPolicy(int(kib) * 1024, int(ahead or 1), caps)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def policy_name(policy: PrefetchPolicy) -> str:
@@ -121,7 +127,8 @@ def time_policies(plan, tensors, mk: Megakernel, batch: int, logits: torch.Tenso
         mk.set_prefetch(policy)
         mk.tensors["logits"].fill_(float("nan"))
         name = policy_name(policy)
-        trace = trace_path and trace_path.with_name(f"{trace_path.stem}_prefetch{name.replace(':', '-')}.json")
+        safe = re.sub(r"[^\w.-]", "-", name)  # a file name the device runner returns
+        trace = trace_path and trace_path.with_name(f"{trace_path.stem}_prefetch{safe}.json")
         print(f"prefetch {name}:")
         us = time_and_profile(plan, tensors, mk, batch, trace, show=True)
         times[name] = {"us": us, "identical": torch.equal(mk.tensors["logits"][:batch].float(), logits)}
@@ -237,7 +244,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--trace", action="store_true", help="write a Perfetto trace per case under $OUT")
     p.add_argument("--kv-splits", type=int, default=1, help="attention tasks per KV head and request (split KV)")
-    p.add_argument("--prefetch", nargs="+", type=prefetch_policy, default=[], metavar="KIB:AHEAD",
+    p.add_argument("--prefetch", nargs="+", type=prefetch_policy, default=[], metavar="KIB:AHEAD[,KIND=KIB]",
                    help="also time each case under these L2 weight-prefetch policies (single GPU)")
     args = p.parse_args()
     device = "cuda"

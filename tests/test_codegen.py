@@ -194,6 +194,10 @@ def test_prefetch_policy_sets_the_cap_of_the_same_table(qwen3_8b: Generated) -> 
         PrefetchPolicy(kind_caps=(("rmsnorm_linear", 8),))
     with pytest.raises(ValueError, match="only linear tiles prefetch; \\['attention'\\]"):
         PrefetchPolicy(kind_caps=(("attention", 0),))
+    with pytest.raises(ValueError, match="more than one cap"):
+        PrefetchPolicy(kind_caps=(("linear", 0), ("linear", 1024)))
+    assert PrefetchPolicy(kind_caps=(("rmsnorm_linear", 0), ("linear", 16))) == \
+        PrefetchPolicy(kind_caps=(("linear", 16), ("rmsnorm_linear", 0)))
 
 
 def test_a_kind_cap_changes_only_that_kinds_tiles(qwen3_8b: Generated) -> None:

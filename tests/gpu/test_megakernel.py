@@ -69,10 +69,12 @@ def task_kernels(request: pytest.FixtureRequest) -> None:
     def build(params) -> None:
         built = build_case(params["op_test"], params["case"])
         if built.all_reduce is None:
-            with contextlib.suppress(UnsupportedOnGPU):  # the test skips it
+            # Any failure (an unsupported shape, a build error, VLLM_MPK_NO_BUILD with a warm
+            # cache) is the test's own to skip, report or get past: it builds again by itself.
+            with contextlib.suppress(Exception):
                 build_kernels([(built.mpk.compile(), built.inputs)])
 
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
         list(pool.map(build, selected))
 
 

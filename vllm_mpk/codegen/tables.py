@@ -37,6 +37,10 @@ class PrefetchPolicy:
     kind_caps: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
+        kinds = [kind for kind, _ in self.kind_caps]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"prefetch policy {self}: a kind has more than one cap")
+        object.__setattr__(self, "kind_caps", tuple(sorted(self.kind_caps)))  # one spelling per policy
         caps = [self.cap_bytes, *(cap for _, cap in self.kind_caps)]
         if any(cap < 0 or cap % 16 for cap in caps) or self.ahead < 0:
             raise ValueError(f"prefetch policy {self}: caps must be non-negative multiples of 16 and ahead "
