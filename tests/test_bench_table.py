@@ -149,6 +149,7 @@ def test_bench_arguments_parse() -> None:
     assert defaults.models == ["llama-3.1-8b", "llama-3.2-1b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-8b"]
     assert defaults.batches == [1, 8, 16] and defaults.impls == ["vllm", "mpk", "floor"]
     assert defaults.results == Path("benchmarks/RESULTS.md") and defaults.gpu_memory_utilization == 0.85
+    assert defaults.rounds == 1
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["bench", "--impls", "transformers"])
 
@@ -171,6 +172,7 @@ def test_bench_runs_one_engine_per_model_and_impl(tmp_path: Path, monkeypatch: p
     seen: list[EngineConfig] = []
 
     def fake_run_engines(configs: list[EngineConfig], rows_path: Path, *args: object, **kwargs: object) -> list[dict]:
+        assert kwargs["rounds"] == 3
         seen.extend(configs)
         new = [row(c.model, c.impl, b, 2.0, 1.0, 0.1) for c in seen for b in c.batches]
         write_rows(rows_path, new)
@@ -180,7 +182,7 @@ def test_bench_runs_one_engine_per_model_and_impl(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(cli, "run_engines", fake_run_engines)
     results = tmp_path / "RESULTS.md"
     assert cli.main(["bench", "--models", "qwen3-0.6b", "qwen3-8b", "--batches", "1", "16", "--repeats", "5",
-                     "--rows", str(tmp_path / "r.jsonl"), "--results", str(results)]) == 0
+                     "--rounds", "3", "--rows", str(tmp_path / "r.jsonl"), "--results", str(results)]) == 0
     assert [(c.model, c.impl) for c in seen] == [(m, i) for m in ("qwen3-0.6b", "qwen3-8b")
                                                  for i in ("vllm", "mpk", "floor")]
     assert all(c.batches == (1, 16) and c.repeats == 5 and not c.vllm_compile for c in seen)
@@ -298,3 +300,30 @@ def test_bench_gpus_make_lanes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert lanes == [[None], ["0,1", "2,3"]]
     assert cli.main([*common, "--gpus", "0", "--tensor-parallel-size", "2"]) == 2
     assert "--gpus: 1 GPUs cannot hold an engine of tensor-parallel size 2" in capsys.readouterr().err
+
+
+def test_rounds_run_a_models_engines_in_turn_each_in_its_own_log(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[tuple[str, str]] = []
+
+    def fake_run_engine(cfg: EngineConfig, log: Path, timeout_s: float, devices: str | None = None) -> list[dict]:
+        ran.append((cfg.impl, log.name))
+        return [row(cfg.model, cfg.impl, b, 1.0, 0.5, 0.1) for b in cfg.batches]
+
+    monkeypatch.setattr(runner, "run_engine", fake_run_engine)
+    configs = [EngineConfig("qwen3-0.6b", impl, batches=(1,)) for impl in ("vllm", "mpk", "floor")]
+    rows = run_engines(configs, tmp_path / "r.jsonl", tmp_path / "logs", 10.0, rounds=2)
+    assert [impl for impl, _ in ran] == ["vllm", "mpk", "floor", "vllm", "mpk", "floor"]
+    assert len({log for _, log in ran}) == 6
+    assert [r["round"] for r in rows] == [0, 0, 0, 1, 1, 1] and len({r["run"] for r in rows}) == 1
+
+
+def test_the_table_takes_each_times_median_over_an_engines_rounds() -> None:
+    rounds = [{**row("qwen3-0.6b", "vllm", 1, tpot, fwd, 0.1), "round": i}
+              for i, (tpot, fwd) in enumerate([(1.6, 1.0), (2.2, 1.1), (1.7, 0.9)])]
+    rounds += [{**row("qwen3-0.6b", "mpk", 1, tpot, 0.5, 0.1), "round": i} for i, tpot in enumerate([1.2, 1.6, 1.3])]
+    table = render(rounds)
+    cells = table_cells(table, "qwen3-0.6b", 1)
+    assert cells[2:8] == ["1.70", "1.30", "1.31×", "1.00", "0.50", "2.00×"]
+    assert "Each engine in 3 processes run in turn" in table
+    assert "Each engine in its own process" in render(ROWS)

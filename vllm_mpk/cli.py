@@ -259,9 +259,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return analyze_traces(args.analyze_trace, args.gap_us)
     for model in args.models:
         shipped_config(model)  # UnknownModelError (exit 2) before any engine starts
-    if min(args.batches) < 1 or args.new_tokens < 2 or args.repeats < 1 or args.tensor_parallel_size < 1:
+    if (min(args.batches) < 1 or args.new_tokens < 2 or args.repeats < 1 or args.rounds < 1
+            or args.tensor_parallel_size < 1):
         raise CliError("--batches and --tensor-parallel-size must be positive, --new-tokens at least 2, "
-                       "--repeats at least 1")
+                       "--repeats and --rounds at least 1")
     if not 2 <= args.profile_tokens <= args.new_tokens or not 0 <= args.profile_stack_tokens <= args.new_tokens:
         raise CliError("--profile-tokens must be 2 to --new-tokens, --profile-stack-tokens 0 to --new-tokens")
     try:
@@ -280,8 +281,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                 tensor_parallel_size=args.tensor_parallel_size)
                    for model in args.models for impl in args.impls]
         log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="vllm_mpk_bench_"))
-        print(f"{len(configs)} engines, one process each, {len(lanes)} at a time; logs in {log_dir}", flush=True)
-        rows = run_engines(configs, args.rows, log_dir, args.timeout, on_rows=print_rows, lanes=lanes)
+        print(f"{len(configs)} engines, {args.rounds} process(es) each, {len(lanes)} at a time; logs in {log_dir}",
+              flush=True)
+        rows = run_engines(configs, args.rows, log_dir, args.timeout, on_rows=print_rows, lanes=lanes,
+                           rounds=args.rounds)
         if profile_dir is not None:
             print(f"\nprofiles in {profile_dir} (<trace>.analysis.txt: every step and gap)\n"
                   + analyze_profiles([engine_profile_dir(profile_dir, c.model, c.impl) for c in configs], args.gap_us),
@@ -368,6 +371,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--prompt-len", type=int, default=d.prompt_len)
     b.add_argument("--new-tokens", type=int, default=d.new_tokens)
     b.add_argument("--repeats", type=int, default=d.repeats)
+    b.add_argument("--rounds", type=int, default=1,
+                   help="run each model's engines N times in turn, each in a fresh process; the table takes each "
+                        "time's median over them (vLLM's host step moves between processes; default 1)")
     b.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
     b.add_argument("--vllm-compile", action="store_true",
                    help="vLLM's default compilation (torch.compile, FULL_AND_PIECEWISE) instead of mode 0 with "

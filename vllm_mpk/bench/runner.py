@@ -9,6 +9,10 @@ On a machine with several GPUs the engines can run in lanes (``gpu_lanes``: one
 ``CUDA_VISIBLE_DEVICES`` value each): one model's engines run in turn on one lane, so its stock,
 mpk and floor numbers still come from one card, while other models run on the other lanes. A
 floor engine after its model's stock engine gets the stock engine's KV cache size in blocks.
+
+With ``rounds`` > 1 a model's engines run that many times in turn (stock, mpk, floor, stock, ...),
+each in a fresh process, and every row records its round: vLLM's host step, which sets the small
+models' TPOT, moves by more between processes than the engines differ.
 """
 
 from __future__ import annotations
@@ -88,9 +92,9 @@ def gpu_lanes(gpus: Sequence[str], tensor_parallel_size: int) -> list[str]:
 
 def run_engines(configs: Iterable[EngineConfig], rows_path: Path, log_dir: Path, timeout_s: float,
                 on_rows: Callable[[list[Row]], None] = lambda rows: None,
-                lanes: Sequence[str | None] = (None,)) -> list[Row]:
-    """Run every engine, one model's in turn on one lane, the lanes side by side; append each
-    engine's rows to ``rows_path`` as they come."""
+                lanes: Sequence[str | None] = (None,), rounds: int = 1) -> list[Row]:
+    """Run every engine ``rounds`` times, one model's in turn on one lane, the lanes side by side;
+    append each engine's rows to ``rows_path`` as they come."""
     run = run_id()
     log_dir.mkdir(parents=True, exist_ok=True)
     rows_path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,10 +112,11 @@ def run_engines(configs: Iterable[EngineConfig], rows_path: Path, log_dir: Path,
                     return
                 group = waiting.pop(0)
             blocks: int | None = None
-            for cfg in sorted(group, key=lambda c: c.impl == FLOOR):  # the floor after its stock engine
+            in_turn = sorted(group, key=lambda c: c.impl == FLOOR)  # the floor after its stock engine
+            for round_, cfg in ((r, c) for r in range(rounds) for c in in_turn):
                 if cfg.impl == FLOOR and cfg.kv_blocks is None:
                     cfg = replace(cfg, kv_blocks=blocks)
-                log = log_dir / f"{cfg.label.replace(' ', '-')}-{cfg.impl}.log"
+                log = log_dir / f"{cfg.label.replace(' ', '-')}-{cfg.impl}{f'-round{round_}' if rounds > 1 else ''}.log"
                 if cfg.impl == FLOOR and cfg.kv_blocks is None:
                     rows = [{"model": cfg.model, "impl": FLOOR, "batch": b, "tp": cfg.tensor_parallel_size,
                              "error": "not run: the floor engine takes its stock engine's KV cache size, and no "
@@ -119,6 +124,8 @@ def run_engines(configs: Iterable[EngineConfig], rows_path: Path, log_dir: Path,
                              "run": run} for b in cfg.batches]
                 else:
                     rows = [{**r, "run": run} for r in run_engine(cfg, log, timeout_s, devices)]
+                if rounds > 1:
+                    rows = [{**r, "round": round_} for r in rows]
                 blocks = next((r["kv_blocks"] for r in rows if cfg.impl == STOCK and r.get("kv_blocks")), blocks)
                 with lock:
                     with rows_path.open("a") as f:

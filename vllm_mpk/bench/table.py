@@ -15,6 +15,7 @@ the GPU's, so the overhead column does not say how far TPOT can fall; the floor 
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -100,16 +101,32 @@ def distinct(rows: list[Row], key: str) -> str:
     return " / ".join(dict.fromkeys(str(r[key]) for r in rows if key in r))
 
 
+MEDIAN_FIELDS = ("tpot_ms", "forward_ms", "lm_head_ms")
+
+
+def median_row(rows: list[Row]) -> Row:
+    """One engine's rounds (``vllm-mpk bench --rounds``) as one row: each time the median over them."""
+    merged = {**rows[-1], "rounds": len(rows)}
+    for field in MEDIAN_FIELDS:
+        values = [r[field] for r in rows if r.get(field) is not None]
+        merged[field] = statistics.median(values) if values else None
+    return merged
+
+
 def keyed(rows: Iterable[Row]) -> dict[tuple[str, int, str], Row]:
-    """Rows by (model label, batch, impl)."""
-    return {(label(r), r["batch"], r["impl"]): r for r in rows}
+    """Rows by (model label, batch, impl), an engine's rounds merged (``median_row``)."""
+    groups: dict[tuple[str, int, str], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((label(r), r["batch"], r["impl"]), []).append(r)
+    return {key: group[0] if len(group) == 1 else median_row(group) for key, group in groups.items()}
 
 
 def overhead_note(ok: list[Row]) -> str:
     """How much of the step vLLM's own work takes: from the floor rows where measured (the TPOT
     stock vLLM keeps with one decoder layer), else the stock rows' time outside the forward."""
     by_key = keyed(ok)
-    pairs = [(r, by_key[label(r), r["batch"], STOCK]) for r in ok
+    merged = list(by_key.values())
+    pairs = [(r, by_key[label(r), r["batch"], STOCK]) for r in merged
              if r["impl"] == FLOOR and (label(r), r["batch"], STOCK) in by_key]
     if pairs:
         shares = [f["tpot_ms"] / s["tpot_ms"] for f, s in pairs]
@@ -130,7 +147,7 @@ def overhead_note(ok: list[Row]) -> str:
             text += (" A floor above stock TPOT means the host step itself varies between engine processes by more "
                      "than the one-layer engine saves on the GPU.")
         return text
-    stock_rows = [(r, overhead_ms(r, r.get("lm_head_ms"))) for r in ok if r["impl"] == STOCK]
+    stock_rows = [(r, overhead_ms(r, r.get("lm_head_ms"))) for r in merged if r["impl"] == STOCK]
     stock_rows = [(r, o) for r, o in stock_rows if o is not None]
     if not stock_rows:
         return "vLLM's per-step overhead was not measured (no stock row with a forward time)."
@@ -160,11 +177,15 @@ def render(rows: Iterable[Row]) -> str:
     if not rows:
         return "No vLLM benchmark rows yet: run `vllm-mpk bench` on a GPU."
     by_key = keyed(ok)
+    rounds = sorted({r.get("rounds", 1) for r in by_key.values()})
+    processes = ("Each engine in its own process" if rounds == [1] else
+                 f"Each engine in {' / '.join(map(str, rounds))} processes run in turn with the other engines of "
+                 "its model, each time the median over them")
     lines = [f"Card: {distinct(ok, 'gpu') or '—'}; run {distinct(rows, 'run')}. Dummy weights (vLLM's "
              f"`load_format=\"dummy\"` on the shipped configs), prompts of {distinct(ok, 'prompt_len')} tokens, "
              f"{distinct(ok, 'new_tokens')} greedy tokens with EOS ignored, TPOT median of "
-             f"{distinct(ok, 'repeats')}; compilation: {distinct(ok, 'compilation')}. Each engine in its own "
-             f"process. Milliseconds.", "",
+             f"{distinct(ok, 'repeats')}; compilation: {distinct(ok, 'compilation')}. {processes}. "
+             "Milliseconds.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for model in dict.fromkeys(label(r) for r in rows):
         for batch in sorted({r["batch"] for r in rows if label(r) == model}):
