@@ -134,6 +134,10 @@ LAYER_ERRORS: list[tuple[str, Callable[[SimpleNamespace], object], str]] = [
     ("attention-grid", lambda s: attention(s, grid_dim=3), r"grid_dim \(3, 1, 1\) makes 3 tasks; expected 2 KV heads"),
     ("attention-grid-too-many-chunks", lambda s: attention(s, grid_dim=6),
      r"makes 6 tasks; expected 2 KV heads times .* between 1 and 2"),
+    ("attention-split-output-width", lambda s: attention(s, output=s.y, kv_splits=2),
+     r"output 'y' has shape \(2, 48\), expected \(2, 256\)"),
+    ("attention-split-grid", lambda s: attention(s, grid_dim=3, kv_splits=2),
+     r"makes 6 tasks; expected 2 KV heads times 2 KV splits times a number of request chunks"),
     ("silu-odd-width", lambda s: s.mpk.silu_mul_layer(at(s, (2, 33), "gu33"), s.y, 1, BLOCK),
      "input 'gu33' has 33 columns; expected an even"),
     ("silu-output-shape", lambda s: s.mpk.silu_mul_layer(s.x, s.y, 1, BLOCK),
@@ -309,3 +313,10 @@ def test_rejected_layer_leaves_the_kernel_usable():
     assert len(plan.tasks) == 4
     assert not any(name.startswith("argmax_0.") and h not in (plan.ops[0].outputs.values())
                    for name, h in mpk.tensors.items())
+    s = setup()  # split-KV attention declares its partials and arrival counts
+    before = set(s.mpk.tensors)
+    with pytest.raises(ValueError, match="output 'y' has shape"):
+        attention(s, output=s.y, kv_splits=2)
+    assert set(s.mpk.tensors) == before
+    attention(s, kv_splits=2)
+    assert set(s.mpk.tensors) - before == {"attention_0.partial", "attention_0.arrivals"}

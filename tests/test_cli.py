@@ -31,7 +31,8 @@ def test_plan_shows_split_kv_and_multi_step(capsys: pytest.CaptureFixture[str]) 
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.strip()}
     assert rows["begin_step"][:2] == ["1", "1"]  # one layer, one task
     assert rows["attention"][:2] == ["2", str(2 * 8 * 8 * 4)]  # 2 layers x 8 KV heads x 8 requests x 4 splits
-    assert rows["attention_merge"][:2] == ["2", str(2 * 8 * 8)]
+    assert rows["total"][0] == "14"  # no merge layer: the last split of each request merges
+    assert rows["linear_with_residual"][2] == "4"  # each o_proj and down_proj waits on one event
     assert main(["plan", "--model", "qwen3-0.6b", "--multi-step", "--tensor-parallel-size", "2"]) == 2
 
 

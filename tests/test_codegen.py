@@ -45,6 +45,9 @@ from vllm_mpk.runtime.megakernel import kernel_spec, kernel_table
 OPCODE, VARIANT, TASK, PF_TENSOR, PF_OFFSET16, PF_LEN16 = range(HEADER_WORDS)
 LINEAR_ARG_NAMES = ("input", "weight", "output", "bias", "residual", "norm_weight", "col_start", "col_end", "eps",
                     "out_cols")
+ATTENTION_ARG_NAMES = ("qkv", "cache", "rope", "positions", "seq_lens", "block_tables", "slots", "q_norm", "k_norm",
+                       "output", "head", "row_start", "row_end", "block_stride", "head_stride", "slot_stride",
+                       "table_stride", "eps", "scale", "split", "partial", "arrivals")  # AttentionArgs
 
 
 @dataclass
@@ -264,9 +267,10 @@ def test_qwen3_8b_megakernel_compiles_for_sm90a(qwen3_8b: Generated, tmp_path: P
 
 @pytest.fixture(scope="module")
 def multi_step() -> Generated:
-    """Two layers of Qwen3-0.6B with begin_step first (one launch decodes many steps), on meta tensors."""
+    """Two layers of Qwen3-0.6B with begin_step first (one launch decodes many steps) and split KV
+    (two attention tasks per KV head and request), on meta tensors."""
     spec = ModelSpec.from_hf_config(load_config("qwen3-0.6b")).with_layers(2)
-    options = DecodeOptions(max_batch=4, max_seq_len=256, multi_step=True)
+    options = DecodeOptions(max_batch=4, max_seq_len=256, multi_step=True, kv_splits=2)
     weights = {n: torch.empty(s, dtype=torch.bfloat16, device="meta") for n, s in expected_shapes(spec).items()}
     caches = allocate_kv_caches(spec, 4 * 256 // options.page_size, options.page_size, device="meta")
     model = build_decoder(spec, weights, caches, options)
@@ -289,6 +293,24 @@ def test_begin_step_waits_for_the_previous_steps_argmax(multi_step: Generated) -
     assert all(carried.id in g.plan.tasks[t].signal_events for t in carried.producers)
 
 
+def test_split_attention_words_name_output_partials_and_arrivals(multi_step: Generated) -> None:
+    """Every split tile has the output (the last of a request's splits to finish writes it), its
+    split, the partials and the arrival counts."""
+    g = multi_step
+    ids = tensor_ids(g.plan)
+    splits = set()
+    for _, _, task, row in g.records():
+        if task.op.kind != "attention":
+            continue
+        args = dict(zip(ATTENTION_ARG_NAMES, g.args(row).tolist(), strict=False))
+        outputs = task.op.outputs
+        assert [args[n] for n in ("output", "partial", "arrivals")] == [ids[outputs[n].name] for n in
+                                                                        ("output", "partial", "arrivals")], task
+        assert (args["head"], args["split"]) == (task.params["kv_head"], task.params["split"]), task
+        splits.add(args["split"])
+    assert splits == {0, 1}
+
+
 def test_begin_step_needs_contiguous_state_rows() -> None:
     tokens = torch.empty(4, 512, dtype=torch.int64, device="meta")[:, ::2]  # every other position
     mpk = PersistentKernel(num_workers=4, meta_tensors={"step": torch.empty(4, dtype=torch.int64, device="meta"),
@@ -309,6 +331,7 @@ def test_multi_step_megakernel_compiles_for_sm90a(multi_step: Generated, tmp_pat
     except ToolchainError as err:
         pytest.skip(f"cannot prove the generated CUDA compiles: {err}")
     assert "mpk::begin_step_task<256>" in multi_step.spec.sources["megakernel.cu"]
+    assert re.search(r"mpk::attention_task<[^>]*, 2>", multi_step.spec.sources["megakernel.cu"])  # split KV
     assert compile_only(multi_step.spec, tmp_path).is_file()
 
 

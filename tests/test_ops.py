@@ -390,6 +390,18 @@ ATTENTION_CASES = [
          seq_lens=[600, 257, 256, 3], qk_norm=True, dtype=BF16, chunks=2, max_seq_len=600),
 ]
 
+# Split KV: more splits than some requests have positions (empty splits), one split per position,
+# idle rows and rows past num_tokens, a long history.
+SPLIT_ATTENTION_CASES = [
+    dict(id="b5-g2-hd128-bs16-qknorm-idle-s3", batch=5, nq=8, nkv=4, head_dim=128, block_size=16,
+         seq_lens=[1, 16, 17, 33, 0], qk_norm=True, dtype=BF16, chunks=2, max_seq_len=48, kv_splits=3),
+    dict(id="b16-g4-hd64-bs32-n14-s4", batch=16, nq=8, nkv=2, head_dim=64, block_size=32,
+         seq_lens=[1, 2, 15, 16, 17, 0, 32, 33, 47, 48, 49, 63, 64, 65, 30, 20], qk_norm=False, dtype=F32,
+         chunks=3, max_seq_len=80, num_tokens=14, kv_splits=4),
+    dict(id="b4-g4-hd128-bs16-len600-s8", batch=4, nq=8, nkv=2, head_dim=128, block_size=16,
+         seq_lens=[600, 257, 3, 8], qk_norm=True, dtype=BF16, chunks=1, max_seq_len=600, kv_splits=8),
+]
+
 
 # begin_step --------------------------------------------------------------------------------------
 
@@ -446,19 +458,6 @@ BEGIN_STEP_CASES = [
 ]
 INDEX_EXACT = {torch.int64: dict(rtol=0, atol=0), torch.int32: dict(rtol=0, atol=0)}
 
-# Split KV: more splits than some requests have positions (empty splits), one split per position,
-# idle rows and rows past num_tokens, a long history.
-SPLIT_ATTENTION_CASES = [
-    dict(id="b5-g2-hd128-bs16-qknorm-idle-s3", batch=5, nq=8, nkv=4, head_dim=128, block_size=16,
-         seq_lens=[1, 16, 17, 33, 0], qk_norm=True, dtype=BF16, chunks=2, max_seq_len=48, kv_splits=3),
-    dict(id="b16-g4-hd64-bs32-n14-s4", batch=16, nq=8, nkv=2, head_dim=64, block_size=32,
-         seq_lens=[1, 2, 15, 16, 17, 0, 32, 33, 47, 48, 49, 63, 64, 65, 30, 20], qk_norm=False, dtype=F32,
-         chunks=3, max_seq_len=80, num_tokens=14, kv_splits=4),
-    dict(id="b4-g4-hd128-bs16-len600-s8", batch=4, nq=8, nkv=2, head_dim=128, block_size=16,
-         seq_lens=[600, 257, 3, 8], qk_norm=True, dtype=BF16, chunks=1, max_seq_len=600, kv_splits=8),
-]
-
-
 OP_TESTS = [
     OpTest("embed", build_embed, EMBED_CASES, FLOAT_TOL),
     OpTest("rmsnorm", build_rmsnorm, RMSNORM_CASES, FLOAT_TOL),
@@ -466,8 +465,7 @@ OP_TESTS = [
     OpTest("linear_with_residual", build_linear_family("linear_with_residual"), RESIDUAL_CASES, FLOAT_TOL),
     OpTest("rmsnorm_linear", build_linear_family("rmsnorm_linear"), NORM_LINEAR_CASES, FLOAT_TOL),
     OpTest("rmsnorm_linear_silu_mul", build_linear_family("rmsnorm_linear_silu_mul"), NORM_SILU_CASES, FLOAT_TOL),
-    OpTest("attention", build_attention, ATTENTION_CASES, FLOAT_TOL),
-    OpTest("attention_merge", build_attention, SPLIT_ATTENTION_CASES, FLOAT_TOL),
+    OpTest("attention", build_attention, ATTENTION_CASES + SPLIT_ATTENTION_CASES, FLOAT_TOL),
     OpTest("silu_mul", build_silu_mul, SILU_CASES, FLOAT_TOL),
     OpTest("silu_mul_linear", build_linear_family("silu_mul_linear"), SILU_LINEAR_CASES, FLOAT_TOL),
     OpTest("silu_mul_linear_with_residual", build_linear_family("silu_mul_linear_with_residual"),
@@ -550,6 +548,41 @@ def test_attention_reads_history_through_block_table(head_dim: int, group: int):
     assert not torch.allclose(moved[0], base[0], rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(moved[1], base[1], rtol=0, atol=0)
 
+
+def test_last_split_merges_and_resets_the_count():
+    """Split KV: a request's output for a KV head is written only by the split tile that brings the
+    head's count of arrivals to S, which sets it back to 0; since the splits merge in split order,
+    any order of the tiles gives the same bits, within float tolerance of one tile per head."""
+    case = SPLIT_ATTENTION_CASES[1]  # float32, 4 splits, 3 chunks of requests, an idle row, rows past num_tokens
+    splits, n = case["kv_splits"], case["num_tokens"]
+    built = build_attention(case, torch.Generator().manual_seed(5))
+    plan = built.mpk.compile()
+    arrivals_name = plan.ops[0].outputs["arrivals"].name
+    assert plan.counters == {arrivals_name}
+    executor = ReferenceExecutor(plan, {k: v.clone() for k, v in built.inputs.items()})
+    executor.poison()
+    out, arrivals = executor.tensors["out"], executor.tensors[arrivals_name]
+    assert not arrivals.any()  # zero from the start, and poisoning keeps it
+    first = plan.tasks[0].params
+    pair = [t for t in plan.tasks if (t.params["kv_head"], t.params["row_start"]) == (0, first["row_start"])]
+    rows = [b for b in range(first["row_start"], first["row_end"]) if b < n and case["seq_lens"][b] > 0]
+    head_cols = slice(0, out.shape[1] // case["nkv"])
+    for count, task in enumerate(sorted(pair, key=lambda t: (t.params["split"] + 2) % splits), start=1):
+        executor.run_task(task.id, n)
+        assert (arrivals[rows, 0] == count % splits).all()
+        assert out[rows, head_cols].isnan().all() == (count < splits)
+
+    active = [b for b in range(n) if case["seq_lens"][b] > 0]
+    results = []
+    for seed in range(3):
+        executor.run_step(n, order="random", seed=seed)
+        assert not executor.tensors[arrivals_name].any()
+        results.append(executor.tensors["out"][active].clone())
+    assert all(torch.equal(r, results[0]) for r in results)
+    unsplit = build_attention({**case, "kv_splits": 1}, torch.Generator().manual_seed(5))
+    reference = ReferenceExecutor(unsplit.mpk.compile(), unsplit.inputs)
+    reference.run_step(n)
+    torch.testing.assert_close(results[0], reference.tensors["out"][active], **FLOAT_TOL[F32])
 
 def test_torch_definitions_sanity():
     """The definitions this file checks against: RoPE at position 0 is the identity and keeps norms

@@ -1,5 +1,6 @@
 """Broken plans are caught: a missing event, a schedule that deadlocks, an intermediate written
-twice or never, a cycle. Where a check is bypassed, the reference executor shows the damage."""
+twice or never (or both shared and by one task), a cycle. Where a check is bypassed, the reference
+executor shows the damage."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 
 from tests.helpers import TINY_LLAMA, plan_inputs, run_plan
 from vllm_mpk.api import PersistentKernel
-from vllm_mpk.graph.ir import Task
+from vllm_mpk.graph.events import WriterIndex, wire_events
+from vllm_mpk.graph.ir import Access, Op, Role, Task, TensorHandle
 from vllm_mpk.graph.plan import Plan
 from vllm_mpk.graph.reference import ReferenceExecutor
 from vllm_mpk.graph.schedule import predecessors
@@ -22,14 +24,15 @@ BLOCK = (128, 1, 1)
 BATCH, MAX_LEN, PAGE = 2, 40, 16
 
 
-def tiny_model(workers: int = 8) -> tuple[DecodeModel, dict[str, torch.Tensor]]:
+def tiny_model(workers: int = 8, kv_splits: int = 1) -> tuple[DecodeModel, dict[str, torch.Tensor]]:
     """A one-layer Llama decode step and inputs for it: two requests at positions 17 and 5, over a
     cache holding random history."""
     spec = ModelSpec.from_hf_config(TINY_LLAMA).with_layers(1)
     blocks = contiguous_block_tables(BATCH, MAX_LEN, PAGE)
     caches = allocate_kv_caches(spec, int(blocks.numel()), PAGE, dtype=torch.float32)
     caches[0].copy_(torch.randn(caches[0].shape, generator=torch.Generator().manual_seed(1)))
-    options = DecodeOptions(max_batch=BATCH, max_seq_len=MAX_LEN, page_size=PAGE, num_workers=workers)
+    options = DecodeOptions(max_batch=BATCH, max_seq_len=MAX_LEN, page_size=PAGE, num_workers=workers,
+                            kv_splits=kv_splits)
     model = build_decoder(spec, random_weights(spec, dtype=torch.float32), caches, options)
     tokens = torch.randint(0, spec.vocab_size, (BATCH, MAX_LEN), generator=torch.Generator().manual_seed(2))
     step = step_inputs(torch.tensor([17, 5]), tokens, blocks, PAGE)
@@ -59,6 +62,54 @@ def test_missing_event_is_caught(kind: str, tensor: str):
     drop_waits(model.plan, first_task(model.plan, kind))
     with pytest.raises(ValueError, match=rf"reads '{tensor}' .* no event orders the write before the read"):
         validate_plan(model.plan)
+
+
+def test_readers_of_a_split_attention_output_wait_for_every_split():
+    """With split KV whichever split tile of a request comes last writes its output (a shared
+    write): o_proj waits for all of them, and without that wait validation fails."""
+    model, _ = tiny_model(kv_splits=3)
+    plan = model.plan
+    validate_plan(plan)
+    splits = {t.id for t in plan.tasks if t.op.kind == "attention"}
+    assert len(splits) == 3 * BATCH * model.spec.num_kv_heads
+    o_proj = first_task(plan, "linear_with_residual")
+    assert {p for e in o_proj.wait_events for p in plan.events[e].producers} == splits
+    drop_waits(plan, o_proj)
+    with pytest.raises(ValueError, match=r"reads 'layers.0.attn' .* no event orders the write before the read"):
+        validate_plan(plan)
+
+
+def two_writers(first: Access, second: Access) -> tuple[dict[str, TensorHandle], list[Task]]:
+    """Tasks 0 and 1 of one op write ``first`` and ``second`` of 'y' [4, 8]; task 2, of the next op,
+    reads its rows 0-1."""
+    ops = [Op(i, "test", f"op{i}", {}, {}, {}, (1, 1, 1), BLOCK) for i in range(2)]
+    tasks = [Task(0, ops[0], 0, (), (first,), 0), Task(1, ops[0], 1, (), (second,), 0),
+             Task(2, ops[1], 0, (Access("y", ((0, 2), (0, 8))),), (), 0)]
+    return {"y": TensorHandle("y", (4, 8), torch.float32, Role.INTERMEDIATE)}, tasks
+
+
+def rows_of_y(r0: int, r1: int, shared: bool = False) -> Access:
+    return Access("y", ((r0, r1), (0, 8)), shared=shared)
+
+
+def test_shared_writes_make_the_reader_wait_for_every_writer():
+    tensors, tasks = two_writers(rows_of_y(0, 2, shared=True), rows_of_y(0, 4, shared=True))
+    index = WriterIndex(tensors, tasks)
+    assert index.writers(tasks[2], tasks[2].reads[0]) == {0, 1}
+    assert index.writers(tasks[2], rows_of_y(2, 4)) == {1}  # only task 1 may write rows 2-3
+    events = wire_events(tensors, tasks)
+    assert [events[e].producers for e in tasks[2].wait_events] == [(0, 1)]
+    validate(tensors, tasks, events, [[0, 1, 2]])
+
+
+@pytest.mark.parametrize("first,second,how", [
+    (rows_of_y(0, 2, shared=True), rows_of_y(1, 4), r"by task 1 \(op0\) and shared by task 0"),
+    (rows_of_y(0, 2), rows_of_y(1, 4, shared=True), r"shared by task 1 \(op0\) and task 0 alone"),
+], ids=["shared-then-alone", "alone-then-shared"])
+def test_a_box_written_shared_and_by_one_task_raises(first: Access, second: Access, how: str):
+    with pytest.raises(ValueError, match=rf"tensor 'y' box .* is written {how}: every element needs exactly one "
+                                         r"writer, or only shared writers"):
+        WriterIndex(*two_writers(first, second))
 
 
 def test_missing_event_corrupts_the_result_in_random_order():

@@ -233,8 +233,10 @@ class PersistentKernel:
                         name: str | None = None, kv_splits: int = 1) -> None:
         """Paged GQA decode attention over vLLM's packed K|V cache; see ``graph/ops/attention.py``.
         ``kv_splits`` S > 1 splits every request's history over S tasks per KV head (``grid_dim``
-        times S tasks in all) and adds an ``attention_merge`` layer that combines them: one stage
-        more, for long contexts where one task per KV head and request would take longest."""
+        times S tasks in all), for long contexts where one task per KV head and request would take
+        longest; the last of a request's S tasks to finish merges their partial results into
+        ``output``. The layer declares its scratch tensors itself: ``<name>.partial`` (the partial
+        results) and ``<name>.arrivals`` (the count of a request's finished tasks per KV head)."""
         if kv_cache is not None and kv_cache.role is not Role.INPUT:
             raise ValueError(f"attention_layer: kv_cache '{kv_cache.name}' must be attached with attach_input")
         if kv_cache is not None and len(kv_cache.shape) == 4 and kv_cache.shape[2] != self.page_size:
@@ -243,28 +245,24 @@ class PersistentKernel:
         if not isinstance(kv_splits, int) or kv_splits < 1:
             raise ValueError(f"attention_layer: kv_splits must be a positive int, got {kv_splits!r}")
         label = name or f"attention_{len(self.ops)}"
-        result: dict[str, TensorHandle] = {"output": output}
-        if kv_splits > 1:
-            batch = input.shape[0] if isinstance(input, TensorHandle) else self.max_batch
-            result = {"partial": self.new_tensor((batch, num_q_heads, kv_splits, head_dim + 2), torch.float32,
-                                                 f"{label}.partial")}
         tiles = _dim3(grid_dim, "attention_layer: grid_dim")
+        scratch: dict[str, TensorHandle] = {}
         try:
+            if kv_splits > 1:
+                batch = input.shape[0] if isinstance(input, TensorHandle) else self.max_batch
+                scratch["partial"] = self.new_tensor((batch, num_q_heads, kv_splits, head_dim + 2), torch.float32,
+                                                     f"{label}.partial")
+                scratch["arrivals"] = self.new_tensor((batch, num_kv_heads), torch.int32, f"{label}.arrivals")
             self._add("attention", {"input": input, "kv_cache": kv_cache, "cos_sin_cache": cos_sin_cache,
                                     "positions": self.positions, "seq_lens": self.seq_lens,
                                     "block_tables": self.block_tables, "slot_mapping": self.slot_mapping,
                                     "q_norm": q_norm, "k_norm": k_norm},
-                      result, (tiles[0] * tiles[1] * tiles[2] * kv_splits, 1, 1), block_dim, num_q_heads=num_q_heads,
-                      num_kv_heads=num_kv_heads, head_dim=head_dim, eps=eps, kv_splits=kv_splits,
-                      scale=scale if scale is not None else head_dim ** -0.5, name=label)
-            if kv_splits > 1:
-                self._add("attention_merge", {"partial": result["partial"], "seq_lens": self.seq_lens},
-                          {"output": output}, grid_dim, block_dim, num_kv_heads=num_kv_heads, name=f"{label}.merge")
+                      {"output": output, **scratch}, (tiles[0] * tiles[1] * tiles[2] * kv_splits, 1, 1), block_dim,
+                      num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, eps=eps,
+                      kv_splits=kv_splits, scale=scale if scale is not None else head_dim ** -0.5, name=label)
         except ValueError:  # a rejected layer adds nothing, so the call can be fixed and repeated
-            if kv_splits > 1:
-                if self.ops and self.ops[-1].name == label:
-                    self.ops.pop()
-                del self.tensors[result["partial"].name]
+            for handle in scratch.values():
+                del self.tensors[handle.name]
             raise
 
     def silu_mul_layer(self, input: TensorHandle, output: TensorHandle, grid_dim: Dim3, block_dim: Dim3,

@@ -4,8 +4,10 @@
 //
 // Split KV (SPLITS > 1): the task is split `split` of SPLITS over each request's positions
 // [L * split / SPLITS, L * (split + 1) / SPLITS); it writes a partial (the unnormalised sum, the
-// maximum and the sum of weights per query head) that attention_merge_task combines. Only the last
-// split, whose range ends at the new token, writes the new k/v.
+// maximum and the sum of weights per query head) and counts itself in the request's arrivals word
+// for its KV head. The split that brings the count to SPLITS merges the SPLITS partials into the
+// output and sets the count back to 0 (merge_if_last). Only the last split, whose range ends at
+// the new token, writes the new k/v.
 //
 // Rounds stage up to 32 positions per warp in shared memory: a lane scores one position for every
 // query head of the group, then each lane accumulates HD/32 dims of the weighted values. Warp
@@ -19,7 +21,8 @@ namespace mpk {
 struct AttentionArgs {
   enum {
     kQkv, kCache, kRope, kPositions, kSeqLens, kBlockTables, kSlots, kQNorm, kKNorm, kOutput,
-    kHead, kRowStart, kRowEnd, kBlockStride, kHeadStride, kSlotStride, kTableStride, kEps, kScale, kSplit, kPartial
+    kHead, kRowStart, kRowEnd, kBlockStride, kHeadStride, kSlotStride, kTableStride, kEps, kScale, kSplit, kPartial,
+    kArrivals
   };
 };
 
@@ -69,22 +72,57 @@ __device__ __forceinline__ void rotate(float* v, const RopeT* cos_sin, int lane)
 // Combines COUNT online-softmax partials at p, p + stride, ...: each holds its unnormalised sum
 // of weighted values at [0, HD), then its maximum score at [HD] and its sum of weights at [HD + 1];
 // one that saw no position (maximum -inf) adds nothing. Returns the overall maximum; `num` (dim d)
-// and `den` are relative to it.
-template <int HD, int COUNT>
+// and `den` are relative to it. L2: the partials are global memory other SMs wrote, read through
+// L2 (L1 is not coherent across SMs).
+template <int HD, int COUNT, bool L2 = false>
 __device__ __forceinline__ float merge_partials(const float* p, int stride, int d, float& num, float& den) {
+  const auto load = [](const float* x) {
+    if constexpr (L2) return __ldcg(x);
+    else return *x;
+  };
   float m_all = -INFINITY;
 #pragma unroll
-  for (int j = 0; j < COUNT; ++j) m_all = fmaxf(m_all, p[j * stride + HD]);
+  for (int j = 0; j < COUNT; ++j) m_all = fmaxf(m_all, load(p + j * stride + HD));
   num = den = 0.f;
 #pragma unroll
   for (int j = 0; j < COUNT; ++j) {
     const float* pj = p + j * stride;
-    if (pj[HD] == -INFINITY) continue;
-    const float f = __expf(pj[HD] - m_all);
-    num += pj[d] * f;
-    den += pj[HD + 1] * f;
+    const float m = load(pj + HD);
+    if (m == -INFINITY) continue;
+    const float f = __expf(m - m_all);
+    num += load(pj + d) * f;
+    den += load(pj + HD + 1) * f;
   }
   return m_all;
+}
+
+// Split KV, once this split's partial of a request is stored (through L2, by all threads): count
+// the split in `count`, the request's arrivals word for this KV head, and if it is the last of the
+// SPLITS to arrive, merge the SPLITS partials of the group's query heads (`partial`: [GROUP][SPLITS]
+// [HD + 2]) in split order, so the output does not depend on which split came last, write the
+// output (`out`: [GROUP][HD]) and set the count back to 0 for the next step. The other splits ran
+// on other SMs: each releases its partial (fence, then the count) and the last acquires them all
+// (the count, then a fence) before reading them through L2.
+template <int HD, int GROUP, int SPLITS, int NT>
+__device__ __forceinline__ void merge_if_last(const float* partial, int* count, __nv_bfloat16* out) {
+  __shared__ bool last_s;
+  __syncthreads();  // every thread's share of the partial is stored
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const bool last = atomicAdd(count, 1) == SPLITS - 1;
+    if (last) __threadfence();
+    last_s = last;
+  }
+  __syncthreads();
+  if (!last_s) return;  // block-uniform
+  for (int i = threadIdx.x; i < GROUP * HD; i += NT) {
+    const int g = i / HD, d = i % HD;
+    float num, den;
+    merge_partials<HD, SPLITS, true>(partial + g * SPLITS * (HD + 2), HD + 2, d, num, den);
+    out[i] = __float2bfloat16_rn(num / den);
+  }
+  __syncthreads();  // the reset after every read (though no split of this step counts again)
+  if (threadIdx.x == 0) atomicExch(count, 0);
 }
 
 template <int HD, int GROUP, int NQ, int NKV, int PAGE, bool QK_NORM, int NT, typename RopeT, int SPLITS>
@@ -103,6 +141,7 @@ __device__ void attention_task(const TaskContext& c) {
   const int64_t* slots = c.ptr<const int64_t>(AttentionArgs::kSlots);
   __nv_bfloat16* out = c.ptr<__nv_bfloat16>(AttentionArgs::kOutput);
   float* partial = c.ptr<float>(AttentionArgs::kPartial);  // [batch][NQ][SPLITS][HD + 2] when split
+  int* arrivals = c.ptr<int>(AttentionArgs::kArrivals);     // [batch][NKV] when split
   const int split = c.arg(AttentionArgs::kSplit);
   const bool writes_kv = split == SPLITS - 1;
   const int64_t block_stride = c.arg(AttentionArgs::kBlockStride), head_stride = c.arg(AttentionArgs::kHeadStride);
@@ -255,40 +294,19 @@ __device__ void attention_task(const TaskContext& c) {
       const float m_all = merge_partials<HD, NW>(part + g * (HD + 2), GROUP * (HD + 2), d, num, den);
       if constexpr (SPLITS == 1) {
         out[(size_t)b * NQ * HD + (head * GROUP + g) * HD + d] = __float2bfloat16_rn(num / den);
-      } else {  // m_all is -inf and den 0 where this split had no position
+      } else {  // m_all is -inf and den 0 where this split had no position; the last split reads it from L2
         float* mine = partial + (((size_t)b * NQ + head * GROUP + g) * SPLITS + split) * (HD + 2);
-        mine[d] = num;
+        __stcg(mine + d, num);
         if (d == 0) {
-          mine[HD] = m_all;
-          mine[HD + 1] = den;
+          __stcg(mine + HD, m_all);
+          __stcg(mine + HD + 1, den);
         }
       }
     }
-  }
-}
-
-struct AttentionMergeArgs {
-  enum { kPartial, kSeqLens, kOutput, kHead, kRowStart, kRowEnd };
-};
-
-// Combines the SPLITS partials of one KV head's query heads for a range of requests (see
-// vllm_mpk/graph/ops/attention_merge.py); splits without a position (maximum -inf) add nothing.
-template <int HD, int GROUP, int NQ, int SPLITS, int NT>
-__device__ void attention_merge_task(const TaskContext& c) {
-  const float* partial = c.ptr<const float>(AttentionMergeArgs::kPartial);
-  const int* seq_lens = c.ptr<const int>(AttentionMergeArgs::kSeqLens);
-  __nv_bfloat16* out = c.ptr<__nv_bfloat16>(AttentionMergeArgs::kOutput);
-  const int head = c.arg(AttentionMergeArgs::kHead);
-  const int row_end = min(c.arg(AttentionMergeArgs::kRowEnd), c.num_tokens);
-  for (int b = c.arg(AttentionMergeArgs::kRowStart); b < row_end; ++b) {
-    if (seq_lens[b] <= 0) continue;
-    for (int i = threadIdx.x; i < GROUP * HD; i += NT) {
-      const int g = i / HD, d = i % HD;
-      float num, den;
-      merge_partials<HD, SPLITS>(partial + ((size_t)b * NQ + head * GROUP + g) * SPLITS * (HD + 2), HD + 2, d, num,
-                                 den);
-      out[(size_t)b * NQ * HD + (head * GROUP + g) * HD + d] = __float2bfloat16_rn(num / den);
-    }
+    if constexpr (SPLITS > 1)
+      merge_if_last<HD, GROUP, SPLITS, NT>(partial + ((size_t)b * NQ + head * GROUP) * SPLITS * (HD + 2),
+                                           arrivals + (size_t)b * NKV + head,
+                                           out + (size_t)b * NQ * HD + head * GROUP * HD);
   }
 }
 

@@ -85,13 +85,6 @@ def _attention(op: Op, threads: int) -> CudaTask:
                     f"mpk::attention_smem_bytes<{a['head_dim']}, {group}, {threads}>()", opens_gate=True)
 
 
-def _attention_merge(op: Op, threads: int) -> CudaTask:
-    _require(op, "output", (torch.bfloat16,))
-    batch, nq, splits, width = op.inputs["partial"].shape
-    group = nq // op.attrs["num_kv_heads"]
-    return CudaTask(f"mpk::attention_merge_task<{width - 2}, {group}, {nq}, {splits}, {threads}>", "0")
-
-
 def _simple(name: str, smem: str, roles: tuple[str, ...]) -> Callable[[Op, int], CudaTask]:
     def emit(op: Op, threads: int) -> CudaTask:
         for role in roles:
@@ -139,7 +132,6 @@ EMITTERS: dict[str, Callable[[Op, int], CudaTask]] = {
     "rmsnorm": _simple("rmsnorm_task", "128", ("input", "weight", "output", "residual", "residual_output")),
     **dict.fromkeys(LINEAR_MODES, _linear),
     "attention": _attention,
-    "attention_merge": _attention_merge,
     "allreduce": _allreduce,
     "argmax": _argmax,
     "begin_step": lambda op, threads: CudaTask(f"mpk::begin_step_task<{threads}>", "0"),
@@ -180,9 +172,8 @@ def task_args(task: Task, ids: Mapping[str, int], tensors: Mapping[str, torch.Te
         return [tid("input"), tid("kv_cache"), tid("cos_sin_cache"), tid("positions"), tid("seq_lens"),
                 tid("block_tables"), tid("slot_mapping"), tid("q_norm"), tid("k_norm"), tid("output"),
                 p["kv_head"], p["row_start"], p["row_end"], cache.stride(0), cache.stride(1), cache.stride(2),
-                table.stride(0), f32_bits(op.attrs["eps"]), f32_bits(op.attrs["scale"]), p["split"], tid("partial")]
-    if op.kind == "attention_merge":
-        return [tid("partial"), tid("seq_lens"), tid("output"), p["kv_head"], p["row_start"], p["row_end"]]
+                table.stride(0), f32_bits(op.attrs["eps"]), f32_bits(op.attrs["scale"]), p["split"], tid("partial"),
+                tid("arrivals")]
     if op.kind == "embed":
         w = op.inputs["weight"]
         return [tid("input"), tid("weight"), tid("output"), p["col_start"], p["col_end"],

@@ -12,6 +12,10 @@ Q has run, every op whose tiles Q's tiles together depended on has run too. The 
 A read marked ``previous_step`` (a multi-step plan's ``begin_step`` reading the last step's tokens)
 becomes an event with lag 1, listed in the reader's ``carried_events``: it orders the reader after
 the previous step's writers, and nothing within a step.
+
+A write marked ``shared`` (split-KV attention: whichever of a head's split tiles finishes last
+writes its output) has several possible writers; a reader of the box depends on all of them, so
+``o_proj`` waits for every split tile of the heads it reads.
 """
 
 from __future__ import annotations
@@ -23,41 +27,60 @@ import numpy as np
 
 from vllm_mpk.graph.ir import Access, Event, Role, Task, TensorHandle, box_slices
 
+SHARED = -2  # in an owner map: an element written through shared writes (``WriterIndex.overlapping``)
+
 
 class WriterIndex:
     """Which task wrote each element of each tensor.
 
-    SSA intermediates get a dense owner map (a double write raises); attached tensors that an op
-    updates in place (the KV cache) keep their write accesses and are matched by box overlap.
+    SSA intermediates get a dense owner map (a double write raises). Writes that several tasks may
+    do are kept as accesses and matched by box overlap with the writes of earlier ops: attached
+    tensors an op updates in place (the KV cache), and the shared writes of intermediates
+    (``Access.shared``), whose elements the owner map marks ``SHARED``; an element written both
+    shared and by a single writer raises.
     """
 
     def __init__(self, tensors: dict[str, TensorHandle], tasks: list[Task]):
         self.owner: dict[str, np.ndarray] = {}
-        self.in_place: dict[str, list[tuple[Task, Access]]] = defaultdict(list)
-        self._memo: dict[tuple[str, tuple], frozenset[int]] = {}
+        self.overlapping: dict[str, list[tuple[Task, Access]]] = defaultdict(list)
+        self._memo: dict[tuple[str, tuple, int], frozenset[int]] = {}
         for task in tasks:
             for w in task.writes:
                 t = tensors[w.tensor]
                 if t.role is Role.INPUT:
-                    self.in_place[w.tensor].append((task, w))
+                    self.overlapping[w.tensor].append((task, w))
                     continue
                 owner = self.owner.setdefault(w.tensor, np.full(t.shape, -1, dtype=np.int32))
                 region = owner[box_slices(w.box)]
-                if (region >= 0).any():
-                    other = int(region[region >= 0].flat[0])
-                    raise ValueError(f"tensor '{w.tensor}' box {w.box} is written by task {task.id} "
-                                     f"({task.op.name}) and task {other}: every element needs exactly one writer")
-                region[...] = task.id
+                if (region >= 0).any() or (not w.shared and (region == SHARED).any()):
+                    self._raise_double_write(task, w, region)
+                if w.shared:
+                    self.overlapping[w.tensor].append((task, w))
+                region[...] = SHARED if w.shared else task.id
+
+    def _raise_double_write(self, task: Task, w: Access, region: np.ndarray) -> None:
+        """``w``, written by ``task``, covers elements that another write claims."""
+        single = region[region >= 0]
+        if single.size:
+            other = f"task {int(single.flat[0])}" + (" alone" if w.shared else "")
+        else:
+            other = f"shared by task {next(t.id for t, s in self.overlapping[w.tensor] if s.overlaps(w))}"
+        mine = f"{'shared ' if w.shared else ''}by task {task.id} ({task.op.name})"
+        raise ValueError(f"tensor '{w.tensor}' box {w.box} is written {mine} and {other}: every element needs "
+                         f"exactly one writer, or only shared writers")
 
     def writers(self, reader: Task, access: Access) -> frozenset[int]:
         """Tasks that write what ``access`` reads; -1 in the result marks unwritten elements."""
-        if access.tensor in self.owner:
-            key = (access.tensor, access.box)
-            if key not in self._memo:
-                self._memo[key] = frozenset(np.unique(self.owner[access.tensor][box_slices(access.box)]).tolist())
-            return self._memo[key]
-        return frozenset(t.id for t, w in self.in_place.get(access.tensor, ())
-                         if t.op.index < reader.op.index and w.overlaps(access))
+        key = (access.tensor, access.box, reader.op.index)
+        if key not in self._memo:
+            owner = self.owner.get(access.tensor)
+            found = set() if owner is None else set(np.unique(owner[box_slices(access.box)]).tolist())
+            if owner is None or SHARED in found:
+                found.discard(SHARED)
+                found |= {t.id for t, w in self.overlapping.get(access.tensor, ())
+                          if t.op.index < reader.op.index and w.overlaps(access)}
+            self._memo[key] = frozenset(found)
+        return self._memo[key]
 
     def dependencies(self, task: Task, previous_step: bool = False) -> set[int]:
         """Tasks whose writes ``task`` reads in the same step (or, with ``previous_step``, in the

@@ -3,6 +3,9 @@
 A plan is SSA over intermediates: every ``new_tensor`` is written by exactly one op, so the only
 hazards inside a decode step are read-after-write, which the event wiring orders. State tensors
 (the paged KV cache) are attached inputs that the op owning them reads and writes in place.
+Each element of an intermediate has one writing tile, except where the tiles declare the write
+``shared``: then any one of them may write it (split-KV attention's last split to finish writes
+the output), and readers wait for all of them.
 """
 
 from __future__ import annotations
@@ -58,11 +61,14 @@ class TensorHandle:
 @dataclass(frozen=True)
 class Access:
     """One tile's read or write of a region of a tensor. ``previous_step``: a read of what the
-    previous decode step wrote (a multi-step plan's first layer reads the last step's tokens)."""
+    previous decode step wrote (a multi-step plan's first layer reads the last step's tokens).
+    ``shared``: a write that any one of the tiles marking the box shared may do, decided at run
+    time; readers of the box wait for all of those tiles."""
 
     tensor: str
     box: Box
     previous_step: bool = False
+    shared: bool = False
 
     def overlaps(self, other: Access) -> bool:
         return self.tensor == other.tensor and all(

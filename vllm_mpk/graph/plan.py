@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from vllm_mpk.graph.events import wire_events
 from vllm_mpk.graph.ir import Event, Op, Task, TensorHandle
 from vllm_mpk.graph.lowering import lower_ops
+from vllm_mpk.graph.ops import REGISTRY
 from vllm_mpk.graph.schedule import assign, critical_path, task_cost_us
 from vllm_mpk.graph.validate import validate
 
@@ -23,6 +24,12 @@ class Plan:
     @property
     def num_workers(self) -> int:
         return len(self.queues)
+
+    @property
+    def counters(self) -> set[str]:
+        """Intermediates that count across steps (``OpDef.counters``): allocate them zeroed and
+        keep them (the steps themselves return them to zero)."""
+        return {op.outputs[role].name for op in self.ops for role in REGISTRY[op.kind].counters(op)}
 
     def summary(self) -> str:
         """Layers, tasks and events per op kind; tasks and bytes per worker; critical path."""

@@ -7,7 +7,9 @@ Orders:
   then lets a tile read a poisoned (NaN) intermediate and the result goes wrong;
 - ``"layers"``: every layer whole, in program order, through its plain definition.
 
-Intermediates are poisoned before every step (NaN for floats, -1 for integers). With
+Intermediates are poisoned before every step (NaN for floats, -1 for integers), except the
+counters that carry from step to step (``Plan.counters``: split-KV attention's arrivals), which
+start at zero and which every step returns to zero. With
 ``exact=True`` intermediates are stored in float32 instead of their declared dtype, which makes
 the executor a float32 model for comparisons with ``transformers``; by default rounding matches
 the declared dtypes, as on the GPU.
@@ -61,10 +63,11 @@ class ReferenceExecutor:
         for name, t in plan.tensors.items():
             if t.role is not Role.INPUT:
                 dtype = torch.float32 if exact and t.dtype.is_floating_point else t.dtype
-                self.tensors[name] = torch.empty(t.shape, dtype=dtype, device=device)
+                # zeroed: the counters must start at 0 (everything else is poisoned before each step)
+                self.tensors[name] = torch.zeros(t.shape, dtype=dtype, device=device)
         self.collectives = {k: v for k, v in (("all_reduce", all_reduce), ("all_gather", all_gather)) if v}
-        # what a multi-step plan's next step reads (the last tokens) survives the poisoning
-        self.carried = {a.tensor for t in plan.tasks for a in t.reads if a.previous_step}
+        # what a multi-step plan's next step reads (the last tokens) and the counters survive the poisoning
+        self.carried = {a.tensor for t in plan.tasks for a in t.reads if a.previous_step} | plan.counters
 
     def poison(self) -> None:
         for name, t in self.plan.tensors.items():

@@ -1,7 +1,7 @@
 """Compile-time checks of a plan, independent of how its events were wired:
 
-1. every element of every intermediate is written by exactly one task, and nothing reads an
-   element that no task writes;
+1. every element of every intermediate is written by exactly one task (or only by shared writes,
+   ``Access.shared``), and nothing reads an element that no task writes;
 2. the event graph is acyclic;
 3. every read is ordered after the tasks that wrote it by events, directly or transitively;
 4. the per-worker queues cannot deadlock (simulated with the counters);
@@ -27,9 +27,10 @@ def check_coverage(tensors: dict[str, TensorHandle], index: WriterIndex) -> None
         owner = index.owner.get(name)
         if owner is None:
             raise ValueError(f"intermediate '{name}' is never written by any layer")
-        if (owner < 0).any():
-            first = tuple(int(i) for i in np.argwhere(owner < 0)[0])
-            raise ValueError(f"intermediate '{name}' has {(owner < 0).sum()} elements no task writes, e.g. {first}")
+        unwritten = owner == -1
+        if unwritten.any():
+            first = tuple(int(i) for i in np.argwhere(unwritten)[0])
+            raise ValueError(f"intermediate '{name}' has {unwritten.sum()} elements no task writes, e.g. {first}")
 
 
 def event_ancestry(tasks: list[Task], events: list[Event]) -> tuple[list[int], list[int]]:

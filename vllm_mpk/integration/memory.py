@@ -15,7 +15,8 @@ the plan of ``models/decoder.py:build_decoder`` with ``final="hidden"``, for one
 - intermediates, exactly: ``[max_batch, width]`` bf16 buffers, per layer qkv, attention output,
   SwiGLU activation (the rank's shards of these three), the two residual sums, plus the embedding
   output and the final norm's output; with split KV (``kv_splits`` S > 1) each layer's float32
-  partials ``[max_batch, q heads, S, head_dim + 2]`` too; with several ranks each all-reduce's
+  partials ``[max_batch, q heads, S, head_dim + 2]`` and int32 arrival counts ``[max_batch, kv
+  heads]`` too; with several ranks each all-reduce's
   part, receive slots ``[2, world, max_batch, hidden]`` and signal words ``[2, tiles]`` (these on
   NVSHMEM's symmetric heap, whose own reserve and bookkeeping are not counted here);
 - the task table ``[workers, max_tasks, words]`` int32, bounded: the task count is exact, the
@@ -65,12 +66,13 @@ def activation_widths(spec: ModelSpec, world_size: int = 1) -> list[int]:
     return [h, *layer * spec.num_layers, h] + [h] * all_reduces(spec, world_size)
 
 
-def partial_bytes(spec: ModelSpec, max_batch: int, kv_splits: int, world_size: int = 1) -> list[int]:
-    """Bytes of each layer's split-KV partials (none without splitting)."""
+def split_kv_bytes(spec: ModelSpec, max_batch: int, kv_splits: int, world_size: int = 1) -> list[int]:
+    """Bytes of each layer's split-KV partials and arrival counts (none without splitting)."""
     if kv_splits == 1:
         return []
-    heads = spec.shard(world_size).num_q_heads
-    return [max_batch * heads * kv_splits * (spec.head_dim + 2) * 4] * spec.num_layers
+    local = spec.shard(world_size)
+    partials = max_batch * local.num_q_heads * kv_splits * (spec.head_dim + 2) * 4
+    return [partials, max_batch * local.num_kv_heads * 4] * spec.num_layers
 
 
 def exchange_bytes(spec: ModelSpec, max_batch: int, num_workers: int, world_size: int) -> list[int]:
@@ -84,14 +86,13 @@ def activation_bytes(spec: ModelSpec, max_batch: int, dtype: torch.dtype = torch
                      kv_splits: int = 1, world_size: int = 1) -> int:
     """Bytes of the plan's intermediates (what the CPU reference executor allocates too)."""
     return sum(max_batch * w * dtype.itemsize for w in activation_widths(spec, world_size)) + \
-        sum(partial_bytes(spec, max_batch, kv_splits, world_size))
+        sum(split_kv_bytes(spec, max_batch, kv_splits, world_size))
 
 
 def task_count(spec: ModelSpec, max_batch: int, num_workers: int, kv_splits: int = 1, world_size: int = 1) -> int:
-    """Tiles of rank's decode plan: embedding, five ops per layer (six with split KV: the merge),
-    the all-reduces, the final norm."""
+    """Tiles of rank's decode plan: embedding, five ops per layer, the all-reduces, the final norm."""
     h, w, local = spec.hidden_size, num_workers, spec.shard(world_size)
-    attention = local.num_kv_heads * max_batch * (kv_splits + (kv_splits > 1))
+    attention = local.num_kv_heads * max_batch * kv_splits
     layer = (linear_grid(local.qkv_width, w) + attention + linear_grid(h, w)
              + linear_grid(2 * local.intermediate_size, w) + linear_grid(h, w))
     return min(w, h // 8) + spec.num_layers * layer + all_reduces(spec, world_size) * linear_grid(h, w) + max_batch
@@ -102,13 +103,14 @@ def megakernel_bytes(spec: ModelSpec, max_batch: int, num_workers: int, *, profi
     """An upper estimate of the device memory rank's build allocates, allocator rounding included."""
     tasks = task_count(spec, max_batch, num_workers, kv_splits, world_size)
     longest = QUEUE_SKEW * -(-tasks // num_workers) + 8
+    split_kv = split_kv_bytes(spec, max_batch, kv_splits, world_size)
     sizes = [max_batch * w * 2 for w in activation_widths(spec, world_size)]
-    sizes += partial_bytes(spec, max_batch, kv_splits, world_size) + exchange_bytes(spec, max_batch, num_workers,
-                                                                                   world_size)
+    sizes += split_kv + exchange_bytes(spec, max_batch, num_workers, world_size)
     sizes += [num_workers * longest * TABLE_WORDS * 4, num_workers * 4, control.WORDS * 4]
     sizes += [2 * tasks * 4] * 2  # event triggers and counters: fewer events than task signals
-    num_tensors = len(expected_shapes(spec)) + 2 * spec.num_layers + len(activation_widths(spec, world_size)) + \
-        2 * all_reduces(spec, world_size) + 8
+    # pointers: weights, KV caches, intermediates, exchange buffers, step inputs and a few more
+    num_tensors = len(expected_shapes(spec)) + spec.num_layers + len(activation_widths(spec, world_size)) + \
+        len(split_kv) + 2 * all_reduces(spec, world_size) + 8
     sizes.append(num_tensors * 8)
     if profile:
         sizes.append(num_workers * longest * 2 * 8)

@@ -42,7 +42,7 @@ class DecodeOptions:
     rank: int = 0
     final: str = "tokens"  # "tokens": lm_head and greedy argmax; "hidden": stop at the final RMSNorm
     multi_step: bool = False  # begin_step first: one launch decodes many steps (standalone, one GPU)
-    kv_splits: int = 1  # attention tasks per KV head and request (split KV, merged by attention_merge)
+    kv_splits: int = 1  # attention tasks per KV head and request (split KV, merged by the last to finish)
 
     def __post_init__(self) -> None:
         if self.final not in FINALS:

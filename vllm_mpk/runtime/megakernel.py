@@ -61,13 +61,16 @@ def _symmetric(plan: Plan, device: torch.device) -> dict[str, torch.Tensor]:
 
 def bind_tensors(plan: Plan, given: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """Check the given tensors against the plan's inputs and allocate its intermediates (its
-    nvshmem tensors on the symmetric heap when its collectives use NVSHMEM)."""
+    nvshmem tensors on the symmetric heap when its collectives use NVSHMEM); the counters that
+    carry from step to step (``Plan.counters``) zeroed, the rest uninitialised."""
     bound: dict[str, torch.Tensor] = _symmetric(plan, device) if plan_uses_nvshmem(plan) else {}
+    counters = plan.counters
     for name, handle in plan.tensors.items():
         if name in bound:
             continue
         if handle.role is not Role.INPUT:
-            bound[name] = torch.empty(handle.shape, dtype=handle.dtype, device=device)
+            alloc = torch.zeros if name in counters else torch.empty
+            bound[name] = alloc(handle.shape, dtype=handle.dtype, device=device)
             continue
         if name not in given:
             raise ValueError(f"no device tensor given for plan input '{name}'")
@@ -236,15 +239,18 @@ class Megakernel:
                 f"(count {words[control.ERR_SEEN]}, wanted {words[control.ERR_WANTED]})")
 
     def reset(self) -> None:
-        """Zero the counters and the control block, e.g. after a watchdog stop. A plan with
-        NVSHMEM collectives zeroes its signal words too, so every rank must reset together
-        (collective: a barrier on each side)."""
+        """Zero the counters and the control block, e.g. after a watchdog stop (which can leave a
+        step's counts behind, split-KV attention's arrivals among them). A plan with NVSHMEM
+        collectives zeroes its signal words too, so every rank must reset together (collective: a
+        barrier on each side)."""
         collective = plan_uses_nvshmem(self.plan)
         if collective:
             torch.cuda.synchronize(self.device)
             nvshmem.barrier()
         self.counters.zero_()
         self.control.zero_()
+        for name in self.plan.counters:
+            self.tensors[name].zero_()
         if collective:
             for name, handle in self.plan.tensors.items():
                 if handle.role is Role.EXCHANGE:

@@ -3,7 +3,6 @@
 from vllm_mpk.graph.ops.allreduce import AllReduce
 from vllm_mpk.graph.ops.argmax import Argmax
 from vllm_mpk.graph.ops.attention import Attention
-from vllm_mpk.graph.ops.attention_merge import AttentionMerge
 from vllm_mpk.graph.ops.base import Env, OpDef, Tile
 from vllm_mpk.graph.ops.begin_step import BeginStep
 from vllm_mpk.graph.ops.embed import Embed
@@ -21,8 +20,7 @@ from vllm_mpk.graph.ops.silu_mul import SiluMul
 REGISTRY: dict[str, OpDef] = {
     d.kind: d
     for d in (Embed(), RMSNorm(), Linear(), LinearWithResidual(), RMSNormLinear(), RMSNormLinearSiluMul(), Attention(),
-              SiluMul(), SiluMulLinear(), SiluMulLinearWithResidual(), AllReduce(), Argmax(), BeginStep(),
-              AttentionMerge())
+              SiluMul(), SiluMulLinear(), SiluMulLinearWithResidual(), AllReduce(), Argmax(), BeginStep())
 }
 
 __all__ = ["REGISTRY", "Env", "OpDef", "Tile"]

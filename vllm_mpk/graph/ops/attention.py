@@ -10,11 +10,15 @@ The cache is vLLM 0.26's packed layout: logical ``[num_blocks, num_kv_heads, blo
 Tiles are (KV head, chunk of requests) pairs, so a tile waits only for the QKV columns of its head.
 
 Split KV (``kv_splits`` S > 1): each (KV head, chunk) pair becomes S tiles, tile j attending over
-positions ``[L * j / S, L * (j + 1) / S)`` of a request with L cached positions, and writing a
-partial result instead of the output: per query head the sum of ``exp(score - m) * v``, then the
-running maximum m and the sum of ``exp(score - m)``, into ``partial [batch, num_q_heads, S,
-head_dim + 2]`` (float32). ``attention_merge`` combines the S partials into the output. The last
-tile of a pair is the one that writes the new k/v (its range ends at the new token).
+positions ``[L * j / S, L * (j + 1) / S)`` of a request with L cached positions. Per request it
+writes a partial result: per query head the sum of ``exp(score - m) * v``, then the maximum m and
+the sum of ``exp(score - m)``, into its slice of ``partial [batch, num_q_heads, S, head_dim + 2]``
+(float32), and counts itself in ``arrivals [batch, num_kv_heads]`` (int32). The tile that brings the
+count to S merges the S partials, in split order (the result does not depend on which tile came
+last), writes the output and sets the count back to 0 for the next step. So every split tile may
+write the output of its heads and requests, and declares that write (and the count's) shared:
+readers of the output wait for all S. The last tile of a pair is the one that writes the new k/v
+(its range ends at the new token).
 """
 
 from __future__ import annotations
@@ -46,8 +50,7 @@ def expect_query_groups(op: Op, nq: int, nkv: int) -> None:
 
 
 def expect_head_tiles(op: Op, nkv: int, batch: int, splits: int = 1) -> None:
-    """Tiles are (KV head, chunk of requests) pairs, ``splits`` tiles per pair (attention with split
-    KV); attention_merge's tiles are the same pairs, so both layers chunk the requests alike."""
+    """Tiles are (KV head, chunk of requests) pairs, ``splits`` tiles per pair (split KV)."""
     if op.num_tiles % (nkv * splits) or not 1 <= op.num_tiles // (nkv * splits) <= batch:
         per_pair = f"times {splits} KV splits " if splits > 1 else ""
         raise layer_error(op, f"grid_dim {op.grid_dim} makes {op.num_tiles} tasks; expected {nkv} KV heads "
@@ -58,6 +61,15 @@ def request_chunks(op: Op, nkv: int, batch: int, splits: int = 1) -> list[tuple[
     """The request rows of each (KV head, chunk) pair's tiles (see ``expect_head_tiles``)."""
     return split_even(batch, op.num_tiles // (nkv * splits))
 STEP_INPUTS = ("positions", "seq_lens", "block_tables", "slot_mapping")
+
+
+def merge_partials(p: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Combine online-softmax partials ``p [..., splits, head_dim + 2]`` (sums, maximum, sum of
+    weights) into normalised outputs ``[..., head_dim]``; a split with no position (maximum -inf)
+    adds nothing."""
+    m = p[..., head_dim].max(-1, keepdim=True).values
+    scale = torch.where(p[..., head_dim] == -torch.inf, 0.0, (p[..., head_dim] - m).exp())
+    return (p[..., :head_dim] * scale[..., None]).sum(-2) / (p[..., head_dim + 1] * scale).sum(-1, keepdim=True)
 
 
 def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
@@ -72,8 +84,7 @@ class Attention(OpDef):
     opcode = 6
     required_inputs = ("input", "kv_cache", "cos_sin_cache", *STEP_INPUTS)
     optional_inputs = ("q_norm", "k_norm")
-    required_outputs = ()
-    optional_outputs = ("output", "partial")  # the output, or with kv_splits > 1 the partials
+    optional_outputs = ("partial", "arrivals")  # with kv_splits > 1: scratch of the split tiles
 
     def check(self, op: Op) -> None:
         qkv, cache = op.inputs["input"], op.inputs["kv_cache"]
@@ -81,9 +92,10 @@ class Attention(OpDef):
         splits = op.attrs.get("kv_splits", 1)
         if splits < 1:
             raise layer_error(op, f"kv_splits must be at least 1, got {splits}")
-        if set(op.outputs) != ({"output"} if splits == 1 else {"partial"}):
-            raise layer_error(op, f"with kv_splits {splits} the layer writes "
-                                  f"{'output' if splits == 1 else 'partial'}, got {sorted(op.outputs)}")
+        expected = {"output"} if splits == 1 else {"output", "partial", "arrivals"}
+        if set(op.outputs) != expected:
+            raise layer_error(op, f"with kv_splits {splits} the layer writes {sorted(expected)}, "
+                                  f"got {sorted(op.outputs)}")
         if hd not in SUPPORTED_HEAD_DIMS:
             raise layer_error(op, f"head_dim {hd} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
         expect_query_groups(op, nq, nkv)
@@ -91,11 +103,12 @@ class Attention(OpDef):
         expect_dtype(op, "input", qkv, FLOAT_DTYPES)
         batch = qkv.shape[0]
         expect_shape(op, "input", qkv, (batch, (nq + 2 * nkv) * hd))
-        if splits == 1:
-            expect_shape(op, "output", op.outputs["output"], (batch, nq * hd))
-        else:
+        expect_shape(op, "output", op.outputs["output"], (batch, nq * hd))
+        if splits > 1:
             expect_shape(op, "partial", op.outputs["partial"], (batch, nq, splits, hd + 2))
             expect_dtype(op, "partial", op.outputs["partial"], (torch.float32,))
+            expect_shape(op, "arrivals", op.outputs["arrivals"], (batch, nkv))
+            expect_dtype(op, "arrivals", op.outputs["arrivals"], (torch.int32,))
         expect_rank(op, "kv_cache", cache, 4)
         expect_shape(op, "kv_cache", cache, (cache.shape[0], nkv, cache.shape[2], 2 * hd))
         expect_rank(op, "cos_sin_cache", op.inputs["cos_sin_cache"], 2)
@@ -134,15 +147,18 @@ class Attention(OpDef):
             for name in ("q_norm", "k_norm"):
                 if name in op.inputs:
                     reads.append(Access(op.inputs[name].name, op.inputs[name].full_box))
-            if splits == 1:
-                result = Access(op.outputs["output"].name, ((r0, r1), q_cols))
-            else:
-                result = Access(op.outputs["partial"].name,
-                                ((r0, r1), (head * group, (head + 1) * group), (split, split + 1), (0, hd + 2)))
-            writes = (result, Access(cache.name, head_box)) if split == splits - 1 else (result,)
+            # With split KV whichever split tile of a request comes last writes its output.
+            writes = [Access(op.outputs["output"].name, ((r0, r1), q_cols), shared=splits > 1)]
             # Bytes are dominated by the KV history, which depends on the step; count one block.
             nbytes = (r1 - r0) * (group + 2) * hd * qkv.dtype.itemsize * 2 + cache.shape[2] * 2 * hd * 2
-            tiles.append(Tile(tuple(reads), writes, nbytes,
+            if splits > 1:
+                writes += [Access(op.outputs["partial"].name, ((r0, r1), (head * group, (head + 1) * group),
+                                                                (split, split + 1), (0, hd + 2))),
+                           Access(op.outputs["arrivals"].name, ((r0, r1), (head, head + 1)), shared=True)]
+                nbytes += (r1 - r0) * group * (hd + 2) * 4 * 2  # a partial written, and on average one read
+            if split == splits - 1:
+                writes.append(Access(cache.name, head_box))
+            tiles.append(Tile(tuple(reads), tuple(writes), nbytes,
                               {"kv_head": head, "row_start": r0, "row_end": r1, "split": split}))
         return tiles
 
@@ -197,14 +213,24 @@ class Attention(OpDef):
                 continue
             length = keys.shape[1]
             lo, hi = length * split // splits, length * (split + 1) // splits
-            part = env[op.outputs["partial"].name][b, head * group:(head + 1) * group, split]
+            partials = env[op.outputs["partial"].name][b, head * group:(head + 1) * group]  # [group, S, hd + 2]
+            part = partials[:, split]
             if lo == hi:  # no position here: nothing to add
                 part[:, :hd], part[:, hd], part[:, hd + 1] = 0.0, -torch.inf, 0.0
-                continue
-            scores = (q @ keys[0, lo:hi].T) * op.attrs["scale"]
-            m = scores.max(-1).values
-            weights = (scores - m[:, None]).exp()
-            part[:, :hd], part[:, hd], part[:, hd + 1] = weights @ values[0, lo:hi], m, weights.sum(-1)
+            else:
+                scores = (q @ keys[0, lo:hi].T) * op.attrs["scale"]
+                m = scores.max(-1).values
+                weights = (scores - m[:, None]).exp()
+                part[:, :hd], part[:, hd], part[:, hd + 1] = weights @ values[0, lo:hi], m, weights.sum(-1)
+            arrivals = env[op.outputs["arrivals"].name]
+            arrivals[b, head] += 1
+            if int(arrivals[b, head]) == splits:  # the last split of the request: merge, reset the count
+                out = env[op.outputs["output"].name]
+                store(out[b, head * group * hd:(head + 1) * group * hd], merge_partials(partials, hd).flatten())
+                arrivals[b, head] = 0
+
+    def counters(self, op: Op) -> tuple[str, ...]:
+        return ("arrivals",) if op.attrs.get("kv_splits", 1) > 1 else ()
 
     def reference(self, op: Op, env: Env) -> None:
         if op.attrs.get("kv_splits", 1) > 1:  # partials are a tiling artefact: the tiles are the definition

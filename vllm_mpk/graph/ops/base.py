@@ -74,6 +74,11 @@ class OpDef:
         """The whole layer at once, in float32, written into the output tensors of ``env``."""
         raise NotImplementedError
 
+    def counters(self, op: Op) -> tuple[str, ...]:
+        """Output roles that count across steps (split-KV attention's arrivals): zero at first, and
+        every step leaves them at zero again. Executors allocate them zeroed and never poison them."""
+        return ()
+
 
 def layer_error(op: Op, message: str) -> ValueError:
     return ValueError(f"{op.kind}_layer '{op.name}': {message}")
