@@ -50,8 +50,9 @@ def spec_of(name: str, layers: int | None) -> ModelSpec:
 
 
 def build(spec: ModelSpec, batch: int, context: int, device: str, weights=None, workers: int = 132,
-          kv_splits: int = 1, world: int = 1, rank: int = 0):
-    """Rank ``rank`` of ``world``'s decode step; ``weights`` (TP-local shapes) default to empty ones."""
+          kv_splits: int | None = None, world: int = 1, rank: int = 0):
+    """Rank ``rank`` of ``world``'s decode step; ``weights`` (TP-local shapes) default to empty ones;
+    ``kv_splits`` None: the decoder's per-plan choice (``auto_kv_splits``)."""
     local = spec.shard(world)
     max_seq = context + 8 * batch + 16
     blocks = contiguous_block_tables(batch, max_seq, 16, device)
@@ -136,7 +137,7 @@ def time_policies(plan, tensors, mk: Megakernel, batch: int, logits: torch.Tenso
     return times
 
 
-def run_case(spec, batch, context, device, weights, log, trace_path=None, kv_splits: int = 1,
+def run_case(spec, batch, context, device, weights, log, trace_path=None, kv_splits: int | None = None,
              policies=()) -> dict:
     model, tensors, caches = build(spec, batch, context, device, weights, kv_splits=kv_splits)
     for c in caches:
@@ -178,6 +179,7 @@ def run_case(spec, batch, context, device, weights, log, trace_path=None, kv_spl
     nbytes = weight_bytes(spec, weights) + sum(
         int(tensors["seq_lens"].sum()) * spec.num_kv_heads * 2 * spec.head_dim * 2 for _ in range(spec.num_layers))
     row = {"model": spec.architecture, "layers": spec.num_layers, "hidden": spec.hidden_size, "batch": batch,
+           "kv_splits": model.kv_splits,
            "rel_err": rel, "rel_err_same_rounding": rel_bf16, "cache_rel_err": cache_rel, "greedy_agree": f"{agree}/{batch}",
            "step_us": us, "bytes": nbytes, "tbps": nbytes / us / 1e6, "load_s": load_s,
            "nan": bool(torch.isnan(logits).any()), "prefetch": sweep}
@@ -187,7 +189,7 @@ def run_case(spec, batch, context, device, weights, log, trace_path=None, kv_spl
 
 
 def run_tp_case(spec: ModelSpec, batch: int, context: int, world: int, rank: int, trace_path: Path | None,
-                kv_splits: int = 1) -> dict:
+                kv_splits: int | None = None) -> dict:
     """Time rank ``rank``'s shard (random weights at a realistic scale); every rank runs this in
     lockstep: each launch's all-reduces wait for the peers' same launch."""
     device = f"cuda:{torch.cuda.current_device()}"
@@ -197,7 +199,7 @@ def run_tp_case(spec: ModelSpec, batch: int, context: int, world: int, rank: int
         c.normal_(0, 1)
     us = time_and_profile(model.plan, tensors, Megakernel(model.plan, tensors), batch, trace_path, show=rank == 0)
     nbytes = weight_bytes(spec.shard(world), weights)
-    return {"batch": batch, "rank": rank, "world": world, "step_us": us, "bytes": nbytes, "tbps": nbytes / us / 1e6}
+    return {"batch": batch, "rank": rank, "world": world, "kv_splits": model.kv_splits, "step_us": us, "bytes": nbytes, "tbps": nbytes / us / 1e6}
 
 
 def tp_main(args: argparse.Namespace, world: int, rank: int, out: Path) -> None:
@@ -222,12 +224,12 @@ def tp_main(args: argparse.Namespace, world: int, rank: int, out: Path) -> None:
             torch.cuda.empty_cache()
     if rank == 0:
         print(f"\n{torch.cuda.get_device_name()} x{world}  copy bandwidth {bw:.2f} TB/s (rank 0)")
-        print(f"{'model':14} {'bs':>3} {'TP':>3} {'step us (max rank)':>19} {'per rank':>24} {'TB/s/rank':>9} "
+        print(f"{'model':14} {'bs':>3} {'TP':>3} {'splits':>6} {'step us (max rank)':>19} {'per rank':>24} {'TB/s/rank':>9} "
               f"{'of copy':>7}")
         for ranks in rows:
             slowest = max(ranks, key=lambda r: r["step_us"])
             per = "/".join(f"{r['step_us']:.0f}" for r in ranks)
-            print(f"{slowest['name']:14} {slowest['batch']:>3} {world:>3} {slowest['step_us']:19.1f} {per:>24} "
+            print(f"{slowest['name']:14} {slowest['batch']:>3} {world:>3} {slowest['kv_splits']:>6} {slowest['step_us']:19.1f} {per:>24} "
                   f"{slowest['tbps']:9.2f} {slowest['tbps'] / bw:7.0%}")
         with open(out / f"megakernel_step_tp{world}.jsonl", "w") as log:
             for ranks in rows:
@@ -243,7 +245,9 @@ def main() -> None:
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--trace", action="store_true", help="write a Perfetto trace per case under $OUT")
-    p.add_argument("--kv-splits", type=int, default=1, help="attention tasks per KV head and request (split KV)")
+    p.add_argument("--kv-splits", type=int, default=None,
+                   help="attention tasks per KV head and request (split KV); default auto: 2 while KV heads x "
+                        "batch x 4 <= workers, else 1 (models/decoder.py:auto_kv_splits); a value forces it")
     p.add_argument("--prefetch", nargs="+", type=prefetch_policy, default=[], metavar="KIB:AHEAD[,KIND=KIB]",
                    help="also time each case under these L2 weight-prefetch policies (single GPU)")
     args = p.parse_args()
@@ -273,9 +277,10 @@ def main() -> None:
             del weights
             torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}  copy bandwidth {bw:.2f} TB/s")
-    print(f"{'model':14} {'bs':>3} {'err f32':>9} {'err bf16':>9} {'greedy':>7} {'step us':>9} {'TB/s':>6} {'of copy':>7}")
+    print(f"{'model':14} {'bs':>3} {'splits':>6} {'err f32':>9} {'err bf16':>9} {'greedy':>7} {'step us':>9} "
+          f"{'TB/s':>6} {'of copy':>7}")
     for r in rows:
-        print(f"{r['name']:14} {r['batch']:>3} {r['rel_err']:9.2e} {r['rel_err_same_rounding']:9.2e} "
+        print(f"{r['name']:14} {r['batch']:>3} {r['kv_splits']:>6} {r['rel_err']:9.2e} {r['rel_err_same_rounding']:9.2e} "
               f"{r['greedy_agree']:>7} {r['step_us']:9.1f} "
               f"{r['tbps']:6.2f} {r['tbps'] / bw:7.0%}")
     if args.prefetch:

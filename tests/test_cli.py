@@ -36,6 +36,24 @@ def test_plan_shows_split_kv_and_multi_step(capsys: pytest.CaptureFixture[str]) 
     assert main(["plan", "--model", "qwen3-0.6b", "--multi-step", "--tensor-parallel-size", "2"]) == 2
 
 
+def test_plan_kv_splits_default_is_auto_per_batch(capsys: pytest.CaptureFixture[str]) -> None:
+    def attention_row(*args: str) -> tuple[str, list[str]]:
+        assert main(["plan", "--model", "qwen3-0.6b", "--layers", "2", *args]) == 0
+        out = capsys.readouterr().out
+        rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
+        return out.splitlines()[0], rows["attention"]
+
+    header, row = attention_row("--max-batch", "4")  # 8 KV heads x 4 requests x 4 <= 132 workers: 2 splits
+    assert "kv splits 2 (auto)" in header and row[:2] == ["2", str(2 * 8 * 4 * 2)]
+    header, row = attention_row()  # batch 8: 1
+    assert "kv splits 1 (auto)" in header and row[:2] == ["2", str(2 * 8 * 8)]
+    header, row = attention_row("--max-batch", "4", "--kv-splits", "1")  # an explicit count wins
+    assert "kv splits 1 (weights" in header and "(auto)" not in header
+    assert row[:2] == ["2", str(2 * 8 * 4)]
+    assert main(["plan", "--model", "qwen3-0.6b", "--kv-splits", "0"]) == 2
+    assert "kv_splits must be a positive int or None" in capsys.readouterr().err
+
+
 def test_check_unknown_model_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "--model", "no-such-model"]) == 2
     err = capsys.readouterr().err

@@ -224,6 +224,9 @@ def test_vllm_serve_help_parses_with_the_plugin() -> None:
 
 def test_options_default_and_from_additional_config() -> None:
     assert MpkOptions.from_vllm_config(SimpleNamespace(additional_config={})) == MpkOptions()
+    assert MpkOptions().kv_splits is None  # auto: chosen per plan batch size (models/decoder.py:auto_kv_splits)
+    assert MpkOptions.from_dict({"kv_splits": None}).kv_splits is None
+    assert MpkOptions.from_dict({"kv_splits": 1}).kv_splits == 1
     vc = SimpleNamespace(additional_config={"mpk": {"max_batch": 16, "num_workers": 66, "block_dim": 128,
                                                     "schedule": "round_robin", "timeout_s": 5, "profile": True,
                                                     "strict": True, "kv_splits": 4}, "other_plugin": {"x": 1}})
@@ -241,7 +244,11 @@ def test_options_default_and_from_additional_config() -> None:
     ({"block_dim": 512}, r'\["block_dim"\] must be one of \(128, 256\)'),
     ({"schedule": "fastest"}, r'\["schedule"\] must be one of'),
     ({"timeout_s": 0}, r'\["timeout_s"\] must be a positive number'),
-    ({"kv_splits": 0}, r'\["kv_splits"\] must be a positive integer'),
+    ({"kv_splits": 0}, r'\["kv_splits"\] must be a positive integer or null \(auto.*got 0'),
+    ({"kv_splits": -1}, r'\["kv_splits"\] must be a positive integer or null \(auto.*got -1'),
+    ({"kv_splits": "2"}, r'\["kv_splits"\] must be a positive integer or null \(auto.*got \'2\''),
+    ({"kv_splits": 2.0}, r'\["kv_splits"\] must be a positive integer or null'),
+    ({"kv_splits": True}, r'\["kv_splits"\] must be a positive integer or null'),
     ({"strict": "yes"}, r'\["strict"\] must be true or false'),
     ([1, 2], "must be a JSON object"),
 ])

@@ -28,7 +28,7 @@ META = torch.device("meta")
 
 
 def meta_plan(spec: ModelSpec, max_batch: int, workers: int, schedule: str,
-              kv_splits: int = 1, world_size: int = 1) -> tuple[Plan, dict[str, torch.Tensor]]:
+              kv_splits: int | None = 1, world_size: int = 1) -> tuple[Plan, dict[str, torch.Tensor]]:
     """The last rank's plan of ``world_size`` (it adds no residual: the smallest tables) and
     meta tensors for everything it binds, its symmetric ones included."""
     local = spec.shard(world_size)
@@ -64,19 +64,46 @@ def gpu_allocation(plan: Plan, tensors: dict[str, torch.Tensor], profile: bool) 
     ("qwen3-0.6b", 8, 132, "earliest_finish", 1, 2),
     ("llama-3.1-8b", 1, 132, "earliest_finish", 1, 4),
     ("qwen3-8b", 8, 132, "earliest_finish", 2, 2),
+    # auto (None): 2 splits at batch 1-4 of 8 KV heads on 132 workers, 1 at batch 8 unless TP halves the heads
+    ("qwen3-0.6b", 1, 132, "earliest_finish", None, 1),
+    ("llama-3.1-8b", 4, 132, "earliest_finish", None, 1),
+    ("qwen3-0.6b", 8, 132, "earliest_finish", None, 1),
+    ("llama-3.1-8b", 8, 132, "earliest_finish", None, 2),
+    ("qwen3-0.6b", 2, 16, "earliest_finish", None, 1),
 ])
 def test_estimate_covers_what_a_build_allocates(name: str, max_batch: int, workers: int, schedule: str,
-                                                kv_splits: int, world: int) -> None:
+                                                kv_splits: int | None, world: int) -> None:
     spec = ModelSpec.from_hf_config(shipped_config(name))
     plan, tensors = meta_plan(spec, max_batch, workers, schedule, kv_splits, world)
     assert task_count(spec, max_batch, workers, kv_splits, world) == len(plan.tasks)
     intermediates = sum(h.nbytes for h in plan.tensors.values()
                         if h.role in (Role.INTERMEDIATE, Role.SYMMETRIC))
-    assert activation_bytes(spec, max_batch, kv_splits=kv_splits, world_size=world) == intermediates
+    assert activation_bytes(spec, max_batch, workers, kv_splits=kv_splits, world_size=world) == intermediates
     for profile in (False, True):
         exact = gpu_allocation(plan, tensors, profile)
         estimate = megakernel_bytes(spec, max_batch, workers, profile=profile, kv_splits=kv_splits, world_size=world)
         assert exact <= estimate <= 2 * exact + SEGMENT_SLACK, (exact, estimate)
+
+
+def test_auto_estimate_matches_the_plans_vllm_builds() -> None:
+    """vLLM's reservation sums the estimate over ``plan_batches`` with ``kv_splits`` None: each
+    size is resolved as its build resolves it (split at batch 1/2/4 of 8 KV heads on 132 workers,
+    not at 8), so the estimate's split-KV scratch and tasks are exactly the built plans'."""
+    from vllm_mpk.integration.options import plan_batches
+
+    spec = ModelSpec.from_hf_config(shipped_config("qwen3-0.6b"))
+    split = {}
+    for b in plan_batches(8):
+        plan, tensors = meta_plan(spec, b, 132, "earliest_finish", None)
+        split[b] = bool(plan.counters)  # the arrival words exist only in a split plan
+        assert task_count(spec, b, 132) == len(plan.tasks)
+        assert activation_bytes(spec, b, 132) == sum(h.nbytes for h in plan.tensors.values()
+                                                     if h.role is Role.INTERMEDIATE)
+        exact = gpu_allocation(plan, tensors, False)
+        assert exact <= megakernel_bytes(spec, b, 132) <= 2 * exact + SEGMENT_SLACK
+    assert split == {1: True, 2: True, 4: True, 8: False}
+    # forcing 1 everywhere costs less than auto at batch 1, which adds the split scratch
+    assert megakernel_bytes(spec, 1, 132, kv_splits=1) < megakernel_bytes(spec, 1, 132)
 
 
 def test_reservation_releases_once() -> None:

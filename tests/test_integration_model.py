@@ -323,7 +323,7 @@ def test_moved_buffers_stop_the_megakernel(built: Built, stock_calls: list[int],
 def test_memory_is_reserved_at_load_and_given_to_the_build(built: Built, stock_calls: list[int], tmp_path: Path) -> None:
     """The model holds the estimated build size from construction (inside vLLM's load_model, so
     its memory profiling counts it) until the build, which allocates no more than that."""
-    from vllm_mpk.integration.memory import activation_bytes, allocated_bytes, megakernel_bytes
+    from vllm_mpk.integration.memory import _rounded, activation_sizes, allocated_bytes, megakernel_bytes
     from vllm_mpk.integration.options import plan_batches
 
     fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
@@ -334,9 +334,13 @@ def test_memory_is_reserved_at_load_and_given_to_the_build(built: Built, stock_c
     assert mpk.reservation.block.numel() == estimate
     Runner(fresh, [[1]]).step([(0, 5, 0)], 1)
     assert sorted(mpk.kernels) == list(sizes) and mpk.reservation is None
-    # The CPU build allocates the plan's intermediates, exactly as estimated.
+    # kv_splits auto: 2 KV heads on 8 workers split at batch 1 only (2 x 1 x 4 <= 8); the estimate
+    # resolved each size as its build did.
+    assert {b: bool(k.plan.counters) for b, k in mpk.kernels.items()} == {b: b == 1 for b in sizes}
+    # The CPU build allocates the plan's intermediates, exactly as estimated (each rounded as the
+    # caching allocator does: the split-KV arrival words are smaller than its 512-byte blocks).
     allocated = sum(allocated_bytes(k) for k in mpk.kernels.values())
-    assert allocated == sum(activation_bytes(built.spec, b) for b in sizes)
+    assert allocated == sum(_rounded(n) for b in sizes for n in activation_sizes(built.spec, b, WORKERS))
     assert allocated < estimate
 
 

@@ -7,14 +7,16 @@ from __future__ import annotations
 from collections import defaultdict
 
 import pytest
+import torch
 
 from tests.helpers import config_paths, meta_weights, model_spec
 from vllm_mpk.graph.ir import Op, Task
 from vllm_mpk.graph.plan import Plan
 from vllm_mpk.graph.schedule import POLICIES
 from vllm_mpk.graph.validate import check_no_deadlock, validate
-from vllm_mpk.models import DecodeOptions, build_decoder
+from vllm_mpk.models import DecodeOptions, auto_kv_splits, build_decoder, resolve_kv_splits
 from vllm_mpk.models.kv_cache import allocate_kv_caches
+from vllm_mpk.models.weights import expected_shapes
 
 LINEAR_KINDS = ("linear", "linear_with_residual", "rmsnorm_linear", "rmsnorm_linear_silu_mul")
 WORKERS = (132, 7)  # one worker per H100 SM; and fewer workers than most grids
@@ -138,3 +140,54 @@ def test_summary_names_every_op_kind(plan: Plan):
     for kind in {op.kind for op in plan.ops}:
         assert kind in summary
     assert f"workers: {plan.num_workers}" in summary
+
+
+# split KV: the default count per plan ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch,expected", [(1, 2), (2, 2), (4, 2), (8, 1), (16, 1)])
+def test_auto_kv_splits_at_8_kv_heads_and_132_workers(batch: int, expected: int):
+    """2 while the (request, KV head) pairs fill at most a quarter of the workers (8/16/32 of 132
+    measured to gain on the H100), 1 from 64 (batch 8, measured to lose)."""
+    assert auto_kv_splits(8, batch, 132) == expected
+    assert resolve_kv_splits(None, 8, batch, 132) == expected
+
+
+def test_auto_kv_splits_boundary_and_explicit_value_wins():
+    assert auto_kv_splits(1, 33, 132) == 2 and auto_kv_splits(1, 34, 132) == 1
+    assert auto_kv_splits(3, 11, 132) == 2  # 132 == 132: at most a quarter
+    assert auto_kv_splits(3, 12, 132) == 1
+    assert auto_kv_splits(8, 1, 31) == 1 and auto_kv_splits(8, 1, 32) == 2
+    for forced in (1, 2, 3, 4):
+        assert resolve_kv_splits(forced, 8, 1, 132) == forced
+        assert resolve_kv_splits(forced, 8, 8, 132) == forced
+
+
+@pytest.mark.parametrize("value", [0, -1, "2", 2.0, True])
+def test_decode_options_refuse_bad_kv_splits(value):
+    with pytest.raises(ValueError, match=r"kv_splits must be a positive int or None \(auto\)"):
+        DecodeOptions(kv_splits=value)
+
+
+def attention_tiles(spec, batch: int, workers: int, kv_splits, world: int = 1) -> tuple[int, int]:
+    """The built split count and the attention tiles per layer of rank 0's plan."""
+    local = spec.shard(world)
+    weights = {n: torch.empty(s, dtype=torch.bfloat16, device="meta") for n, s in expected_shapes(local).items()}
+    caches = allocate_kv_caches(local, batch * 32, 16, device="meta")
+    model = build_decoder(spec, weights, caches, DecodeOptions(max_batch=batch, max_seq_len=512, num_workers=workers,
+                                                               kv_splits=kv_splits, world_size=world))
+    attention = [op for op in model.plan.ops if op.kind == "attention"]
+    return model.kv_splits, attention[0].num_tiles
+
+
+@pytest.mark.parametrize("batch,world,kv_splits,expected", [
+    (1, 1, None, 2), (2, 1, None, 2), (4, 1, None, 2), (8, 1, None, 1),
+    (8, 2, None, 2),  # TP 2: 4 KV heads per rank, 4 x 8 x 4 = 128 <= 132
+    (16, 2, None, 1),
+    (1, 1, 1, 1), (8, 1, 2, 2), (8, 1, 4, 4),  # an explicit count wins
+])
+def test_built_plans_use_the_auto_rule(batch: int, world: int, kv_splits, expected: int):
+    spec = model_spec("qwen3-0.6b", 1)  # 8 KV heads
+    splits, tiles = attention_tiles(spec, batch, 132, kv_splits, world)
+    assert splits == expected
+    assert tiles == spec.shard(world).num_kv_heads * batch * expected

@@ -24,7 +24,7 @@ from vllm_mpk.bench.trace import analyze_file, format_report, trace_files
 from vllm_mpk.bench.worker import IMPLS, EngineConfig
 from vllm_mpk.check import CheckResult, check_model
 from vllm_mpk.graph.schedule import POLICIES
-from vllm_mpk.models import DecodeModel, DecodeOptions, ModelSpec, build_decoder
+from vllm_mpk.models import DecodeModel, DecodeOptions, ModelSpec, build_decoder, resolve_kv_splits
 from vllm_mpk.models.catalog import DEFAULT_MODEL, ResolvedModel, resolve_model, shipped_config, shipped_models
 from vllm_mpk.models.kv_cache import allocate_kv_caches
 from vllm_mpk.models.weights import expected_shapes, load_checkpoint, random_weights
@@ -53,9 +53,11 @@ def meta_decoder(spec: ModelSpec, options: DecodeOptions) -> DecodeModel:
 
 
 def plan_header(model: ResolvedModel, spec: ModelSpec, o: DecodeOptions) -> str:
+    splits = resolve_kv_splits(o.kv_splits, spec.shard(o.world_size).num_kv_heads, o.max_batch, o.num_workers)
     return (f"plan {model.name}: {spec.architecture}, {spec.num_layers} of {model.spec.num_layers} layers, "
             f"max batch {o.max_batch}, max seq len {o.max_seq_len}, page size {o.page_size}, "
-            f"{o.num_workers} workers, schedule {o.schedule} (weights and KV caches not materialised)")
+            f"{o.num_workers} workers, schedule {o.schedule}, "
+            f"kv splits {splits}{' (auto)' if o.kv_splits is None else ''} (weights and KV caches not materialised)")
 
 
 def run_plan(model: ResolvedModel, layers: int | None, options: DecodeOptions) -> None:
@@ -329,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--page-size", type=int, default=d.page_size)
     p.add_argument("--schedule", choices=sorted(POLICIES), default=d.schedule)
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="print each of N ranks' plans (default 1)")
-    p.add_argument("--kv-splits", type=int, default=d.kv_splits, help="attention tasks per KV head and request")
+    p.add_argument("--kv-splits", type=int, default=d.kv_splits,
+                   help="attention tasks per KV head and request (split KV); default auto: 2 while KV heads x "
+                        "max batch x 4 <= workers, else 1; a value forces it")
     p.add_argument("--multi-step", action="store_true", help="begin_step first: one launch decodes many steps")
     p.set_defaults(func=cmd_plan)
     c = sub.add_parser("check", help="run the plan on the CPU reference executor and compare with transformers")

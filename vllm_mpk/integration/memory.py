@@ -14,7 +14,8 @@ the plan of ``models/decoder.py:build_decoder`` with ``final="hidden"``, for one
 ``world_size``):
 - intermediates, exactly: ``[max_batch, width]`` bf16 buffers, per layer qkv, attention output,
   SwiGLU activation (the rank's shards of these three), the two residual sums, plus the embedding
-  output and the final norm's output; with split KV (``kv_splits`` S > 1) each layer's float32
+  output and the final norm's output; with split KV (``kv_splits`` S > 1; None, the default,
+  resolves per plan as the build does, ``models/decoder.py:resolve_kv_splits``) each layer's float32
   partials ``[max_batch, q heads, S, head_dim + 2]`` and int32 arrival counts ``[max_batch, kv
   heads]`` too; with several ranks each all-reduce's
   part, receive slots ``[2, world, max_batch, hidden]`` and signal words ``[2, tiles]`` (these on
@@ -35,7 +36,7 @@ import torch
 
 from vllm_mpk.api import PARITIES
 from vllm_mpk.graph.ir import Role
-from vllm_mpk.models.decoder import linear_grid
+from vllm_mpk.models.decoder import linear_grid, resolve_kv_splits
 from vllm_mpk.models.spec import ModelSpec
 from vllm_mpk.models.weights import expected_shapes
 from vllm_mpk.runtime import control
@@ -66,8 +67,15 @@ def activation_widths(spec: ModelSpec, world_size: int = 1) -> list[int]:
     return [h, *layer * spec.num_layers, h] + [h] * all_reduces(spec, world_size)
 
 
+def plan_kv_splits(spec: ModelSpec, max_batch: int, num_workers: int, kv_splits: int | None,
+                   world_size: int = 1) -> int:
+    """The split-KV count rank's plan of ``max_batch`` is built with (None: the decoder's auto rule)."""
+    return resolve_kv_splits(kv_splits, spec.shard(world_size).num_kv_heads, max_batch, num_workers)
+
+
 def split_kv_bytes(spec: ModelSpec, max_batch: int, kv_splits: int, world_size: int = 1) -> list[int]:
-    """Bytes of each layer's split-KV partials and arrival counts (none without splitting)."""
+    """Bytes of each layer's split-KV partials and arrival counts (none without splitting);
+    ``kv_splits`` is the resolved count (``plan_kv_splits``)."""
     if kv_splits == 1:
         return []
     local = spec.shard(world_size)
@@ -82,35 +90,42 @@ def exchange_bytes(spec: ModelSpec, max_batch: int, num_workers: int, world_size
     return [slots, signals] * all_reduces(spec, world_size)
 
 
-def activation_bytes(spec: ModelSpec, max_batch: int, dtype: torch.dtype = torch.bfloat16,
-                     kv_splits: int = 1, world_size: int = 1) -> int:
-    """Bytes of the plan's intermediates (what the CPU reference executor allocates too)."""
-    return sum(max_batch * w * dtype.itemsize for w in activation_widths(spec, world_size)) + \
-        sum(split_kv_bytes(spec, max_batch, kv_splits, world_size))
+def activation_sizes(spec: ModelSpec, max_batch: int, num_workers: int, dtype: torch.dtype = torch.bfloat16, *,
+                     kv_splits: int | None = None, world_size: int = 1) -> list[int]:
+    """Bytes of each of the plan's intermediates (what the CPU reference executor allocates too)."""
+    splits = plan_kv_splits(spec, max_batch, num_workers, kv_splits, world_size)
+    return [max_batch * w * dtype.itemsize for w in activation_widths(spec, world_size)] + \
+        split_kv_bytes(spec, max_batch, splits, world_size)
 
 
-def task_count(spec: ModelSpec, max_batch: int, num_workers: int, kv_splits: int = 1, world_size: int = 1) -> int:
+def activation_bytes(spec: ModelSpec, max_batch: int, num_workers: int, dtype: torch.dtype = torch.bfloat16, *,
+                     kv_splits: int | None = None, world_size: int = 1) -> int:
+    """Bytes of the plan's intermediates, unrounded."""
+    return sum(activation_sizes(spec, max_batch, num_workers, dtype, kv_splits=kv_splits, world_size=world_size))
+
+
+def task_count(spec: ModelSpec, max_batch: int, num_workers: int, kv_splits: int | None = None,
+               world_size: int = 1) -> int:
     """Tiles of rank's decode plan: embedding, five ops per layer, the all-reduces, the final norm."""
     h, w, local = spec.hidden_size, num_workers, spec.shard(world_size)
-    attention = local.num_kv_heads * max_batch * kv_splits
+    attention = local.num_kv_heads * max_batch * plan_kv_splits(spec, max_batch, w, kv_splits, world_size)
     layer = (linear_grid(local.qkv_width, w) + attention + linear_grid(h, w)
              + linear_grid(2 * local.intermediate_size, w) + linear_grid(h, w))
     return min(w, h // 8) + spec.num_layers * layer + all_reduces(spec, world_size) * linear_grid(h, w) + max_batch
 
 
 def megakernel_bytes(spec: ModelSpec, max_batch: int, num_workers: int, *, profile: bool = False,
-                     kv_splits: int = 1, world_size: int = 1) -> int:
-    """An upper estimate of the device memory rank's build allocates, allocator rounding included."""
+                     kv_splits: int | None = None, world_size: int = 1) -> int:
+    """An upper estimate of the device memory rank's build allocates, allocator rounding included;
+    ``kv_splits`` as given to the build (None: resolved for this plan as ``build_decoder`` does)."""
     tasks = task_count(spec, max_batch, num_workers, kv_splits, world_size)
     longest = QUEUE_SKEW * -(-tasks // num_workers) + 8
-    split_kv = split_kv_bytes(spec, max_batch, kv_splits, world_size)
-    sizes = [max_batch * w * 2 for w in activation_widths(spec, world_size)]
-    sizes += split_kv + exchange_bytes(spec, max_batch, num_workers, world_size)
+    activations = activation_sizes(spec, max_batch, num_workers, kv_splits=kv_splits, world_size=world_size)
+    sizes = activations + exchange_bytes(spec, max_batch, num_workers, world_size)
     sizes += [num_workers * longest * TABLE_WORDS * 4, num_workers * 4, control.WORDS * 4]
     sizes += [2 * tasks * 4] * 2  # event triggers and counters: fewer events than task signals
     # pointers: weights, KV caches, intermediates, exchange buffers, step inputs and a few more
-    num_tensors = len(expected_shapes(spec)) + spec.num_layers + len(activation_widths(spec, world_size)) + \
-        len(split_kv) + 2 * all_reduces(spec, world_size) + 8
+    num_tensors = len(expected_shapes(spec)) + spec.num_layers + len(activations) + 2 * all_reduces(spec, world_size) + 8
     sizes.append(num_tensors * 8)
     if profile:
         sizes.append(num_workers * longest * 2 * 8)

@@ -243,7 +243,7 @@ class MpkRuntime:
         device = input_ids.device
         workers = self._num_workers(device)
         rope = rope_cache(model, spec)
-        plans = {}
+        plans, splits = {}, {}
         for size in plan_batches(self.max_batch):
             buffers = step_buffers(input_ids, positions, batch, size)
             options = DecodeOptions(max_batch=size, max_seq_len=buffers["block_tables"].shape[1] * page,
@@ -253,6 +253,7 @@ class MpkRuntime:
             decoder = build_decoder(spec, weights, kv_caches, options, rope_cache=rope)
             self.hidden = decoder.hidden.name
             plans[size] = (decoder.plan, {**decoder.kernel.attached, **buffers})
+            splits[size] = decoder.kv_splits  # the auto rule's choice per size, unless kv_splits forces one
         if device.type == "cuda":
             from vllm_mpk.runtime.megakernel import Megakernel, build_kernels
 
@@ -271,8 +272,9 @@ class MpkRuntime:
 
             kernels = {size: ReferenceExecutor(plan, tensors) for size, (plan, tensors) in plans.items()}
         logger.info("--model-impl mpk: megakernel ready: %d layers, decode batches of %s, %d workers, "
-                    "KV cache %s blocks of %d (%s), %d tasks at batch %d, %.1f MiB of device memory (%.1f MiB "
-                    "estimated for vLLM's budget)", spec.num_layers, "/".join(map(str, plans)), workers,
+                    "KV splits %s%s, KV cache %s blocks of %d (%s), %d tasks at batch %d, %.1f MiB of device "
+                    "memory (%.1f MiB estimated for vLLM's budget)", spec.num_layers, "/".join(map(str, plans)),
+                    workers, "/".join(map(str, splits.values())), " (auto)" if self.options.kv_splits is None else "",
                     kv_caches[0].shape[0], page, attention_modules(model)[0].attn_backend.get_name(),
                     len(plans[self.max_batch][0].tasks), self.max_batch,
                     sum(map(allocated_bytes, kernels.values())) / 2**20, self._estimated_bytes(workers) / 2**20)

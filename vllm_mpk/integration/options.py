@@ -23,7 +23,9 @@ class MpkOptions:
     ``block_dim``: threads per worker, 128 or 256.
     ``schedule``: static placement policy of tasks on workers.
     ``timeout_s``: the watchdog bound on any wait inside the kernel.
-    ``kv_splits``: tasks per KV head and request that share its history (split KV; 1: one task).
+    ``kv_splits``: tasks per KV head and request that share its history (split KV; 1: one task);
+    null (default): auto, chosen per plan batch size (``models/decoder.py:auto_kv_splits``: 2 while
+    the TP-local KV heads x batch x 4 fit in the workers, else 1); an integer forces it everywhere.
     ``profile``: record per-task timestamps on every step (see ``MpkDecodeMixin.mpk_write_profile``).
     ``strict``: refuse to fall back: raise where the megakernel cannot run a batch it is meant for
     (unsupported model, KV-cache layout, build failure). Prefill, mixed batches and decode batches
@@ -34,7 +36,7 @@ class MpkOptions:
     block_dim: int = 256
     schedule: str = "earliest_finish"
     timeout_s: float = 2.0
-    kv_splits: int = 1
+    kv_splits: int | None = None
     profile: bool = False
     strict: bool = False
 
@@ -73,8 +75,8 @@ class MpkOptions:
             raise bad("block_dim", f"one of {BLOCK_DIMS}")
         if self.schedule not in POLICIES:
             raise bad("schedule", f"one of {sorted(POLICIES)}")
-        if not is_int(self.kv_splits) or self.kv_splits < 1:
-            raise bad("kv_splits", "a positive integer")
+        if self.kv_splits is not None and (not is_int(self.kv_splits) or self.kv_splits < 1):
+            raise bad("kv_splits", "a positive integer or null (auto: 2 at small decode batches, else 1)")
         if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
             raise bad("timeout_s", "a positive number of seconds")
         for key in ("profile", "strict"):

@@ -1,6 +1,7 @@
 """Graph builders for supported model families."""
 
-from vllm_mpk.models.decoder import DecodeModel, DecodeOptions, build_decoder
+from vllm_mpk.models.decoder import DecodeModel, DecodeOptions, auto_kv_splits, build_decoder, resolve_kv_splits
 from vllm_mpk.models.spec import ModelSpec, UnsupportedModelError
 
-__all__ = ["DecodeModel", "DecodeOptions", "ModelSpec", "UnsupportedModelError", "build_decoder"]
+__all__ = ["DecodeModel", "DecodeOptions", "ModelSpec", "UnsupportedModelError", "auto_kv_splits", "build_decoder",
+           "resolve_kv_splits"]
