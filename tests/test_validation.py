@@ -103,13 +103,23 @@ def test_shared_writes_make_the_reader_wait_for_every_writer():
 
 
 @pytest.mark.parametrize("first,second,how", [
-    (rows_of_y(0, 2, shared=True), rows_of_y(1, 4), r"by task 1 \(op0\) and shared by task 0"),
+    (rows_of_y(0, 2, shared=True), rows_of_y(1, 4), r"by task 1 \(op0\) and shared by task 0 \(op0\)"),
     (rows_of_y(0, 2), rows_of_y(1, 4, shared=True), r"shared by task 1 \(op0\) and task 0 alone"),
 ], ids=["shared-then-alone", "alone-then-shared"])
 def test_a_box_written_shared_and_by_one_task_raises(first: Access, second: Access, how: str):
     with pytest.raises(ValueError, match=rf"tensor 'y' box .* is written {how}: every element needs exactly one "
                                          r"writer, or only shared writers"):
         WriterIndex(*two_writers(first, second))
+
+
+def test_shared_writes_of_two_layers_to_one_box_raise():
+    """Shared writers race only among the tiles of one layer (which the layer resolves); two layers
+    writing one output tensor are still a double write."""
+    tensors, tasks = two_writers(rows_of_y(0, 2, shared=True), rows_of_y(1, 4, shared=True))
+    tasks[1] = Task(1, tasks[2].op, 1, (), tasks[1].writes, 0)
+    with pytest.raises(ValueError, match=r"tensor 'y' box .* is written shared by task 1 \(op1\) and shared by "
+                                         r"task 0 \(op0\)"):
+        WriterIndex(tensors, tasks)
 
 
 def test_missing_event_corrupts_the_result_in_random_order():

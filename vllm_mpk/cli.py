@@ -24,7 +24,7 @@ from vllm_mpk.bench.trace import analyze_file, format_report, trace_files
 from vllm_mpk.bench.worker import IMPLS, EngineConfig
 from vllm_mpk.check import CheckResult, check_model
 from vllm_mpk.graph.schedule import POLICIES
-from vllm_mpk.models import DecodeModel, DecodeOptions, ModelSpec, build_decoder, resolve_kv_splits
+from vllm_mpk.models import DecodeModel, DecodeOptions, ModelSpec, build_decoder, plan_kv_splits
 from vllm_mpk.models.catalog import DEFAULT_MODEL, ResolvedModel, resolve_model, shipped_config, shipped_models
 from vllm_mpk.models.kv_cache import allocate_kv_caches
 from vllm_mpk.models.weights import expected_shapes, load_checkpoint, random_weights
@@ -53,7 +53,7 @@ def meta_decoder(spec: ModelSpec, options: DecodeOptions) -> DecodeModel:
 
 
 def plan_header(model: ResolvedModel, spec: ModelSpec, o: DecodeOptions) -> str:
-    splits = resolve_kv_splits(o.kv_splits, spec.shard(o.world_size).num_kv_heads, o.max_batch, o.num_workers)
+    splits = plan_kv_splits(spec, o.max_batch, o.num_workers, o.kv_splits, o.world_size)
     return (f"plan {model.name}: {spec.architecture}, {spec.num_layers} of {model.spec.num_layers} layers, "
             f"max batch {o.max_batch}, max seq len {o.max_seq_len}, page size {o.page_size}, "
             f"{o.num_workers} workers, schedule {o.schedule}, "

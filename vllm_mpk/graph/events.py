@@ -52,11 +52,16 @@ class WriterIndex:
                     continue
                 owner = self.owner.setdefault(w.tensor, np.full(t.shape, -1, dtype=np.int32))
                 region = owner[box_slices(w.box)]
-                if (region >= 0).any() or (not w.shared and (region == SHARED).any()):
+                if (region >= 0).any() or ((region == SHARED).any() and not self._shares_with_own_op(task, w)):
                     self._raise_double_write(task, w, region)
                 if w.shared:
                     self.overlapping[w.tensor].append((task, w))
                 region[...] = SHARED if w.shared else task.id
+
+    def _shares_with_own_op(self, task: Task, w: Access) -> bool:
+        """``w`` is shared, and so is every earlier write it overlaps, all by tiles of ``task``'s op
+        (shared writers of one op race only among themselves, which the op resolves)."""
+        return w.shared and all(t.op.index == task.op.index for t, s in self.overlapping[w.tensor] if s.overlaps(w))
 
     def _raise_double_write(self, task: Task, w: Access, region: np.ndarray) -> None:
         """``w``, written by ``task``, covers elements that another write claims."""
@@ -64,7 +69,8 @@ class WriterIndex:
         if single.size:
             other = f"task {int(single.flat[0])}" + (" alone" if w.shared else "")
         else:
-            other = f"shared by task {next(t.id for t, s in self.overlapping[w.tensor] if s.overlaps(w))}"
+            other = next(f"shared by task {t.id} ({t.op.name})" for t, s in self.overlapping[w.tensor]
+                         if s.overlaps(w) and not (w.shared and t.op.index == task.op.index))
         mine = f"{'shared ' if w.shared else ''}by task {task.id} ({task.op.name})"
         raise ValueError(f"tensor '{w.tensor}' box {w.box} is written {mine} and {other}: every element needs "
                          f"exactly one writer, or only shared writers")

@@ -36,7 +36,7 @@ import torch
 
 from vllm_mpk.api import PARITIES
 from vllm_mpk.graph.ir import Role
-from vllm_mpk.models.decoder import linear_grid, resolve_kv_splits
+from vllm_mpk.models.decoder import linear_grid, plan_kv_splits
 from vllm_mpk.models.spec import ModelSpec
 from vllm_mpk.models.weights import expected_shapes
 from vllm_mpk.runtime import control
@@ -65,12 +65,6 @@ def activation_widths(spec: ModelSpec, world_size: int = 1) -> list[int]:
     h, local = spec.hidden_size, spec.shard(world_size)
     layer = [local.qkv_width, local.num_q_heads * spec.head_dim, local.intermediate_size, h, h]
     return [h, *layer * spec.num_layers, h] + [h] * all_reduces(spec, world_size)
-
-
-def plan_kv_splits(spec: ModelSpec, max_batch: int, num_workers: int, kv_splits: int | None,
-                   world_size: int = 1) -> int:
-    """The split-KV count rank's plan of ``max_batch`` is built with (None: the decoder's auto rule)."""
-    return resolve_kv_splits(kv_splits, spec.shard(world_size).num_kv_heads, max_batch, num_workers)
 
 
 def split_kv_bytes(spec: ModelSpec, max_batch: int, kv_splits: int, world_size: int = 1) -> list[int]:

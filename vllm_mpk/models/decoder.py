@@ -102,6 +102,12 @@ def resolve_kv_splits(kv_splits: int | None, num_kv_heads: int, batch: int, num_
     return auto_kv_splits(num_kv_heads, batch, num_workers) if kv_splits is None else kv_splits
 
 
+def plan_kv_splits(spec: ModelSpec, max_batch: int, num_workers: int, kv_splits: int | None,
+                   world_size: int = 1) -> int:
+    """The split-KV count of a rank's plan for ``max_batch`` (``kv_splits`` None: the auto rule)."""
+    return resolve_kv_splits(kv_splits, spec.shard(world_size).num_kv_heads, max_batch, num_workers)
+
+
 def build_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_caches: Sequence[torch.Tensor],
                   options: DecodeOptions = DecodeOptions(), rope_cache: torch.Tensor | None = None) -> DecodeModel:
     """Build and compile one decode step of rank ``options.rank`` of ``options.world_size``.
@@ -120,7 +126,7 @@ def build_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cache
     dtype = weights[EMBED].dtype
     b, h, w = o.max_batch, spec.hidden_size, o.num_workers
     sharded = o.world_size > 1
-    kv_splits = resolve_kv_splits(o.kv_splits, local.num_kv_heads, b, w)
+    kv_splits = plan_kv_splits(spec, b, w, o.kv_splits, o.world_size)
 
     def new(name: str, width: int, dt: torch.dtype = dtype) -> TensorHandle:
         return mpk.new_tensor((b, width), dt, name)
@@ -179,7 +185,7 @@ def build_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cache
     if o.final == "hidden":  # vLLM's compute_logits applies the lm_head (and everything after it)
         hidden = new("hidden", h)
         mpk.rmsnorm_layer(x, final_norm, hidden, grid_dim=b, block_dim=block, eps=spec.rms_norm_eps, name="norm")
-        return DecodeModel(spec, o, mpk, mpk.compile(), None, None, hidden, kv_splits)
+        return DecodeModel(spec, o, mpk, mpk.compile(), None, None, hidden, kv_splits=kv_splits)
     # vLLM pads the vocabulary rows; the view of the real rows aliases the weight (tied or not).
     v = local.vocab_size
     head = mpk.attach_input(lm_head(local, weights)[:v], "lm_head.weight")
