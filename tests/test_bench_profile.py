@@ -162,3 +162,50 @@ def test_bench_profile_arguments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert cli.main(common) == 0 and all(c.profile_dir is None for c in seen)
     assert cli.main([*common, "--profile-dir", "p", "--profile-tokens", "1"]) == 2
     assert "--profile-tokens must be 2 to --new-tokens" in capsys.readouterr().err
+
+
+class Stamp:
+    """A CUDA event stand-in recorded at ``ms`` on the GPU's timeline."""
+
+    def __init__(self, ms: float) -> None:
+        self.ms = ms
+
+    def elapsed_time(self, then: Stamp) -> float:
+        return then.ms - self.ms
+
+
+def test_step_timer_reports_each_step_period(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three replays starting at 0, 7 and 15 ms: periods 7 and 8 ms, each forward 5 ms; the
+    wrappers are removed again."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    timer = StepTimer()
+    timer.model_runner = SimpleNamespace(cudagraph_manager=SimpleNamespace(run_fullgraph=None),  # type: ignore[attr-defined]
+                                         model=SimpleNamespace(compute_logits=None))
+    timer._bench_events = {"forward": [(Stamp(t), Stamp(t + 5)) for t in (0, 7, 15)],
+                           "lm_head": [(Stamp(5.5), Stamp(6.0))]}
+    timer._bench_tokens = [8, 8, 8]
+    times = timer.bench_timer_stop()
+    assert times == {"forward": [5, 5, 5], "lm_head": [0.5], "period": [7, 8], "graph_tokens": [8.0, 8.0, 8.0]}
+    assert not hasattr(timer.model_runner.cudagraph_manager, "run_fullgraph")  # type: ignore[attr-defined]
+
+
+def test_step_times_give_the_median_period_and_its_tail() -> None:
+    pytest.importorskip("vllm")
+    from vllm_mpk.bench import worker
+
+    periods = [7.0] * 9 + [9.0]
+
+    class LLM:
+        def collective_rpc(self, method: str, args: tuple = ()) -> list[Any]:
+            stop = {"forward": [6.4] * 11, "lm_head": [0.4] * 11, "period": periods, "graph_tokens": [8.0] * 11}
+            return [True if method == "bench_timer_start" else stop]
+
+        def generate(self, prompts: list, params: Any, use_tqdm: bool) -> None:
+            pass
+
+    times = worker.step_times_ms(LLM(), [{"prompt_token_ids": [1]}], 12)
+    assert (times["forward_ms"], times["period_ms"], times["period_p90_ms"], times["graph_tokens"]) == (6.4, 7.0, 7.0, [8])
+    periods[-2:] = [9.0, 9.5]
+    assert worker.step_times_ms(LLM(), [{"prompt_token_ids": [1]}], 12)["period_p90_ms"] == 9.0

@@ -82,14 +82,18 @@ class StepTimer:
         return True
 
     def bench_timer_stop(self) -> dict[str, list[float]]:
-        """Stop timing; milliseconds of each timed call (``forward``, ``lm_head``) and the token
+        """Stop timing; milliseconds of each timed call (``forward``, ``lm_head``), of each step on
+        the GPU's timeline (``period``: one replay's start to the next one's, so a step whose GPU
+        waited for the host reads longer than its forward, lm_head and sampling) and the token
         count of each replayed graph (``graph_tokens``, padding included)."""
         runner = self.model_runner  # type: ignore[attr-defined]
         del runner.cudagraph_manager.run_fullgraph
         del runner.model.compute_logits
         torch.cuda.synchronize()
         times = {key: [start.elapsed_time(end) for start, end in pairs] for key, pairs in self._bench_events.items()}
-        return {**times, "graph_tokens": [float(n) for n in self._bench_tokens]}
+        starts = [start for start, _ in self._bench_events["forward"]]
+        period = [first.elapsed_time(then) for first, then in zip(starts, starts[1:])]
+        return {**times, "period": period, "graph_tokens": [float(n) for n in self._bench_tokens]}
 
     def _bench_timed(self, fn: Callable[..., Any], key: str) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:

@@ -131,10 +131,12 @@ def tpot_samples_ms(llm: Any, prompts: list[dict[str, list[int]]], new_tokens: i
 
 
 def step_times_ms(llm: Any, prompts: list[dict[str, list[int]]], new_tokens: int) -> dict[str, Any]:
-    """Median GPU time of the decode step's graph replay and of compute_logits over one generation
-    (None where the model runner has no FULL-graph replay to time)."""
+    """Median GPU time of the decode step's graph replay and of compute_logits over one generation,
+    and the median step period on the GPU's timeline with its 90th percentile (a period well above
+    the forward and lm_head is time the GPU waited for the host); None where the model runner has
+    no FULL-graph replay to time."""
     if not llm.collective_rpc("bench_timer_start")[0]:
-        return {"forward_ms": None, "lm_head_ms": None, "graph_tokens": None}
+        return {"forward_ms": None, "lm_head_ms": None, "period_ms": None, "period_p90_ms": None, "graph_tokens": None}
     try:
         generate_s(llm, prompts, new_tokens)
     finally:
@@ -143,7 +145,9 @@ def step_times_ms(llm: Any, prompts: list[dict[str, list[int]]], new_tokens: int
     def median(key: str) -> float | None:
         return statistics.median(times[key]) if times[key] else None
 
-    return {"forward_ms": median("forward"), "lm_head_ms": median("lm_head"),
+    period = sorted(times["period"])
+    return {"forward_ms": median("forward"), "lm_head_ms": median("lm_head"), "period_ms": median("period"),
+            "period_p90_ms": period[int(0.9 * (len(period) - 1))] if period else None,
             "graph_tokens": sorted({int(n) for n in times["graph_tokens"]})}
 
 
