@@ -14,7 +14,7 @@ from vllm_mpk.graph.ir import Op, Task
 from vllm_mpk.graph.plan import Plan
 from vllm_mpk.graph.schedule import POLICIES
 from vllm_mpk.graph.validate import check_no_deadlock, validate
-from vllm_mpk.models import DecodeOptions, auto_kv_splits, build_decoder, resolve_kv_splits
+from vllm_mpk.models import DecodeOptions, auto_kv_splits, build_decoder, plan_kv_splits
 from vllm_mpk.models.kv_cache import allocate_kv_caches
 from vllm_mpk.models.weights import expected_shapes
 
@@ -150,7 +150,7 @@ def test_auto_kv_splits_at_8_kv_heads_and_132_workers(batch: int, expected: int)
     """2 while the (request, KV head) pairs fill at most a quarter of the workers (8/16/32 of 132
     measured to gain on the H100), 1 from 64 (batch 8, measured to lose)."""
     assert auto_kv_splits(8, batch, 132) == expected
-    assert resolve_kv_splits(None, 8, batch, 132) == expected
+    assert plan_kv_splits(model_spec("qwen3-0.6b", 1), batch, 132, None) == expected  # 8 KV heads
 
 
 def test_auto_kv_splits_boundary_and_explicit_value_wins():
@@ -158,9 +158,10 @@ def test_auto_kv_splits_boundary_and_explicit_value_wins():
     assert auto_kv_splits(3, 11, 132) == 2  # 132 == 132: at most a quarter
     assert auto_kv_splits(3, 12, 132) == 1
     assert auto_kv_splits(8, 1, 31) == 1 and auto_kv_splits(8, 1, 32) == 2
+    spec = model_spec("qwen3-0.6b", 1)  # 8 KV heads
     for forced in (1, 2, 3, 4):
-        assert resolve_kv_splits(forced, 8, 1, 132) == forced
-        assert resolve_kv_splits(forced, 8, 8, 132) == forced
+        assert plan_kv_splits(spec, 1, 132, forced) == forced
+        assert plan_kv_splits(spec, 8, 132, forced) == forced
 
 
 @pytest.mark.parametrize("value", [0, -1, "2", 2.0, True])

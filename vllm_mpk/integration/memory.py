@@ -15,7 +15,7 @@ the plan of ``models/decoder.py:build_decoder`` with ``final="hidden"``, for one
 - intermediates, exactly: ``[max_batch, width]`` bf16 buffers, per layer qkv, attention output,
   SwiGLU activation (the rank's shards of these three), the two residual sums, plus the embedding
   output and the final norm's output; with split KV (``kv_splits`` S > 1; None, the default,
-  resolves per plan as the build does, ``models/decoder.py:resolve_kv_splits``) each layer's float32
+  resolves per plan as the build does, ``models/decoder.py:plan_kv_splits``) each layer's float32
   partials ``[max_batch, q heads, S, head_dim + 2]`` and int32 arrival counts ``[max_batch, kv
   heads]`` too; with several ranks each all-reduce's
   part, receive slots ``[2, world, max_batch, hidden]`` and signal words ``[2, tiles]`` (these on

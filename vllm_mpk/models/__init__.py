@@ -6,9 +6,8 @@ from vllm_mpk.models.decoder import (
     auto_kv_splits,
     build_decoder,
     plan_kv_splits,
-    resolve_kv_splits,
 )
 from vllm_mpk.models.spec import ModelSpec, UnsupportedModelError
 
 __all__ = ["DecodeModel", "DecodeOptions", "ModelSpec", "UnsupportedModelError", "auto_kv_splits", "build_decoder",
-           "plan_kv_splits", "resolve_kv_splits"]
+           "plan_kv_splits"]

@@ -68,7 +68,7 @@ class DecodeModel:
     logits: TensorHandle | None  # None when the plan stops at the final norm
     tokens: TensorHandle | None
     hidden: TensorHandle | None = None  # the final RMSNorm's output, when ``final="hidden"``
-    kv_splits: int = 1  # the split-KV count built (``options.kv_splits`` resolved: ``resolve_kv_splits``)
+    kv_splits: int = 1  # the split-KV count built (``options.kv_splits`` resolved: ``plan_kv_splits``)
 
 
 def linear_grid(columns: int, num_workers: int) -> int:
@@ -96,16 +96,13 @@ def auto_kv_splits(num_kv_heads: int, batch: int, num_workers: int) -> int:
     return 2 if num_kv_heads * batch * 4 <= num_workers else 1
 
 
-def resolve_kv_splits(kv_splits: int | None, num_kv_heads: int, batch: int, num_workers: int) -> int:
-    """The split-KV count a plan is built with: ``kv_splits`` when given (it wins everywhere),
-    else ``auto_kv_splits`` for this plan's batch, TP-local KV heads and workers."""
-    return auto_kv_splits(num_kv_heads, batch, num_workers) if kv_splits is None else kv_splits
-
-
 def plan_kv_splits(spec: ModelSpec, max_batch: int, num_workers: int, kv_splits: int | None,
                    world_size: int = 1) -> int:
-    """The split-KV count of a rank's plan for ``max_batch`` (``kv_splits`` None: the auto rule)."""
-    return resolve_kv_splits(kv_splits, spec.shard(world_size).num_kv_heads, max_batch, num_workers)
+    """The split-KV count of a rank's plan for ``max_batch``: ``kv_splits`` when given (it wins
+    everywhere), else ``auto_kv_splits`` for the rank's (TP-local) KV heads."""
+    if kv_splits is not None:
+        return kv_splits
+    return auto_kv_splits(spec.shard(world_size).num_kv_heads, max_batch, num_workers)
 
 
 def build_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_caches: Sequence[torch.Tensor],
