@@ -184,6 +184,31 @@ def test_unsatisfiable_event_trips_the_watchdog(small_step):
     assert not mk.tensors["logits"][:4].isnan().any()
 
 
+def test_reset_after_a_stop_between_attention_splits(small_step):
+    """A watchdog stop can fall between the split tasks of one (request, KV head): its arrivals
+    counter is then left part-way and the next step's first finisher would merge too early.
+    The stop here stalls the second layer's attention; its counters are then set to what one
+    finished split leaves. ``reset()`` zeroes them: the next step equals a fresh kernel's."""
+    model, tensors = small_step
+    assert model.plan.counters, "the fixture's plan must split its attention (batch 4 on 132+ SMs)"
+    fresh = Megakernel(model.plan, tensors)
+    fresh.run_step(4)
+    want = fresh.tensors["logits"].clone()
+    mk = Megakernel(model.plan, tensors, timeout_s=0.2)
+    second = next(t for t in model.plan.tasks if t.op.name == "layers.1.attention")
+    event = second.wait_events[0]
+    mk.triggers[event] += 1
+    with pytest.raises(MegakernelError, match="waited on event"):
+        mk.run_step(4)
+    mk.triggers[event] -= 1
+    for name in model.plan.counters:
+        mk.tensors[name].fill_(1)
+    mk.reset()
+    mk.tensors["logits"].fill_(float("nan"))
+    mk.run_step(4)
+    assert torch.equal(mk.tensors["logits"], want)
+
+
 def test_counters_and_epoch_wrap_around(small_step):
     """After ~2^31 launches the epoch and the counters wrap; waits compare modulo 2^32, so a
     kernel started just before the wrap keeps producing the same logits across it."""
