@@ -11,7 +11,9 @@ agreement, step time, and bandwidth as a fraction of a device-to-device copy mea
 ``--prefetch 192:1 96:2 0:0 48:1,rmsnorm_linear_silu_mul=0`` also times each case under those L2
 prefetch policies (KiB of a tile's weights asked of L2 : how many tasks ahead, then caps of their
 own for some linear op kinds), on the same kernel (a policy is launch data), and checks that each
-gives logits bit-identical to the default's.
+gives logits bit-identical to the default's. ``--kv-pool-blocks N`` draws the requests' pages at
+random from N pages per layer, as vLLM's block pool does (the default keeps each request's pages
+adjacent; on an H100 the two timed the same, tenth session).
 
 Under torchrun (one process per GPU) each rank times its tensor-parallel shard instead: the step
 with its in-kernel all-reduces, per-rank bandwidth of its weight shard, the profiler summary (rank
@@ -50,15 +52,22 @@ def spec_of(name: str, layers: int | None) -> ModelSpec:
 
 
 def build(spec: ModelSpec, batch: int, context: int, device: str, weights=None, workers: int = 132,
-          kv_splits: int | None = None, world: int = 1, rank: int = 0):
+          kv_splits: int | None = None, world: int = 1, rank: int = 0, pool_blocks: int | None = None):
     """Rank ``rank`` of ``world``'s decode step; ``weights`` (TP-local shapes) default to empty ones;
-    ``kv_splits`` None: the decoder's per-plan choice (``auto_kv_splits``)."""
+    ``kv_splits`` None: the decoder's per-plan choice (``auto_kv_splits``). ``pool_blocks``: each
+    layer's cache holds that many pages and the requests' pages are drawn at random from them, as
+    in vLLM's pool; None: just the pages the requests need, each request's adjacent."""
     local = spec.shard(world)
     max_seq = context + 8 * batch + 16
     blocks = contiguous_block_tables(batch, max_seq, 16, device)
+    if pool_blocks is not None:
+        if pool_blocks < blocks.numel():
+            raise ValueError(f"--kv-pool-blocks {pool_blocks} is below the {blocks.numel()} pages the requests need")
+        pages = torch.randperm(pool_blocks, generator=torch.Generator().manual_seed(0))[:blocks.numel()]
+        blocks = pages.to(device=device, dtype=torch.int32).view(blocks.shape)
     if weights is None:
         weights = {k: torch.empty(s, dtype=torch.bfloat16, device=device) for k, s in expected_shapes(local).items()}
-    caches = allocate_kv_caches(local, int(blocks.numel()), 16, device=device)
+    caches = allocate_kv_caches(local, pool_blocks or int(blocks.numel()), 16, device=device)
     model = build_decoder(spec, weights, caches, DecodeOptions(max_batch=batch, max_seq_len=max_seq,
                                                                num_workers=workers, kv_splits=kv_splits,
                                                                world_size=world, rank=rank))
@@ -138,8 +147,8 @@ def time_policies(plan, tensors, mk: Megakernel, batch: int, logits: torch.Tenso
 
 
 def run_case(spec, batch, context, device, weights, log, trace_path=None, kv_splits: int | None = None,
-             policies=()) -> dict:
-    model, tensors, caches = build(spec, batch, context, device, weights, kv_splits=kv_splits)
+             policies=(), pool_blocks: int | None = None) -> dict:
+    model, tensors, caches = build(spec, batch, context, device, weights, kv_splits=kv_splits, pool_blocks=pool_blocks)
     for c in caches:
         c.normal_(0, 1)
     t0 = time.perf_counter()
@@ -179,7 +188,7 @@ def run_case(spec, batch, context, device, weights, log, trace_path=None, kv_spl
     nbytes = weight_bytes(spec, weights) + sum(
         int(tensors["seq_lens"].sum()) * spec.num_kv_heads * 2 * spec.head_dim * 2 for _ in range(spec.num_layers))
     row = {"model": spec.architecture, "layers": spec.num_layers, "hidden": spec.hidden_size, "batch": batch,
-           "kv_splits": model.kv_splits,
+           "kv_splits": model.kv_splits, "pool_blocks": pool_blocks,
            "rel_err": rel, "rel_err_same_rounding": rel_bf16, "cache_rel_err": cache_rel, "greedy_agree": f"{agree}/{batch}",
            "step_us": us, "bytes": nbytes, "tbps": nbytes / us / 1e6, "load_s": load_s,
            "nan": bool(torch.isnan(logits).any()), "prefetch": sweep}
@@ -250,6 +259,9 @@ def main() -> None:
                         "batch x 4 <= workers, else 1 (models/decoder.py:auto_kv_splits); a value forces it")
     p.add_argument("--prefetch", nargs="+", type=prefetch_policy, default=[], metavar="KIB:AHEAD[,KIND=KIB]",
                    help="also time each case under these L2 weight-prefetch policies (single GPU)")
+    p.add_argument("--kv-pool-blocks", type=int, default=None, metavar="N",
+                   help="pages per layer's KV cache, the requests' pages drawn at random from them like vLLM's "
+                        "block pool (default: only the pages needed, each request's adjacent)")
     args = p.parse_args()
     device = "cuda"
     out = Path(os.environ.get("OUT", "/tmp"))
@@ -259,7 +271,7 @@ def main() -> None:
         return
     specs = {m: spec_of(m, args.layers) for m in args.models}
     # Build every kernel first, in parallel (nvcc runs as a subprocess), from meta tensors.
-    jobs = [build(spec, b, args.context, "meta", kv_splits=args.kv_splits)[:2]
+    jobs = [build(spec, b, args.context, "meta", kv_splits=args.kv_splits, pool_blocks=args.kv_pool_blocks)[:2]
             for spec in specs.values() for b in args.batches]
     t0 = time.perf_counter()
     build_kernels([(model.plan, tensors) for model, tensors in jobs])
@@ -271,7 +283,8 @@ def main() -> None:
             weights = random_weights(spec, device=device)
             for b in args.batches:
                 trace = out / f"trace_{m}_bs{b}.json" if args.trace else None
-                case = run_case(spec, b, args.context, device, weights, log, trace, args.kv_splits, args.prefetch)
+                case = run_case(spec, b, args.context, device, weights, log, trace, args.kv_splits, args.prefetch,
+                                args.kv_pool_blocks)
                 rows.append({"name": m, **case})
                 print(rows[-1], flush=True)
             del weights

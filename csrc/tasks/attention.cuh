@@ -97,12 +97,12 @@ __device__ __forceinline__ float merge_partials(const float* p, int stride, int 
 }
 
 // Split KV, once this split's partial of a request is stored (through L2, by all threads): count
-// the split in `count`, the request's arrivals word for this KV head, and if it is the last of the
-// SPLITS to arrive, merge the SPLITS partials of the group's query heads (`partial`: [GROUP][SPLITS]
-// [HD + 2]) in split order, so the output does not depend on which split came last, write the
-// output (`out`: [GROUP][HD]) and set the count back to 0 for the next step. The other splits ran
-// on other SMs: each releases its partial (fence, then the count) and the last acquires them all
-// (the count, then a fence) before reading them through L2.
+// the split in `count`, the request's arrivals word for this KV head. The last of the SPLITS to
+// arrive sets the count back to 0 for the next step (all have counted by then), merges the SPLITS
+// partials of the group's query heads (`partial`: [GROUP][SPLITS][HD + 2]) in split order, so the
+// output does not depend on which split came last, and writes the output (`out`: [GROUP][HD]).
+// The other splits ran on other SMs: each releases its partial (fence, then the count) and the
+// last acquires them all (the count, then a fence) before reading them through L2.
 template <int HD, int GROUP, int SPLITS, int NT>
 __device__ __forceinline__ void merge_if_last(const float* partial, int* count, __nv_bfloat16* out) {
   __shared__ bool last_s;
@@ -110,7 +110,10 @@ __device__ __forceinline__ void merge_if_last(const float* partial, int* count, 
   if (threadIdx.x == 0) {
     __threadfence();
     const bool last = atomicAdd(count, 1) == SPLITS - 1;
-    if (last) __threadfence();
+    if (last) {
+      atomicExch(count, 0);  // every split of this step has counted; the next step's count from 0
+      __threadfence();
+    }
     last_s = last;
   }
   __syncthreads();
@@ -121,8 +124,6 @@ __device__ __forceinline__ void merge_if_last(const float* partial, int* count, 
     merge_partials<HD, SPLITS, true>(partial + g * SPLITS * (HD + 2), HD + 2, d, num, den);
     out[i] = __float2bfloat16_rn(num / den);
   }
-  __syncthreads();  // the reset after every read (though no split of this step counts again)
-  if (threadIdx.x == 0) atomicExch(count, 0);
 }
 
 template <int HD, int GROUP, int NQ, int NKV, int PAGE, bool QK_NORM, int NT, typename RopeT, int SPLITS>
