@@ -92,14 +92,6 @@ __device__ __forceinline__ void load_bf16(const __nv_bfloat16* p, float (&f)[N])
   }
 }
 
-// Streaming 16-byte load that does not keep the line in L1 (weights are read once per step).
-__device__ __forceinline__ Bf16x8 load_stream(const __nv_bfloat16* p) {
-  int4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-  return *reinterpret_cast<Bf16x8*>(&r);
-}
-
 // Asks L2 for `bytes` (a multiple of 16) from a 16-byte aligned address; nothing waits for it.
 __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
