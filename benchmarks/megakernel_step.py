@@ -13,7 +13,9 @@ prefetch policies (KiB of a tile's weights asked of L2 : how many tasks ahead, t
 own for some linear op kinds), on the same kernel (a policy is launch data), and checks that each
 gives logits bit-identical to the default's. ``--kv-pool-blocks N`` draws the requests' pages at
 random from N pages per layer, as vLLM's block pool does (the default keeps each request's pages
-adjacent; on an H100 the two timed the same, tenth session).
+adjacent; on an H100 the two timed the same, tenth session). Each case is timed after a 64 MB
+write through L2; ``--after-lm-head-gemm`` also times it after a GEMM of lm_head's shape, the L2
+state vLLM's ``compute_logits`` leaves between steps.
 
 Under torchrun (one process per GPU) each rank times its tensor-parallel shard instead: the step
 with its in-kernel all-reduces, per-rank bandwidth of its weight shard, the profiler summary (rank
@@ -108,6 +110,29 @@ def time_and_profile(plan, tensors, mk: Megakernel, batch: int, trace_path: Path
     return us
 
 
+def write_l2_sweep(device: str, nbytes: int = 64 << 20) -> None:
+    """Write ``nbytes`` through L2. Leaves L2 in the state the step benchmark times in: on an H100
+    a cuBLAS GEMM of lm_head's shape left the bs8 step 1.5-2% slower until a write of 32 MB or
+    more (reads did not restore it; tenth session)."""
+    torch.zeros(nbytes, dtype=torch.uint8, device=device)
+    torch.cuda.synchronize(device)
+
+
+def step_us_after_lm_head_gemm(spec: ModelSpec, mk: Megakernel, batch: int) -> float:
+    """Step µs after one cuBLAS GEMM of lm_head's shape ([batch, hidden] x [hidden, vocab], what
+    vLLM's ``compute_logits`` runs between two steps), i.e. in the L2 state vLLM leaves; then the
+    benchmark's state is restored (``write_l2_sweep``)."""
+    device = mk.device
+    head = torch.randn(spec.vocab_size, spec.hidden_size, dtype=torch.bfloat16, device=device)
+    x = torch.randn(batch, spec.hidden_size, dtype=torch.bfloat16, device=device)
+    x @ head.T
+    torch.cuda.synchronize(device)
+    us = graph_replay_us(lambda: mk.launch(batch))
+    del head
+    write_l2_sweep(device)
+    return us
+
+
 def prefetch_policy(text: str) -> PrefetchPolicy:
     """``KIB:AHEAD[,KIND=KIB...]`` (``AHEAD`` defaults to 1; a KIND is a linear op kind with a cap
     of its own)."""
@@ -147,7 +172,7 @@ def time_policies(plan, tensors, mk: Megakernel, batch: int, logits: torch.Tenso
 
 
 def run_case(spec, batch, context, device, weights, log, trace_path=None, kv_splits: int | None = None,
-             policies=(), pool_blocks: int | None = None) -> dict:
+             policies=(), pool_blocks: int | None = None, after_gemm: bool = False) -> dict:
     model, tensors, caches = build(spec, batch, context, device, weights, kv_splits=kv_splits, pool_blocks=pool_blocks)
     for c in caches:
         c.normal_(0, 1)
@@ -183,14 +208,16 @@ def run_case(spec, batch, context, device, weights, log, trace_path=None, kv_spl
               f"our argmax {int(logits[b].argmax())}), reference top2 {top.indices.tolist()} {top.values.tolist()}; "
               f"our logits there {logits[b, top.indices].tolist()}", flush=True)
     cache_rel = max(float((a.float() - b.float()).norm() / b.float().norm()) for a, b in zip(caches, ref_caches))
+    write_l2_sweep(device)
     us = time_and_profile(model.plan, tensors, mk, batch, trace_path, show=True)
     sweep = time_policies(model.plan, tensors, mk, batch, logits, policies, trace_path)
+    us_after_gemm = step_us_after_lm_head_gemm(spec, mk, batch) if after_gemm else None
     nbytes = weight_bytes(spec, weights) + sum(
         int(tensors["seq_lens"].sum()) * spec.num_kv_heads * 2 * spec.head_dim * 2 for _ in range(spec.num_layers))
     row = {"model": spec.architecture, "layers": spec.num_layers, "hidden": spec.hidden_size, "batch": batch,
            "kv_splits": model.kv_splits, "pool_blocks": pool_blocks,
            "rel_err": rel, "rel_err_same_rounding": rel_bf16, "cache_rel_err": cache_rel, "greedy_agree": f"{agree}/{batch}",
-           "step_us": us, "bytes": nbytes, "tbps": nbytes / us / 1e6, "load_s": load_s,
+           "step_us": us, "step_us_after_gemm": us_after_gemm, "bytes": nbytes, "tbps": nbytes / us / 1e6, "load_s": load_s,
            "nan": bool(torch.isnan(logits).any()), "prefetch": sweep}
     log.write(json.dumps(row) + "\n")
     log.flush()
@@ -259,6 +286,9 @@ def main() -> None:
                         "batch x 4 <= workers, else 1 (models/decoder.py:auto_kv_splits); a value forces it")
     p.add_argument("--prefetch", nargs="+", type=prefetch_policy, default=[], metavar="KIB:AHEAD[,KIND=KIB]",
                    help="also time each case under these L2 weight-prefetch policies (single GPU)")
+    p.add_argument("--after-lm-head-gemm", action="store_true",
+                   help="also time each step after a cuBLAS GEMM of lm_head's shape, in the L2 state vLLM's "
+                        "compute_logits leaves (on an H100 it slowed the bs8 step by 1.5-2%%)")
     p.add_argument("--kv-pool-blocks", type=int, default=None, metavar="N",
                    help="pages per layer's KV cache, the requests' pages drawn at random from them like vLLM's "
                         "block pool (default: only the pages needed, each request's adjacent)")
@@ -284,18 +314,19 @@ def main() -> None:
             for b in args.batches:
                 trace = out / f"trace_{m}_bs{b}.json" if args.trace else None
                 case = run_case(spec, b, args.context, device, weights, log, trace, args.kv_splits, args.prefetch,
-                                args.kv_pool_blocks)
+                                args.kv_pool_blocks, args.after_lm_head_gemm)
                 rows.append({"name": m, **case})
                 print(rows[-1], flush=True)
             del weights
             torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}  copy bandwidth {bw:.2f} TB/s")
     print(f"{'model':14} {'bs':>3} {'splits':>6} {'err f32':>9} {'err bf16':>9} {'greedy':>7} {'step us':>9} "
-          f"{'TB/s':>6} {'of copy':>7}")
+          f"{'TB/s':>6} {'of copy':>7}" + (f" {'after GEMM':>10}" if args.after_lm_head_gemm else ""))
     for r in rows:
+        after = f" {r['step_us_after_gemm']:10.1f}" if args.after_lm_head_gemm else ""
         print(f"{r['name']:14} {r['batch']:>3} {r['kv_splits']:>6} {r['rel_err']:9.2e} {r['rel_err_same_rounding']:9.2e} "
               f"{r['greedy_agree']:>7} {r['step_us']:9.1f} "
-              f"{r['tbps']:6.2f} {r['tbps'] / bw:7.0%}")
+              f"{r['tbps']:6.2f} {r['tbps'] / bw:7.0%}{after}")
     if args.prefetch:
         print(f"\nprefetch policies (KiB:ahead), step µs and vs the default {policy_name(PrefetchPolicy())}; "
               "* = logits not bit-identical")
