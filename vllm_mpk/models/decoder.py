@@ -68,7 +68,12 @@ class DecodeModel:
     logits: TensorHandle | None  # None when the plan stops at the final norm
     tokens: TensorHandle | None
     hidden: TensorHandle | None = None  # the final RMSNorm's output, when ``final="hidden"``
-    kv_splits: int = 1  # the split-KV count built (``options.kv_splits`` resolved: ``plan_kv_splits``)
+
+    @property
+    def kv_splits(self) -> int:
+        """The split-KV count built: ``options.kv_splits`` resolved for this plan (``plan_kv_splits``)."""
+        o = self.options
+        return plan_kv_splits(self.spec, o.max_batch, o.num_workers, o.kv_splits, o.world_size)
 
 
 def linear_grid(columns: int, num_workers: int) -> int:
@@ -182,7 +187,7 @@ def build_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cache
     if o.final == "hidden":  # vLLM's compute_logits applies the lm_head (and everything after it)
         hidden = new("hidden", h)
         mpk.rmsnorm_layer(x, final_norm, hidden, grid_dim=b, block_dim=block, eps=spec.rms_norm_eps, name="norm")
-        return DecodeModel(spec, o, mpk, mpk.compile(), None, None, hidden, kv_splits=kv_splits)
+        return DecodeModel(spec, o, mpk, mpk.compile(), None, None, hidden)
     # vLLM pads the vocabulary rows; the view of the real rows aliases the weight (tied or not).
     v = local.vocab_size
     head = mpk.attach_input(lm_head(local, weights)[:v], "lm_head.weight")
@@ -190,4 +195,4 @@ def build_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cache
     mpk.rmsnorm_linear_layer(x, final_norm, head, logits,
                              linear_grid(v, w), block, eps=spec.rms_norm_eps, name="lm_head")
     mpk.argmax_layer(logits, tokens, grid_dim=w, block_dim=block, vocab_start=o.rank * v, name="argmax")
-    return DecodeModel(spec, o, mpk, mpk.compile(), logits, tokens, kv_splits=kv_splits)
+    return DecodeModel(spec, o, mpk, mpk.compile(), logits, tokens)
