@@ -134,27 +134,22 @@ def step_us_after_lm_head_gemm(spec: ModelSpec, mk: Megakernel, batch: int) -> f
 
 
 def prefetch_policy(text: str) -> PrefetchPolicy:
-    """``KIB:AHEAD[,KIND=KIB...][,KEY=@KIB...]`` (``AHEAD`` defaults to 1; a KIND is a linear op
-    kind with an ahead cap of its own; a KEY, a linear op kind or an op name ending such as
-    ``o_proj``, asks that many KiB at the tile's own start)."""
-    head, *caps = text.split(",")
+    """``KIB:AHEAD[,KIND=KIB...]`` (``AHEAD`` defaults to 1; a KIND is a linear op kind with a cap
+    of its own)."""
+    head, *kinds = text.split(",")
     kib, _, ahead = head.partition(":")
-    if any("=" not in c for c in caps):
-        raise argparse.ArgumentTypeError(f"{text!r}: each cap is KIND=KIB or KEY=@KIB, e.g. rmsnorm_linear_silu_mul=0 "
-                                         "or o_proj=@256")
-    pairs = [(key, value) for key, _, value in (c.partition("=") for c in caps)]
+    if any("=" not in k for k in kinds):
+        raise argparse.ArgumentTypeError(f"{text!r}: each kind's cap is KIND=KIB, e.g. rmsnorm_linear_silu_mul=0")
+    caps = tuple((kind, int(cap) * 1024) for kind, _, cap in (k.partition("=") for k in kinds))
     try:
-        kind_caps = tuple((key, int(value) * 1024) for key, value in pairs if not value.startswith("@"))
-        own_caps = tuple((key, int(value[1:]) * 1024) for key, value in pairs if value.startswith("@"))
-        return PrefetchPolicy(int(kib) * 1024, int(ahead or 1), kind_caps, own_caps)
+        return PrefetchPolicy(int(kib) * 1024, int(ahead or 1), caps)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from e
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def policy_name(policy: PrefetchPolicy) -> str:
     return ",".join([f"{policy.cap_bytes // 1024}:{policy.ahead}",
-                     *(f"{kind}={cap // 1024}" for kind, cap in policy.kind_caps),
-                     *(f"{key}=@{cap // 1024}" for key, cap in policy.own_caps)])
+                     *(f"{kind}={cap // 1024}" for kind, cap in policy.kind_caps)])
 
 
 def time_policies(plan, tensors, mk: Megakernel, batch: int, logits: torch.Tensor, policies,
@@ -289,7 +284,7 @@ def main() -> None:
     p.add_argument("--kv-splits", type=int, default=None,
                    help="attention tasks per KV head and request (split KV); default auto: 2 while KV heads x "
                         "batch x 4 <= workers, else 1 (models/decoder.py:auto_kv_splits); a value forces it")
-    p.add_argument("--prefetch", nargs="+", type=prefetch_policy, default=[], metavar="KIB:AHEAD[,KIND=KIB][,KEY=@KIB]",
+    p.add_argument("--prefetch", nargs="+", type=prefetch_policy, default=[], metavar="KIB:AHEAD[,KIND=KIB]",
                    help="also time each case under these L2 weight-prefetch policies (single GPU)")
     p.add_argument("--after-lm-head-gemm", action="store_true",
                    help="also time each step after a cuBLAS GEMM of lm_head's shape, in the L2 state vLLM's "

@@ -42,7 +42,7 @@ from vllm_mpk.models.weights import expected_shapes
 from vllm_mpk.runtime.megakernel import kernel_spec, kernel_table
 
 # Word offsets inside a record (tables.py's layout); waits/signals/args start where the header ends.
-OPCODE, VARIANT, TASK, PF_TENSOR, PF_OFFSET16, PF_LEN16, PF_OWN16 = range(HEADER_WORDS)
+OPCODE, VARIANT, TASK, PF_TENSOR, PF_OFFSET16, PF_LEN16 = range(HEADER_WORDS)
 LINEAR_ARG_NAMES = ("input", "weight", "output", "bias", "residual", "norm_weight", "col_start", "col_end", "eps",
                     "out_cols")
 ATTENTION_ARG_NAMES = ("qkv", "cache", "rope", "positions", "seq_lens", "block_tables", "slots", "q_norm", "k_norm",
@@ -187,22 +187,18 @@ def test_prefetch_policy_sets_the_cap_of_the_same_table(qwen3_8b: Generated) -> 
     assert table.shape == g.table.shape
     lens, default_lens = table[..., PF_LEN16], g.table[..., PF_LEN16]
     assert (lens <= 2048).all() and (lens == np.minimum(default_lens, 2048)).all() and (lens == 2048).any()
-    assert (table[..., PF_OWN16] == lens).all() and (g.table[..., PF_OWN16] == default_lens).all()
     other = np.ones(table.shape[-1], dtype=bool)
-    other[[PF_LEN16, PF_OWN16]] = False
+    other[PF_LEN16] = False
     assert (table[..., other] == g.table[..., other]).all()
-    for never in (PrefetchPolicy(cap_bytes=0), PrefetchPolicy(ahead=0)):
-        assert not (kernel_table(g.plan, g.tensors, never)[..., [PF_LEN16, PF_OWN16]] > 0).any()
+    assert not (kernel_table(g.plan, g.tensors, PrefetchPolicy(cap_bytes=0))[..., PF_LEN16] > 0).any()
     with pytest.raises(ValueError, match="non-negative multiples of 16"):
         PrefetchPolicy(cap_bytes=100)
     with pytest.raises(ValueError, match="non-negative multiples of 16"):
         PrefetchPolicy(kind_caps=(("rmsnorm_linear", 8),))
     with pytest.raises(ValueError, match="only linear tiles prefetch; \\['attention'\\]"):
         PrefetchPolicy(kind_caps=(("attention", 0),))
-    with pytest.raises(ValueError, match="kind_caps names a key more than once"):
+    with pytest.raises(ValueError, match="more than one cap"):
         PrefetchPolicy(kind_caps=(("linear", 0), ("linear", 1024)))
-    with pytest.raises(ValueError, match="non-negative multiples of 16"):
-        PrefetchPolicy(own_caps=(("o_proj", 8),))
     assert PrefetchPolicy(kind_caps=(("rmsnorm_linear", 0), ("linear", 16))) == \
         PrefetchPolicy(kind_caps=(("linear", 16), ("rmsnorm_linear", 0)))
 
@@ -224,38 +220,6 @@ def test_a_kind_cap_changes_only_that_kinds_tiles(qwen3_8b: Generated) -> None:
     assert kinds["rmsnorm_linear_silu_mul"] > 0 and kinds["rmsnorm_linear"] > 0
     with pytest.raises(ValueError, match="ahead non-negative"):
         PrefetchPolicy(ahead=-1)
-
-
-def test_an_own_cap_asks_the_rest_of_a_tile_at_its_own_start(qwen3_8b: Generated) -> None:
-    """``o_proj=@256 KiB``: o_proj tiles ask 48 KiB ahead and up to 256 KiB (all of a tile at 8B)
-    by their own start; where the task before one is attention, all of it ahead. Other tiles keep
-    the default words."""
-    g = qwen3_8b
-    cap = 256 * 1024
-    table = kernel_table(g.plan, g.tensors, PrefetchPolicy(own_caps=(("o_proj", cap),)))
-    seen = {"after attention": 0, "after a linear": 0}
-    for worker, i, task, row in g.records():
-        got = table[worker, i]
-        if not task.op.name.endswith("o_proj"):
-            assert (got == row).all(), task
-            continue
-        region = task.params["col_end"] - task.params["col_start"]
-        size16 = region * g.tensors[task.op.inputs["weight"].name].shape[1] * 2 // 16
-        own16 = min(size16, cap // 16)
-        assert own16 > row[PF_LEN16] and got[PF_OWN16] == own16, task
-        before = g.plan.tasks[g.plan.queues[worker][i - 1]] if i else None
-        if before is not None and before.op.kind == "attention":
-            assert got[PF_LEN16] == own16, task
-            seen["after attention"] += 1
-        else:
-            assert got[PF_LEN16] == row[PF_LEN16], task
-            seen["after a linear"] += 1
-    assert all(seen.values()), seen
-    by_kind = PrefetchPolicy(own_caps=(("linear_with_residual", cap), ("o_proj", 0)))
-    o_proj = next(t for t in g.plan.tasks if t.op.name.endswith("o_proj"))
-    down = next(t for t in g.plan.tasks if t.op.name.endswith("down_proj"))
-    assert by_kind.own_cap_of(o_proj) == by_kind.own_cap_of(down) == cap  # a kind's key comes first
-    assert PrefetchPolicy(own_caps=(("proj", 16), ("o_proj", 32))).own_cap_of(o_proj) == 32  # the longest ending
 
 
 # --- the generated source -------------------------------------------------------------------------

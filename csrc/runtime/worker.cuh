@@ -26,18 +26,17 @@ struct KernelParams {
   int64_t timeout_ns;
 };
 
-// Ask L2 to fetch bytes [from16 * 16, to16 * 16) of a task's weight region, so that they stream
-// while the task still waits for its inputs (weights never wait for activations). One thread
-// issues it; the copy engine does the rest.
+// Ask L2 to fetch a task's first weight bytes, so that they stream while the task still waits for
+// its inputs (weights never wait for activations). One thread issues it; the copy engine does the rest.
 template <typename Record>
-__device__ __forceinline__ void prefetch_weights(const KernelParams& p, const Record& r, int32_t from16, int32_t to16) {
-  if (r.prefetch_tensor < 0 || to16 <= from16) return;
-  const char* base = static_cast<const char*>(p.tensors[r.prefetch_tensor]) + (int64_t)(r.prefetch_offset16 + from16) * 16;
-  prefetch_l2(base, static_cast<uint32_t>(to16 - from16) * 16);
+__device__ __forceinline__ void prefetch_weights(const KernelParams& p, const Record& r) {
+  if (r.prefetch_tensor < 0 || r.prefetch_len16 == 0) return;
+  const char* base = static_cast<const char*>(p.tensors[r.prefetch_tensor]) + (int64_t)r.prefetch_offset16 * 16;
+  prefetch_l2(base, r.prefetch_len16 * 16);
 }
 
-// Record: {opcode, variant, task id, prefetch tensor, offset/16, bytes asked ahead/16, bytes asked
-// by the task's own start/16, waits[MAX_WAITS], signals[MAX_SIGNALS], args[...]}, -1 padded.
+// Record: {opcode, variant, task id, prefetch tensor, offset/16, bytes/16, waits[MAX_WAITS],
+// signals[MAX_SIGNALS], args[...]}, -1 padded.
 template <typename Record, typename Dispatch, int NT>
 __device__ void worker_loop(const KernelParams& p) {
   __shared__ int32_t epoch_s;
@@ -56,12 +55,8 @@ __device__ void worker_loop(const KernelParams& p) {
       const Record& r = queue[i];
       if (threadIdx.x == 0) {
         if (i == 0)
-          for (int d = 0; d < p.prefetch_ahead && d < n; ++d) prefetch_weights(p, queue[d], 0, queue[d].prefetch_len16);
-        if (p.prefetch_ahead > 0 && i + p.prefetch_ahead < n) {
-          const Record& next = queue[i + p.prefetch_ahead];
-          prefetch_weights(p, next, 0, next.prefetch_len16);
-        }
-        prefetch_weights(p, r, r.prefetch_len16, r.own_len16);  // the rest of its own share, while it waits
+          for (int d = 0; d < p.prefetch_ahead && d < n; ++d) prefetch_weights(p, queue[d]);
+        if (p.prefetch_ahead > 0 && i + p.prefetch_ahead < n) prefetch_weights(p, queue[i + p.prefetch_ahead]);
         opened_s = false;
       }
       __syncthreads();  // the previous task is done with shared memory and the gate flags

@@ -55,7 +55,7 @@ namespace {{
 struct Record {{
   static constexpr int kMaxWaits = {max_waits};
   static constexpr int kMaxSignals = {max_signals};
-  int32_t opcode, variant, task, prefetch_tensor, prefetch_offset16, prefetch_len16, own_len16;
+  int32_t opcode, variant, task, prefetch_tensor, prefetch_offset16, prefetch_len16;
   int32_t waits[kMaxWaits];
   int32_t signals[kMaxSignals];
   int32_t args[{num_args}];
