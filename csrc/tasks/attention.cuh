@@ -11,8 +11,8 @@
 //
 // Rounds stage up to 32 positions per warp in shared memory: a lane scores one position for every
 // query head of the group, then each lane accumulates HD/32 dims of the weighted values. Warp
-// partials merge in shared memory.
-// The cached positions are requested into L2 before the task's q/k/v inputs are ready.
+// partials merge in shared memory. The first round is copied before the task's q/k/v inputs are
+// ready, the later ones asked of L2; the new position's row comes from the task's own k/v.
 #pragma once
 #include "common.cuh"
 
@@ -33,20 +33,24 @@ constexpr int attention_float_bytes() {
   return (((GROUP + 2) * HD + (NT / kWarp) * GROUP * (HD + 2 + kWarp)) * 4 + 15) / 16 * 16;
 }
 
-// A round stages the K|V rows of up to 32 positions per warp in shared memory (cp.async, all in
-// flight at once), each row padded by 16 bytes so that lanes reading different rows at the same
-// column hit different banks. A round has as many warps' positions as fit in 200 KiB with the rest.
+// A round stages the K|V rows of up to 32 positions per warp in shared memory (one bulk copy per
+// row, all in flight at once), each row padded by 16 bytes so that lanes reading different rows at
+// the same column hit different banks. A round has as many warps' positions as fit in 200 KiB with
+// the rest.
 constexpr int kStagePad = 8;  // bf16 elements
+constexpr int kStageBarrierBytes = 16;  // the copies' barrier, keeping the rows 16-byte aligned
 template <int HD, int GROUP, int NT>
 constexpr int attention_round() {
-  constexpr int fit = (200 * 1024 - attention_float_bytes<HD, GROUP, NT>()) / (kWarp * (8 + (2 * HD + kStagePad) * 2));
+  constexpr int fit = (200 * 1024 - attention_float_bytes<HD, GROUP, NT>() - kStageBarrierBytes) /
+                      (kWarp * (2 * HD + kStagePad) * 2);
   static_assert(fit >= 1, "head_dim and group size leave no shared memory for staging K|V rows");
   return (NT / kWarp < fit ? NT / kWarp : fit) * kWarp;
 }
 
 template <int HD, int GROUP, int NT>
-constexpr int attention_smem_bytes() {  // then the round's row offsets (int64) and staged rows (bf16)
-  return attention_float_bytes<HD, GROUP, NT>() + attention_round<HD, GROUP, NT>() * (8 + (2 * HD + kStagePad) * 2);
+constexpr int attention_smem_bytes() {  // then the copies' barrier and the staged rows (bf16)
+  return attention_float_bytes<HD, GROUP, NT>() + kStageBarrierBytes +
+         attention_round<HD, GROUP, NT>() * (2 * HD + kStagePad) * 2;
 }
 
 template <int HD>
@@ -126,7 +130,8 @@ __device__ __forceinline__ void merge_if_last(const float* partial, int* count, 
   }
 }
 
-template <int HD, int GROUP, int NQ, int NKV, int PAGE, bool QK_NORM, int NT, typename RopeT, int SPLITS>
+template <int HD, int GROUP, int NQ, int NKV, int PAGE, bool QK_NORM, int NT, typename RopeT, int SPLITS,
+          bool EARLY_STAGE>
 __device__ void attention_task(const TaskContext& c) {
   static_assert(HD % kWarp == 0, "head_dim must be a multiple of 32");
   constexpr int NW = NT / kWarp, D = HD / kWarp, QKV_W = (NQ + 2 * NKV) * HD;
@@ -152,17 +157,58 @@ __device__ void attention_task(const TaskContext& c) {
   float* vec = reinterpret_cast<float*>(worker_smem());  // [GROUP + 2][HD]: q heads, k, v
   float* part = vec + (GROUP + 2) * HD;                  // [NW][GROUP][HD + 2]: acc, then max and sum
   float* weights = part + NW * GROUP * (HD + 2) + warp * GROUP * kWarp;  // this warp's [GROUP][32]
-  constexpr int ROUND = attention_round<HD, GROUP, NT>(), STAGE_ROW = 2 * HD + kStagePad, CHUNKS = 2 * HD / 8;
-  int64_t* rows = reinterpret_cast<int64_t*>(worker_smem() + attention_float_bytes<HD, GROUP, NT>());  // [ROUND]
-  __nv_bfloat16* stage = reinterpret_cast<__nv_bfloat16*>(rows + ROUND);  // [ROUND][STAGE_ROW]
+  constexpr int ROUND = attention_round<HD, GROUP, NT>(), STAGE_ROW = 2 * HD + kStagePad, ROW_BYTES = 2 * HD * 2;
+  uint64_t* copied = reinterpret_cast<uint64_t*>(worker_smem() + attention_float_bytes<HD, GROUP, NT>());
+  __nv_bfloat16* stage = reinterpret_cast<__nv_bfloat16*>(worker_smem() + attention_float_bytes<HD, GROUP, NT>() +
+                                                          kStageBarrierBytes);  // [ROUND][STAGE_ROW]
+  uint32_t phase = 0;  // parity of the barrier's current phase: one per round
 
   const int row_start = c.arg(AttentionArgs::kRowStart), row_end = c.arg(AttentionArgs::kRowEnd);
-  // Before the inputs are ready: the KV history was written by earlier steps and the block tables
-  // are step inputs, so ask L2 for this head's cached positions while the q/k/v tiles run. The
-  // copy engine takes bulk requests one at a time, so ask for few: one range of PAGE slots per page
-  // where the head's slots are adjacent (head-major pages), or where a page holds all heads'
-  // slots contiguously (slot-major: each of the NKV head tasks then asks for one NKV-th of the page,
-  // together the whole page); otherwise one request per position.
+  // Starts the copies of the K|V rows of positions [r0, r0 + count) of request b into the stage
+  // (common.cuh's barrier protocol; wait_round waits for them), except the new position's, which
+  // the task writes from its own k/v. Callers order earlier accesses of the stage first.
+  // `page0`: this thread's page of position r0 + threadIdx.x if already loaded, else -1.
+  auto stage_round = [&](int b, int seq_len, int r0, int count, int page0) {
+    const int* table = tables + (size_t)b * table_stride;
+    const int fresh = seq_len - 1 - r0;  // the new position's row in this round, if any
+    fence_async_smem();
+    for (int i = threadIdx.x; i < count; i += NT) {
+      if (i == fresh) continue;
+      const int p = r0 + i;
+      const int page = i == threadIdx.x && page0 >= 0 ? page0 : table[p / PAGE];
+      expect_bytes(copied, ROW_BYTES);
+      bulk_copy_to_smem(stage + i * STAGE_ROW, head_cache + (int64_t)page * block_stride + (p % PAGE) * slot_stride,
+                        ROW_BYTES, copied);
+    }
+  };
+  auto wait_round = [&] {  // after a __syncthreads that follows every stage_round issue
+    if (threadIdx.x == 0) barrier_arrive(copied);
+    barrier_wait(copied, phase);
+    phase ^= 1;
+  };
+  if (threadIdx.x == 0) barrier_init(copied);
+  __syncthreads();
+  // The history needs none of this step's inputs (EARLY_STAGE: the host wrote the step inputs
+  // before the launch; a multi-step plan's begin_step writes them in the kernel), so the first
+  // round of the first request streams in while the q/k/v tiles run, as a linear tile's first
+  // weights do. This work delays the gate where the worker arrives late, so it is kept short: the
+  // first split's range starts at position 0, so its pages load beside the sequence length rather
+  // than after it (one round trip before the copies start, not two).
+  const bool early = EARLY_STAGE && row_start < row_end && row_start < c.num_tokens;
+  const int page0 = early && split == 0 && threadIdx.x < ROUND && threadIdx.x / PAGE < table_stride
+                        ? tables[(size_t)row_start * table_stride + threadIdx.x / PAGE]
+                        : -1;
+  const int first_len = early ? seq_lens[row_start] : 0;
+  const int first_lo = (int)((int64_t)first_len * split / SPLITS);
+  const int first_hi = (int)((int64_t)first_len * (split + 1) / SPLITS);
+  const bool staged_early = first_lo < first_hi;
+  if (staged_early) stage_round(row_start, first_len, first_lo, min(ROUND, first_hi - first_lo), page0);
+  // Also before the inputs are ready: ask L2 for the positions of the later rounds and requests
+  // (only a hint: in a multi-step plan they may be the previous step's). The copy engine takes
+  // bulk requests one at a time, so ask for few: one range of PAGE slots per page where the head's
+  // slots are adjacent (head-major pages), or where a page holds all heads' slots contiguously
+  // (slot-major: each of the NKV head tasks then asks for one NKV-th of the page, together the
+  // whole page); otherwise one request per position.
   constexpr int64_t kPageRange = (int64_t)PAGE * 2 * HD;  // elements
   const int64_t page_offset = slot_stride == 2 * HD ? head * head_stride
                               : slot_stride == NKV * head_stride && head_stride == 2 * HD &&
@@ -171,7 +217,8 @@ __device__ void attention_task(const TaskContext& c) {
                                     : -1;
   for (int b = row_start; b < row_end && b < c.num_tokens; ++b) {
     const int* table = tables + (size_t)b * table_stride;
-    const int len = seq_lens[b], lo = (int)((int64_t)len * split / SPLITS);
+    const int len = b == row_start && early ? first_len : seq_lens[b];
+    const int lo = (int)((int64_t)len * split / SPLITS) + (b == row_start && staged_early ? ROUND : 0);
     const int hi = min((int)((int64_t)len * (split + 1) / SPLITS), len - 1);  // the last one is new
     if (page_offset >= 0) {
       for (int page = lo / PAGE + threadIdx.x; page * PAGE < hi; page += NT)
@@ -181,7 +228,11 @@ __device__ void attention_task(const TaskContext& c) {
         prefetch_l2(head_cache + (int64_t)table[pos / PAGE] * block_stride + (pos % PAGE) * slot_stride, 2 * HD * 2);
     }
   }
-  if (!c.inputs_ready()) return;
+  if (!c.inputs_ready()) {  // the watchdog stopped the kernel: no copy into shared memory outlives the task
+    if (staged_early) wait_round();
+    if (threadIdx.x == 0) barrier_inval(copied);
+    return;
+  }
 
   for (int b = row_start; b < row_end; ++b) {
     const int seq_len = b < c.num_tokens ? seq_lens[b] : 0;
@@ -207,7 +258,6 @@ __device__ void attention_task(const TaskContext& c) {
       __nv_bfloat16* dst = head_cache + (slot / PAGE) * block_stride + (slot % PAGE) * slot_stride;
       for (int i = threadIdx.x; i < 2 * HD; i += NT) dst[i] = __float2bfloat16_rn(vec[GROUP * HD + i]);
     }
-    __syncthreads();  // the new k/v are read back below like every other position
 
     // Rounds of up to 32 positions per warp, staged in shared memory. Scores with lanes over
     // positions (a lane's dot products read its staged K row and the q heads), so no reduction per
@@ -221,20 +271,19 @@ __device__ void attention_task(const TaskContext& c) {
 #pragma unroll
       for (int d = 0; d < D; ++d) acc[g][d] = 0.f;
     }
-    const int* table = tables + (size_t)b * table_stride;
     const int lo = (int)((int64_t)seq_len * split / SPLITS), hi = (int)((int64_t)seq_len * (split + 1) / SPLITS);
     for (int r0 = lo; r0 < hi; r0 += ROUND) {
       const int count = min(ROUND, hi - r0);
-      __syncthreads();  // the previous round is done with the rows and the stage
-      for (int i = threadIdx.x; i < count; i += NT) {
-        const int p = r0 + i;
-        rows[i] = (int64_t)table[p / PAGE] * block_stride + (p % PAGE) * slot_stride;
+      if (!(staged_early && b == row_start && r0 == lo)) {
+        __syncthreads();  // the previous round is done with the rows and the stage
+        stage_round(b, seq_len, r0, count, -1);
       }
-      __syncthreads();
-      for (int i = threadIdx.x; i < count * CHUNKS; i += NT)  // a warp copies one row per instruction
-        cp_async16(stage + (i / CHUNKS) * STAGE_ROW + (i % CHUNKS) * 8, head_cache + rows[i / CHUNKS] + (i % CHUNKS) * 8);
-      cp_async_wait_all();
-      __syncthreads();
+      const int fresh = seq_len - 1 - r0;
+      if (fresh < count)  // the new position is this task's k/v, as written to the cache above
+        for (int i = threadIdx.x; i < 2 * HD; i += NT)
+          stage[fresh * STAGE_ROW + i] = __float2bfloat16_rn(vec[GROUP * HD + i]);
+      __syncthreads();  // every copy of the round is issued and the new row written
+      wait_round();
       const int first = warp * kWarp;
       if (first >= count) continue;  // warp-uniform
       const bool valid = first + lane < count;
@@ -309,6 +358,7 @@ __device__ void attention_task(const TaskContext& c) {
                                            arrivals + (size_t)b * NKV + head,
                                            out + (size_t)b * NQ * HD + head * GROUP * HD);
   }
+  if (threadIdx.x == 0) barrier_inval(copied);  // every thread passed its last wait before the merge's barrier
 }
 
 }  // namespace mpk

@@ -97,14 +97,53 @@ __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
 }
 
-// 16 bytes from global to shared memory without passing through registers (cp.async, L2 only);
-// cp_async_wait_all() waits for all of this thread's copies.
-__device__ __forceinline__ void cp_async16(void* smem, const void* global) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(global) : "memory");
+// Bulk copies from global to shared memory (the copy engine, no registers, no thread waits for
+// them to issue) completing on a shared-memory transaction barrier. Protocol, one phase per
+// batch of copies: one thread inits the barrier (then __syncthreads); each issuing thread runs
+// fence_async_smem() (its and, after a __syncthreads, everyone's earlier accesses of the
+// destination come before the copy), expect_bytes() and bulk_copy_to_smem(); after a
+// __syncthreads that follows every issue, one thread arrives and every thread waits for the
+// phase's parity. The barrier is invalidated before its bytes serve anything else.
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+__device__ __forceinline__ void barrier_init(uint64_t* bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_address(bar)) : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
+__device__ __forceinline__ void barrier_inval(uint64_t* bar) {
+  asm volatile("mbarrier.inval.shared::cta.b64 [%0];" ::"r"(smem_address(bar)) : "memory");
+}
+
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+__device__ __forceinline__ void expect_bytes(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(smem_address(bar)), "r"(bytes)
+               : "memory");
+}
+
+// `bytes` (a multiple of 16) from a 16-byte aligned global address to a 16-byte aligned one in
+// shared memory; completes `bytes` of the barrier's expected transactions.
+__device__ __forceinline__ void bulk_copy_to_smem(void* smem, const void* global, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               ::"r"(smem_address(smem)), "l"(global), "r"(bytes), "r"(smem_address(bar)) : "memory");
+}
+
+__device__ __forceinline__ void barrier_arrive(uint64_t* bar) {
+  asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.shared::cta.b64 state, [%0];\n}" ::"r"(smem_address(bar))
+               : "memory");
+}
+
+// Returns once the barrier's phase of this parity has completed (acquire: the copies' bytes are
+// visible). Copies of valid addresses always complete, so this wait needs no watchdog.
+__device__ __forceinline__ void barrier_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done)
+    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+                 : "=r"(done) : "r"(smem_address(bar)), "r"(parity) : "memory");
+}
 
 template <typename T>
 __device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }

@@ -77,8 +77,9 @@ class Variants:
 def plan_variants(plan: Plan, threads: int) -> Variants:
     tasks: list[CudaTask] = []
     of_op: dict[int, int] = {}
+    host_step_inputs = not any(op.kind == "begin_step" for op in plan.ops)
     for op in plan.ops:
-        t = cuda_task(op, threads)
+        t = cuda_task(op, threads, host_step_inputs)
         if t not in tasks:
             tasks.append(t)
         of_op[op.index] = tasks.index(t)

@@ -71,7 +71,10 @@ def _linear(op: Op, threads: int) -> CudaTask:
                     f"mpk::linear_smem_bytes<{k}, {batch}, {rows}, {threads}>()", opens_gate=True)
 
 
-def _attention(op: Op, threads: int) -> CudaTask:
+def _attention(op: Op, threads: int, host_step_inputs: bool = True) -> CudaTask:
+    """``host_step_inputs``: the host writes the step inputs (block tables, sequence lengths)
+    before the launch, so a task may stage its KV history before its gate (not so in a multi-step
+    plan, whose begin_step writes them)."""
     for role in ("input", "output", "kv_cache", "q_norm", "k_norm"):
         _require(op, role, (torch.bfloat16,))
     _require(op, "cos_sin_cache", tuple(CPP_DTYPES))
@@ -81,7 +84,7 @@ def _attention(op: Op, threads: int) -> CudaTask:
     rope = CPP_DTYPES[op.inputs["cos_sin_cache"].dtype]
     qk = "true" if "q_norm" in op.inputs else "false"
     return CudaTask(f"mpk::attention_task<{a['head_dim']}, {group}, {a['num_q_heads']}, {a['num_kv_heads']}, {page}, "
-                    f"{qk}, {threads}, {rope}, {a.get('kv_splits', 1)}>",
+                    f"{qk}, {threads}, {rope}, {a.get('kv_splits', 1)}, {str(host_step_inputs).lower()}>",
                     f"mpk::attention_smem_bytes<{a['head_dim']}, {group}, {threads}>()", opens_gate=True)
 
 
@@ -138,13 +141,17 @@ EMITTERS: dict[str, Callable[[Op, int], CudaTask]] = {
 }
 
 
-def cuda_task(op: Op, threads: int) -> CudaTask:
+def cuda_task(op: Op, threads: int, host_step_inputs: bool = True) -> CudaTask:
+    """The task body of ``op``'s tiles; ``host_step_inputs``: False in a plan whose begin_step
+    writes the step inputs in the kernel."""
     if op.kind not in EMITTERS:
         raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}' has no CUDA task body (fuse it: e.g. silu_mul into "
                                f"silu_mul_linear_with_residual)")
     if op.kind in ("allreduce", "argmax") and op.attrs.get("world_size", 1) > 1 and not uses_nvshmem(op):
         raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}': world_size > 1 without exchange buffers; build it "
                                f"with PersistentKernel.{op.kind}_layer, which declares them")
+    if op.kind == "attention":
+        return _attention(op, threads, host_step_inputs)
     return EMITTERS[op.kind](op, threads)
 
 
