@@ -277,6 +277,17 @@ def multi_step() -> Generated:
     return generated(model.plan, meta_bound(model.plan, model.kernel.attached))
 
 
+def test_attention_stages_history_before_its_gate_only_where_the_host_writes_the_step_inputs(
+        qwen3_8b: Generated, multi_step: Generated) -> None:
+    """The last template argument of attention_task (EARLY_STAGE): true in a single-step plan, whose
+    block tables and sequence lengths the host wrote before the launch; false in a multi-step plan."""
+    def early_flags(g: Generated) -> set[str]:
+        return set(re.findall(r"mpk::attention_task<[^>]*, (true|false)>", g.spec.sources["megakernel.cu"]))
+
+    assert early_flags(qwen3_8b) == {"true"}
+    assert early_flags(multi_step) == {"false"}
+
+
 def test_begin_step_waits_for_the_previous_steps_argmax(multi_step: Generated) -> None:
     """begin_step's record holds its carried wait as -(event + 2), for the event the argmax's final
     tile signals; every other record's waits are this step's (non-negative)."""
@@ -331,7 +342,8 @@ def test_multi_step_megakernel_compiles_for_sm90a(multi_step: Generated, tmp_pat
     except ToolchainError as err:
         pytest.skip(f"cannot prove the generated CUDA compiles: {err}")
     assert "mpk::begin_step_task<256>" in multi_step.spec.sources["megakernel.cu"]
-    assert re.search(r"mpk::attention_task<[^>]*, 2>", multi_step.spec.sources["megakernel.cu"])  # split KV
+    # split KV, and no KV staging before the gate: begin_step writes the step inputs in the kernel
+    assert re.search(r"mpk::attention_task<[^>]*, 2, false>", multi_step.spec.sources["megakernel.cu"])
     assert compile_only(multi_step.spec, tmp_path).is_file()
 
 
