@@ -130,6 +130,10 @@ __device__ __forceinline__ void merge_if_last(const float* partial, int* count, 
   }
 }
 
+// Where split `s` of SPLITS starts in a history of `len` positions (s = SPLITS: where the last ends).
+template <int SPLITS>
+__device__ __forceinline__ int split_bound(int len, int s) { return (int)((int64_t)len * s / SPLITS); }
+
 template <int HD, int GROUP, int NQ, int NKV, int PAGE, bool QK_NORM, int NT, typename RopeT, int SPLITS,
           bool EARLY_STAGE>
 __device__ void attention_task(const TaskContext& c) {
@@ -199,8 +203,7 @@ __device__ void attention_task(const TaskContext& c) {
                         ? tables[(size_t)row_start * table_stride + threadIdx.x / PAGE]
                         : -1;
   const int first_len = early ? seq_lens[row_start] : 0;
-  const int first_lo = (int)((int64_t)first_len * split / SPLITS);
-  const int first_hi = (int)((int64_t)first_len * (split + 1) / SPLITS);
+  const int first_lo = split_bound<SPLITS>(first_len, split), first_hi = split_bound<SPLITS>(first_len, split + 1);
   const bool staged_early = first_lo < first_hi;
   if (staged_early) stage_round(row_start, first_len, first_lo, min(ROUND, first_hi - first_lo), page0);
   // Also before the inputs are ready: ask L2 for the positions of the later rounds and requests
@@ -218,8 +221,8 @@ __device__ void attention_task(const TaskContext& c) {
   for (int b = row_start; b < row_end && b < c.num_tokens; ++b) {
     const int* table = tables + (size_t)b * table_stride;
     const int len = b == row_start && early ? first_len : seq_lens[b];
-    const int lo = (int)((int64_t)len * split / SPLITS) + (b == row_start && staged_early ? ROUND : 0);
-    const int hi = min((int)((int64_t)len * (split + 1) / SPLITS), len - 1);  // the last one is new
+    const int lo = split_bound<SPLITS>(len, split) + (b == row_start && staged_early ? ROUND : 0);
+    const int hi = min(split_bound<SPLITS>(len, split + 1), len - 1);  // the last one is new
     if (page_offset >= 0) {
       for (int page = lo / PAGE + threadIdx.x; page * PAGE < hi; page += NT)
         prefetch_l2(cache + (int64_t)table[page] * block_stride + page_offset, kPageRange * 2);
@@ -271,7 +274,7 @@ __device__ void attention_task(const TaskContext& c) {
 #pragma unroll
       for (int d = 0; d < D; ++d) acc[g][d] = 0.f;
     }
-    const int lo = (int)((int64_t)seq_len * split / SPLITS), hi = (int)((int64_t)seq_len * (split + 1) / SPLITS);
+    const int lo = split_bound<SPLITS>(seq_len, split), hi = split_bound<SPLITS>(seq_len, split + 1);
     for (int r0 = lo; r0 < hi; r0 += ROUND) {
       const int count = min(ROUND, hi - r0);
       if (!(staged_early && b == row_start && r0 == lo)) {
