@@ -197,11 +197,18 @@ __device__ void attention_task(const TaskContext& c) {
   // round of the first request streams in while the q/k/v tiles run, as a linear tile's first
   // weights do. This work delays the gate where the worker arrives late, so it is kept short: the
   // first split's range starts at position 0, so its pages load beside the sequence length rather
-  // than after it (one round trip before the copies start, not two).
+  // than after it (one round trip before the copies start, not two). So do the pages after the
+  // first round, which the L2 hint below asks for: `later_page`, page ROUND / PAGE + threadIdx.x
+  // of the first request (read whatever the length; used only where it is in range).
   const bool early = EARLY_STAGE && row_start < row_end && row_start < c.num_tokens;
-  const int page0 = early && split == 0 && threadIdx.x < ROUND && threadIdx.x / PAGE < table_stride
-                        ? tables[(size_t)row_start * table_stride + threadIdx.x / PAGE]
+  const int* first_table = tables + (size_t)row_start * table_stride;
+  const bool early_pages = early && split == 0;
+  const int page0 = early_pages && threadIdx.x < ROUND && threadIdx.x / PAGE < table_stride
+                        ? first_table[threadIdx.x / PAGE]
                         : -1;
+  const int later_page = early_pages && ROUND / PAGE + (int)threadIdx.x < table_stride
+                             ? first_table[ROUND / PAGE + threadIdx.x]
+                             : -1;
   const int first_len = early ? seq_lens[row_start] : 0;
   const int first_lo = split_bound<SPLITS>(first_len, split), first_hi = split_bound<SPLITS>(first_len, split + 1);
   const bool staged_early = first_lo < first_hi;
@@ -223,12 +230,15 @@ __device__ void attention_task(const TaskContext& c) {
     const int len = b == row_start && early ? first_len : seq_lens[b];
     const int lo = split_bound<SPLITS>(len, split) + (b == row_start && staged_early ? ROUND : 0);
     const int hi = min(split_bound<SPLITS>(len, split + 1), len - 1);  // the last one is new
+    auto page_at = [&](int page) {
+      return b == row_start && early_pages && page == ROUND / PAGE + (int)threadIdx.x ? later_page : table[page];
+    };
     if (page_offset >= 0) {
       for (int page = lo / PAGE + threadIdx.x; page * PAGE < hi; page += NT)
-        prefetch_l2(cache + (int64_t)table[page] * block_stride + page_offset, kPageRange * 2);
+        prefetch_l2(cache + (int64_t)page_at(page) * block_stride + page_offset, kPageRange * 2);
     } else {
       for (int pos = lo + threadIdx.x; pos < hi; pos += NT)
-        prefetch_l2(head_cache + (int64_t)table[pos / PAGE] * block_stride + (pos % PAGE) * slot_stride, 2 * HD * 2);
+        prefetch_l2(head_cache + (int64_t)page_at(pos / PAGE) * block_stride + (pos % PAGE) * slot_stride, 2 * HD * 2);
     }
   }
   if (!c.inputs_ready()) {  // the watchdog stopped the kernel: no copy into shared memory outlives the task
