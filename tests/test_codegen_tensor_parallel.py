@@ -19,7 +19,7 @@ from vllm_mpk.codegen import tasks
 from vllm_mpk.codegen.jit import compile_only
 from vllm_mpk.codegen.source import BINDING, plan_uses_nvshmem
 from vllm_mpk.codegen.tables import HEADER_WORDS
-from vllm_mpk.codegen.tasks import UnsupportedOnGPU, cuda_task
+from vllm_mpk.codegen.tasks import Target, UnsupportedOnGPU, cuda_task
 from vllm_mpk.codegen.toolchain import has_nvshmem
 from vllm_mpk.graph.ir import Role
 from vllm_mpk.models import DecodeOptions, build_decoder
@@ -125,14 +125,14 @@ def test_tp_plans_use_the_nvshmem_build(tp2: list[Generated]) -> None:
 def test_missing_nvshmem_is_unsupported_on_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tasks, "has_nvshmem", lambda: False)
     plan = decoder_plan(1, 0).plan  # world size 1: no NVSHMEM needed
-    assert all(cuda_task(op, 256) for op in plan.ops)
+    assert all(cuda_task(op, Target(256)) for op in plan.ops)
     step = torch.zeros(4, dtype=torch.int64)
     mpk = PersistentKernel(world_size=2, mpi_rank=0, num_workers=4, meta_tensors={"step": step}, max_seq_len=16)
     x = mpk.new_tensor((4, 64), torch.bfloat16, "x", "nvshmem_tensor")
     y = mpk.new_tensor((4, 64), torch.bfloat16, "y")
     mpk.allreduce_layer(x, y, grid_dim=4, block_dim=128)
     with pytest.raises(UnsupportedOnGPU, match="pip install nvidia-nvshmem-cu13"):
-        cuda_task(mpk.ops[0], 128)
+        cuda_task(mpk.ops[0], Target(128))
 
 
 def test_forced_nvshmem_path_with_one_rank_declares_buffers() -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vllm_mpk.codegen.tasks import LINEAR_MODES, CudaTask, cuda_task, prefetch_region, task_args
+from vllm_mpk.codegen.tasks import LINEAR_MODES, CudaTask, Target, cuda_task, prefetch_region, task_args
 from vllm_mpk.graph.ir import Task
 from vllm_mpk.graph.ops import REGISTRY
 from vllm_mpk.graph.plan import Plan
@@ -77,9 +77,9 @@ class Variants:
 def plan_variants(plan: Plan, threads: int) -> Variants:
     tasks: list[CudaTask] = []
     of_op: dict[int, int] = {}
-    host_step_inputs = not any(op.kind == "begin_step" for op in plan.ops)
+    target = Target(threads, host_step_inputs=not any(op.kind == "begin_step" for op in plan.ops))
     for op in plan.ops:
-        t = cuda_task(op, threads, host_step_inputs)
+        t = cuda_task(op, target)
         if t not in tasks:
             tasks.append(t)
         of_op[op.index] = tasks.index(t)

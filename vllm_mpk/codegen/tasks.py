@@ -30,6 +30,14 @@ class UnsupportedOnGPU(ValueError):
 
 
 @dataclass(frozen=True)
+class Target:
+    """What a plan's task bodies are specialised for besides their ops."""
+
+    threads: int  # per worker block
+    host_step_inputs: bool = True  # the host writes the step inputs before each launch (no begin_step in the plan)
+
+
+@dataclass(frozen=True)
 class CudaTask:
     call: str  # a device function template instance taking (const TaskContext&)
     smem: str  # a C++ constant expression: the dynamic shared memory it needs
@@ -47,7 +55,7 @@ def _require(op: Op, role: str, dtypes: tuple[torch.dtype, ...], tensors: Mappin
                                f"{', '.join(map(str, dtypes))}")
 
 
-def _linear(op: Op, threads: int) -> CudaTask:
+def _linear(op: Op, target: Target) -> CudaTask:
     for role in ("input", "weight", "residual", "norm_weight", "bias"):
         _require(op, role, (torch.bfloat16,))
     _require(op, "output", tuple(CPP_DTYPES))
@@ -67,14 +75,15 @@ def _linear(op: Op, threads: int) -> CudaTask:
                                f"GPU's {MAX_TILE_ROWS}; raise grid_dim to at least "
                                f"{-(-columns * per_column // MAX_TILE_ROWS)}")
     mode = LINEAR_MODES[op.kind]
+    threads = target.threads
     return CudaTask(f"mpk::linear_task<mpk::LinearMode::{mode}, {k}, {batch}, {rows}, {threads}, {out}>",
                     f"mpk::linear_smem_bytes<{k}, {batch}, {rows}, {threads}>()", opens_gate=True)
 
 
-def _attention(op: Op, threads: int, host_step_inputs: bool = True) -> CudaTask:
-    """``host_step_inputs``: the host writes the step inputs (block tables, sequence lengths)
-    before the launch, so a task may stage its KV history before its gate (not so in a multi-step
-    plan, whose begin_step writes them)."""
+def _attention(op: Op, target: Target) -> CudaTask:
+    """Where the host writes the step inputs (block tables, sequence lengths) before the launch, a
+    task stages its KV history before its gate (not so in a multi-step plan, whose begin_step
+    writes them)."""
     for role in ("input", "output", "kv_cache", "q_norm", "k_norm"):
         _require(op, role, (torch.bfloat16,))
     _require(op, "cos_sin_cache", tuple(CPP_DTYPES))
@@ -83,22 +92,23 @@ def _attention(op: Op, threads: int, host_step_inputs: bool = True) -> CudaTask:
     page = op.inputs["kv_cache"].shape[2]
     rope = CPP_DTYPES[op.inputs["cos_sin_cache"].dtype]
     qk = "true" if "q_norm" in op.inputs else "false"
+    threads, early = target.threads, str(target.host_step_inputs).lower()
     return CudaTask(f"mpk::attention_task<{a['head_dim']}, {group}, {a['num_q_heads']}, {a['num_kv_heads']}, {page}, "
-                    f"{qk}, {threads}, {rope}, {a.get('kv_splits', 1)}, {str(host_step_inputs).lower()}>",
+                    f"{qk}, {threads}, {rope}, {a.get('kv_splits', 1)}, {early}>",
                     f"mpk::attention_smem_bytes<{a['head_dim']}, {group}, {threads}>()", opens_gate=True)
 
 
-def _simple(name: str, smem: str, roles: tuple[str, ...]) -> Callable[[Op, int], CudaTask]:
-    def emit(op: Op, threads: int) -> CudaTask:
+def _simple(name: str, smem: str, roles: tuple[str, ...]) -> Callable[[Op, Target], CudaTask]:
+    def emit(op: Op, target: Target) -> CudaTask:
         for role in roles:
             _require(op, role, (torch.bfloat16,))
-        return CudaTask(f"mpk::{name}<{threads}>", smem)
+        return CudaTask(f"mpk::{name}<{target.threads}>", smem)
     return emit
 
 
-def _embed(op: Op, threads: int) -> CudaTask:
+def _embed(op: Op, target: Target) -> CudaTask:
     _require(op, "input", (torch.int32,))
-    return _simple("embed_task", "0", ("weight", "output"))(op, threads)
+    return _simple("embed_task", "0", ("weight", "output"))(op, target)
 
 
 def uses_nvshmem(op: Op) -> bool:
@@ -112,47 +122,44 @@ def _nvshmem_ready(op: Op) -> None:
                                f"is not installed: {NVSHMEM_INSTALL_HINT}")
 
 
-def _argmax(op: Op, threads: int) -> CudaTask:
+def _argmax(op: Op, target: Target) -> CudaTask:
     _require(op, "input", tuple(CPP_DTYPES))
     dtype = CPP_DTYPES[op.inputs["input"].dtype]
     if uses_nvshmem(op):
         _nvshmem_ready(op)
-        return CudaTask(f"mpk::argmax_task<{threads}, {dtype}, true>", "768")
-    return CudaTask(f"mpk::argmax_task<{threads}, {dtype}>", "768")
+        return CudaTask(f"mpk::argmax_task<{target.threads}, {dtype}, true>", "768")
+    return CudaTask(f"mpk::argmax_task<{target.threads}, {dtype}>", "768")
 
 
-def _allreduce(op: Op, threads: int) -> CudaTask:
+def _allreduce(op: Op, target: Target) -> CudaTask:
     _require(op, "input", (torch.bfloat16,))
     _require(op, "output", (torch.bfloat16,))
     if uses_nvshmem(op):
         _nvshmem_ready(op)
-        return CudaTask(f"mpk::allreduce_nvshmem_task<{threads}>", "0")
-    return CudaTask(f"mpk::allreduce_task<{threads}>", "0")
+        return CudaTask(f"mpk::allreduce_nvshmem_task<{target.threads}>", "0")
+    return CudaTask(f"mpk::allreduce_task<{target.threads}>", "0")
 
 
-EMITTERS: dict[str, Callable[[Op, int], CudaTask]] = {
+EMITTERS: dict[str, Callable[[Op, Target], CudaTask]] = {
     "embed": _embed,
     "rmsnorm": _simple("rmsnorm_task", "128", ("input", "weight", "output", "residual", "residual_output")),
     **dict.fromkeys(LINEAR_MODES, _linear),
     "attention": _attention,
     "allreduce": _allreduce,
     "argmax": _argmax,
-    "begin_step": lambda op, threads: CudaTask(f"mpk::begin_step_task<{threads}>", "0"),
+    "begin_step": lambda op, target: CudaTask(f"mpk::begin_step_task<{target.threads}>", "0"),
 }
 
 
-def cuda_task(op: Op, threads: int, host_step_inputs: bool = True) -> CudaTask:
-    """The task body of ``op``'s tiles; ``host_step_inputs``: False in a plan whose begin_step
-    writes the step inputs in the kernel."""
+def cuda_task(op: Op, target: Target) -> CudaTask:
+    """The task body of ``op``'s tiles, specialised for ``target``."""
     if op.kind not in EMITTERS:
         raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}' has no CUDA task body (fuse it: e.g. silu_mul into "
                                f"silu_mul_linear_with_residual)")
     if op.kind in ("allreduce", "argmax") and op.attrs.get("world_size", 1) > 1 and not uses_nvshmem(op):
         raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}': world_size > 1 without exchange buffers; build it "
                                f"with PersistentKernel.{op.kind}_layer, which declares them")
-    if op.kind == "attention":
-        return _attention(op, threads, host_step_inputs)
-    return EMITTERS[op.kind](op, threads)
+    return EMITTERS[op.kind](op, target)
 
 
 def task_args(task: Task, ids: Mapping[str, int], tensors: Mapping[str, torch.Tensor]) -> list[int]:
