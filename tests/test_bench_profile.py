@@ -199,7 +199,8 @@ def test_step_times_give_the_median_period_and_its_tail() -> None:
 
     class LLM:
         def collective_rpc(self, method: str, args: tuple = ()) -> list[Any]:
-            stop = {"forward": [6.4] * 11, "lm_head": [0.4] * 11, "period": periods, "graph_tokens": [8.0] * 11}
+            stop = {"forward": [6.4] * 10 + [7.5], "lm_head": [0.4] * 11, "period": periods,
+                    "graph_tokens": [8.0] * 11}
             return [True if method == "bench_timer_start" else stop]
 
         def generate(self, prompts: list, params: Any, use_tqdm: bool) -> None:
@@ -207,5 +208,6 @@ def test_step_times_give_the_median_period_and_its_tail() -> None:
 
     times = worker.step_times_ms(LLM(), [{"prompt_token_ids": [1]}], 12)
     assert (times["forward_ms"], times["period_ms"], times["period_p90_ms"], times["graph_tokens"]) == (6.4, 7.0, 7.0, [8])
+    assert times["forward_mean_ms"] == pytest.approx(6.5) and times["period_mean_ms"] == pytest.approx(7.2)
     periods[-2:] = [9.0, 9.5]
     assert worker.step_times_ms(LLM(), [{"prompt_token_ids": [1]}], 12)["period_p90_ms"] == 9.0

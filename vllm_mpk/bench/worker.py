@@ -24,6 +24,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -133,20 +134,25 @@ def tpot_samples_ms(llm: Any, prompts: list[dict[str, list[int]]], new_tokens: i
 def step_times_ms(llm: Any, prompts: list[dict[str, list[int]]], new_tokens: int) -> dict[str, Any]:
     """Median GPU time of the decode step's graph replay and of compute_logits over one generation,
     and the median step period on the GPU's timeline with its 90th percentile (a period well above
-    the forward and lm_head is time the GPU waited for the host); None where the model runner has
-    no FULL-graph replay to time."""
+    the forward and lm_head is time the GPU waited for the host); also the means of the forward and
+    the period, which TPOT (a mean over the generation) is to be read against where the steps'
+    times spread; None where the model runner has no FULL-graph replay to time."""
+    keys = ("forward_ms", "forward_mean_ms", "lm_head_ms", "period_ms", "period_mean_ms", "period_p90_ms",
+            "graph_tokens")
     if not llm.collective_rpc("bench_timer_start")[0]:
-        return {"forward_ms": None, "lm_head_ms": None, "period_ms": None, "period_p90_ms": None, "graph_tokens": None}
+        return dict.fromkeys(keys)
     try:
         generate_s(llm, prompts, new_tokens)
     finally:
         times = llm.collective_rpc("bench_timer_stop")[0]
 
-    def median(key: str) -> float | None:
-        return statistics.median(times[key]) if times[key] else None
+    def summary(key: str, of: Callable[[list[float]], float]) -> float | None:
+        return of(times[key]) if times[key] else None
 
     period = sorted(times["period"])
-    return {"forward_ms": median("forward"), "lm_head_ms": median("lm_head"), "period_ms": median("period"),
+    return {"forward_ms": summary("forward", statistics.median), "forward_mean_ms": summary("forward", statistics.mean),
+            "lm_head_ms": summary("lm_head", statistics.median), "period_ms": summary("period", statistics.median),
+            "period_mean_ms": summary("period", statistics.mean),
             "period_p90_ms": period[int(0.9 * (len(period) - 1))] if period else None,
             "graph_tokens": sorted({int(n) for n in times["graph_tokens"]})}
 
