@@ -176,6 +176,9 @@ __device__ void attention_task(const TaskContext& c) {
     const int* table = tables + (size_t)b * table_stride;
     const int fresh = seq_len - 1 - r0;  // the new position's row in this round, if any
     fence_async_smem();
+    // A multi-step plan's earlier steps in this launch wrote rows of the history with ordinary
+    // stores; where the host writes the step inputs every row is from an earlier launch.
+    if constexpr (!EARLY_STAGE) fence_async_global();
     for (int i = threadIdx.x; i < count; i += NT) {
       if (i == fresh) continue;
       const int p = r0 + i;

@@ -119,6 +119,10 @@ __device__ __forceinline__ void barrier_inval(uint64_t* bar) {
 
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
+// The same for global memory: a bulk copy that reads what ordinary stores wrote in the same launch
+// (seen through an event's acquire) issues this first, so the copy engine reads the stored bytes.
+__device__ __forceinline__ void fence_async_global() { asm volatile("fence.proxy.async.global;" ::: "memory"); }
+
 __device__ __forceinline__ void expect_bytes(uint64_t* bar, uint32_t bytes) {
   asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(smem_address(bar)), "r"(bytes)
                : "memory");
