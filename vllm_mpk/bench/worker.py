@@ -137,14 +137,12 @@ def step_times_ms(llm: Any, prompts: list[dict[str, list[int]]], new_tokens: int
     the forward and lm_head is time the GPU waited for the host); also the means of the forward and
     the period, which TPOT (a mean over the generation) is to be read against where the steps'
     times spread; None where the model runner has no FULL-graph replay to time."""
-    keys = ("forward_ms", "forward_mean_ms", "lm_head_ms", "period_ms", "period_mean_ms", "period_p90_ms",
-            "graph_tokens")
-    if not llm.collective_rpc("bench_timer_start")[0]:
-        return dict.fromkeys(keys)
-    try:
-        generate_s(llm, prompts, new_tokens)
-    finally:
-        times = llm.collective_rpc("bench_timer_stop")[0]
+    times: dict[str, list[float]] = {"forward": [], "lm_head": [], "period": [], "graph_tokens": []}
+    if llm.collective_rpc("bench_timer_start")[0]:
+        try:
+            generate_s(llm, prompts, new_tokens)
+        finally:
+            times = llm.collective_rpc("bench_timer_stop")[0]
 
     def summary(key: str, of: Callable[[list[float]], float]) -> float | None:
         return of(times[key]) if times[key] else None
@@ -154,7 +152,7 @@ def step_times_ms(llm: Any, prompts: list[dict[str, list[int]]], new_tokens: int
             "lm_head_ms": summary("lm_head", statistics.median), "period_ms": summary("period", statistics.median),
             "period_mean_ms": summary("period", statistics.mean),
             "period_p90_ms": period[int(0.9 * (len(period) - 1))] if period else None,
-            "graph_tokens": sorted({int(n) for n in times["graph_tokens"]})}
+            "graph_tokens": sorted({int(n) for n in times["graph_tokens"]}) or None}
 
 
 def run(cfg: EngineConfig, rows: Path) -> None:
