@@ -246,6 +246,7 @@ __device__ void attention_task(const TaskContext& c) {
   }
   if (!c.inputs_ready()) {  // the watchdog stopped the kernel: no copy into shared memory outlives the task
     if (staged_early) wait_round();
+    __syncthreads();  // every thread's wait is done before the barrier is invalidated
     if (threadIdx.x == 0) barrier_inval(copied);
     return;
   }
