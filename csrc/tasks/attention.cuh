@@ -252,7 +252,8 @@ __device__ void attention_task(const TaskContext& c) {
   }
 
   for (int b = row_start; b < row_end; ++b) {
-    const int seq_len = b < c.num_tokens ? seq_lens[b] : 0;
+    // The first request's length as its early round was staged for (read before the gate).
+    const int seq_len = b == row_start && early ? first_len : b < c.num_tokens ? seq_lens[b] : 0;
     if (seq_len <= 0) continue;
     __syncthreads();
     const __nv_bfloat16* row = qkv + (size_t)b * QKV_W;
