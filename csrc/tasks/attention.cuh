@@ -9,10 +9,14 @@
 // output and sets the count back to 0 (merge_if_last). Only the last split, whose range ends at
 // the new token, writes the new k/v.
 //
-// Rounds stage up to 32 positions per warp in shared memory: a lane scores one position for every
-// query head of the group, then each lane accumulates HD/32 dims of the weighted values. Warp
-// partials merge in shared memory. The first round is copied before the task's q/k/v inputs are
-// ready, the later ones asked of L2; the new position's row comes from the task's own k/v.
+// Each warp stages its own chunks of 16 positions in shared memory, in two buffers: it computes
+// from one while the next chunk streams into the other (bulk copies on a barrier per buffer, no
+// block-wide barrier between chunks). Chunk k of warp w holds positions start + 16 (w + SW k),
+// SW the warps with buffers. A half-warp scores the chunk's 16 positions for every query head of
+// the group (each half over half the dims), then each lane accumulates HD/32 dims of the weighted
+// values. Warp partials merge in shared memory. The first two chunks of every warp (ROUND
+// positions) are copied before the task's q/k/v inputs are ready, the later ones asked of L2; the
+// new position's row comes from the task's own k/v.
 #pragma once
 #include "common.cuh"
 
@@ -26,31 +30,33 @@ struct AttentionArgs {
   };
 };
 
-// Bytes before the round's row offsets: q, k, v, then per warp the partials [GROUP][HD + 2] and
-// the weights [GROUP][32], rounded up to 16 bytes.
+// Bytes before the barriers and the staged rows: q, k, v, then per warp the partials
+// [GROUP][HD + 2] and the weights [GROUP][32], rounded up to 16 bytes.
 template <int HD, int GROUP, int NT>
 constexpr int attention_float_bytes() {
   return (((GROUP + 2) * HD + (NT / kWarp) * GROUP * (HD + 2 + kWarp)) * 4 + 15) / 16 * 16;
 }
 
-// A round stages the K|V rows of up to 32 positions per warp in shared memory (one bulk copy per
-// row, all in flight at once), each row padded by 16 bytes so that lanes reading different rows at
-// the same column hit different banks. A round has as many warps' positions as fit in 200 KiB with
-// the rest.
+// A warp's chunk: the K|V rows of kChunk positions, one bulk copy per row, each row padded by 16
+// bytes so that lanes reading different rows at the same column hit different banks. Every warp
+// with buffers has two chunks' rows and a barrier for each; as many warps get buffers as fit in
+// 200 KiB with the rest.
+constexpr int kChunk = 16;  // a half-warp: lane l and lane l + 16 score the same position
 constexpr int kStagePad = 8;  // bf16 elements
-constexpr int kStageBarrierBytes = 16;  // the copies' barrier, keeping the rows 16-byte aligned
+template <int NT>
+constexpr int attention_barrier_bytes() { return NT / kWarp * 2 * 8; }  // [warp][buffer], 16-byte multiple
 template <int HD, int GROUP, int NT>
-constexpr int attention_round() {
-  constexpr int fit = (200 * 1024 - attention_float_bytes<HD, GROUP, NT>() - kStageBarrierBytes) /
-                      (kWarp * (2 * HD + kStagePad) * 2);
+constexpr int attention_stage_warps() {
+  constexpr int fit = (200 * 1024 - attention_float_bytes<HD, GROUP, NT>() - attention_barrier_bytes<NT>()) /
+                      (2 * kChunk * (2 * HD + kStagePad) * 2);
   static_assert(fit >= 1, "head_dim and group size leave no shared memory for staging K|V rows");
-  return (NT / kWarp < fit ? NT / kWarp : fit) * kWarp;
+  return NT / kWarp < fit ? NT / kWarp : fit;
 }
 
 template <int HD, int GROUP, int NT>
-constexpr int attention_smem_bytes() {  // then the copies' barrier and the staged rows (bf16)
-  return attention_float_bytes<HD, GROUP, NT>() + kStageBarrierBytes +
-         attention_round<HD, GROUP, NT>() * (2 * HD + kStagePad) * 2;
+constexpr int attention_smem_bytes() {  // then the barriers and the warps' staged rows (bf16)
+  return attention_float_bytes<HD, GROUP, NT>() + attention_barrier_bytes<NT>() +
+         attention_stage_warps<HD, GROUP, NT>() * 2 * kChunk * (2 * HD + kStagePad) * 2;
 }
 
 template <int HD>
@@ -161,62 +167,76 @@ __device__ void attention_task(const TaskContext& c) {
   float* vec = reinterpret_cast<float*>(worker_smem());  // [GROUP + 2][HD]: q heads, k, v
   float* part = vec + (GROUP + 2) * HD;                  // [NW][GROUP][HD + 2]: acc, then max and sum
   float* weights = part + NW * GROUP * (HD + 2) + warp * GROUP * kWarp;  // this warp's [GROUP][32]
-  constexpr int ROUND = attention_round<HD, GROUP, NT>(), STAGE_ROW = 2 * HD + kStagePad, ROW_BYTES = 2 * HD * 2;
-  uint64_t* copied = reinterpret_cast<uint64_t*>(worker_smem() + attention_float_bytes<HD, GROUP, NT>());
-  __nv_bfloat16* stage = reinterpret_cast<__nv_bfloat16*>(worker_smem() + attention_float_bytes<HD, GROUP, NT>() +
-                                                          kStageBarrierBytes);  // [ROUND][STAGE_ROW]
-  uint32_t phase = 0;  // parity of the barrier's current phase: one per round
+  constexpr int SW = attention_stage_warps<HD, GROUP, NT>(), ROUND = SW * 2 * kChunk;  // ROUND: staged early
+  constexpr int STAGE_ROW = 2 * HD + kStagePad, ROW_BYTES = 2 * HD * 2;
+  uint64_t* bars = reinterpret_cast<uint64_t*>(worker_smem() + attention_float_bytes<HD, GROUP, NT>());  // [NW][2]
+  uint64_t* my_bars = bars + warp * 2;
+  __nv_bfloat16* my_stage = reinterpret_cast<__nv_bfloat16*>(worker_smem() + attention_float_bytes<HD, GROUP, NT>() +
+                                                             attention_barrier_bytes<NT>()) +
+                            warp * 2 * kChunk * STAGE_ROW;  // this warp's [2][kChunk][STAGE_ROW]
+  uint32_t phases = 0;  // bit j: the parity of buffer j's current phase
 
   const int row_start = c.arg(AttentionArgs::kRowStart), row_end = c.arg(AttentionArgs::kRowEnd);
-  // Starts the copies of the K|V rows of positions [r0, r0 + count) of request b into the stage
-  // (common.cuh's barrier protocol; wait_round waits for them), except the new position's, which
-  // the task writes from its own k/v. Callers order earlier accesses of the stage first.
-  // `page0`: this thread's page of position r0 + threadIdx.x if already loaded, else -1.
-  auto stage_round = [&](int b, int seq_len, int r0, int count, int page0) {
-    const int* table = tables + (size_t)b * table_stride;
-    const int fresh = seq_len - 1 - r0;  // the new position's row in this round, if any
+  // Chunk k of this warp in a history range starting at `lo`: its first position.
+  auto chunk_start = [&](int lo, int k) { return lo + kChunk * (warp + SW * k); };
+  // This lane starts the copy of row `sub` of chunk k (of a request with table `table` and
+  // history [lo, hi)) into buffer k % 2, unless the position is past hi or is the new one (the
+  // task writes that row from its own k/v). `page`: the position's page if already loaded, else -1.
+  // Callers order earlier accesses first (order_copies).
+  auto copy_row = [&](const int* table, int seq_len, int lo, int hi, int k, int sub, int page) {
+    const int p = chunk_start(lo, k) + sub;
+    if (p >= hi || p == seq_len - 1) return;
+    uint64_t* bar = my_bars + (k & 1);
+    expect_bytes(bar, ROW_BYTES);
+    bulk_copy_to_smem(my_stage + ((k & 1) * kChunk + sub) * STAGE_ROW,
+                      head_cache + (int64_t)(page >= 0 ? page : table[p / PAGE]) * block_stride + (p % PAGE) * slot_stride,
+                      ROW_BYTES, bar);
+  };
+  // Before a lane's copies into a buffer (after a __syncwarp or __syncthreads that follows the
+  // buffer's last reads). In a multi-step plan, this launch's earlier steps stored rows of the
+  // history with ordinary stores; where the host writes the step inputs every row is from an
+  // earlier launch.
+  auto order_copies = [] {
     fence_async_smem();
-    // A multi-step plan's earlier steps in this launch wrote rows of the history with ordinary
-    // stores; where the host writes the step inputs every row is from an earlier launch.
     if constexpr (!EARLY_STAGE) fence_async_global();
-    for (int i = threadIdx.x; i < count; i += NT) {
-      if (i == fresh) continue;
-      const int p = r0 + i;
-      const int page = i == threadIdx.x && page0 >= 0 ? page0 : table[p / PAGE];
-      expect_bytes(copied, ROW_BYTES);
-      bulk_copy_to_smem(stage + i * STAGE_ROW, head_cache + (int64_t)page * block_stride + (p % PAGE) * slot_stride,
-                        ROW_BYTES, copied);
-    }
   };
-  auto wait_round = [&] {  // after a __syncthreads that follows every stage_round issue
-    if (threadIdx.x == 0) barrier_arrive(copied);
-    barrier_wait(copied, phase);
-    phase ^= 1;
+  // After a __syncwarp that follows the lanes' copies of chunk k: the chunk's phase may complete.
+  auto arrive = [&](int lo, int hi, int k) {
+    if (lane == 0 && chunk_start(lo, k) < hi) barrier_arrive(my_bars + (k & 1));
   };
-  if (threadIdx.x == 0) barrier_init(copied);
+  // Chunks 0 and 1 of a request: lanes 0-15 copy chunk 0, lanes 16-31 chunk 1.
+  auto copy_first_chunks = [&](const int* table, int seq_len, int lo, int hi, int page) {
+    order_copies();
+    copy_row(table, seq_len, lo, hi, lane / kChunk, lane % kChunk, page);
+    __syncwarp();
+    arrive(lo, hi, 0);
+    arrive(lo, hi, 1);
+  };
+  if (threadIdx.x == 0)
+    for (int i = 0; i < 2 * NW; ++i) barrier_init(bars + i);
   __syncthreads();
   // The history needs none of this step's inputs (EARLY_STAGE: the host wrote the step inputs
-  // before the launch; a multi-step plan's begin_step writes them in the kernel), so the first
-  // round of the first request streams in while the q/k/v tiles run, as a linear tile's first
-  // weights do. This work delays the gate where the worker arrives late, so it is kept short: the
-  // first split's range starts at position 0, so its pages load beside the sequence length rather
-  // than after it (one round trip before the copies start, not two). So do the pages after the
-  // first round, which the L2 hint below asks for: `later_page`, page ROUND / PAGE + threadIdx.x
-  // of the first request (read whatever the length; used only where it is in range).
+  // before the launch; a multi-step plan's begin_step writes them in the kernel), so the first two
+  // chunks of every warp, for the first request, stream in while the q/k/v tiles run, as a linear
+  // tile's first weights do. This work delays the gate where the worker arrives late, so it is kept
+  // short: the first split's range starts at position 0, so its pages load beside the sequence
+  // length rather than after it (one round trip before the copies start, not two). So do the pages
+  // after the first ROUND positions, which the L2 hint below asks for: `later_page`, page
+  // ROUND / PAGE + threadIdx.x of the first request (read whatever the length; used only where it
+  // is in range).
   const bool early = EARLY_STAGE && row_start < row_end && row_start < c.num_tokens;
   const int* first_table = tables + (size_t)row_start * table_stride;
   const bool early_pages = early && split == 0;
-  const int page0 = early_pages && threadIdx.x < ROUND && threadIdx.x / PAGE < table_stride
-                        ? first_table[threadIdx.x / PAGE]
-                        : -1;
+  const int early_pos = kChunk * (warp + SW * (lane / kChunk)) + lane % kChunk;  // this lane's early copy
+  const int page0 = early_pages && warp < SW && early_pos / PAGE < table_stride ? first_table[early_pos / PAGE] : -1;
   const int later_page = early_pages && ROUND / PAGE + (int)threadIdx.x < table_stride
                              ? first_table[ROUND / PAGE + threadIdx.x]
                              : -1;
   const int first_len = early ? seq_lens[row_start] : 0;
   const int first_lo = split_bound<SPLITS>(first_len, split), first_hi = split_bound<SPLITS>(first_len, split + 1);
   const bool staged_early = first_lo < first_hi;
-  if (staged_early) stage_round(row_start, first_len, first_lo, min(ROUND, first_hi - first_lo), page0);
-  // Also before the inputs are ready: ask L2 for the positions of the later rounds and requests
+  if (staged_early && warp < SW) copy_first_chunks(first_table, first_len, first_lo, first_hi, page0);
+  // Also before the inputs are ready: ask L2 for the positions of the later chunks and requests
   // (only a hint: in a multi-step plan they may be the previous step's). The copy engine takes
   // bulk requests one at a time, so ask for few: one range of PAGE slots per page where the head's
   // slots are adjacent (head-major pages), or where a page holds all heads' slots contiguously
@@ -245,14 +265,17 @@ __device__ void attention_task(const TaskContext& c) {
     }
   }
   if (!c.inputs_ready()) {  // the watchdog stopped the kernel: no copy into shared memory outlives the task
-    if (staged_early) wait_round();
-    __syncthreads();  // every thread's wait is done before the barrier is invalidated
-    if (threadIdx.x == 0) barrier_inval(copied);
+    if (staged_early && warp < SW)
+      for (int k = 0; k < 2; ++k)
+        if (chunk_start(first_lo, k) < first_hi) barrier_wait(my_bars + k, 0);
+    __syncthreads();
+    if (threadIdx.x == 0)
+      for (int i = 0; i < 2 * NW; ++i) barrier_inval(bars + i);
     return;
   }
 
   for (int b = row_start; b < row_end; ++b) {
-    // The first request's length as its early round was staged for (read before the gate).
+    // The first request's length as its early chunks were issued for, so their waits match them.
     const int seq_len = b == row_start && early ? first_len : b < c.num_tokens ? seq_lens[b] : 0;
     if (seq_len <= 0) continue;
     __syncthreads();
@@ -277,10 +300,11 @@ __device__ void attention_task(const TaskContext& c) {
       for (int i = threadIdx.x; i < 2 * HD; i += NT) dst[i] = __float2bfloat16_rn(vec[GROUP * HD + i]);
     }
 
-    // Rounds of up to 32 positions per warp, staged in shared memory. Scores with lanes over
-    // positions (a lane's dot products read its staged K row and the q heads), so no reduction per
-    // position; then the weighted V rows with lanes over dims, the weights passed through shared
-    // memory. Only the running maximum needs a warp reduction, once per round and head.
+    // Chunk by chunk from this warp's two buffers: scores with half-warp lanes over positions (a
+    // lane's dot products read half of its staged K row and of the q heads; the halves add with
+    // one shuffle), so no reduction per position; then the weighted V rows with lanes over dims,
+    // the weights passed through shared memory. Only the running maximum needs a warp reduction,
+    // once per chunk and head. Right after a chunk is computed, chunk k + 2 streams into its buffer.
     float acc[GROUP][D], m[GROUP], l[GROUP];  // l: this lane's share of the sum of weights
 #pragma unroll
     for (int g = 0; g < GROUP; ++g) {
@@ -290,30 +314,28 @@ __device__ void attention_task(const TaskContext& c) {
       for (int d = 0; d < D; ++d) acc[g][d] = 0.f;
     }
     const int lo = split_bound<SPLITS>(seq_len, split), hi = split_bound<SPLITS>(seq_len, split + 1);
-    for (int r0 = lo; r0 < hi; r0 += ROUND) {
-      const int count = min(ROUND, hi - r0);
-      if (!(staged_early && b == row_start && r0 == lo)) {
-        __syncthreads();  // the previous round is done with the rows and the stage
-        stage_round(b, seq_len, r0, count, -1);
-      }
-      const int fresh = seq_len - 1 - r0;
-      if (fresh < count)  // the new position is this task's k/v, as written to the cache above
-        for (int i = threadIdx.x; i < 2 * HD; i += NT)
-          stage[fresh * STAGE_ROW + i] = __float2bfloat16_rn(vec[GROUP * HD + i]);
-      __syncthreads();  // every copy of the round is issued and the new row written
-      wait_round();
-      const int first = warp * kWarp;
-      if (first >= count) continue;  // warp-uniform
-      const bool valid = first + lane < count;
-      const __nv_bfloat16* k = stage + (valid ? first + lane : first) * STAGE_ROW;
+    const int* table = tables + (size_t)b * table_stride;
+    if (warp < SW && !(staged_early && b == row_start)) copy_first_chunks(table, seq_len, lo, hi, -1);
+    const int sub = lane % kChunk, side = lane / kChunk;  // side: which half of the dims
+    for (int k = 0; warp < SW && chunk_start(lo, k) < hi; ++k) {  // warp-uniform
+      const int j = k & 1, p0 = chunk_start(lo, k), n = min(kChunk, hi - p0), fresh = seq_len - 1 - p0;
+      const __nv_bfloat16* buf = my_stage + j * kChunk * STAGE_ROW;
+      if (fresh < n)  // the new position is this task's k/v, as written to the cache above
+        for (int i = lane; i < 2 * HD; i += kWarp)
+          my_stage[(j * kChunk + fresh) * STAGE_ROW + i] = __float2bfloat16_rn(vec[GROUP * HD + i]);
+      barrier_wait(my_bars + j, (phases >> j) & 1);
+      phases ^= 1u << j;
+      __syncwarp();  // the new row's stores are visible to the warp
+      const bool valid = sub < n;
+      const __nv_bfloat16* k_half = buf + (valid ? sub : 0) * STAGE_ROW + side * (HD / 2);
       float s[GROUP] = {};
 #pragma unroll
-      for (int ch = 0; ch < HD / 8; ++ch) {
+      for (int ch = 0; ch < HD / 16; ++ch) {
         float kf[8];
-        unpack(*reinterpret_cast<const Bf16x8*>(k + ch * 8), kf);
+        unpack(*reinterpret_cast<const Bf16x8*>(k_half + ch * 8), kf);
 #pragma unroll
         for (int g = 0; g < GROUP; ++g) {
-          const float4* qg = reinterpret_cast<const float4*>(vec + g * HD + ch * 8);
+          const float4* qg = reinterpret_cast<const float4*>(vec + g * HD + side * (HD / 2) + ch * 8);
           const float4 a = qg[0], c = qg[1];
           s[g] += a.x * kf[0] + a.y * kf[1] + a.z * kf[2] + a.w * kf[3] + c.x * kf[4] + c.y * kf[5] + c.z * kf[6] +
                   c.w * kf[7];
@@ -321,28 +343,34 @@ __device__ void attention_task(const TaskContext& c) {
       }
 #pragma unroll
       for (int g = 0; g < GROUP; ++g) {
-        const float sg = valid ? s[g] * scale : -INFINITY;
+        const float both = s[g] + __shfl_xor_sync(0xffffffffu, s[g], kChunk);  // every lane shuffles
+        const float sg = valid ? both * scale : -INFINITY;
         const float m_new = fmaxf(m[g], warp_max(sg));  // finite: lane 0's position is in range
-        const float corr = __expf(m[g] - m_new), e = __expf(sg - m_new);
+        const float corr = __expf(m[g] - m_new), e = side == 0 ? __expf(sg - m_new) : 0.f;
         l[g] = l[g] * corr + e;
-        weights[g * kWarp + lane] = e;
+        if (side == 0) weights[g * kWarp + sub] = e;
 #pragma unroll
         for (int d = 0; d < D; ++d) acc[g][d] *= corr;
         m[g] = m_new;
       }
       __syncwarp();
-      const int n = min(kWarp, count - first);
-      for (int j = 0; j < n; ++j) {
+      for (int i = 0; i < n; ++i) {
         float v[D];
-        load_bf16<D>(stage + (first + j) * STAGE_ROW + HD + lane * D, v);
+        load_bf16<D>(buf + i * STAGE_ROW + HD + lane * D, v);
 #pragma unroll
         for (int g = 0; g < GROUP; ++g) {
-          const float e = weights[g * kWarp + j];
+          const float e = weights[g * kWarp + i];
 #pragma unroll
           for (int d = 0; d < D; ++d) acc[g][d] += e * v[d];
         }
       }
-      __syncwarp();  // the next round rewrites the weights
+      __syncwarp();  // done with the buffer and the weights
+      if (chunk_start(lo, k + 2) < hi) {
+        order_copies();
+        if (side == 0) copy_row(table, seq_len, lo, hi, k + 2, sub, -1);
+        __syncwarp();
+        arrive(lo, hi, k + 2);
+      }
     }
     float* mine = part + warp * GROUP * (HD + 2);
 #pragma unroll
@@ -376,7 +404,8 @@ __device__ void attention_task(const TaskContext& c) {
                                            arrivals + (size_t)b * NKV + head,
                                            out + (size_t)b * NQ * HD + head * GROUP * HD);
   }
-  if (threadIdx.x == 0) barrier_inval(copied);  // every thread passed its last wait before the merge's barrier
+  if (threadIdx.x == 0)  // every warp passed its last wait before the merge's barrier
+    for (int i = 0; i < 2 * NW; ++i) barrier_inval(bars + i);
 }
 
 }  // namespace mpk
