@@ -1,9 +1,14 @@
 """``vllm-mpk bench`` without a GPU: the RESULTS.md table drawn from JSON rows, the section
-rewrite, the command's arguments, the engine arguments and a worker process that fails."""
+rewrite, the command's arguments, the engine arguments, a worker process that fails and an
+interrupted run."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -327,3 +332,63 @@ def test_the_table_takes_each_times_median_over_an_engines_rounds() -> None:
     assert cells[2:8] == ["1.70", "1.30", "1.31×", "1.00", "0.50", "2.00×"]
     assert "Each engine in 3 processes run in turn" in table
     assert "Each engine in its own process" in render(ROWS)
+
+
+FAKE_WORKER = """
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # the engine core's stand-in
+with open(sys.argv[1], "a") as f:
+    f.write(f"{os.getpid()} {child.pid}\\n")
+time.sleep(600)
+"""
+
+DRIVER = """
+import sys
+from pathlib import Path
+from vllm_mpk.bench import runner
+from vllm_mpk.bench.worker import EngineConfig
+worker, pids, root = sys.argv[1:]
+runner.worker_command = lambda cfg, rows: [sys.executable, worker, pids]
+runner.run_engines([EngineConfig("qwen3-0.6b", impl, (1,)) for impl in ("vllm", "mpk", "floor")],
+                   Path(root) / "rows.jsonl", Path(root) / "logs", timeout_s=600)
+"""
+
+
+def alive(pid: int) -> bool:
+    """A process that runs (a zombie no longer does: nothing may reap orphans in a container)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_run_leaves_no_engine_running(tmp_path: Path, sig: str) -> None:
+    """Ctrl-C or ``timeout``'s SIGTERM on the bench: the running engine's whole process group dies
+    and no further engine starts (an orphaned engine core would hold the GPU's memory)."""
+    (tmp_path / "worker.py").write_text(FAKE_WORKER)
+    (tmp_path / "driver.py").write_text(DRIVER)
+    pids = tmp_path / "pids"
+    driver = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "worker.py"), str(pids),
+                               str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (pids.exists() and pids.read_text().endswith("\n")):
+            assert driver.poll() is None, driver.communicate()[0].decode()
+            assert time.monotonic() < deadline, "the fake engine never started"
+            time.sleep(0.1)
+        driver.send_signal(getattr(signal, sig))
+        driver.wait(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    started = [int(p) for line in pids.read_text().splitlines() for p in line.split()]
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in started) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [p for p in started if alive(p)]
+    for p in left:  # not to leak them into the rest of the test session
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"processes of an engine outlived the run: {left}"
+    assert len(started) == 2, f"{len(started) // 2} engines started; the run should stop at the first"
+    assert driver.returncode != 0

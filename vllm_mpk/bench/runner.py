@@ -13,6 +13,9 @@ floor engine after its model's stock engine gets the stock engine's KV cache siz
 With ``rounds`` > 1 a model's engines run that many times in turn (stock, mpk, floor, stock, ...),
 each in a fresh process, and every row records its round: vLLM's host step, which sets the small
 models' TPOT, moves by more between processes than the engines differ.
+
+An interrupted run (Ctrl-C, or SIGTERM as ``timeout`` sends) kills the process group of every
+engine still running and starts no other: an engine core left behind would hold its GPU's memory.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,6 +41,9 @@ from vllm_mpk.runtime import nvshmem
 
 Row = dict[str, Any]
 
+_running: set[subprocess.Popen[bytes]] = set()  # worker processes of this run, killed if it is interrupted
+_running_lock = threading.Lock()
+
 
 def run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -47,22 +54,31 @@ def log_tail(path: Path, lines: int = 1) -> str:
     return " | ".join(text[-lines:]) or "(empty log)"
 
 
+def worker_command(cfg: EngineConfig, rows_file: Path) -> list[str]:
+    return [sys.executable, "-m", "vllm_mpk.bench.worker", cfg.to_json(), "--rows", str(rows_file)]
+
+
 def run_engine(cfg: EngineConfig, log: Path, timeout_s: float, devices: str | None = None) -> list[Row]:
     """The rows of one worker process (on ``devices``, a ``CUDA_VISIBLE_DEVICES`` value, if given);
     error rows for the batches it did not finish."""
     with tempfile.TemporaryDirectory() as tmp, log.open("w") as out:
         rows_file = Path(tmp) / "rows.jsonl"
-        cmd = [sys.executable, "-m", "vllm_mpk.bench.worker", cfg.to_json(), "--rows", str(rows_file)]
         start = time.perf_counter()
         env = {**os.environ, **nvshmem.ENVIRONMENT}  # NVLink multicast off from the start
         if devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = devices
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        with _running_lock:
+            proc = subprocess.Popen(worker_command(cfg, rows_file), stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, env=env)
+            _running.add(proc)
         try:
             rc: int | str = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             rc = f"timed out after {timeout_s:.0f} s"
-        with_group_killed(proc)
+        finally:
+            with_group_killed(proc)
+            with _running_lock:
+                _running.discard(proc)
         seconds = time.perf_counter() - start
         rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
     done = {r["batch"] for r in rows}
@@ -72,13 +88,42 @@ def run_engine(cfg: EngineConfig, log: Path, timeout_s: float, devices: str | No
     return [{**r, "process_s": seconds} for r in rows]
 
 
-def with_group_killed(proc: subprocess.Popen[bytes]) -> None:
-    """Kill what is left of the worker's process group (a hung worker, an orphaned engine core)."""
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the worker's process group (the worker and the engine core it spawned)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def with_group_killed(proc: subprocess.Popen[bytes]) -> None:
+    """Kill what is left of the worker's process group (a hung worker, an orphaned engine core)."""
+    kill_group(proc)
     proc.wait()
+
+
+def kill_running_workers() -> None:
+    with _running_lock:
+        for proc in _running:
+            kill_group(proc)
+
+
+@contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """In the main thread, let SIGTERM raise SystemExit (so the run's cleanup runs) instead of
+    ending the process on the spot."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def leave(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def gpu_lanes(gpus: Sequence[str], tensor_parallel_size: int) -> list[str]:
@@ -104,16 +149,19 @@ def run_engines(configs: Iterable[EngineConfig], rows_path: Path, log_dir: Path,
     waiting = list(by_model.values())
     all_rows: list[Row] = []
     lock = threading.Lock()
+    stop = threading.Event()
 
     def lane(devices: str | None) -> None:
         while True:
             with lock:
-                if not waiting:
+                if not waiting or stop.is_set():
                     return
                 group = waiting.pop(0)
             blocks: int | None = None
             in_turn = sorted(group, key=lambda c: c.impl == FLOOR)  # the floor after its stock engine
             for round_, cfg in ((r, c) for r in range(rounds) for c in in_turn):
+                if stop.is_set():
+                    return
                 if cfg.impl == FLOOR and cfg.kv_blocks is None:
                     cfg = replace(cfg, kv_blocks=blocks)
                 log = log_dir / f"{cfg.label.replace(' ', '-')}-{cfg.impl}{f'-round{round_}' if rounds > 1 else ''}.log"
@@ -133,9 +181,30 @@ def run_engines(configs: Iterable[EngineConfig], rows_path: Path, log_dir: Path,
                     on_rows(rows)
                     all_rows.extend(rows)
 
-    threads = [threading.Thread(target=lane, args=(devices,)) for devices in lanes]
-    for t in threads:
-        t.start()
+    # Lanes report their end through events: an interrupted Thread.join can mark a running thread
+    # as stopped (CPython 3.11), and this wait must outlast every engine a lane may still start.
+    finished = [threading.Event() for _ in lanes]
+
+    def lane_then_finish(devices: str | None, done: threading.Event) -> None:
+        try:
+            lane(devices)
+        finally:
+            done.set()
+
+    threads = [threading.Thread(target=lane_then_finish, args=lane_done) for lane_done in zip(lanes, finished)]
+    with sigterm_as_exit():
+        try:
+            for t in threads:
+                t.start()
+            for done in finished:
+                done.wait()
+        except BaseException:  # Ctrl-C or SIGTERM: no engine outlives the run, and no other starts
+            stop.set()
+            while not all(done.is_set() for done in finished):  # a lane may start one before it sees stop
+                kill_running_workers()
+                for done in finished:
+                    done.wait(timeout=0.2)
+            raise
     for t in threads:
         t.join()
     return all_rows
