@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -182,13 +183,41 @@ def test_step_timer_reports_each_step_period(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     timer = StepTimer()
     timer.model_runner = SimpleNamespace(cudagraph_manager=SimpleNamespace(run_fullgraph=None),  # type: ignore[attr-defined]
-                                         model=SimpleNamespace(compute_logits=None))
+                                         model=SimpleNamespace(compute_logits=None), execute_model=None,
+                                         sample_tokens=None)
     timer._bench_events = {"forward": [(Stamp(t), Stamp(t + 5)) for t in (0, 7, 15)],
                            "lm_head": [(Stamp(5.5), Stamp(6.0))]}
     timer._bench_tokens = [8, 8, 8]
+    timer._bench_host = {"host_execute": [0.3], "host_sample": [0.2], "host_output_wait": [0.1]}
+    timer._bench_execute_starts = [10.0, 10.002, 10.005]
     times = timer.bench_timer_stop()
-    assert times == {"forward": [5, 5, 5], "lm_head": [0.5], "period": [7, 8], "graph_tokens": [8.0, 8.0, 8.0]}
+    host_period = times.pop("host_period")
+    assert times == {"forward": [5, 5, 5], "lm_head": [0.5], "period": [7, 8], "graph_tokens": [8.0, 8.0, 8.0],
+                     "host_execute": [0.3], "host_sample": [0.2], "host_output_wait": [0.1]}
+    assert host_period == pytest.approx([2.0, 3.0])
     assert not hasattr(timer.model_runner.cudagraph_manager, "run_fullgraph")  # type: ignore[attr-defined]
+    assert not hasattr(timer.model_runner, "execute_model") and not hasattr(timer.model_runner, "sample_tokens")
+
+
+def test_step_timer_times_the_hosts_phases_and_its_wait_for_each_step() -> None:
+    """The runner's execute_model and sample_tokens are timed on the host's clock, and so is the
+    engine's later wait in the asynchronous output's get_output; what they return passes through."""
+    class AsyncOutput:
+        def get_output(self) -> str:
+            time.sleep(0.02)  # the host blocked until the GPU finished the step
+            return "tokens"
+
+    timer = StepTimer()
+    timer._bench_host = {"host_execute": [], "host_sample": [], "host_output_wait": []}
+    timer._bench_execute_starts = []
+    execute = timer._bench_host_timed(lambda scheduled: f"ran {scheduled}", "host_execute")
+    sample = timer._bench_host_timed(lambda grammar: AsyncOutput(), "host_sample")
+    assert execute("step") == "ran step"
+    out = sample(None)
+    assert timer._bench_host["host_output_wait"] == [] and out.get_output() == "tokens"
+    assert len(timer._bench_host["host_execute"]) == len(timer._bench_host["host_sample"]) == 1
+    assert len(timer._bench_execute_starts) == 1
+    assert timer._bench_host["host_output_wait"][0] >= 20.0
 
 
 def test_step_times_give_the_median_period_and_its_tail() -> None:
@@ -200,7 +229,7 @@ def test_step_times_give_the_median_period_and_its_tail() -> None:
     class LLM:
         def collective_rpc(self, method: str, args: tuple = ()) -> list[Any]:
             stop = {"forward": [6.4] * 10 + [7.5], "lm_head": [0.4] * 11, "period": periods,
-                    "graph_tokens": [8.0] * 11}
+                    "graph_tokens": [8.0] * 11, "host_output_wait": [0.1, 0.3, 0.2]}
             return [True if method == "bench_timer_start" else stop]
 
         def generate(self, prompts: list, params: Any, use_tqdm: bool) -> None:
@@ -208,6 +237,7 @@ def test_step_times_give_the_median_period_and_its_tail() -> None:
 
     times = worker.step_times_ms(LLM(), [{"prompt_token_ids": [1]}], 12)
     assert (times["forward_ms"], times["period_ms"], times["period_p90_ms"], times["graph_tokens"]) == (6.4, 7.0, 7.0, [8])
+    assert times["host_output_wait_ms"] == 0.2 and times["host_period_ms"] is None  # a phase it did not report
     assert times["forward_mean_ms"] == pytest.approx(6.5) and times["period_mean_ms"] == pytest.approx(7.2)
     periods[-2:] = [9.0, 9.5]
     assert worker.step_times_ms(LLM(), [{"prompt_token_ids": [1]}], 12)["period_p90_ms"] == 9.0

@@ -9,6 +9,13 @@ norm, nothing else. CUDA events on the current stream just before and after that
 graph's execution on the GPU (the replay is one launch, so no host gap sits between the events).
 ``model.compute_logits`` (lm_head, outside the graph) is timed the same way.
 
+On the host, the same generation times (wall clock) the runner's ``execute_model`` (input
+preparation and the graph launch), its ``sample_tokens`` (lm_head, sampling and the output copy's
+launch), the engine's wait for each step's sampled tokens (``get_output`` of the asynchronous
+output: the host blocked on the GPU) and the host's step period (one ``execute_model`` start to
+the next). With asynchronous scheduling these tell host work from host waits when TPOT sits above
+what the GPU needs.
+
 The wrappers are instance attributes set by ``bench_timer_start`` and deleted by
 ``bench_timer_stop``: while the timer is off the worker runs vLLM's code untouched.
 
@@ -20,6 +27,7 @@ The extension also reports the engine settings that shape vLLM's per-step overhe
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -77,23 +85,34 @@ class StepTimer:
             return False
         self._bench_events: dict[str, list[EventPair]] = {"forward": [], "lm_head": []}
         self._bench_tokens: list[int] = []
+        self._bench_host: dict[str, list[float]] = {"host_execute": [], "host_sample": [], "host_output_wait": []}
+        self._bench_execute_starts: list[float] = []
         graphs.run_fullgraph = self._bench_timed(graphs.run_fullgraph, "forward")
         runner.model.compute_logits = self._bench_timed(runner.model.compute_logits, "lm_head")
+        runner.execute_model = self._bench_host_timed(runner.execute_model, "host_execute")
+        runner.sample_tokens = self._bench_host_timed(runner.sample_tokens, "host_sample")
         return True
 
     def bench_timer_stop(self) -> dict[str, list[float]]:
         """Stop timing; milliseconds of each timed call (``forward``, ``lm_head``), of each step on
         the GPU's timeline (``period``: one replay's start to the next one's, so a step whose GPU
         waited for the host reads longer than its forward, lm_head and sampling) and the token
-        count of each replayed graph (``graph_tokens``, padding included)."""
+        count of each replayed graph (``graph_tokens``, padding included); on the host's clock, each
+        ``execute_model``, ``sample_tokens`` and wait for a step's tokens (``host_execute``,
+        ``host_sample``, ``host_output_wait``) and each host step (``host_period``)."""
         runner = self.model_runner  # type: ignore[attr-defined]
         del runner.cudagraph_manager.run_fullgraph
         del runner.model.compute_logits
+        del runner.execute_model
+        del runner.sample_tokens
         torch.cuda.synchronize()
         times = {key: [start.elapsed_time(end) for start, end in pairs] for key, pairs in self._bench_events.items()}
         starts = [start for start, _ in self._bench_events["forward"]]
         period = [first.elapsed_time(then) for first, then in zip(starts, starts[1:])]
-        return {**times, "period": period, "graph_tokens": [float(n) for n in self._bench_tokens]}
+        host_starts = self._bench_execute_starts
+        host_period = [(then - first) * 1e3 for first, then in zip(host_starts, host_starts[1:])]
+        return {**times, "period": period, "graph_tokens": [float(n) for n in self._bench_tokens],
+                **self._bench_host, "host_period": host_period}
 
     def _bench_timed(self, fn: Callable[..., Any], key: str) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -104,6 +123,21 @@ class StepTimer:
             out = fn(*args, **kwargs)
             end.record()
             self._bench_events[key].append((start, end))
+            return out
+
+        return timed
+
+    def _bench_host_timed(self, fn: Callable[..., Any], key: str) -> Callable[..., Any]:
+        """``fn`` timed on the host's clock into ``key``; an asynchronous output that ``sample_tokens``
+        returns gets its ``get_output`` (the engine's blocking wait for the step) timed too."""
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            if key == "host_execute":
+                self._bench_execute_starts.append(start)
+            out = fn(*args, **kwargs)
+            self._bench_host[key].append((time.perf_counter() - start) * 1e3)
+            if key == "host_sample" and callable(getattr(out, "get_output", None)):
+                out.get_output = self._bench_host_timed(out.get_output, "host_output_wait")
             return out
 
         return timed

@@ -35,6 +35,7 @@ from vllm_mpk.models.catalog import shipped_config
 
 FAST_COMPILATION = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}  # no torch.compile; FULL decode graphs
 STEP_TIMER = "vllm_mpk.bench.step_timer.StepTimer"
+HOST_TIMES = ("host_execute", "host_sample", "host_output_wait", "host_period")  # StepTimer's, on the host's clock
 IMPLS = (STOCK, MPK, FLOOR)
 
 
@@ -136,8 +137,9 @@ def step_times_ms(llm: Any, prompts: list[dict[str, list[int]]], new_tokens: int
     and the median step period on the GPU's timeline with its 90th percentile (a period well above
     the forward and lm_head is time the GPU waited for the host); also the means of the forward and
     the period, which TPOT (a mean over the generation) is to be read against where the steps'
-    times spread; None where the model runner has no FULL-graph replay to time."""
-    times: dict[str, list[float]] = {"forward": [], "lm_head": [], "period": [], "graph_tokens": []}
+    times spread; the medians of the host's phases (``HOST_TIMES``, see ``StepTimer``); None where
+    the model runner has no FULL-graph replay to time."""
+    times: dict[str, list[float]] = {key: [] for key in ("forward", "lm_head", "period", "graph_tokens", *HOST_TIMES)}
     if llm.collective_rpc("bench_timer_start")[0]:
         try:
             generate_s(llm, prompts, new_tokens)
@@ -145,14 +147,15 @@ def step_times_ms(llm: Any, prompts: list[dict[str, list[int]]], new_tokens: int
             times = llm.collective_rpc("bench_timer_stop")[0]
 
     def summary(key: str, of: Callable[[list[float]], float]) -> float | None:
-        return of(times[key]) if times[key] else None
+        return of(times[key]) if times.get(key) else None
 
     period = sorted(times["period"])
     return {"forward_ms": summary("forward", statistics.median), "forward_mean_ms": summary("forward", statistics.mean),
             "lm_head_ms": summary("lm_head", statistics.median), "period_ms": summary("period", statistics.median),
             "period_mean_ms": summary("period", statistics.mean),
             "period_p90_ms": period[int(0.9 * (len(period) - 1))] if period else None,
-            "graph_tokens": sorted({int(n) for n in times["graph_tokens"]}) or None}
+            "graph_tokens": sorted({int(n) for n in times["graph_tokens"]}) or None,
+            **{f"{key}_ms": summary(key, statistics.median) for key in HOST_TIMES}}
 
 
 def run(cfg: EngineConfig, rows: Path) -> None:
