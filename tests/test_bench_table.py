@@ -392,3 +392,12 @@ def test_an_interrupted_run_leaves_no_engine_running(tmp_path: Path, sig: str) -
     assert not left, f"processes of an engine outlived the run: {left}"
     assert len(started) == 2, f"{len(started) // 2} engines started; the run should stop at the first"
     assert driver.returncode != 0
+
+
+def test_sigterm_raises_exit_only_inside_the_run() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with runner.sigterm_as_exit():
+        with pytest.raises(SystemExit) as stopped:
+            signal.raise_signal(signal.SIGTERM)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before

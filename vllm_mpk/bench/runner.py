@@ -122,8 +122,8 @@ def sigterm_as_exit() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, leave)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    finally:  # None: a handler installed outside Python, which signal.signal cannot put back
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def gpu_lanes(gpus: Sequence[str], tensor_parallel_size: int) -> list[str]:
