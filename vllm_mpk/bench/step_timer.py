@@ -85,8 +85,8 @@ class StepTimer:
             return False
         self._bench_events: dict[str, list[EventPair]] = {"forward": [], "lm_head": []}
         self._bench_tokens: list[int] = []
-        self._bench_host: dict[str, list[float]] = {"host_execute": [], "host_sample": [], "host_output_wait": []}
-        self._bench_execute_starts: list[float] = []
+        self._bench_host: dict[str, list[tuple[float, float]]] = {"host_execute": [], "host_sample": [],
+                                                                   "host_output_wait": []}
         graphs.run_fullgraph = self._bench_timed(graphs.run_fullgraph, "forward")
         runner.model.compute_logits = self._bench_timed(runner.model.compute_logits, "lm_head")
         runner.execute_model = self._bench_host_timed(runner.execute_model, "host_execute")
@@ -109,10 +109,11 @@ class StepTimer:
         times = {key: [start.elapsed_time(end) for start, end in pairs] for key, pairs in self._bench_events.items()}
         starts = [start for start, _ in self._bench_events["forward"]]
         period = [first.elapsed_time(then) for first, then in zip(starts, starts[1:])]
-        host_starts = self._bench_execute_starts
+        host = {key: [(end - start) * 1e3 for start, end in spans] for key, spans in self._bench_host.items()}
+        host_starts = [start for start, _ in self._bench_host["host_execute"]]
         host_period = [(then - first) * 1e3 for first, then in zip(host_starts, host_starts[1:])]
         return {**times, "period": period, "graph_tokens": [float(n) for n in self._bench_tokens],
-                **self._bench_host, "host_period": host_period}
+                **host, "host_period": host_period}
 
     def _bench_timed(self, fn: Callable[..., Any], key: str) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -128,14 +129,13 @@ class StepTimer:
         return timed
 
     def _bench_host_timed(self, fn: Callable[..., Any], key: str) -> Callable[..., Any]:
-        """``fn`` timed on the host's clock into ``key``; an asynchronous output that ``sample_tokens``
-        returns gets its ``get_output`` (the engine's blocking wait for the step) timed too."""
+        """``fn`` timed on the host's clock into ``key`` (its start and end); an asynchronous output
+        that ``sample_tokens`` returns gets its ``get_output`` (the engine's blocking wait for the
+        step) timed too."""
         def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
-            if key == "host_execute":
-                self._bench_execute_starts.append(start)
             out = fn(*args, **kwargs)
-            self._bench_host[key].append((time.perf_counter() - start) * 1e3)
+            self._bench_host[key].append((start, time.perf_counter()))
             if key == "host_sample" and callable(getattr(out, "get_output", None)):
                 out.get_output = self._bench_host_timed(out.get_output, "host_output_wait")
             return out
