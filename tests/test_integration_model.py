@@ -416,38 +416,39 @@ def test_each_decode_batch_runs_the_smallest_plan_that_holds_it(built: Built, st
     assert calls == [4, 1, 2] and not stock_calls
 
 
-class LandedEvent:
-    """A CUDA event stand-in whose work has always completed; counts its records."""
+class FlaggedKernel:
+    """A megakernel stand-in whose ``stopped`` reads its row of the runtime's error words."""
 
-    def __init__(self) -> None:
-        self.records = 0
+    def __init__(self, flags: torch.Tensor, row: int, checked: list[int]) -> None:
+        self.flags, self.row, self.checked = flags, row, checked
 
-    def record(self) -> None:
-        self.records += 1
+    @property
+    def stopped(self) -> bool:
+        return bool(self.flags[self.row])
 
-    def query(self) -> bool:
-        return True
+    def check(self) -> None:
+        self.checked.append(self.row)
 
 
-def test_the_watchdog_covers_every_launch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each decode step queues a copy of the control blocks behind its launch, so a kernel that
-    stopped in the last steps of a request fails that request at the next step (a poll that skipped
-    steps let a 4-token request succeed after a stall, on the GPU)."""
+def test_the_watchdog_poll_reads_host_memory_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM polls the watchdog every decode step, so a poll while no kernel stopped makes no CUDA
+    call at all; once a kernel's error word (pinned host memory, written by the kernel as it stops)
+    is raised, the next poll checks that kernel, which raises."""
     from vllm_mpk.integration import model as integration
-    from vllm_mpk.runtime import control
 
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    checked: list[str] = []
+    def cuda_call() -> bool:
+        raise AssertionError("the watchdog poll made a CUDA call while no kernel had stopped")
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", cuda_call)
     runtime = integration.MpkRuntime.__new__(integration.MpkRuntime)
-    runtime.controls = torch.zeros(1, 8, dtype=torch.int32)
-    runtime.kernels = {8: SimpleNamespace(check=lambda: checked.append("raised"))}
-    event = LandedEvent()
-    runtime._watch = (torch.zeros(1, 8, dtype=torch.int32), event)
-    for step in range(1, 4):
+    runtime.error_flags = torch.zeros(2, dtype=torch.int32)
+    checked: list[int] = []
+    runtime.kernels = {1: FlaggedKernel(runtime.error_flags, 0, checked),
+                       8: FlaggedKernel(runtime.error_flags, 1, checked)}
+    for _ in range(3):
         runtime.poll_watchdog()
-        assert event.records == step  # one copy behind every launch
-    runtime.controls[0, control.ERROR] = 1  # the last launch stopped on its watchdog
-    runtime.poll_watchdog()  # its copy (queued now) is read at the next step
     assert not checked
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    runtime.error_flags[1] = 1  # the batch-8 plan's last launch stopped on its watchdog
     runtime.poll_watchdog()
-    assert checked == ["raised"]
+    assert checked == [1]

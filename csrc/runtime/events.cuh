@@ -8,7 +8,8 @@
 // for bodies that open it themselves (linear, attention): those first issue the loads that do not
 // depend on their inputs (weights, KV history, step inputs), so the loads stream while the gate
 // waits. Every wait is bounded: on timeout the gate records the task and event in the control
-// block, raises the error flag, and the worker leaves.
+// block, raises the error flag (and its mirror in host memory, which the host reads without a CUDA
+// call), and the worker leaves.
 #pragma once
 #include <cstdint>
 
@@ -55,6 +56,7 @@ struct InputGate {
   const int32_t* counters;
   const int32_t* triggers;
   int32_t* control;
+  int32_t* error_host;  // null, or a host-mapped word that mirrors control[kError]
   uint32_t epoch;
   int task;
   int64_t timeout_ns;
@@ -81,6 +83,10 @@ struct InputGate {
           control[kErrEvent] = what;
           control[kErrSeen] = seen;
           control[kErrWanted] = static_cast<int32_t>(wanted);
+          if (error_host != nullptr) {
+            *reinterpret_cast<volatile int32_t*>(error_host) = code;
+            __threadfence_system();
+          }
         }
         return false;
       }

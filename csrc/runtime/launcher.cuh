@@ -1,6 +1,7 @@
 // Host side: launch the megakernel on a stream. No torch headers: pointers arrive as integers.
 #pragma once
 #include <cuda_runtime.h>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 #include "worker.cuh"
@@ -9,6 +10,13 @@ namespace mpk {
 
 inline void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+// The address through which a kernel writes pinned host memory (cudaHostAlloc'd or registered).
+inline uintptr_t mapped_device_pointer(uintptr_t host) {
+  void* device = nullptr;
+  check_cuda(cudaHostGetDevicePointer(&device, reinterpret_cast<void*>(host), 0), "mapping pinned host memory");
+  return reinterpret_cast<uintptr_t>(device);
 }
 
 template <typename Kernel>

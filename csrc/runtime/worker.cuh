@@ -18,6 +18,7 @@ struct KernelParams {
   int32_t* counters;          // [num_events], monotonic
   const int32_t* triggers;    // [num_events]
   int32_t* control;           // [kControlWords]
+  int32_t* error_host;        // null, or a host-mapped word: the error code, for the host to poll
   int64_t* profile;           // null, or [num_workers][max_tasks][2] start/end (globaltimer ns)
   int32_t num_tokens;
   int32_t steps;              // decode steps in this launch
@@ -61,7 +62,7 @@ __device__ void worker_loop(const KernelParams& p) {
       }
       __syncthreads();  // the previous task is done with shared memory and the gate flags
       int64_t* profile_start = p.profile ? p.profile + ((size_t)blockIdx.x * p.max_tasks + i) * 2 : nullptr;
-      const InputGate gate{r.waits, Record::kMaxWaits, p.counters, p.triggers, p.control, epoch, r.task,
+      const InputGate gate{r.waits, Record::kMaxWaits, p.counters, p.triggers, p.control, p.error_host, epoch, r.task,
                            p.timeout_ns, profile_start, &ok_s, &opened_s};
       TaskContext c{r.args, p.tensors, p.num_tokens, &gate};
       Dispatch::run(r.variant, c);

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -172,14 +173,25 @@ def test_prefetch_policies_leave_the_outputs_bit_identical(small_step, cap_kib, 
 
 
 def test_unsatisfiable_event_trips_the_watchdog(small_step):
+    """The stop also raises the kernel's error word in pinned host memory (``stopped``, what
+    vLLM's per-step poll reads), without any synchronisation by the host; ``reset`` lowers it."""
     model, tensors = small_step
     mk = Megakernel(model.plan, tensors, timeout_s=0.2)
+    mk.run_step(4)
+    assert not mk.stopped
     event = model.plan.tasks[-1].wait_events[0]
     mk.triggers[event] += 1  # one signal more than its producers will ever send
+    mk.launch(4)
+    deadline = time.monotonic() + 30
+    while not mk.stopped and time.monotonic() < deadline:  # host memory only: no CUDA call
+        time.sleep(0.01)
+    assert mk.stopped, "the watchdog stop did not reach the host-mapped error word"
+    assert control.ERROR_NAMES[int(mk.error_flag[0])] == "timeout waiting on an event"
     with pytest.raises(MegakernelError, match="waited on event"):
-        mk.run_step(4)
+        mk.check()
     mk.triggers[event] -= 1
     mk.reset()
+    assert not mk.stopped
     mk.run_step(4)
     assert not mk.tensors["logits"][:4].isnan().any()
 

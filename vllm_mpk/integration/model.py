@@ -81,8 +81,7 @@ class MpkRuntime:
         self.hidden = ""  # the plans' final-norm output, named when built
         self.steps = 0  # megakernel steps launched from Python (a replayed CUDA graph adds none)
         self.stock_reasons: set[str] = set()  # why batches went to the stock layers, logged once each
-        self.controls: torch.Tensor | None = None  # [plans, control words] on the GPU, row i for kernel i
-        self._watch: tuple[torch.Tensor, torch.cuda.Event] | None = None
+        self.error_flags: torch.Tensor | None = None  # [plans] int32 in pinned host memory, kernel i's stop code
         self._layer_name: str | None = None
         self.reservation: Reservation | None = None
 
@@ -260,12 +259,10 @@ class MpkRuntime:
             if world > 1:  # the plans' all-reduce tiles exchange through NVSHMEM (collective: every TP rank)
                 bootstrap_nvshmem(world, rank)
             build_kernels(list(plans.values()))  # nvcc in parallel; each Megakernel below loads its build
-            from vllm_mpk.runtime import control
-
-            # One tensor holds every kernel's control block: the watchdog reads them with one copy.
-            self.controls = torch.zeros(len(plans), control.WORDS, dtype=torch.int32, device=device)
+            # One host tensor holds every kernel's error word: the watchdog polls them all at once.
+            self.error_flags = torch.zeros(len(plans), dtype=torch.int32, pin_memory=True)
             kernels = {size: Megakernel(plan, tensors, timeout_s=self.options.timeout_s, profile=self.options.profile,
-                                        control_block=self.controls[i])
+                                        error_flag=self.error_flags[i:i + 1])
                        for i, (size, (plan, tensors)) in enumerate(plans.items())}
         else:  # the CPU reference executor: same plans, same bindings, tile by tile (tests)
             from vllm_mpk.graph.reference import ReferenceExecutor
@@ -296,24 +293,16 @@ class MpkRuntime:
     # watchdog -----------------------------------------------------------------------------------
 
     def poll_watchdog(self) -> None:
-        """Raise MegakernelError if an earlier launch stopped on its watchdog. Never waits: it
-        reads a copy of every plan's control block queued on the previous call, once it has landed."""
-        if self.controls is None or torch.cuda.is_current_stream_capturing():
+        """Raise MegakernelError if a launch that has ended stopped on its watchdog. Called every
+        decode step, so it makes no CUDA call: it reads the error words the kernels write to pinned
+        host memory when they stop, and synchronises only after one did."""
+        if self.error_flags is None or not self.error_flags.numpy().any():
             return
-        from vllm_mpk.runtime import control
-
-        if self._watch is None:
-            self._watch = (torch.zeros(self.controls.shape, dtype=torch.int32, pin_memory=True), torch.cuda.Event())
-        else:
-            blocks, copied = self._watch
-            if not copied.query():
-                return  # the previous copy has not landed yet; look next time
-            for kernel, words in zip(self.kernels.values(), blocks.tolist(), strict=True):
-                if words[control.ERROR]:
-                    kernel.check()  # synchronises and raises with the stalled task and event
-        blocks, copied = self._watch
-        blocks.copy_(self.controls, non_blocking=True)
-        copied.record()
+        if torch.cuda.is_current_stream_capturing():
+            return
+        for kernel in self.kernels.values():
+            if kernel.stopped:
+                kernel.check()  # synchronises and raises with the stalled task and event
 
 
 def _cudagraph_problem(vllm_config: Any) -> str | None:

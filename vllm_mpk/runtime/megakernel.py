@@ -127,13 +127,15 @@ def build_kernels(plans: Sequence[tuple[Plan, Mapping[str, torch.Tensor]]]) -> N
 class Megakernel:
     def __init__(self, plan: Plan, tensors: Mapping[str, torch.Tensor], *, timeout_s: float = 2.0,
                  profile: bool | torch.Tensor = False, control_block: torch.Tensor | None = None,
-                 prefetch: PrefetchPolicy = PrefetchPolicy()):
+                 error_flag: torch.Tensor | None = None, prefetch: PrefetchPolicy = PrefetchPolicy()):
         """``profile``: True to record per-task timestamps into ``self.profile``, or an int64 CUDA
         tensor of at least ``num_workers * max_tasks * 2`` elements to record into (MPK's
         ``profiler_tensor``); ``self.profile`` is then a ``[num_workers, max_tasks, 2]`` view of it.
         ``control_block``: ``control.WORDS`` int32 words on the GPU to use as the control block
         (zeroed here), e.g. one row of a tensor shared by several kernels, whose error words a
-        watchdog then reads with one copy. ``prefetch``: how far ahead workers ask L2 for weights
+        watchdog then reads with one copy. ``error_flag``: one int32 word of pinned host memory
+        (zeroed here; default: its own) that a watchdog stop sets to the error code, so that a
+        host can poll for a stop without a CUDA call (``stopped``). ``prefetch``: how far ahead workers ask L2 for weights
         (``set_prefetch`` changes it without a rebuild)."""
         device = next((t.device for t in tensors.values() if t.device.type == "cuda"), None)
         if device is None:
@@ -167,6 +169,14 @@ class Megakernel:
             raise ValueError(f"the control block must be {control.WORDS} contiguous int32 words on {device}, got "
                              f"{control_block.dtype} {tuple(control_block.shape)} on {control_block.device}")
         self.control = control_block.zero_()
+        if error_flag is None:
+            error_flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        elif error_flag.shape != (1,) or error_flag.dtype != torch.int32 or not error_flag.is_pinned():
+            raise ValueError(f"the error flag must be one int32 word of pinned host memory, got {error_flag.dtype} "
+                             f"{tuple(error_flag.shape)} on {error_flag.device} (pinned: {error_flag.is_pinned()})")
+        self.error_flag = error_flag.zero_()
+        base = error_flag.untyped_storage().data_ptr()  # the pinned allocation, which CUDA maps as a whole
+        self._error_flag_address = self.module.device_pointer(base) + error_flag.data_ptr() - base
         self.profile = self._profile_buffer(profile, device)
         if plan_uses_nvshmem(plan):
             # The first launch's collectives wait only timeout_s for the peers' same launch, and a
@@ -195,7 +205,7 @@ class Megakernel:
         stream = stream or torch.cuda.current_stream(self.device)
         self.module.launch(self.tasks.data_ptr(), self.queue_lens.data_ptr(), self.pointers.data_ptr(),
                            self.counters.data_ptr(), self.triggers.data_ptr(), self.control.data_ptr(),
-                           0 if self.profile is None else self.profile.data_ptr(), num_tokens, steps,
+                           self._error_flag_address, 0 if self.profile is None else self.profile.data_ptr(), num_tokens, steps,
                            self.max_tasks, self.prefetch.ahead, self.plan.num_workers, self.timeout_ns,
                            stream.cuda_stream)
 
@@ -219,6 +229,12 @@ class Megakernel:
         order, so ``order`` and ``seed`` are ignored); raises MegakernelError on a watchdog stop."""
         self.launch(num_tokens)
         self.check()
+
+    @property
+    def stopped(self) -> bool:
+        """Whether a launch that has ended stopped on its watchdog; reads host memory only (no
+        CUDA call, no synchronisation), so a host can ask every step."""
+        return bool(self.error_flag.numpy()[0])
 
     def check(self) -> None:
         """Synchronise and raise MegakernelError if a launch stopped on its watchdog."""
@@ -249,6 +265,8 @@ class Megakernel:
             nvshmem.barrier()
         self.counters.zero_()
         self.control.zero_()
+        torch.cuda.synchronize(self.device)  # no launch is left to raise the flag again
+        self.error_flag.zero_()
         for name in self.plan.counters:
             self.tensors[name].zero_()
         if collective:
