@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from vllm_mpk import cli
-from vllm_mpk.bench import runner
-from vllm_mpk.bench.runner import gpu_lanes, run_engine, run_engines
+from vllm_mpk.bench import runner, worker
+from vllm_mpk.bench.runner import gpu_lanes, run_engine, run_engines, worker_command
 from vllm_mpk.bench.table import END, START, latest_rows, read_rows, render, replace_section
-from vllm_mpk.bench.worker import FAST_COMPILATION, EngineConfig, engine_kwargs, model_dir
+from vllm_mpk.bench.worker import FAST_COMPILATION, EngineConfig, configs_from_json, engine_kwargs, model_dir
 
 COMMON = {"gpu": "NVIDIA H100 80GB HBM3", "prompt_len": 128, "new_tokens": 257, "repeats": 3,
           "compilation": "mode 0, FULL_DECODE_ONLY", "engine_s": 40.0, "process_s": 60.0, "graph_tokens": [1],
@@ -231,7 +231,7 @@ def test_model_dir_keeps_the_shipped_config_or_cuts_its_layers(tmp_path: Path) -
 
 
 def test_a_failing_worker_leaves_error_rows(tmp_path: Path) -> None:
-    rows = run_engine(EngineConfig("no-such-model", "vllm", batches=(1, 8)), tmp_path / "w.log", timeout_s=120)
+    rows = run_engine([EngineConfig("no-such-model", "vllm", batches=(1, 8))], tmp_path / "w.log", timeout_s=120)
     assert [(r["batch"], r["error"].split(":")[0]) for r in rows] == [(1, "exit 1"), (8, "exit 1")]
     assert "no shipped config named 'no-such-model'" in rows[0]["error"] and rows[0]["process_s"] > 0
 
@@ -239,7 +239,8 @@ def test_a_failing_worker_leaves_error_rows(tmp_path: Path) -> None:
 def test_the_floor_runs_after_its_stock_engine_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ran: list[tuple[str, int | None]] = []
 
-    def fake_run_engine(cfg: EngineConfig, log: Path, timeout_s: float, devices: str | None = None) -> list[dict]:
+    def fake_run_engine(cfgs: list[EngineConfig], log: Path, timeout_s: float, devices: str | None = None) -> list[dict]:
+        (cfg,) = cfgs
         ran.append((cfg.impl, cfg.kv_blocks))
         return [{**row(cfg.model, cfg.impl, b, 1.0, 0.5, 0.1), "kv_blocks": 4321} for b in cfg.batches]
 
@@ -268,7 +269,8 @@ def test_engines_run_in_lanes_one_model_per_lane(tmp_path: Path, monkeypatch: py
     floor_blocks: dict[str, int | None] = {}
     lock = threading.Lock()
 
-    def fake_run_engine(cfg: EngineConfig, log: Path, timeout_s: float, devices: str | None = None) -> list[dict]:
+    def fake_run_engine(cfgs: list[EngineConfig], log: Path, timeout_s: float, devices: str | None = None) -> list[dict]:
+        (cfg,) = cfgs
         with lock:
             calls.append(("start", cfg.model, cfg.impl, devices))
             if cfg.impl == "floor":
@@ -311,7 +313,8 @@ def test_rounds_run_a_models_engines_in_turn_each_in_its_own_log(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     ran: list[tuple[str, str]] = []
 
-    def fake_run_engine(cfg: EngineConfig, log: Path, timeout_s: float, devices: str | None = None) -> list[dict]:
+    def fake_run_engine(cfgs: list[EngineConfig], log: Path, timeout_s: float, devices: str | None = None) -> list[dict]:
+        (cfg,) = cfgs
         ran.append((cfg.impl, log.name))
         return [row(cfg.model, cfg.impl, b, 1.0, 0.5, 0.1) for b in cfg.batches]
 
@@ -330,8 +333,62 @@ def test_the_table_takes_each_times_median_over_an_engines_rounds() -> None:
     table = render(rounds)
     cells = table_cells(table, "qwen3-0.6b", 1)
     assert cells[2:8] == ["1.70", "1.30", "1.31×", "1.00", "0.50", "2.00×"]
-    assert "Each engine in 3 processes run in turn" in table
-    assert "Each engine in its own process" in render(ROWS)
+    assert "Each engine in its own process, one model's in turn; 3 such rounds, each time the median" in table
+    assert "Each engine in its own process, one model's in turn." in render(ROWS)
+
+
+def test_host_bound_rows_are_named_with_their_host_and_gpu_steps() -> None:
+    host = {"host_period_ms": 2.1, "host_output_wait_ms": 0.01}
+    rows = [{**row("qwen3-0.6b", "vllm", 1, 2.4, 1.5, 0.1), **host, "host_period_ms": 2.6},
+            {**row("qwen3-0.6b", "mpk", 1, 2.2, 1.2, 0.1), **host},
+            {**row("qwen3-8b", "vllm", 1, 6.9, 6.6, 0.2), "host_period_ms": 6.9, "host_output_wait_ms": 4.0},
+            {**row("qwen3-8b", "mpk", 1, 6.5, 6.2, 0.2), "host_period_ms": 6.5, "host_output_wait_ms": 3.9}]
+    table = render(rows)
+    assert "qwen3-0.6b batch 1: host step 2.10 ms (stock 2.60), GPU step 1.30 ms" in table
+    assert "qwen3-8b batch 1: host" not in table  # its engine waited for the GPU: the kernel set the pace
+    assert "Host-bound" not in render([{k: v for k, v in r.items() if not k.startswith("host_")} for r in rows])
+
+
+def test_side_by_side_runs_a_models_engines_in_one_process_on_shares_of_the_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One worker process per model and round, its engines on equal shares of the memory budget,
+    the floor last (the worker gives it the stock engine's KV cache size); the table says so."""
+    ran: list[list[tuple[str, float, int | None]]] = []
+    logs: list[str] = []
+
+    def fake_run_engine(cfgs: list[EngineConfig], log: Path, timeout_s: float, devices: str | None = None) -> list[dict]:
+        ran.append([(c.impl, c.gpu_memory_utilization, c.kv_blocks) for c in cfgs])
+        logs.append(log.name)
+        return [{**row(c.model, c.impl, b, 1.0, 0.5, 0.1), "side_by_side": len(cfgs)} for c in cfgs for b in c.batches]
+
+    monkeypatch.setattr(runner, "run_engine", fake_run_engine)
+    configs = [EngineConfig("qwen3-0.6b", impl, batches=(1, 8), gpu_memory_utilization=0.9)
+               for impl in ("floor", "vllm", "mpk")]
+    rows = run_engines(configs, tmp_path / "r.jsonl", tmp_path / "logs", 10.0, rounds=2, side_by_side=True)
+    assert ran == [[("vllm", pytest.approx(0.3), None), ("mpk", pytest.approx(0.3), None),
+                    ("floor", pytest.approx(0.3), None)]] * 2
+    assert logs == ["qwen3-0.6b-vllm+mpk+floor-round0.log", "qwen3-0.6b-vllm+mpk+floor-round1.log"]
+    assert len(rows) == 12 and {r["round"] for r in rows} == {0, 1}
+    assert "A model's engines side by side in one process" in render(rows)
+    ran.clear()
+    rows = run_engines([configs[0], configs[2]], tmp_path / "r.jsonl", tmp_path / "logs", 10.0, side_by_side=True)
+    assert ran == [[("mpk", pytest.approx(0.45), None)]]  # a floor without its stock engine does not start
+    assert all("no stock engine of this model reported one" in r["error"] for r in rows if r["impl"] == "floor")
+
+
+def test_worker_takes_one_config_or_a_list() -> None:
+    one = EngineConfig("qwen3-0.6b", "mpk", batches=(1, 8))
+    two = [EngineConfig("qwen3-0.6b", "vllm", gpu_memory_utilization=0.4), one]
+    assert configs_from_json(one.to_json()) == [one]
+    assert configs_from_json(worker_command(two, Path("r.jsonl"))[3]) == two
+
+
+def test_side_by_side_samples_take_turns_the_first_alternating(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, int]] = []
+    monkeypatch.setattr(worker, "generate_s", lambda llm, prompts, tokens: calls.append((llm, tokens)) or 0.1 * tokens)
+    samples = worker.tpot_samples_ms(["a", "b"], [], new_tokens=11, repeats=3)
+    assert samples == [[pytest.approx(100.0)] * 3] * 2
+    assert [llm for llm, tokens in calls if tokens == 11] == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-ups first
 
 
 FAKE_WORKER = """
@@ -345,7 +402,7 @@ time.sleep(600)
 DRIVER = """
 import sys
 from pathlib import Path
-from vllm_mpk.bench import runner
+from vllm_mpk.bench import runner, worker
 from vllm_mpk.bench.worker import EngineConfig
 worker, pids, root = sys.argv[1:]
 runner.worker_command = lambda cfg, rows: [sys.executable, worker, pids]

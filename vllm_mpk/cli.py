@@ -283,10 +283,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                 tensor_parallel_size=args.tensor_parallel_size)
                    for model in args.models for impl in args.impls]
         log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="vllm_mpk_bench_"))
-        print(f"{len(configs)} engines, {args.rounds} process(es) each, {len(lanes)} at a time; logs in {log_dir}",
+        together = "a model's engines side by side in one process" if args.side_by_side else "one engine a process"
+        print(f"{len(configs)} engines, {args.rounds} round(s), {together}, {len(lanes)} lane(s); logs in {log_dir}",
               flush=True)
         rows = run_engines(configs, args.rows, log_dir, args.timeout, on_rows=print_rows, lanes=lanes,
-                           rounds=args.rounds)
+                           rounds=args.rounds, side_by_side=args.side_by_side)
         if profile_dir is not None:
             print(f"\nprofiles in {profile_dir} (<trace>.analysis.txt: every step and gap)\n"
                   + analyze_profiles([engine_profile_dir(profile_dir, c.model, c.impl) for c in configs], args.gap_us),
@@ -378,6 +379,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--rounds", type=int, default=1,
                    help="run each model's engines N times in turn, each in a fresh process; the table takes each "
                         "time's median over them (vLLM's host step moves between processes; default 1)")
+    b.add_argument("--side-by-side", action="store_true",
+                   help="start a model's engines together in one process, each on an equal share of "
+                        "--gpu-memory-utilization, and interleave their TPOT repeats, so that a drift of the host's "
+                        "speed falls on stock and mpk alike (default: one engine after the other)")
     b.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
     b.add_argument("--vllm-compile", action="store_true",
                    help="vLLM's default compilation (torch.compile, FULL_AND_PIECEWISE) instead of mode 0 with "

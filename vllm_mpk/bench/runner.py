@@ -12,7 +12,10 @@ floor engine after its model's stock engine gets the stock engine's KV cache siz
 
 With ``rounds`` > 1 a model's engines run that many times in turn (stock, mpk, floor, stock, ...),
 each in a fresh process, and every row records its round: vLLM's host step, which sets the small
-models' TPOT, moves by more between processes than the engines differ.
+models' TPOT, moves by more between processes than the engines differ. ``side_by_side`` runs a
+model's engines in one process instead (``worker.run``: all started, each on an equal share of
+``gpu_memory_utilization``, their TPOT repeats interleaved), so that the host's drift falls on
+each alike.
 
 An interrupted run (Ctrl-C, or SIGTERM as ``timeout`` sends) kills the process group of every
 engine still running and starts no other: an engine core left behind would hold its GPU's memory.
@@ -54,13 +57,14 @@ def log_tail(path: Path, lines: int = 1) -> str:
     return " | ".join(text[-lines:]) or "(empty log)"
 
 
-def worker_command(cfg: EngineConfig, rows_file: Path) -> list[str]:
-    return [sys.executable, "-m", "vllm_mpk.bench.worker", cfg.to_json(), "--rows", str(rows_file)]
+def worker_command(cfgs: Sequence[EngineConfig], rows_file: Path) -> list[str]:
+    configs = "[" + ", ".join(c.to_json() for c in cfgs) + "]"
+    return [sys.executable, "-m", "vllm_mpk.bench.worker", configs, "--rows", str(rows_file)]
 
 
-def run_engine(cfg: EngineConfig, log: Path, timeout_s: float, devices: str | None = None) -> list[Row]:
-    """The rows of one worker process (on ``devices``, a ``CUDA_VISIBLE_DEVICES`` value, if given);
-    error rows for the batches it did not finish."""
+def run_engine(cfgs: Sequence[EngineConfig], log: Path, timeout_s: float, devices: str | None = None) -> list[Row]:
+    """The rows of one worker process running the engines of ``cfgs`` (on ``devices``, a
+    ``CUDA_VISIBLE_DEVICES`` value, if given); error rows for the batches it did not finish."""
     with tempfile.TemporaryDirectory() as tmp, log.open("w") as out:
         rows_file = Path(tmp) / "rows.jsonl"
         start = time.perf_counter()
@@ -68,7 +72,7 @@ def run_engine(cfg: EngineConfig, log: Path, timeout_s: float, devices: str | No
         if devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = devices
         with _running_lock:
-            proc = subprocess.Popen(worker_command(cfg, rows_file), stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(worker_command(cfgs, rows_file), stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True, env=env)
             _running.add(proc)
         try:
@@ -81,10 +85,10 @@ def run_engine(cfg: EngineConfig, log: Path, timeout_s: float, devices: str | No
                 _running.discard(proc)
         seconds = time.perf_counter() - start
         rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
-    done = {r["batch"] for r in rows}
+    done = {(r["impl"], r["batch"]) for r in rows}
     error = f"exit {rc}: {log_tail(log)} (log: {log})"
-    rows += [{"model": cfg.model, "impl": cfg.impl, "batch": b, "tp": cfg.tensor_parallel_size, "error": error}
-             for b in cfg.batches if b not in done]
+    rows += [{"model": c.model, "impl": c.impl, "batch": b, "tp": c.tensor_parallel_size, "error": error}
+             for c in cfgs for b in c.batches if (c.impl, b) not in done]
     return [{**r, "process_s": seconds} for r in rows]
 
 
@@ -135,11 +139,21 @@ def gpu_lanes(gpus: Sequence[str], tensor_parallel_size: int) -> list[str]:
     return [",".join(gpus[i:i + n]) for i in range(0, len(gpus) - n + 1, n)]
 
 
+def processes(engines: Sequence[EngineConfig], side_by_side: bool) -> list[list[EngineConfig]]:
+    """A model's engines per worker process, in the order they run: each alone, or all in one
+    sharing the GPU's memory; a floor engine after its stock engine either way."""
+    in_turn = sorted(engines, key=lambda c: c.impl == FLOOR)
+    if not side_by_side:
+        return [[c] for c in in_turn]
+    share = 1 / len(in_turn)
+    return [[replace(c, gpu_memory_utilization=c.gpu_memory_utilization * share) for c in in_turn]]
+
+
 def run_engines(configs: Iterable[EngineConfig], rows_path: Path, log_dir: Path, timeout_s: float,
                 on_rows: Callable[[list[Row]], None] = lambda rows: None,
-                lanes: Sequence[str | None] = (None,), rounds: int = 1) -> list[Row]:
-    """Run every engine ``rounds`` times, one model's in turn on one lane, the lanes side by side;
-    append each engine's rows to ``rows_path`` as they come."""
+                lanes: Sequence[str | None] = (None,), rounds: int = 1, side_by_side: bool = False) -> list[Row]:
+    """Run every engine ``rounds`` times, one model's in turn (or ``side_by_side`` in one process)
+    on one lane, the lanes side by side; append each process's rows to ``rows_path`` as they come."""
     run = run_id()
     log_dir.mkdir(parents=True, exist_ok=True)
     rows_path.parent.mkdir(parents=True, exist_ok=True)
@@ -158,23 +172,24 @@ def run_engines(configs: Iterable[EngineConfig], rows_path: Path, log_dir: Path,
                     return
                 group = waiting.pop(0)
             blocks: int | None = None
-            in_turn = sorted(group, key=lambda c: c.impl == FLOOR)  # the floor after its stock engine
-            for round_, cfg in ((r, c) for r in range(rounds) for c in in_turn):
+            for round_, cfgs in ((r, p) for r in range(rounds) for p in processes(group, side_by_side)):
                 if stop.is_set():
                     return
-                if cfg.impl == FLOOR and cfg.kv_blocks is None:
-                    cfg = replace(cfg, kv_blocks=blocks)
-                log = log_dir / f"{cfg.label.replace(' ', '-')}-{cfg.impl}{f'-round{round_}' if rounds > 1 else ''}.log"
-                if cfg.impl == FLOOR and cfg.kv_blocks is None:
-                    rows = [{"model": cfg.model, "impl": FLOOR, "batch": b, "tp": cfg.tensor_parallel_size,
-                             "error": "not run: the floor engine takes its stock engine's KV cache size, and no "
-                                      "stock engine of this model reported one in this run (add --impls vllm)",
-                             "run": run} for b in cfg.batches]
-                else:
-                    rows = [{**r, "run": run} for r in run_engine(cfg, log, timeout_s, devices)]
-                if rounds > 1:
-                    rows = [{**r, "round": round_} for r in rows]
-                blocks = next((r["kv_blocks"] for r in rows if cfg.impl == STOCK and r.get("kv_blocks")), blocks)
+                with_stock = any(c.impl == STOCK for c in cfgs)  # a floor beside it takes its size in the worker
+                cfgs = [replace(c, kv_blocks=blocks) if c.impl == FLOOR and c.kv_blocks is None and not with_stock
+                        else c for c in cfgs]
+                unsized = [c for c in cfgs if c.impl == FLOOR and c.kv_blocks is None and not with_stock]
+                rows = [{"model": c.model, "impl": FLOOR, "batch": b, "tp": c.tensor_parallel_size,
+                         "error": "not run: the floor engine takes its stock engine's KV cache size, and no stock "
+                                  "engine of this model reported one in this run (add --impls vllm)"}
+                        for c in unsized for b in c.batches]
+                if len(unsized) < len(cfgs):
+                    sized = [c for c in cfgs if c not in unsized]
+                    impls = "+".join(c.impl for c in sized)
+                    log = log_dir / f"{sized[0].label.replace(' ', '-')}-{impls}{f'-round{round_}' if rounds > 1 else ''}.log"
+                    rows += run_engine(sized, log, timeout_s, devices)
+                rows = [{**r, "run": run, **({"round": round_} if rounds > 1 else {})} for r in rows]
+                blocks = next((r["kv_blocks"] for r in rows if r["impl"] == STOCK and r.get("kv_blocks")), blocks)
                 with lock:
                     with rows_path.open("a") as f:
                         f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -25,6 +25,7 @@ START, END = "<!-- vllm-bench:start -->", "<!-- vllm-bench:end -->"
 HEADING = "## vLLM time per output token: stock vs `--model-impl mpk`"
 STOCK, MPK, FLOOR = "vllm", "mpk", "floor"
 HOST_BOUND = 1.1  # stock TPOT within 10% of the floor: vLLM's own step sets TPOT
+HOST_WAIT_BOUND_MS = 0.05  # the engine waited at most this long a step for the GPU's tokens: the host set the pace
 COLUMNS = ("model", "batch", "TPOT vLLM", "TPOT mpk", "TPOT ×", "forward vLLM", "forward mpk", "forward ×",
            "lm_head", "overhead vLLM", "overhead mpk", "floor", "ceiling ×", "card")
 
@@ -158,6 +159,29 @@ def overhead_note(ok: list[Row]) -> str:
             f"engine (`--impls ... floor`) measures that, and was not run here.")
 
 
+def host_note(ok: list[Row]) -> str | None:
+    """The rows where mpk's engine hardly ever waited for the GPU (``host_output_wait_ms``, the
+    step timer's host clock): there vLLM's host step sets TPOT, whatever the kernel's time. None
+    where no row is host-bound or the rows predate the host timings."""
+    by_key = keyed(ok)
+    bound = [r for r in by_key.values() if r["impl"] == MPK and r.get("host_output_wait_ms") is not None
+             and r["host_output_wait_ms"] <= HOST_WAIT_BOUND_MS and r.get("host_period_ms")
+             and r.get("forward_ms") is not None and r.get("lm_head_ms") is not None]
+    if not bound:
+        return None
+    parts = []
+    for r in bound:
+        stock = by_key.get((label(r), r["batch"], STOCK)) or {}
+        theirs = f" (stock {stock['host_period_ms']:.2f})" if stock.get("host_period_ms") else ""
+        parts.append(f"{label(r)} batch {r['batch']}: host step {r['host_period_ms']:.2f} ms{theirs}, GPU step "
+                     f"{r['forward_ms'] + r['lm_head_ms']:.2f} ms")
+    return (f"Host-bound under mpk (the engine waited at most {HOST_WAIT_BOUND_MS} ms a step for the GPU's tokens; "
+            f"medians of one timed generation): {'; '.join(parts)}. There vLLM's host step (input preparation and "
+            "the graph launch, sampling, scheduling and output handling) sets TPOT and the GPU idles for the rest of "
+            "it: the megakernel's shorter GPU step does not show in TPOT, only the host work it saves (one "
+            "graph node to launch instead of one per kernel).")
+
+
 def settings_note(ok: list[Row]) -> str | None:
     """Per impl, whether vLLM scheduled asynchronously (which hides most of its per-step work
     behind the GPU) and its attention backend; None for rows from before they were recorded."""
@@ -178,9 +202,18 @@ def render(rows: Iterable[Row]) -> str:
         return "No vLLM benchmark rows yet: run `vllm-mpk bench` on a GPU."
     by_key = keyed(ok)
     rounds = sorted({r.get("rounds", 1) for r in by_key.values()})
-    processes = ("Each engine in its own process" if rounds == [1] else
-                 f"Each engine in {' / '.join(map(str, rounds))} processes run in turn with the other engines of "
-                 "its model, each time the median over them")
+    models = list(dict.fromkeys(label(r) for r in by_key.values()))
+    together = [m for m in models if any(r.get("side_by_side", 1) > 1 for r in by_key.values() if label(r) == m)]
+    side_by_side = ("a model's engines side by side in one process (each on an equal share of the GPU's memory), "
+                    "their TPOT repeats interleaved")
+    if not together:
+        processes = "Each engine in its own process, one model's in turn"
+    elif len(together) == len(models):
+        processes = side_by_side[0].upper() + side_by_side[1:]
+    else:
+        processes = f"For {', '.join(together)} {side_by_side}; for the others each engine in its own process"
+    if rounds != [1]:
+        processes += f"; {' / '.join(map(str, rounds))} such rounds, each time the median over them"
     lines = [f"Card: {distinct(ok, 'gpu') or '—'}; run {distinct(rows, 'run')}. Dummy weights (vLLM's "
              f"`load_format=\"dummy\"` on the shipped configs), prompts of {distinct(ok, 'prompt_len')} tokens, "
              f"{distinct(ok, 'new_tokens')} greedy tokens with EOS ignored, TPOT median of "
@@ -190,8 +223,8 @@ def render(rows: Iterable[Row]) -> str:
     for model in dict.fromkeys(label(r) for r in rows):
         for batch in sorted({r["batch"] for r in rows if label(r) == model}):
             lines.append(table_line(model, batch, *(by_key.get((model, batch, impl)) for impl in (STOCK, MPK, FLOOR))))
-    settings = settings_note(ok)
-    lines += ["", overhead_note(ok), *(["", settings] if settings else []), "",
+    settings, host = settings_note(ok), host_note(ok)
+    lines += ["", overhead_note(ok), *(["", host] if host else []), *(["", settings] if settings else []), "",
               "forward: GPU time of the decode step's CUDA-graph replay (embedding to final norm). lm_head: "
               "`compute_logits`. overhead = TPOT − forward − lm_head (share of that TPOT). floor: TPOT of stock "
               "vLLM with one decoder layer; ceiling: stock TPOT over the floor, the most any forward could gain."]

@@ -1,7 +1,14 @@
-"""One vLLM engine (one model, one ``model_impl``) in this process: TPOT and model-forward time
-per batch size, one JSON row per batch appended to a file as soon as it is measured.
+"""vLLM engines of one model (one per ``model_impl``) in this process: TPOT and model-forward time
+per batch size, one JSON row per engine and batch appended to a file as soon as it is measured.
 
     python -m vllm_mpk.bench.worker '{"model": "qwen3-0.6b", "impl": "mpk"}' --rows rows.jsonl
+    python -m vllm_mpk.bench.worker '[{"model": "qwen3-0.6b", "impl": "vllm", "gpu_memory_utilization": 0.42},
+                                      {"model": "qwen3-0.6b", "impl": "mpk", "gpu_memory_utilization": 0.42}]' ...
+
+Several engines run side by side: all started first, each on its share of the GPU's memory, then
+their TPOT repeats interleaved (one generation each in turn, the order alternating), so a drift of
+the host's speed over the minutes of a run, which moves the small models' TPOT by more than the
+engines differ, falls on each engine alike.
 
 Weights are vLLM's dummy weights (``load_format="dummy"``) for a directory holding only the
 shipped config.json. For each batch: ``batch`` prompts of ``prompt_len`` token ids, greedy, EOS
@@ -20,12 +27,13 @@ process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +90,12 @@ class EngineConfig:
         return model_label(self.model, self.tensor_parallel_size)
 
 
+def configs_from_json(text: str) -> list[EngineConfig]:
+    """One ``EngineConfig`` (a JSON object) or several (a JSON list of them)."""
+    raw = json.loads(text)
+    return [EngineConfig.from_json(json.dumps(c)) for c in (raw if isinstance(raw, list) else [raw])]
+
+
 def model_dir(name: str, root: Path, layers: int | None = None) -> Path:
     """A directory holding only the shipped config.json (``layers``: that many decoder layers):
     vLLM loads it with dummy weights."""
@@ -126,10 +140,19 @@ def generate_s(llm: Any, prompts: list[dict[str, list[int]]], tokens: int) -> fl
     return time.perf_counter() - start
 
 
-def tpot_samples_ms(llm: Any, prompts: list[dict[str, list[int]]], new_tokens: int, repeats: int) -> list[float]:
-    generate_s(llm, prompts, new_tokens)  # warm-up
-    return [(generate_s(llm, prompts, new_tokens) - generate_s(llm, prompts, 1)) / (new_tokens - 1) * 1e3
-            for _ in range(repeats)]
+def tpot_samples_ms(llms: Sequence[Any], prompts: list[dict[str, list[int]]], new_tokens: int,
+                    repeats: int) -> list[list[float]]:
+    """Per engine, ``repeats`` TPOT samples, ``(t(new_tokens) - t(1)) / (new_tokens - 1)``; the
+    engines take turns sample by sample, the first in turn alternating."""
+    for llm in llms:
+        generate_s(llm, prompts, new_tokens)  # warm-up
+    samples: list[list[float]] = [[] for _ in llms]
+    for i in range(repeats):
+        order = list(enumerate(llms))
+        for k, llm in order if i % 2 == 0 else order[::-1]:
+            samples[k].append((generate_s(llm, prompts, new_tokens) - generate_s(llm, prompts, 1))
+                              / (new_tokens - 1) * 1e3)
+    return samples
 
 
 def step_times_ms(llm: Any, prompts: list[dict[str, list[int]]], new_tokens: int) -> dict[str, Any]:
@@ -158,38 +181,79 @@ def step_times_ms(llm: Any, prompts: list[dict[str, list[int]]], new_tokens: int
             **{f"{key}_ms": summary(key, statistics.median) for key in HOST_TIMES}}
 
 
-def run(cfg: EngineConfig, rows: Path) -> None:
-    vocab = shipped_config(cfg.model)["vocab_size"]  # an unknown name fails here, before vLLM loads
+@dataclass
+class Engine:
+    """A started engine of ``run`` and what it reported about itself."""
+
+    cfg: EngineConfig
+    llm: Any
+    engine_s: float
+    gpu: str
+    info: dict[str, Any]
+
+
+def start_engine(cfg: EngineConfig, root: Path, started: Sequence[Engine]) -> Engine:
+    """Start ``cfg``'s engine; a floor engine without a KV cache size takes the size of a stock
+    engine started before it in this process."""
     from vllm import LLM
 
-    with tempfile.TemporaryDirectory(prefix="vllm_mpk_bench_") as root:
-        start = time.perf_counter()
-        llm = LLM(**engine_kwargs(cfg, model_dir(cfg.model, Path(root), layers=1 if cfg.impl == FLOOR else None)))
-        engine_s = time.perf_counter() - start
-        try:
-            gpu = llm.collective_rpc("bench_device_name")[0]
-            info = llm.collective_rpc("bench_engine_info")[0]
-            for batch in cfg.batches:
-                prompts = token_prompts(batch, cfg.prompt_len, vocab)
-                samples = tpot_samples_ms(llm, prompts, cfg.new_tokens, cfg.repeats)
-                times = step_times_ms(llm, prompts, cfg.new_tokens)
-                state = llm.collective_rpc("bench_mpk_state")[0]
-                if cfg.impl == "mpk" and not state["built"]:
-                    raise RuntimeError(f"--model-impl mpk never built its megakernel, so this engine timed vLLM's "
-                                       f"stock layers: {state}")
-                row = {"model": cfg.model, "impl": cfg.impl, "batch": batch, "tpot_ms": statistics.median(samples),
-                       "tpot_samples_ms": samples, **times, "model_class": state["class"], "gpu": gpu,
-                       "engine_s": engine_s, "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens,
-                       "repeats": cfg.repeats, "compilation": cfg.compilation, "tp": cfg.tensor_parallel_size,
-                       "async_scheduling": info["async_scheduling"], "attention_backend": info["attention_backend"],
-                       "kv_blocks": info.get("kv_blocks")}
-                with rows.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(json.dumps(row), flush=True)
-            if cfg.profile_dir is not None:
-                profile(llm, cfg, info, vocab)
-        finally:
-            llm.llm_engine.engine_core.shutdown()
+    if cfg.impl == FLOOR and cfg.kv_blocks is None:
+        stock = next((e for e in started if e.cfg.impl == STOCK), None)
+        if stock is None or not stock.info.get("kv_blocks"):
+            raise ValueError("the floor engine takes its stock engine's KV cache size: start a stock engine of "
+                             "this model before it, or give kv_blocks")
+        cfg = replace(cfg, kv_blocks=stock.info["kv_blocks"])
+    start = time.perf_counter()
+    llm = LLM(**engine_kwargs(cfg, model_dir(cfg.model, root / cfg.impl, layers=1 if cfg.impl == FLOOR else None)))
+    engine_s = time.perf_counter() - start
+    return Engine(cfg, llm, engine_s, llm.collective_rpc("bench_device_name")[0],
+                  llm.collective_rpc("bench_engine_info")[0])
+
+
+def run(cfgs: Sequence[EngineConfig], rows: Path) -> None:
+    """Start every engine of ``cfgs`` (one model, the same batches), then measure each batch on
+    all of them, their TPOT repeats interleaved; shut them all down at the end."""
+    if len({(c.model, c.batches) for c in cfgs}) != 1:
+        raise ValueError("engines side by side must share the model and the batches")
+    first = cfgs[0]
+    vocab = shipped_config(first.model)["vocab_size"]  # an unknown name fails here, before vLLM loads
+    with tempfile.TemporaryDirectory(prefix="vllm_mpk_bench_") as root, contextlib.ExitStack() as running:
+        engines: list[Engine] = []
+        for cfg in cfgs:
+            engines.append(start_engine(cfg, Path(root), engines))
+            running.callback(engines[-1].llm.llm_engine.engine_core.shutdown)
+        for batch in first.batches:
+            prompts = token_prompts(batch, first.prompt_len, vocab)
+            samples = tpot_samples_ms([e.llm for e in engines], prompts, first.new_tokens, first.repeats)
+            for engine, tpot in zip(engines, samples, strict=True):
+                write_row(rows, measured_row(engine, batch, tpot, prompts, len(engines)))
+        for engine in engines:
+            if engine.cfg.profile_dir is not None:
+                profile(engine.llm, engine.cfg, engine.info, vocab)
+
+
+def measured_row(engine: Engine, batch: int, samples: list[float], prompts: list[dict[str, list[int]]],
+                 side_by_side: int) -> dict[str, Any]:
+    """One engine's row for one batch: its TPOT samples, then a timed generation (``step_times_ms``)."""
+    cfg, llm = engine.cfg, engine.llm
+    times = step_times_ms(llm, prompts, cfg.new_tokens)
+    state = llm.collective_rpc("bench_mpk_state")[0]
+    if cfg.impl == "mpk" and not state["built"]:
+        raise RuntimeError(f"--model-impl mpk never built its megakernel, so this engine timed vLLM's "
+                           f"stock layers: {state}")
+    return {"model": cfg.model, "impl": cfg.impl, "batch": batch, "tpot_ms": statistics.median(samples),
+            "tpot_samples_ms": samples, **times, "model_class": state["class"], "gpu": engine.gpu,
+            "engine_s": engine.engine_s, "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens,
+            "repeats": cfg.repeats, "compilation": cfg.compilation, "tp": cfg.tensor_parallel_size,
+            "async_scheduling": engine.info["async_scheduling"],
+            "attention_backend": engine.info["attention_backend"], "kv_blocks": engine.info.get("kv_blocks"),
+            "side_by_side": side_by_side}
+
+
+def write_row(rows: Path, row: dict[str, Any]) -> None:
+    with rows.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
 
 
 def profile(llm: Any, cfg: EngineConfig, info: dict[str, Any], vocab: int) -> None:
@@ -213,10 +277,10 @@ def profile(llm: Any, cfg: EngineConfig, info: dict[str, Any], vocab: int) -> No
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("config", help="EngineConfig as JSON")
+    p.add_argument("config", help="EngineConfig as JSON, or a JSON list of them to run side by side")
     p.add_argument("--rows", type=Path, required=True, help="JSON lines file to append one row per batch to")
     args = p.parse_args()
-    run(EngineConfig.from_json(args.config), args.rows)
+    run(configs_from_json(args.config), args.rows)
 
 
 if __name__ == "__main__":
