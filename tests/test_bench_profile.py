@@ -234,9 +234,36 @@ def test_step_times_give_the_median_period_and_its_tail() -> None:
         def generate(self, prompts: list, params: Any, use_tqdm: bool) -> None:
             pass
 
-    times = worker.step_times_ms(LLM(), [{"prompt_token_ids": [1]}], 12)
+    (times,) = worker.step_times_ms([LLM()], [{"prompt_token_ids": [1]}], 12)
     assert (times["forward_ms"], times["period_ms"], times["period_p90_ms"], times["graph_tokens"]) == (6.4, 7.0, 7.0, [8])
     assert times["host_output_wait_ms"] == 0.2 and times["host_period_ms"] is None  # a phase it did not report
     assert times["forward_mean_ms"] == pytest.approx(6.5) and times["period_mean_ms"] == pytest.approx(7.2)
     periods[-2:] = [9.0, 9.5]
-    assert worker.step_times_ms(LLM(), [{"prompt_token_ids": [1]}], 12)["period_p90_ms"] == 9.0
+    assert worker.step_times_ms([LLM()], [{"prompt_token_ids": [1]}], 12)[0]["period_p90_ms"] == 9.0
+
+
+
+def test_step_times_merge_the_engines_generations_taken_in_turn() -> None:
+    pytest.importorskip("vllm")
+    from vllm_mpk.bench import worker
+
+    order: list[str] = []
+
+    class LLM:
+        def __init__(self, name: str) -> None:
+            self.name, self.generations = name, 0
+
+        def collective_rpc(self, method: str, args: tuple = ()) -> list[Any]:
+            if method == "bench_timer_start":
+                order.append(self.name)
+                return [True]
+            self.generations += 1
+            return [{"period": [7.0 if self.generations == 1 else 9.0] * 10, "host_period": [2.0] * 5}]
+
+        def generate(self, prompts: list, params: Any, use_tqdm: bool) -> None:
+            pass
+
+    a, b = worker.step_times_ms([LLM("a"), LLM("b")], [{"prompt_token_ids": [1]}], 12, generations=3)
+    assert order == ["a", "b", "b", "a", "a", "b"]
+    assert a["period_ms"] == 9.0 and a["period_mean_ms"] == pytest.approx(25 / 3)  # 10 periods of 7, 20 of 9
+    assert b["host_period_ms"] == 2.0 and b["forward_ms"] is None

@@ -175,11 +175,29 @@ def host_note(ok: list[Row]) -> str | None:
         theirs = f" (stock {stock['host_period_ms']:.2f})" if stock.get("host_period_ms") else ""
         parts.append(f"{label(r)} batch {r['batch']}: host step {r['host_period_ms']:.2f} ms{theirs}, GPU step "
                      f"{r['forward_ms'] + r['lm_head_ms']:.2f} ms")
+    generations = " / ".join(dict.fromkeys(str(r.get("timed_generations", 1)) for r in bound))
     return (f"Host-bound under mpk (the engine waited at most {HOST_WAIT_BOUND_MS} ms a step for the GPU's tokens; "
-            f"medians of one timed generation): {'; '.join(parts)}. There vLLM's host step (input preparation and "
+            f"medians over {generations} timed generation(s)): {'; '.join(parts)}. There vLLM's host step (input preparation and "
             "the graph launch, sampling, scheduling and output handling) sets TPOT and the GPU idles for the rest of "
             "it: the megakernel's shorter GPU step does not show in TPOT, only the host work it saves (one "
             "graph node to launch instead of one per kernel).")
+
+
+def method_note(rows: list[Row]) -> str:
+    """How each run started its engines: one after the other, or side by side (``--side-by-side``)."""
+    modes: dict[str, set[bool]] = {}
+    for r in rows:
+        modes.setdefault(r["run"], set()).add(r.get("side_by_side", 1) > 1)
+    together = [run for run, side in modes.items() if True in side]
+    apart = [run for run, side in modes.items() if False in side]
+    side_by_side = ("a model's engines side by side in one process (each on an equal share of the GPU's memory), "
+                    "their TPOT repeats interleaved")
+    one_by_one = "each engine in its own process, one model's in turn"
+    if not together:
+        return one_by_one[0].upper() + one_by_one[1:]
+    if not apart:
+        return side_by_side[0].upper() + side_by_side[1:]
+    return f"Runs {', '.join(together)}: {side_by_side}; runs {', '.join(apart)}: {one_by_one}"
 
 
 def settings_note(ok: list[Row]) -> str | None:
@@ -202,16 +220,7 @@ def render(rows: Iterable[Row]) -> str:
         return "No vLLM benchmark rows yet: run `vllm-mpk bench` on a GPU."
     by_key = keyed(ok)
     rounds = sorted({r.get("rounds", 1) for r in by_key.values()})
-    models = list(dict.fromkeys(label(r) for r in by_key.values()))
-    together = [m for m in models if any(r.get("side_by_side", 1) > 1 for r in by_key.values() if label(r) == m)]
-    side_by_side = ("a model's engines side by side in one process (each on an equal share of the GPU's memory), "
-                    "their TPOT repeats interleaved")
-    if not together:
-        processes = "Each engine in its own process, one model's in turn"
-    elif len(together) == len(models):
-        processes = side_by_side[0].upper() + side_by_side[1:]
-    else:
-        processes = f"For {', '.join(together)} {side_by_side}; for the others each engine in its own process"
+    processes = method_note(list(by_key.values()))
     if rounds != [1]:
         processes += f"; {' / '.join(map(str, rounds))} such rounds, each time the median over them"
     lines = [f"Card: {distinct(ok, 'gpu') or '—'}; run {distinct(rows, 'run')}. Dummy weights (vLLM's "

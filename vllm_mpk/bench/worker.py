@@ -43,6 +43,7 @@ from vllm_mpk.models.catalog import shipped_config
 
 FAST_COMPILATION = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}  # no torch.compile; FULL decode graphs
 STEP_TIMER = "vllm_mpk.bench.step_timer.StepTimer"
+TIMED_GENERATIONS = 3  # step-timer generations per engine and batch: the host's phases move between generations
 HOST_TIMES = ("host_execute", "host_sample", "host_output_wait", "host_period")  # StepTimer's, on the host's clock
 IMPLS = (STOCK, MPK, FLOOR)
 
@@ -140,44 +141,65 @@ def generate_s(llm: Any, prompts: list[dict[str, list[int]]], tokens: int) -> fl
     return time.perf_counter() - start
 
 
+def turns(engines: int, i: int) -> list[int]:
+    """The engines' order in round ``i`` of an interleaved measurement: the first alternates."""
+    order = list(range(engines))
+    return order if i % 2 == 0 else order[::-1]
+
+
 def tpot_samples_ms(llms: Sequence[Any], prompts: list[dict[str, list[int]]], new_tokens: int,
                     repeats: int) -> list[list[float]]:
     """Per engine, ``repeats`` TPOT samples, ``(t(new_tokens) - t(1)) / (new_tokens - 1)``; the
-    engines take turns sample by sample, the first in turn alternating."""
+    engines take turns sample by sample (``turns``)."""
     for llm in llms:
         generate_s(llm, prompts, new_tokens)  # warm-up
     samples: list[list[float]] = [[] for _ in llms]
     for i in range(repeats):
-        order = list(enumerate(llms))
-        for k, llm in order if i % 2 == 0 else order[::-1]:
-            samples[k].append((generate_s(llm, prompts, new_tokens) - generate_s(llm, prompts, 1))
+        for k in turns(len(llms), i):
+            samples[k].append((generate_s(llms[k], prompts, new_tokens) - generate_s(llms[k], prompts, 1))
                               / (new_tokens - 1) * 1e3)
     return samples
 
 
-def step_times_ms(llm: Any, prompts: list[dict[str, list[int]]], new_tokens: int) -> dict[str, Any]:
-    """Median GPU time of the decode step's graph replay and of compute_logits over one generation,
-    and the median step period on the GPU's timeline with its 90th percentile (a period well above
-    the forward and lm_head is time the GPU waited for the host); also the means of the forward and
-    the period, which TPOT (a mean over the generation) is to be read against where the steps'
-    times spread; the medians of the host's phases (``HOST_TIMES``, see ``StepTimer``); None where
-    the model runner has no FULL-graph replay to time."""
-    times: dict[str, list[float]] = {key: [] for key in ("forward", "lm_head", "period", "graph_tokens", *HOST_TIMES)}
-    if llm.collective_rpc("bench_timer_start")[0]:
-        try:
-            generate_s(llm, prompts, new_tokens)
-        finally:
-            times = llm.collective_rpc("bench_timer_stop")[0]
+def timed_generation(llm: Any, prompts: list[dict[str, list[int]]], new_tokens: int) -> dict[str, list[float]]:
+    """``StepTimer``'s lists of one generation; empty where the model runner has no FULL-graph
+    replay to time."""
+    if not llm.collective_rpc("bench_timer_start")[0]:
+        return {}
+    try:
+        generate_s(llm, prompts, new_tokens)
+    finally:
+        times = llm.collective_rpc("bench_timer_stop")[0]
+    return times
 
+
+def step_times_ms(llms: Sequence[Any], prompts: list[dict[str, list[int]]], new_tokens: int,
+                  generations: int = 1) -> list[dict[str, Any]]:
+    """Per engine, over ``generations`` timed generations (the engines taking turns, ``turns``):
+    the median GPU time of the decode step's graph replay and of compute_logits, and the median
+    step period on the GPU's timeline with its 90th percentile (a period well above the forward and
+    lm_head is time the GPU waited for the host); also the means of the forward and the period,
+    which TPOT (a mean over a generation) is to be read against where the steps' times spread; the
+    medians of the host's phases (``HOST_TIMES``, see ``StepTimer``), which move with the host's
+    speed from one generation to the next; None where nothing was timed."""
+    merged: list[dict[str, list[float]]] = [{} for _ in llms]
+    for i in range(generations):
+        for k in turns(len(llms), i):
+            for key, values in timed_generation(llms[k], prompts, new_tokens).items():
+                merged[k].setdefault(key, []).extend(values)
+    return [{**step_summary(times), "timed_generations": generations} for times in merged]
+
+
+def step_summary(times: dict[str, list[float]]) -> dict[str, Any]:
     def summary(key: str, of: Callable[[list[float]], float]) -> float | None:
         return of(times[key]) if times.get(key) else None
 
-    period = sorted(times["period"])
+    period = sorted(times.get("period", []))
     return {"forward_ms": summary("forward", statistics.median), "forward_mean_ms": summary("forward", statistics.mean),
             "lm_head_ms": summary("lm_head", statistics.median), "period_ms": summary("period", statistics.median),
             "period_mean_ms": summary("period", statistics.mean),
             "period_p90_ms": period[int(0.9 * (len(period) - 1))] if period else None,
-            "graph_tokens": sorted({int(n) for n in times["graph_tokens"]}) or None,
+            "graph_tokens": sorted({int(n) for n in times.get("graph_tokens", [])}) or None,
             **{f"{key}_ms": summary(key, statistics.median) for key in HOST_TIMES}}
 
 
@@ -224,19 +246,20 @@ def run(cfgs: Sequence[EngineConfig], rows: Path) -> None:
             running.callback(engines[-1].llm.llm_engine.engine_core.shutdown)
         for batch in first.batches:
             prompts = token_prompts(batch, first.prompt_len, vocab)
-            samples = tpot_samples_ms([e.llm for e in engines], prompts, first.new_tokens, first.repeats)
-            for engine, tpot in zip(engines, samples, strict=True):
-                write_row(rows, measured_row(engine, batch, tpot, prompts, len(engines)))
+            llms = [e.llm for e in engines]
+            samples = tpot_samples_ms(llms, prompts, first.new_tokens, first.repeats)
+            times = step_times_ms(llms, prompts, first.new_tokens, TIMED_GENERATIONS)
+            for engine, tpot, timed in zip(engines, samples, times, strict=True):
+                write_row(rows, measured_row(engine, batch, tpot, timed, len(engines)))
         for engine in engines:
             if engine.cfg.profile_dir is not None:
                 profile(engine.llm, engine.cfg, engine.info, vocab)
 
 
-def measured_row(engine: Engine, batch: int, samples: list[float], prompts: list[dict[str, list[int]]],
+def measured_row(engine: Engine, batch: int, samples: list[float], times: dict[str, Any],
                  side_by_side: int) -> dict[str, Any]:
-    """One engine's row for one batch: its TPOT samples, then a timed generation (``step_times_ms``)."""
+    """One engine's row for one batch: its TPOT samples and step times (``step_times_ms``)."""
     cfg, llm = engine.cfg, engine.llm
-    times = step_times_ms(llm, prompts, cfg.new_tokens)
     state = llm.collective_rpc("bench_mpk_state")[0]
     if cfg.impl == "mpk" and not state["built"]:
         raise RuntimeError(f"--model-impl mpk never built its megakernel, so this engine timed vLLM's "
@@ -264,7 +287,7 @@ def profile(llm: Any, cfg: EngineConfig, info: dict[str, Any], vocab: int) -> No
     directory = engine_profile_dir(cfg.profile_dir or ".", cfg.model, cfg.impl)
 
     def generation(tokens: int) -> dict[str, Any]:
-        times = step_times_ms(llm, prompts, tokens)
+        (times,) = step_times_ms([llm], prompts, tokens)
         if times["graph_tokens"] is None:  # no timer in this model runner, so nothing ran yet
             times["generate_s"] = generate_s(llm, prompts, tokens)
         return times
