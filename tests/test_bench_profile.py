@@ -16,7 +16,7 @@ import pytest
 from tests.test_bench_trace import EVENTS
 from vllm_mpk import cli
 from vllm_mpk.bench.profiling import analyze_profiles, engine_profile_dir, profile_engine, profile_passes
-from vllm_mpk.bench.step_timer import StepTimer
+from vllm_mpk.bench.step_timer import HOST_PARTS, StepTimer
 from vllm_mpk.bench.worker import EngineConfig, engine_kwargs
 
 INFO = {"model": "qwen3-0.6b", "impl": "mpk", "batch": 8, "prompt_len": 128, "async_scheduling": True,
@@ -175,28 +175,82 @@ class Stamp:
         return then.ms - self.ms
 
 
+class FakeGraphs:
+    def run_fullgraph(self, desc: Any) -> str:
+        return "hidden"
+
+
+class FakeModel:
+    def compute_logits(self, hidden: Any) -> str:
+        return "logits"
+
+
+class FakeModelState:
+    def prepare_attn(self, *args: Any) -> str:
+        return "metadata"
+
+
+class FakeRunner:
+    """The Model Runner V2 methods that the step timer wraps (class methods, as in vLLM)."""
+
+    def __init__(self) -> None:
+        self.cudagraph_manager, self.model, self.model_state = FakeGraphs(), FakeModel(), FakeModelState()
+
+    def execute_model(self) -> str:
+        return "execute_model"
+
+    def sample_tokens(self) -> str:
+        return "sample_tokens"
+
+    def prepare_inputs(self) -> str:
+        return "prepare_inputs"
+
+    def prepare_attn(self) -> str:
+        return "prepare_attn"
+
+    def sample(self) -> str:
+        return "sample"
+
+    def postprocess_sampled(self) -> str:
+        return "postprocess_sampled"
+
+    def step(self) -> None:
+        """The calls of one decode step (the real ones nest; the order suffices here)."""
+        for call in (self.execute_model, self.prepare_inputs, self.prepare_attn, self.model_state.prepare_attn,
+                     self.sample_tokens, self.sample, self.postprocess_sampled):
+            call()
+        self.cudagraph_manager.run_fullgraph(SimpleNamespace(num_tokens=8))
+        self.model.compute_logits("hidden")
+
+
 def test_step_timer_reports_each_step_period(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Three replays starting at 0, 7 and 15 ms: periods 7 and 8 ms, each forward 5 ms; the
-    wrappers are removed again."""
+    """Three replays starting at 0, 7 and 15 ms: periods 7 and 8 ms, each forward 5 ms; every call
+    it wraps is timed on the host's clock, what they return passes through, and the wrappers are
+    removed again."""
     import torch
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "Event", lambda enable_timing: SimpleNamespace(record=lambda: None))
     timer = StepTimer()
-    timer.model_runner = SimpleNamespace(cudagraph_manager=SimpleNamespace(run_fullgraph=None),  # type: ignore[attr-defined]
-                                         model=SimpleNamespace(compute_logits=None), execute_model=None,
-                                         sample_tokens=None)
+    runner = timer.model_runner = FakeRunner()  # type: ignore[attr-defined]
+    assert timer.bench_timer_start()
+    assert "execute_model" in vars(runner) and "prepare_attn" in vars(runner.model_state)
+    for _ in range(3):
+        runner.step()
+    assert runner.model.compute_logits("h") == "logits" and runner.sample() == "sample"
     timer._bench_events = {"forward": [(Stamp(t), Stamp(t + 5)) for t in (0, 7, 15)],
                            "lm_head": [(Stamp(5.5), Stamp(6.0))]}
-    timer._bench_tokens = [8, 8, 8]
-    timer._bench_host = {"host_execute": [(10.0, 10.0003), (10.002, 10.0023), (10.005, 10.0053)],
-                         "host_sample": [(10.0004, 10.0006)], "host_output_wait": [(10.0021, 10.0022)]}
+    timer._bench_host["host_execute"] = [(10.0, 10.0003), (10.002, 10.0023), (10.005, 10.0053)]
     times = timer.bench_timer_stop()
-    host = {key: times.pop(key) for key in ("host_execute", "host_sample", "host_output_wait", "host_period")}
+    host = {key: times.pop(key) for key in list(times) if key.startswith("host_")}
     assert times == {"forward": [5, 5, 5], "lm_head": [0.5], "period": [7, 8], "graph_tokens": [8.0, 8.0, 8.0]}
-    assert host["host_execute"] == pytest.approx([0.3] * 3) and host["host_sample"] == pytest.approx([0.2])
-    assert host["host_output_wait"] == pytest.approx([0.1]) and host["host_period"] == pytest.approx([2.0, 3.0])
-    assert not hasattr(timer.model_runner.cudagraph_manager, "run_fullgraph")  # type: ignore[attr-defined]
-    assert not hasattr(timer.model_runner, "execute_model") and not hasattr(timer.model_runner, "sample_tokens")
+    assert host["host_execute"] == pytest.approx([0.3] * 3) and host["host_period"] == pytest.approx([2.0, 3.0])
+    assert set(host) == {"host_execute", "host_sample", "host_output_wait", "host_period",
+                         *(key for key, _, _ in HOST_PARTS)}
+    assert len(host["host_attn_metadata"]) == 3 and len(host["host_compute_logits"]) == 4
+    assert host["host_output_wait"] == []  # sample_tokens returned no asynchronous output
+    assert set(vars(runner)) == {"cudagraph_manager", "model", "model_state"}  # the class's methods again
+    assert not vars(runner.cudagraph_manager) and not vars(runner.model) and not vars(runner.model_state)
 
 
 def test_step_timer_times_the_hosts_phases_and_its_wait_for_each_step() -> None:

@@ -14,7 +14,9 @@ preparation and the graph launch), its ``sample_tokens`` (lm_head, sampling and 
 launch), the engine's wait for each step's sampled tokens (``get_output`` of the asynchronous
 output: the host blocked on the GPU) and the host's step period (one ``execute_model`` start to
 the next). With asynchronous scheduling these tell host work from host waits when TPOT sits above
-what the GPU needs.
+what the GPU needs. Where the host sets the pace, ``HOST_PARTS`` say where its step goes: the
+calls inside ``execute_model`` and ``sample_tokens`` that Model Runner V2 makes (each timed where
+the runner has it).
 
 The wrappers are instance attributes set by ``bench_timer_start`` and deleted by
 ``bench_timer_stop``: while the timer is off the worker runs vLLM's code untouched.
@@ -34,6 +36,17 @@ from typing import Any
 import torch
 
 EventPair = tuple[torch.cuda.Event, torch.cuda.Event]
+HOST_PHASES = ("host_execute", "host_sample", "host_output_wait")  # the runner's calls, and the engine's wait
+# Calls inside them, timed on the host's clock: name, the runner's attribute path to the owner, method.
+HOST_PARTS = (
+    ("host_prepare_inputs", (), "prepare_inputs"),  # the batch's ids, positions, sequence lengths
+    ("host_prepare_attn", (), "prepare_attn"),  # block tables and slot mappings
+    ("host_attn_metadata", ("model_state",), "prepare_attn"),  # the attention backend's metadata
+    ("host_graph_launch", ("cudagraph_manager",), "run_fullgraph"),  # the FULL graph's replay call
+    ("host_sample_call", (), "sample"),  # compute_logits and the sampler
+    ("host_compute_logits", ("model",), "compute_logits"),
+    ("host_postprocess", (), "postprocess_sampled"),  # the sampled tokens into the requests' state
+)
 
 
 class StepTimer:
@@ -85,12 +98,18 @@ class StepTimer:
             return False
         self._bench_events: dict[str, list[EventPair]] = {"forward": [], "lm_head": []}
         self._bench_tokens: list[int] = []
-        self._bench_host: dict[str, list[tuple[float, float]]] = {"host_execute": [], "host_sample": [],
-                                                                   "host_output_wait": []}
-        graphs.run_fullgraph = self._bench_timed(graphs.run_fullgraph, "forward")
-        runner.model.compute_logits = self._bench_timed(runner.model.compute_logits, "lm_head")
-        runner.execute_model = self._bench_host_timed(runner.execute_model, "host_execute")
-        runner.sample_tokens = self._bench_host_timed(runner.sample_tokens, "host_sample")
+        self._bench_host: dict[str, list[tuple[float, float]]] = {key: [] for key in HOST_PHASES}
+        self._bench_wrapped: dict[tuple[int, str], tuple[Any, str]] = {}
+        self._bench_wrap(graphs, "run_fullgraph", lambda fn: self._bench_timed(fn, "forward"))
+        self._bench_wrap(runner.model, "compute_logits", lambda fn: self._bench_timed(fn, "lm_head"))
+        for key, path, name in HOST_PARTS:
+            owner = runner
+            for attribute in path:
+                owner = getattr(owner, attribute, None)
+            if callable(getattr(owner, name, None)):
+                self._bench_wrap(owner, name, lambda fn, key=key: self._bench_host_timed(fn, key))
+        self._bench_wrap(runner, "execute_model", lambda fn: self._bench_host_timed(fn, "host_execute"))
+        self._bench_wrap(runner, "sample_tokens", lambda fn: self._bench_host_timed(fn, "host_sample"))
         return True
 
     def bench_timer_stop(self) -> dict[str, list[float]]:
@@ -98,13 +117,9 @@ class StepTimer:
         the GPU's timeline (``period``: one replay's start to the next one's, so a step whose GPU
         waited for the host reads longer than its forward, lm_head and sampling) and the token
         count of each replayed graph (``graph_tokens``, padding included); on the host's clock, each
-        ``execute_model``, ``sample_tokens`` and wait for a step's tokens (``host_execute``,
-        ``host_sample``, ``host_output_wait``) and each host step (``host_period``)."""
-        runner = self.model_runner  # type: ignore[attr-defined]
-        del runner.cudagraph_manager.run_fullgraph
-        del runner.model.compute_logits
-        del runner.execute_model
-        del runner.sample_tokens
+        call of ``HOST_PHASES`` and ``HOST_PARTS`` and each host step (``host_period``)."""
+        for owner, name in self._bench_wrapped.values():
+            delattr(owner, name)  # the class's method again
         torch.cuda.synchronize()
         times = {key: [start.elapsed_time(end) for start, end in pairs] for key, pairs in self._bench_events.items()}
         starts = [start for start, _ in self._bench_events["forward"]]
@@ -114,6 +129,12 @@ class StepTimer:
         host_period = [(then - first) * 1e3 for first, then in zip(host_starts, host_starts[1:])]
         return {**times, "period": period, "graph_tokens": [float(n) for n in self._bench_tokens],
                 **host, "host_period": host_period}
+
+    def _bench_wrap(self, owner: Any, name: str, wrapper: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+        """Shadow ``owner.name`` with ``wrapper`` of what it is now (a method may be wrapped twice:
+        one ``delattr`` at stop removes both)."""
+        setattr(owner, name, wrapper(getattr(owner, name)))
+        self._bench_wrapped[id(owner), name] = (owner, name)
 
     def _bench_timed(self, fn: Callable[..., Any], key: str) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -135,7 +156,7 @@ class StepTimer:
         def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             out = fn(*args, **kwargs)
-            self._bench_host[key].append((start, time.perf_counter()))
+            self._bench_host.setdefault(key, []).append((start, time.perf_counter()))
             if key == "host_sample" and callable(getattr(out, "get_output", None)):
                 out.get_output = self._bench_host_timed(out.get_output, "host_output_wait")
             return out

@@ -38,13 +38,14 @@ from pathlib import Path
 from typing import Any
 
 from vllm_mpk.bench.profiling import engine_profile_dir, profile_engine, profile_passes, profiler_config
+from vllm_mpk.bench.step_timer import HOST_PARTS, HOST_PHASES
 from vllm_mpk.bench.table import FLOOR, MPK, STOCK, model_label
 from vllm_mpk.models.catalog import shipped_config
 
 FAST_COMPILATION = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}  # no torch.compile; FULL decode graphs
 STEP_TIMER = "vllm_mpk.bench.step_timer.StepTimer"
 TIMED_GENERATIONS = 3  # step-timer generations per engine and batch: the host's phases move between generations
-HOST_TIMES = ("host_execute", "host_sample", "host_output_wait", "host_period")  # StepTimer's, on the host's clock
+HOST_TIMES = (*HOST_PHASES, "host_period", *(key for key, _, _ in HOST_PARTS))  # StepTimer's, on the host's clock
 IMPLS = (STOCK, MPK, FLOOR)
 
 
