@@ -296,7 +296,6 @@ def test_step_times_give_the_median_period_and_its_tail() -> None:
     assert worker.step_times_ms([LLM()], [{"prompt_token_ids": [1]}], 12)[0]["period_p90_ms"] == 9.0
 
 
-
 def test_step_times_merge_the_engines_generations_taken_in_turn() -> None:
     pytest.importorskip("vllm")
     from vllm_mpk.bench import worker
@@ -321,3 +320,20 @@ def test_step_times_merge_the_engines_generations_taken_in_turn() -> None:
     assert order == ["a", "b", "b", "a", "a", "b"]
     assert a["period_ms"] == 9.0 and a["period_mean_ms"] == pytest.approx(25 / 3)  # 10 periods of 7, 20 of 9
     assert b["host_period_ms"] == 2.0 and b["forward_ms"] is None
+
+
+def test_an_mpk_engine_that_never_built_gets_an_error_row_not_a_crash() -> None:
+    """Side by side, the other engines' rows of the batch still count: the refusal is one row."""
+    pytest.importorskip("vllm")
+    from vllm_mpk.bench import worker
+
+    state = {"class": "MpkQwen3ForCausalLM", "built": False, "disabled": "no GPU", "stock": [], "steps": 0}
+    llm = SimpleNamespace(collective_rpc=lambda method: [state])
+    engine = worker.Engine(EngineConfig("qwen3-0.6b", "mpk"), llm, 1.0, "H100", {})
+    row = worker.measured_row(engine, 8, [2.0], {}, side_by_side=2)
+    assert (row["impl"], row["batch"]) == ("mpk", 8) and "never built its megakernel" in row["error"]
+    state["built"] = True
+    info = {"async_scheduling": True, "attention_backend": "FLASH_ATTN", "kv_blocks": 100}
+    engine = worker.Engine(EngineConfig("qwen3-0.6b", "mpk"), llm, 1.0, "H100", info)
+    row = worker.measured_row(engine, 8, [2.0, 3.0, 2.5], {"forward_ms": 1.2}, side_by_side=2)
+    assert "error" not in row and row["tpot_ms"] == 2.5 and row["side_by_side"] == 2 and row["forward_ms"] == 1.2

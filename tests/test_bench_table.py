@@ -239,7 +239,8 @@ def test_a_failing_worker_leaves_error_rows(tmp_path: Path) -> None:
 def test_the_floor_runs_after_its_stock_engine_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ran: list[tuple[str, int | None]] = []
 
-    def fake_run_engine(cfgs: list[EngineConfig], log: Path, timeout_s: float, devices: str | None = None) -> list[dict]:
+    def fake_run_engine(cfgs: list[EngineConfig], log: Path, timeout_s: float,
+                        devices: str | None = None) -> list[dict]:
         (cfg,) = cfgs
         ran.append((cfg.impl, cfg.kv_blocks))
         return [{**row(cfg.model, cfg.impl, b, 1.0, 0.5, 0.1), "kv_blocks": 4321} for b in cfg.batches]
@@ -269,7 +270,8 @@ def test_engines_run_in_lanes_one_model_per_lane(tmp_path: Path, monkeypatch: py
     floor_blocks: dict[str, int | None] = {}
     lock = threading.Lock()
 
-    def fake_run_engine(cfgs: list[EngineConfig], log: Path, timeout_s: float, devices: str | None = None) -> list[dict]:
+    def fake_run_engine(cfgs: list[EngineConfig], log: Path, timeout_s: float,
+                        devices: str | None = None) -> list[dict]:
         (cfg,) = cfgs
         with lock:
             calls.append(("start", cfg.model, cfg.impl, devices))
@@ -313,7 +315,8 @@ def test_rounds_run_a_models_engines_in_turn_each_in_its_own_log(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     ran: list[tuple[str, str]] = []
 
-    def fake_run_engine(cfgs: list[EngineConfig], log: Path, timeout_s: float, devices: str | None = None) -> list[dict]:
+    def fake_run_engine(cfgs: list[EngineConfig], log: Path, timeout_s: float,
+                        devices: str | None = None) -> list[dict]:
         (cfg,) = cfgs
         ran.append((cfg.impl, log.name))
         return [row(cfg.model, cfg.impl, b, 1.0, 0.5, 0.1) for b in cfg.batches]
@@ -356,7 +359,8 @@ def test_side_by_side_runs_a_models_engines_in_one_process_on_shares_of_the_memo
     ran: list[list[tuple[str, float, int | None]]] = []
     logs: list[str] = []
 
-    def fake_run_engine(cfgs: list[EngineConfig], log: Path, timeout_s: float, devices: str | None = None) -> list[dict]:
+    def fake_run_engine(cfgs: list[EngineConfig], log: Path, timeout_s: float,
+                        devices: str | None = None) -> list[dict]:
         ran.append([(c.impl, c.gpu_memory_utilization, c.kv_blocks) for c in cfgs])
         logs.append(log.name)
         return [{**row(c.model, c.impl, b, 1.0, 0.5, 0.1), "side_by_side": len(cfgs)} for c in cfgs for b in c.batches]
@@ -372,8 +376,23 @@ def test_side_by_side_runs_a_models_engines_in_one_process_on_shares_of_the_memo
     assert "A model's engines side by side in one process" in render(rows)
     ran.clear()
     rows = run_engines([configs[0], configs[2]], tmp_path / "r.jsonl", tmp_path / "logs", 10.0, side_by_side=True)
-    assert ran == [[("mpk", pytest.approx(0.45), None)]]  # a floor without its stock engine does not start
+    assert ran == [[("mpk", pytest.approx(0.9), None)]]  # a floor without its stock engine does not start or share
     assert all("no stock engine of this model reported one" in r["error"] for r in rows if r["impl"] == "floor")
+
+
+def test_a_side_by_side_process_that_dies_leaves_error_rows_for_what_it_did_not_measure(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker wrote stock's batch-1 row, then died: mpk's batch 1 and both engines' batch 8
+    get error rows with the log's last line; the measured row stays as it is."""
+    measured = json.dumps(row("qwen3-0.6b", "vllm", 1, 2.0, 1.5, 0.1))
+    script = (f"import sys; open(sys.argv[1], 'a').write({measured!r} + '\\n'); "
+              "print('engine core died'); sys.exit(3)")
+    monkeypatch.setattr(runner, "worker_command", lambda cfgs, rows: [sys.executable, "-c", script, str(rows)])
+    cfgs = [EngineConfig("qwen3-0.6b", impl, batches=(1, 8)) for impl in ("vllm", "mpk")]
+    rows = run_engine(cfgs, tmp_path / "w.log", timeout_s=60)
+    assert [(r["impl"], r["batch"], "error" in r) for r in rows] == [
+        ("vllm", 1, False), ("vllm", 8, True), ("mpk", 1, True), ("mpk", 8, True)]
+    assert all(r["error"].startswith("exit 3: engine core died") for r in rows if "error" in r)
 
 
 def test_worker_takes_one_config_or_a_list() -> None:
@@ -405,7 +424,7 @@ from pathlib import Path
 from vllm_mpk.bench import runner, worker
 from vllm_mpk.bench.worker import EngineConfig
 worker, pids, root = sys.argv[1:]
-runner.worker_command = lambda cfg, rows: [sys.executable, worker, pids]
+runner.worker_command = lambda cfgs, rows: [sys.executable, worker, pids]
 runner.run_engines([EngineConfig("qwen3-0.6b", impl, (1,)) for impl in ("vllm", "mpk", "floor")],
                    Path(root) / "rows.jsonl", Path(root) / "logs", timeout_s=600)
 """

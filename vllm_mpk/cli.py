@@ -377,8 +377,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--new-tokens", type=int, default=d.new_tokens)
     b.add_argument("--repeats", type=int, default=d.repeats)
     b.add_argument("--rounds", type=int, default=1,
-                   help="run each model's engines N times in turn, each in a fresh process; the table takes each "
-                        "time's median over them (vLLM's host step moves between processes; default 1)")
+                   help="run each model's engines N times in turn, each in a fresh process (with --side-by-side: "
+                        "N processes of all of them); the table takes each time's median over them (vLLM's host step "
+                        "moves between processes; default 1)")
     b.add_argument("--side-by-side", action="store_true",
                    help="start a model's engines together in one process, each on an equal share of "
                         "--gpu-memory-utilization, and interleave their TPOT repeats, so that a drift of the host's "

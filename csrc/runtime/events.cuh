@@ -84,8 +84,8 @@ struct InputGate {
           control[kErrSeen] = seen;
           control[kErrWanted] = static_cast<int32_t>(wanted);
           if (error_host != nullptr) {
+            __threadfence_system();  // the control words above before the host's word
             *reinterpret_cast<volatile int32_t*>(error_host) = code;
-            __threadfence_system();
           }
         }
         return false;

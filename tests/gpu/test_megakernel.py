@@ -174,9 +174,12 @@ def test_prefetch_policies_leave_the_outputs_bit_identical(small_step, cap_kib, 
 
 def test_unsatisfiable_event_trips_the_watchdog(small_step):
     """The stop also raises the kernel's error word in pinned host memory (``stopped``, what
-    vLLM's per-step poll reads), without any synchronisation by the host; ``reset`` lowers it."""
+    vLLM's per-step poll reads), without any synchronisation by the host; ``reset`` lowers it. The
+    word is the second of a shared tensor, as vLLM's runtime gives its plans, so its address
+    inside the pinned allocation is the one the kernel writes."""
     model, tensors = small_step
-    mk = Megakernel(model.plan, tensors, timeout_s=0.2)
+    shared = torch.zeros(3, dtype=torch.int32, pin_memory=True)
+    mk = Megakernel(model.plan, tensors, timeout_s=0.2, error_flag=shared[1:2])
     mk.run_step(4)
     assert not mk.stopped
     event = model.plan.tasks[-1].wait_events[0]
@@ -187,6 +190,7 @@ def test_unsatisfiable_event_trips_the_watchdog(small_step):
         time.sleep(0.01)
     assert mk.stopped, "the watchdog stop did not reach the host-mapped error word"
     assert control.ERROR_NAMES[int(mk.error_flag[0])] == "timeout waiting on an event"
+    assert shared[0] == 0 and shared[2] == 0
     with pytest.raises(MegakernelError, match="waited on event"):
         mk.check()
     mk.triggers[event] -= 1

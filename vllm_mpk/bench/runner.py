@@ -1,9 +1,10 @@
-"""Run ``vllm_mpk.bench.worker`` once per engine, each in a fresh process (and process group, so
-the engine core it spawns goes with it), and collect the rows.
+"""Run ``vllm_mpk.bench.worker`` once per engine (or once per model, side by side), each in a
+fresh process (and process group, so the engine cores it spawns go with it), and collect the rows.
 
 Every row gets the run's id (UTC start time; the table pairs stock and mpk from one run, hence one
-card) and the seconds its process took. An engine that fails or times out leaves an error row
-per missing batch, holding the last line of its log, and the run goes on to the next engine.
+card) and the seconds its process took. A process that fails or times out leaves an error row
+per engine and batch it did not measure, holding the last line of its log, and the run goes on to
+the next process.
 
 On a machine with several GPUs the engines can run in lanes (``gpu_lanes``: one
 ``CUDA_VISIBLE_DEVICES`` value each): one model's engines run in turn on one lane, so its stock,
@@ -140,13 +141,26 @@ def gpu_lanes(gpus: Sequence[str], tensor_parallel_size: int) -> list[str]:
 
 
 def processes(engines: Sequence[EngineConfig], side_by_side: bool) -> list[list[EngineConfig]]:
-    """A model's engines per worker process, in the order they run: each alone, or all in one
-    sharing the GPU's memory; a floor engine after its stock engine either way."""
+    """A model's engines per worker process, in the order they run: each alone, or all in one; a
+    floor engine after its stock engine either way."""
     in_turn = sorted(engines, key=lambda c: c.impl == FLOOR)
-    if not side_by_side:
-        return [[c] for c in in_turn]
-    share = 1 / len(in_turn)
-    return [[replace(c, gpu_memory_utilization=c.gpu_memory_utilization * share) for c in in_turn]]
+    return [in_turn] if side_by_side else [[c] for c in in_turn]
+
+
+def sized_floors(cfgs: list[EngineConfig], blocks: int | None) -> tuple[list[EngineConfig], list[EngineConfig]]:
+    """``cfgs`` that can run, a floor engine given ``blocks`` (the KV cache size a stock engine of
+    an earlier process reported) unless a stock engine runs beside it (the worker then gives it
+    that one's), and the floor engines that cannot: no size, and no stock engine beside them."""
+    beside = any(c.impl == STOCK for c in cfgs)
+    cfgs = [replace(c, kv_blocks=blocks) if c.impl == FLOOR and c.kv_blocks is None and not beside else c
+            for c in cfgs]
+    unsized = [c for c in cfgs if c.impl == FLOOR and c.kv_blocks is None and not beside]
+    return [c for c in cfgs if c not in unsized], unsized
+
+
+def memory_shares(cfgs: list[EngineConfig]) -> list[EngineConfig]:
+    """Engines of one process on equal shares of their ``gpu_memory_utilization``."""
+    return [replace(c, gpu_memory_utilization=c.gpu_memory_utilization / len(cfgs)) for c in cfgs]
 
 
 def run_engines(configs: Iterable[EngineConfig], rows_path: Path, log_dir: Path, timeout_s: float,
@@ -175,19 +189,15 @@ def run_engines(configs: Iterable[EngineConfig], rows_path: Path, log_dir: Path,
             for round_, cfgs in ((r, p) for r in range(rounds) for p in processes(group, side_by_side)):
                 if stop.is_set():
                     return
-                with_stock = any(c.impl == STOCK for c in cfgs)  # a floor beside it takes its size in the worker
-                cfgs = [replace(c, kv_blocks=blocks) if c.impl == FLOOR and c.kv_blocks is None and not with_stock
-                        else c for c in cfgs]
-                unsized = [c for c in cfgs if c.impl == FLOOR and c.kv_blocks is None and not with_stock]
+                sized, unsized = sized_floors(cfgs, blocks)
                 rows = [{"model": c.model, "impl": FLOOR, "batch": b, "tp": c.tensor_parallel_size,
                          "error": "not run: the floor engine takes its stock engine's KV cache size, and no stock "
                                   "engine of this model reported one in this run (add --impls vllm)"}
                         for c in unsized for b in c.batches]
-                if len(unsized) < len(cfgs):
-                    sized = [c for c in cfgs if c not in unsized]
-                    impls = "+".join(c.impl for c in sized)
-                    log = log_dir / f"{sized[0].label.replace(' ', '-')}-{impls}{f'-round{round_}' if rounds > 1 else ''}.log"
-                    rows += run_engine(sized, log, timeout_s, devices)
+                if sized:
+                    name = f"{sized[0].label.replace(' ', '-')}-{'+'.join(c.impl for c in sized)}"
+                    log = log_dir / f"{name}{f'-round{round_}' if rounds > 1 else ''}.log"
+                    rows += run_engine(memory_shares(sized) if side_by_side else sized, log, timeout_s, devices)
                 rows = [{**r, "run": run, **({"round": round_} if rounds > 1 else {})} for r in rows]
                 blocks = next((r["kv_blocks"] for r in rows if r["impl"] == STOCK and r.get("kv_blocks")), blocks)
                 with lock:

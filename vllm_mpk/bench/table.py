@@ -102,7 +102,7 @@ def distinct(rows: list[Row], key: str) -> str:
     return " / ".join(dict.fromkeys(str(r[key]) for r in rows if key in r))
 
 
-MEDIAN_FIELDS = ("tpot_ms", "forward_ms", "lm_head_ms")
+MEDIAN_FIELDS = ("tpot_ms", "forward_ms", "lm_head_ms", "host_period_ms", "host_output_wait_ms")
 
 
 def median_row(rows: list[Row]) -> Row:
@@ -177,10 +177,10 @@ def host_note(ok: list[Row]) -> str | None:
                      f"{r['forward_ms'] + r['lm_head_ms']:.2f} ms")
     generations = " / ".join(dict.fromkeys(str(r.get("timed_generations", 1)) for r in bound))
     return (f"Host-bound under mpk (the engine waited at most {HOST_WAIT_BOUND_MS} ms a step for the GPU's tokens; "
-            f"medians over {generations} timed generation(s)): {'; '.join(parts)}. There vLLM's host step (input preparation and "
-            "the graph launch, sampling, scheduling and output handling) sets TPOT and the GPU idles for the rest of "
-            "it: the megakernel's shorter GPU step does not show in TPOT, only the host work it saves (one "
-            "graph node to launch instead of one per kernel).")
+            f"medians over {generations} timed generation(s)): {'; '.join(parts)}. There vLLM's host step (input "
+            "preparation and the graph launch, sampling, scheduling and output handling) sets TPOT and the GPU "
+            "idles for the rest of it: the megakernel's shorter GPU step does not show in TPOT, only the host work "
+            "it saves (one graph node to launch instead of one per kernel).")
 
 
 def method_note(rows: list[Row]) -> str:
@@ -220,13 +220,13 @@ def render(rows: Iterable[Row]) -> str:
         return "No vLLM benchmark rows yet: run `vllm-mpk bench` on a GPU."
     by_key = keyed(ok)
     rounds = sorted({r.get("rounds", 1) for r in by_key.values()})
-    processes = method_note(list(by_key.values()))
+    method = method_note(list(by_key.values()))
     if rounds != [1]:
-        processes += f"; {' / '.join(map(str, rounds))} such rounds, each time the median over them"
+        method += f"; {' / '.join(map(str, rounds))} such rounds, each time the median over them"
     lines = [f"Card: {distinct(ok, 'gpu') or '—'}; run {distinct(rows, 'run')}. Dummy weights (vLLM's "
              f"`load_format=\"dummy\"` on the shipped configs), prompts of {distinct(ok, 'prompt_len')} tokens, "
              f"{distinct(ok, 'new_tokens')} greedy tokens with EOS ignored, TPOT median of "
-             f"{distinct(ok, 'repeats')}; compilation: {distinct(ok, 'compilation')}. {processes}. "
+             f"{distinct(ok, 'repeats')}; compilation: {distinct(ok, 'compilation')}. {method}. "
              "Milliseconds.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for model in dict.fromkeys(label(r) for r in rows):

@@ -6,22 +6,25 @@ per batch size, one JSON row per engine and batch appended to a file as soon as 
                                       {"model": "qwen3-0.6b", "impl": "mpk", "gpu_memory_utilization": 0.42}]' ...
 
 Several engines run side by side: all started first, each on its share of the GPU's memory, then
-their TPOT repeats interleaved (one generation each in turn, the order alternating), so a drift of
-the host's speed over the minutes of a run, which moves the small models' TPOT by more than the
-engines differ, falls on each engine alike.
+their TPOT samples and timed generations interleaved (one sample or generation each in turn, the
+order alternating), so a drift of the host's speed over the minutes of a run, which moves the
+small models' TPOT by more than the engines differ, falls on each engine alike. An engine that
+fails to start stops the process (its memory may be held); one whose measurement is refused
+(mpk that never built its megakernel) gets an error row and the others go on.
 
 Weights are vLLM's dummy weights (``load_format="dummy"``) for a directory holding only the
 shipped config.json. For each batch: ``batch`` prompts of ``prompt_len`` token ids, greedy, EOS
 ignored. TPOT = (time to generate ``new_tokens`` - time to generate 1) / (new_tokens - 1), median
-of ``repeats``; then one more generation of ``new_tokens`` with ``StepTimer`` on gives the median
-GPU time of the decode step's graph replay (``forward_ms``) and of ``compute_logits``
-(``lm_head_ms``). The ``floor`` engine is stock vLLM with the model cut to one decoder layer: its
-TPOT is the step that vLLM's own work leaves (scheduling, inputs, lm_head, sampling, one layer),
-which no faster forward gets under. Every row also says whether the engine scheduled asynchronously and which
-attention backend it ran (``StepTimer.bench_engine_info``). With ``profile_dir`` set, the
+of ``repeats``; then ``TIMED_GENERATIONS`` more generations of ``new_tokens`` with ``StepTimer``
+on give the median GPU time of the decode step's graph replay (``forward_ms``) and of
+``compute_logits`` (``lm_head_ms``), and the host's phases. The ``floor`` engine is stock vLLM
+with the model cut to one decoder layer: its TPOT is the step that vLLM's own work leaves
+(scheduling, inputs, lm_head, sampling, one layer), which no faster forward gets under. Every row
+also says whether the engine scheduled asynchronously and which attention backend it ran
+(``StepTimer.bench_engine_info``). With ``profile_dir`` set, the
 largest batch is then profiled (``vllm_mpk.bench.profiling``). Run by ``vllm_mpk.bench.runner``
-in a fresh process per engine, because GPU memory is not reliably freed between engines of one
-process.
+in a fresh process per engine (or per model, side by side), because GPU memory is not reliably
+freed between engines started one after another in one process.
 """
 
 from __future__ import annotations
@@ -236,8 +239,10 @@ def start_engine(cfg: EngineConfig, root: Path, started: Sequence[Engine]) -> En
 def run(cfgs: Sequence[EngineConfig], rows: Path) -> None:
     """Start every engine of ``cfgs`` (one model, the same batches), then measure each batch on
     all of them, their TPOT repeats interleaved; shut them all down at the end."""
-    if len({(c.model, c.batches) for c in cfgs}) != 1:
-        raise ValueError("engines side by side must share the model and the batches")
+    shared = {(c.model, c.batches, c.prompt_len, c.new_tokens, c.repeats, c.tensor_parallel_size) for c in cfgs}
+    if len(shared) != 1:
+        raise ValueError("engines side by side must share the model, batches, prompt length, new tokens, repeats "
+                         "and tensor-parallel size: they are measured together")
     first = cfgs[0]
     vocab = shipped_config(first.model)["vocab_size"]  # an unknown name fails here, before vLLM loads
     with tempfile.TemporaryDirectory(prefix="vllm_mpk_bench_") as root, contextlib.ExitStack() as running:
@@ -263,8 +268,9 @@ def measured_row(engine: Engine, batch: int, samples: list[float], times: dict[s
     cfg, llm = engine.cfg, engine.llm
     state = llm.collective_rpc("bench_mpk_state")[0]
     if cfg.impl == "mpk" and not state["built"]:
-        raise RuntimeError(f"--model-impl mpk never built its megakernel, so this engine timed vLLM's "
-                           f"stock layers: {state}")
+        return {"model": cfg.model, "impl": cfg.impl, "batch": batch, "tp": cfg.tensor_parallel_size,
+                "error": f"--model-impl mpk never built its megakernel, so this engine timed vLLM's stock layers: "
+                         f"{state}"}
     return {"model": cfg.model, "impl": cfg.impl, "batch": batch, "tpot_ms": statistics.median(samples),
             "tpot_samples_ms": samples, **times, "model_class": state["class"], "gpu": engine.gpu,
             "engine_s": engine.engine_s, "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens,

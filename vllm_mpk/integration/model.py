@@ -293,7 +293,7 @@ class MpkRuntime:
     # watchdog -----------------------------------------------------------------------------------
 
     def poll_watchdog(self) -> None:
-        """Raise MegakernelError if a launch that has ended stopped on its watchdog. Called every
+        """Raise MegakernelError if a launch stopped on its watchdog. Called every
         decode step, so it makes no CUDA call: it reads the error words the kernels write to pinned
         host memory when they stop, and synchronises only after one did."""
         if self.error_flags is None or not self.error_flags.numpy().any():

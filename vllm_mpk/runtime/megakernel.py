@@ -126,17 +126,16 @@ def build_kernels(plans: Sequence[tuple[Plan, Mapping[str, torch.Tensor]]]) -> N
 
 class Megakernel:
     def __init__(self, plan: Plan, tensors: Mapping[str, torch.Tensor], *, timeout_s: float = 2.0,
-                 profile: bool | torch.Tensor = False, control_block: torch.Tensor | None = None,
-                 error_flag: torch.Tensor | None = None, prefetch: PrefetchPolicy = PrefetchPolicy()):
+                 profile: bool | torch.Tensor = False, error_flag: torch.Tensor | None = None,
+                 prefetch: PrefetchPolicy = PrefetchPolicy()):
         """``profile``: True to record per-task timestamps into ``self.profile``, or an int64 CUDA
         tensor of at least ``num_workers * max_tasks * 2`` elements to record into (MPK's
         ``profiler_tensor``); ``self.profile`` is then a ``[num_workers, max_tasks, 2]`` view of it.
-        ``control_block``: ``control.WORDS`` int32 words on the GPU to use as the control block
-        (zeroed here), e.g. one row of a tensor shared by several kernels, whose error words a
-        watchdog then reads with one copy. ``error_flag``: one int32 word of pinned host memory
-        (zeroed here; default: its own) that a watchdog stop sets to the error code, so that a
-        host can poll for a stop without a CUDA call (``stopped``). ``prefetch``: how far ahead workers ask L2 for weights
-        (``set_prefetch`` changes it without a rebuild)."""
+        ``error_flag``: one int32 word of pinned host memory (zeroed here; default: its own) that a
+        watchdog stop sets to the error code, so that a host can poll for a stop without a CUDA
+        call (``stopped``), e.g. one element of a tensor shared by several kernels.
+        ``prefetch``: how far ahead workers ask L2 for weights (``set_prefetch`` changes it without
+        a rebuild)."""
         device = next((t.device for t in tensors.values() if t.device.type == "cuda"), None)
         if device is None:
             raise ValueError("the megakernel runs on CUDA tensors; none of the given tensors is on a GPU")
@@ -162,13 +161,7 @@ class Megakernel:
                                      dtype=torch.int64, device=device)
         self.triggers = torch.from_numpy(trigger_counts(plan)).to(device)
         self.counters = torch.zeros_like(self.triggers)
-        if control_block is None:
-            control_block = torch.zeros(control.WORDS, dtype=torch.int32, device=device)
-        elif control_block.shape != (control.WORDS,) or control_block.dtype != torch.int32 \
-                or control_block.device != device or not control_block.is_contiguous():
-            raise ValueError(f"the control block must be {control.WORDS} contiguous int32 words on {device}, got "
-                             f"{control_block.dtype} {tuple(control_block.shape)} on {control_block.device}")
-        self.control = control_block.zero_()
+        self.control = torch.zeros(control.WORDS, dtype=torch.int32, device=device)
         if error_flag is None:
             error_flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
         elif error_flag.shape != (1,) or error_flag.dtype != torch.int32 or not error_flag.is_pinned():
@@ -205,9 +198,9 @@ class Megakernel:
         stream = stream or torch.cuda.current_stream(self.device)
         self.module.launch(self.tasks.data_ptr(), self.queue_lens.data_ptr(), self.pointers.data_ptr(),
                            self.counters.data_ptr(), self.triggers.data_ptr(), self.control.data_ptr(),
-                           self._error_flag_address, 0 if self.profile is None else self.profile.data_ptr(), num_tokens, steps,
-                           self.max_tasks, self.prefetch.ahead, self.plan.num_workers, self.timeout_ns,
-                           stream.cuda_stream)
+                           self._error_flag_address, 0 if self.profile is None else self.profile.data_ptr(),
+                           num_tokens, steps, self.max_tasks, self.prefetch.ahead, self.plan.num_workers,
+                           self.timeout_ns, stream.cuda_stream)
 
     def set_prefetch(self, prefetch: PrefetchPolicy) -> None:
         """Use ``prefetch`` from the next launch on (the task table is rewritten in place; a CUDA
@@ -232,8 +225,9 @@ class Megakernel:
 
     @property
     def stopped(self) -> bool:
-        """Whether a launch that has ended stopped on its watchdog; reads host memory only (no
-        CUDA call, no synchronisation), so a host can ask every step."""
+        """Whether a launch stopped on its watchdog (the word rises as the first worker stops,
+        before the launch ends); reads host memory only (no CUDA call, no synchronisation), so a
+        host can ask every step."""
         return bool(self.error_flag.numpy()[0])
 
     def check(self) -> None:
@@ -260,12 +254,11 @@ class Megakernel:
         collectives zeroes its signal words too, so every rank must reset together (collective: a
         barrier on each side)."""
         collective = plan_uses_nvshmem(self.plan)
+        torch.cuda.synchronize(self.device)  # no launch, on any stream, is left to count or raise the flag
         if collective:
-            torch.cuda.synchronize(self.device)
             nvshmem.barrier()
         self.counters.zero_()
         self.control.zero_()
-        torch.cuda.synchronize(self.device)  # no launch is left to raise the flag again
         self.error_flag.zero_()
         for name in self.plan.counters:
             self.tensors[name].zero_()
