@@ -352,6 +352,21 @@ def test_host_bound_rows_are_named_with_their_host_and_gpu_steps() -> None:
     assert "Host-bound" not in render([{k: v for k, v in r.items() if not k.startswith("host_")} for r in rows])
 
 
+def test_the_host_table_puts_stock_above_mpk_with_the_parts_some_row_has() -> None:
+    parts = {"host_period_ms": 2.5, "host_execute_ms": 1.2, "host_sample_ms": 0.9, "host_output_wait_ms": 0.02}
+    rows = [{**row("qwen3-0.6b", "mpk", 1, 2.2, 1.2, 0.1), **parts, "host_graph_launch_ms": 0.03},
+            {**row("qwen3-0.6b", "vllm", 1, 2.4, 1.5, 0.1), **parts, "host_period_ms": 2.7,
+             "host_graph_launch_ms": 0.31},
+            row("qwen3-8b", "vllm", 1, 6.9, 6.6, 0.2)]  # from before the host was timed: no line
+    table = render(rows)
+    assert "| model | batch | impl | host step | execute_model | graph launch | sample_tokens | wait for GPU | GPU step |" \
+        in table
+    stock = table.index("| qwen3-0.6b | 1 | vllm | 2.70 | 1.20 | 0.31 | 0.90 | 0.02 | 1.60 |")
+    assert stock < table.index("| qwen3-0.6b | 1 | mpk | 2.50 | 1.20 | 0.03 | 0.90 | 0.02 | 1.30 |")
+    assert "| qwen3-8b | 1 | vllm |" not in table
+    assert "host's step and its parts" not in render([r for r in rows if r["model"] == "qwen3-8b"])
+
+
 def test_side_by_side_runs_a_models_engines_in_one_process_on_shares_of_the_memory(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One worker process per model and round, its engines on equal shares of the memory budget,

@@ -183,6 +183,40 @@ def host_note(ok: list[Row]) -> str | None:
             "it saves (one graph node to launch instead of one per kernel).")
 
 
+# The host's step and its parts (``StepTimer``), as columns of ``host_table``; a column no row has is left out.
+HOST_COLUMNS = (("host step", "host_period_ms"), ("execute_model", "host_execute_ms"),
+                ("inputs", "host_prepare_inputs_ms"), ("tables, slots", "host_prepare_attn_ms"),
+                ("attn metadata", "host_attn_metadata_ms"), ("graph launch", "host_graph_launch_ms"),
+                ("sample_tokens", "host_sample_ms"), ("sample", "host_sample_call_ms"),
+                ("compute_logits", "host_compute_logits_ms"), ("postprocess", "host_postprocess_ms"),
+                ("wait for GPU", "host_output_wait_ms"))
+
+
+def host_table(ok: list[Row]) -> list[str]:
+    """Where each engine's host step goes, stock above mpk per model and batch, beside the GPU's
+    step; no lines for rows from before the host was timed."""
+    by_key = keyed(ok)
+    timed = {key: r for key, r in by_key.items() if r.get("host_period_ms") is not None and r["impl"] in (STOCK, MPK)}
+    if not timed:
+        return []
+    columns = [(name, key) for name, key in HOST_COLUMNS if any(r.get(key) is not None for r in timed.values())]
+    lines = ["The host's step and its parts (medians on the host's clock; a part's median is over its own calls, so "
+             "the parts need not add up), beside the GPU's step (forward + lm_head):", "",
+             "| model | batch | impl | " + " | ".join(name for name, _ in columns) + " | GPU step |",
+             "|" + "---|" * (len(columns) + 4)]
+    for model in dict.fromkeys(m for m, _, _ in timed):
+        for batch in sorted({b for m, b, _ in timed if m == model}):
+            for impl in (STOCK, MPK):
+                r = timed.get((model, batch, impl))
+                if r is None:
+                    continue
+                gpu = None if r.get("forward_ms") is None or r.get("lm_head_ms") is None else \
+                    r["forward_ms"] + r["lm_head_ms"]
+                lines.append(f"| {model} | {batch} | {impl} | " + " | ".join(ms(r.get(key)) for _, key in columns)
+                             + f" | {ms(gpu)} |")
+    return lines
+
+
 def method_note(rows: list[Row]) -> str:
     """How each run started its engines: one after the other, or side by side (``--side-by-side``)."""
     modes: dict[str, set[bool]] = {}
@@ -232,8 +266,9 @@ def render(rows: Iterable[Row]) -> str:
     for model in dict.fromkeys(label(r) for r in rows):
         for batch in sorted({r["batch"] for r in rows if label(r) == model}):
             lines.append(table_line(model, batch, *(by_key.get((model, batch, impl)) for impl in (STOCK, MPK, FLOOR))))
-    settings, host = settings_note(ok), host_note(ok)
-    lines += ["", overhead_note(ok), *(["", host] if host else []), *(["", settings] if settings else []), "",
+    settings, host, host_lines = settings_note(ok), host_note(ok), host_table(ok)
+    lines += ["", overhead_note(ok), *(["", host] if host else []), *(["", *host_lines] if host_lines else []),
+              *(["", settings] if settings else []), "",
               "forward: GPU time of the decode step's CUDA-graph replay (embedding to final norm). lm_head: "
               "`compute_logits`. overhead = TPOT − forward − lm_head (share of that TPOT). floor: TPOT of stock "
               "vLLM with one decoder layer; ceiling: stock TPOT over the floor, the most any forward could gain."]
