@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,7 +18,7 @@ from tests.test_bench_trace import EVENTS
 from vllm_mpk import cli
 from vllm_mpk.bench.profiling import analyze_profiles, engine_profile_dir, profile_engine, profile_passes
 from vllm_mpk.bench.step_timer import HOST_PARTS, StepTimer
-from vllm_mpk.bench.worker import EngineConfig, engine_kwargs
+from vllm_mpk.bench.worker import EngineConfig, configs_from_json, engine_kwargs
 
 INFO = {"model": "qwen3-0.6b", "impl": "mpk", "batch": 8, "prompt_len": 128, "async_scheduling": True,
         "attention_backend": "FLASH_ATTN", "model_runner": "GPUModelRunner", "cudagraph_mode": "FULL_DECODE_ONLY"}
@@ -49,7 +50,7 @@ class FakeLLM:
 def test_engine_profiler_settings() -> None:
     cfg = EngineConfig("qwen3-0.6b", "mpk", batches=(1, 8), profile_dir="/p", profile_tokens=16,
                        profile_stack_tokens=0)
-    assert EngineConfig.from_json(cfg.to_json()) == cfg
+    assert configs_from_json(json.dumps(asdict(cfg))) == [cfg]
     config = engine_kwargs(cfg, Path("/m"))["profiler_config"]
     assert config["profiler"] == "torch" and config["torch_profiler_dir"] == "/p/qwen3-0.6b-mpk"
     assert not config["torch_profiler_with_stack"] and config["torch_profiler_use_gzip"]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -214,7 +215,7 @@ def test_engine_kwargs() -> None:
     assert stock["tensor_parallel_size"] == 1
     assert engine_kwargs(EngineConfig("qwen3-8b", "mpk", tensor_parallel_size=2), Path("/m"))["tensor_parallel_size"] == 2
     cfg = EngineConfig("qwen3-8b", "mpk", batches=(1, 16), repeats=5)
-    assert EngineConfig.from_json(cfg.to_json()) == cfg
+    assert configs_from_json(worker_command([cfg], Path("r.jsonl"))[3]) == [cfg]
     floor = engine_kwargs(EngineConfig("qwen3-0.6b", "floor"), Path("/m"))
     assert floor["model_impl"] == "vllm" and "additional_config" not in floor
     assert "num_gpu_blocks_override" not in floor
@@ -413,7 +414,7 @@ def test_a_side_by_side_process_that_dies_leaves_error_rows_for_what_it_did_not_
 def test_worker_takes_one_config_or_a_list() -> None:
     one = EngineConfig("qwen3-0.6b", "mpk", batches=(1, 8))
     two = [EngineConfig("qwen3-0.6b", "vllm", gpu_memory_utilization=0.4), one]
-    assert configs_from_json(one.to_json()) == [one]
+    assert configs_from_json(json.dumps(asdict(one))) == [one]
     assert configs_from_json(worker_command(two, Path("r.jsonl"))[3]) == two
 
 

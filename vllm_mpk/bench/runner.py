@@ -34,13 +34,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from vllm_mpk.bench.table import FLOOR, STOCK
-from vllm_mpk.bench.worker import EngineConfig
+from vllm_mpk.bench.worker import EngineConfig, error_row
 from vllm_mpk.runtime import nvshmem
 
 Row = dict[str, Any]
@@ -59,7 +59,7 @@ def log_tail(path: Path, lines: int = 1) -> str:
 
 
 def worker_command(cfgs: Sequence[EngineConfig], rows_file: Path) -> list[str]:
-    configs = "[" + ", ".join(c.to_json() for c in cfgs) + "]"
+    configs = json.dumps([asdict(c) for c in cfgs])
     return [sys.executable, "-m", "vllm_mpk.bench.worker", configs, "--rows", str(rows_file)]
 
 
@@ -88,8 +88,7 @@ def run_engine(cfgs: Sequence[EngineConfig], log: Path, timeout_s: float, device
         rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
     done = {(r["impl"], r["batch"]) for r in rows}
     error = f"exit {rc}: {log_tail(log)} (log: {log})"
-    rows += [{"model": c.model, "impl": c.impl, "batch": b, "tp": c.tensor_parallel_size, "error": error}
-             for c in cfgs for b in c.batches if (c.impl, b) not in done]
+    rows += [error_row(c, b, error) for c in cfgs for b in c.batches if (c.impl, b) not in done]
     return [{**r, "process_s": seconds} for r in rows]
 
 
@@ -190,14 +189,13 @@ def run_engines(configs: Iterable[EngineConfig], rows_path: Path, log_dir: Path,
                 if stop.is_set():
                     return
                 sized, unsized = sized_floors(cfgs, blocks)
-                rows = [{"model": c.model, "impl": FLOOR, "batch": b, "tp": c.tensor_parallel_size,
-                         "error": "not run: the floor engine takes its stock engine's KV cache size, and no stock "
-                                  "engine of this model reported one in this run (add --impls vllm)"}
+                rows = [error_row(c, b, "not run: the floor engine takes its stock engine's KV cache size, and no "
+                                        "stock engine of this model reported one in this run (add --impls vllm)")
                         for c in unsized for b in c.batches]
                 if sized:
                     name = f"{sized[0].label.replace(' ', '-')}-{'+'.join(c.impl for c in sized)}"
                     log = log_dir / f"{name}{f'-round{round_}' if rounds > 1 else ''}.log"
-                    rows += run_engine(memory_shares(sized) if side_by_side else sized, log, timeout_s, devices)
+                    rows += run_engine(memory_shares(sized), log, timeout_s, devices)  # one engine: all of it
                 rows = [{**r, "run": run, **({"round": round_} if rounds > 1 else {})} for r in rows]
                 blocks = next((r["kv_blocks"] for r in rows if r["impl"] == STOCK and r.get("kv_blocks")), blocks)
                 with lock:

@@ -159,6 +159,11 @@ def overhead_note(ok: list[Row]) -> str:
             f"engine (`--impls ... floor`) measures that, and was not run here.")
 
 
+def gpu_step_ms(r: Row) -> float | None:
+    """The GPU's part of a step: forward and lm_head."""
+    return None if r.get("forward_ms") is None or r.get("lm_head_ms") is None else r["forward_ms"] + r["lm_head_ms"]
+
+
 def host_note(ok: list[Row]) -> str | None:
     """The rows where mpk's engine hardly ever waited for the GPU (``host_output_wait_ms``, the
     step timer's host clock): there vLLM's host step sets TPOT, whatever the kernel's time. None
@@ -166,7 +171,7 @@ def host_note(ok: list[Row]) -> str | None:
     by_key = keyed(ok)
     bound = [r for r in by_key.values() if r["impl"] == MPK and r.get("host_output_wait_ms") is not None
              and r["host_output_wait_ms"] <= HOST_WAIT_BOUND_MS and r.get("host_period_ms")
-             and r.get("forward_ms") is not None and r.get("lm_head_ms") is not None]
+             and gpu_step_ms(r) is not None]
     if not bound:
         return None
     parts = []
@@ -174,7 +179,7 @@ def host_note(ok: list[Row]) -> str | None:
         stock = by_key.get((label(r), r["batch"], STOCK)) or {}
         theirs = f" (stock {stock['host_period_ms']:.2f})" if stock.get("host_period_ms") else ""
         parts.append(f"{label(r)} batch {r['batch']}: host step {r['host_period_ms']:.2f} ms{theirs}, GPU step "
-                     f"{r['forward_ms'] + r['lm_head_ms']:.2f} ms")
+                     f"{gpu_step_ms(r):.2f} ms")
     generations = " / ".join(dict.fromkeys(str(r.get("timed_generations", 1)) for r in bound))
     return (f"Host-bound under mpk (the engine waited at most {HOST_WAIT_BOUND_MS} ms a step for the GPU's tokens; "
             f"medians over {generations} timed generation(s)): {'; '.join(parts)}. There vLLM's host step (input "
@@ -210,10 +215,8 @@ def host_table(ok: list[Row]) -> list[str]:
                 r = timed.get((model, batch, impl))
                 if r is None:
                     continue
-                gpu = None if r.get("forward_ms") is None or r.get("lm_head_ms") is None else \
-                    r["forward_ms"] + r["lm_head_ms"]
                 lines.append(f"| {model} | {batch} | {impl} | " + " | ".join(ms(r.get(key)) for _, key in columns)
-                             + f" | {ms(gpu)} |")
+                             + f" | {ms(gpu_step_ms(r))} |")
     return lines
 
 

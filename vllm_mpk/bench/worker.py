@@ -36,7 +36,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +78,9 @@ class EngineConfig:
     kv_blocks: int | None = None
 
     @classmethod
-    def from_json(cls, text: str) -> EngineConfig:
-        raw = json.loads(text)
+    def from_dict(cls, raw: dict[str, Any]) -> EngineConfig:
+        """From ``dataclasses.asdict`` of one, through JSON (``batches`` comes back a list)."""
         return cls(**{**raw, "batches": tuple(raw.get("batches", cls.batches))})
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
 
     @property
     def compilation(self) -> str:
@@ -98,7 +95,12 @@ class EngineConfig:
 def configs_from_json(text: str) -> list[EngineConfig]:
     """One ``EngineConfig`` (a JSON object) or several (a JSON list of them)."""
     raw = json.loads(text)
-    return [EngineConfig.from_json(json.dumps(c)) for c in (raw if isinstance(raw, list) else [raw])]
+    return [EngineConfig.from_dict(c) for c in (raw if isinstance(raw, list) else [raw])]
+
+
+def error_row(cfg: EngineConfig, batch: int, error: str) -> dict[str, Any]:
+    """The row of an engine and batch that was not measured, saying why."""
+    return {"model": cfg.model, "impl": cfg.impl, "batch": batch, "tp": cfg.tensor_parallel_size, "error": error}
 
 
 def model_dir(name: str, root: Path, layers: int | None = None) -> Path:
@@ -268,9 +270,8 @@ def measured_row(engine: Engine, batch: int, samples: list[float], times: dict[s
     cfg, llm = engine.cfg, engine.llm
     state = llm.collective_rpc("bench_mpk_state")[0]
     if cfg.impl == "mpk" and not state["built"]:
-        return {"model": cfg.model, "impl": cfg.impl, "batch": batch, "tp": cfg.tensor_parallel_size,
-                "error": f"--model-impl mpk never built its megakernel, so this engine timed vLLM's stock layers: "
-                         f"{state}"}
+        return error_row(cfg, batch, f"--model-impl mpk never built its megakernel, so this engine timed vLLM's "
+                                     f"stock layers: {state}")
     return {"model": cfg.model, "impl": cfg.impl, "batch": batch, "tpot_ms": statistics.median(samples),
             "tpot_samples_ms": samples, **times, "model_class": state["class"], "gpu": engine.gpu,
             "engine_s": engine.engine_s, "prompt_len": cfg.prompt_len, "new_tokens": cfg.new_tokens,
