@@ -140,13 +140,26 @@ __device__ __forceinline__ void barrier_arrive(uint64_t* bar) {
                : "memory");
 }
 
+// A bulk copy of valid addresses lands within microseconds, so a phase that has not completed
+// after this long means expected bytes that no copy will bring (a bug): the kernel traps rather
+// than hang. The trap is a launch failure, which the host's next CUDA call reports; unlike an
+// event's watchdog stop, no worker can leave here in order, as a copy may still be in flight.
+constexpr int64_t kCopyWaitNs = 2000000000;  // 2 s
+
 // Returns once the barrier's phase of this parity has completed (acquire: the copies' bytes are
-// visible). Copies of valid addresses always complete, so this wait needs no watchdog.
-__device__ __forceinline__ void barrier_wait(uint64_t* bar, uint32_t parity) {
-  uint32_t done = 0;
-  while (!done)
+// visible); traps after `bound_ns`. The clock is read only every 1024 tries, off the fast path.
+__device__ __forceinline__ void barrier_wait(uint64_t* bar, uint32_t parity, int64_t bound_ns = kCopyWaitNs) {
+  int64_t start = -1;
+  for (unsigned tries = 1;; ++tries) {
+    uint32_t done;
     asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
                  : "=r"(done) : "r"(smem_address(bar)), "r"(parity) : "memory");
+    if (done) return;
+    if (tries % 1024) continue;
+    const int64_t now = global_ns();
+    if (start < 0) start = now;
+    if (now - start > bound_ns) __trap();
+  }
 }
 
 template <typename T>
