@@ -452,3 +452,42 @@ def test_the_watchdog_poll_reads_host_memory_only(monkeypatch: pytest.MonkeyPatc
     runtime.error_flags[1] = 1  # the batch-8 plan's last launch stopped on its watchdog
     runtime.poll_watchdog()
     assert checked == [1]
+
+
+def test_only_graphs_holding_the_megakernel_skip_the_attention_metadata(built: Built, stock_calls: list[int],
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
+    """Model Runner V2 asks the model for its per-model state. Ours skips the attention backend's
+    metadata on a replay of a FULL graph that captured a megakernel launch, and builds it for every
+    other step: graphs that captured the stock layers, piecewise and eager steps, and captures."""
+    from vllm.config import CUDAGraphMode
+    from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+
+    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
+    runtime, runner = fresh.model._mpk, Runner(fresh, [[1], [2], [3], [4]])
+    runner.step([(0, 5, 0), (1, 6, 0)], 2)  # the uncaptured warm-up step builds the megakernel
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    runner.step([(0, 5, 0), (1, 6, 0)], 2, CUDAGraphMode.FULL)
+    runner.step([(0, 5, 0)], 1, CUDAGraphMode.PIECEWISE)  # not a FULL graph: nothing to remember
+    runner.step([(r, 5, 0) for r in range(4)], 4, CUDAGraphMode.FULL)
+    assert runtime.megakernel_graphs == {2, 4} and not stock_calls
+    runtime.disabled = "a test turned the megakernel off"  # a recapture of 4 then holds the stock layers
+    runner.step([(r, 5, 0) for r in range(4)], 4, CUDAGraphMode.FULL)
+    assert runtime.megakernel_graphs == {2} and stock_calls == [4]
+
+    built_metadata: list[tuple[int, CUDAGraphMode, bool]] = []
+
+    def stock_prepare_attn(self: Any, input_batch: Any, mode: CUDAGraphMode, *args: Any,
+                           for_capture: bool = False) -> dict[str, Any]:
+        built_metadata.append((input_batch.num_tokens_after_padding, mode, for_capture))
+        return {"metadata": input_batch.num_tokens_after_padding}
+
+    monkeypatch.setattr(DefaultModelState, "prepare_attn", stock_prepare_attn)
+    state = fresh.model.get_model_state_cls().__new__(fresh.model.get_model_state_cls())
+    state.model = fresh.model
+    steps = [(2, CUDAGraphMode.FULL, False), (4, CUDAGraphMode.FULL, False), (2, CUDAGraphMode.NONE, False),
+             (2, CUDAGraphMode.PIECEWISE, False), (2, CUDAGraphMode.NONE, True)]
+    answers = [state.prepare_attn(SimpleNamespace(num_tokens_after_padding=n), mode, (), None, [], None,
+                                  for_capture=capture) for n, mode, capture in steps]
+    assert answers == [None, {"metadata": 4}, {"metadata": 2}, {"metadata": 2}, {"metadata": 2}]
+    assert built_metadata == steps[1:]

@@ -80,6 +80,7 @@ class MpkRuntime:
         self.bound: dict[str, torch.Tensor] = {}
         self.hidden = ""  # the plans' final-norm output, named when built
         self.steps = 0  # megakernel steps launched from Python (a replayed CUDA graph adds none)
+        self.megakernel_graphs: set[int] = set()  # token counts whose FULL CUDA graph holds a megakernel launch
         self.stock_reasons: set[str] = set()  # why batches went to the stock layers, logged once each
         self.error_flags: torch.Tensor | None = None  # [plans] int32 in pinned host memory, kernel i's stop code
         self._layer_name: str | None = None
@@ -151,6 +152,16 @@ class MpkRuntime:
         kernel = self.kernels[next(b for b in sorted(self.kernels) if b >= batch.num_tokens)]
         self._launch(kernel, batch)
         return kernel.tensors[self.hidden][:batch.num_tokens]
+
+    def note_capture(self, num_tokens: int, launched: bool) -> None:
+        """Under FULL CUDA graph capture: remember whether the graph of ``num_tokens`` holds a
+        megakernel launch, forgetting it if a recapture went to the stock layers. Only such graphs
+        replay without vLLM's attention metadata (``integration/model_state.py``)."""
+        if not is_forward_context_available() or get_forward_context().cudagraph_runtime_mode != CUDAGraphMode.FULL:
+            return
+        if not torch.cuda.is_current_stream_capturing():
+            return
+        (self.megakernel_graphs.add if launched else self.megakernel_graphs.discard)(num_tokens)
 
     def _stock(self, reason: str) -> None:
         """Let vLLM's stock layers run this batch; say so once per distinct reason."""
@@ -348,9 +359,17 @@ class MpkDecodeMixin:
                 **kwargs: Any) -> Any:
         extra = {"intermediate_tensors": intermediate_tensors, "inputs_embeds": inputs_embeds, **kwargs}
         hidden = self._mpk.decode(self, input_ids, positions, extra)
+        self._mpk.note_capture(positions.shape[-1], launched=hidden is not None)
         if hidden is not None:
             return hidden
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+    def get_model_state_cls(self) -> type:
+        """Model Runner V2's per-model state: the stock one, skipping the attention metadata on
+        steps that replay a megakernel graph."""
+        from vllm_mpk.integration.model_state import MpkModelState
+
+        return MpkModelState
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         self._mpk.poll_watchdog()

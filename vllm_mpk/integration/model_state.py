@@ -1,0 +1,34 @@
+"""Model Runner V2's per-model state for the MPK classes: the stock one, minus the attention
+metadata that no kernel of a megakernel step reads.
+
+Model Runner V2 (``v1/worker/gpu/model_runner.py``) builds the attention backend's metadata every
+step (``model_state.prepare_attn``: FlashAttention's scheduler metadata, a device launch and host
+work) before it replays the FULL CUDA graph of a decode batch. When that graph holds the
+megakernel's launch, nothing in it reads that metadata: the megakernel reads the token ids,
+positions, sequence lengths, block tables and slot mapping that the runner wrote into its
+persistent buffers earlier in the step (``prepare_inputs`` and the runner's own ``prepare_attn``).
+The metadata is otherwise only read by a speculative drafter, which the megakernel never runs
+with. Skipping it saves 0.17-0.23 ms of the host's step (Qwen3-0.6B, H100, bench rows'
+``host_attn_metadata``), where the host sets a small model's TPOT.
+
+vLLM asks the model for this class (``model_states/__init__.py``: ``init_model_state`` uses the
+model's ``get_model_state_cls()`` when it has one). The supported architectures would otherwise
+get ``DefaultModelState`` (they are neither encoder-decoder nor hybrid), so this subclasses it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.config import CUDAGraphMode
+from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+
+
+class MpkModelState(DefaultModelState):
+    def prepare_attn(self, input_batch: Any, cudagraph_mode: CUDAGraphMode, *args: Any,
+                     for_capture: bool = False, **kwargs: Any) -> dict[str, Any] | None:
+        runtime = getattr(self.model, "_mpk", None)
+        if (not for_capture and cudagraph_mode == CUDAGraphMode.FULL and runtime is not None
+                and input_batch.num_tokens_after_padding in runtime.megakernel_graphs):
+            return None
+        return super().prepare_attn(input_batch, cudagraph_mode, *args, for_capture=for_capture, **kwargs)
