@@ -463,16 +463,20 @@ def test_only_graphs_holding_the_megakernel_skip_the_attention_metadata(built: B
     from vllm.config import CUDAGraphMode
     from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
+    from vllm_mpk.integration import model as integration
+
     fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
     runtime, runner = fresh.model._mpk, Runner(fresh, [[1], [2], [3], [4]])
     runner.step([(0, 5, 0), (1, 6, 0)], 2)  # the uncaptured warm-up step builds the megakernel
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    runner.step([(0, 5, 0), (1, 6, 0)], 2, CUDAGraphMode.FULL)
-    runner.step([(0, 5, 0)], 1, CUDAGraphMode.PIECEWISE)  # not a FULL graph: nothing to remember
-    runner.step([(r, 5, 0) for r in range(4)], 4, CUDAGraphMode.FULL)
+    runner.step([(r, 5, 0) for r in range(4)], 4)
+    assert not runtime.megakernel_graphs  # nothing was captured
+    monkeypatch.setattr(integration, "_capturing", lambda t: True)
+    runner.step([(0, 5, 0), (1, 6, 0)], 2)  # Model Runner V2 captures a FULL graph in mode NONE
+    runner.step([(r, 5, 0) for r in range(4)], 4, CUDAGraphMode.FULL)  # the V1 runner, in mode FULL
+    runner.step([(0, 5, 0), (1, 6, 0)], 2, CUDAGraphMode.PIECEWISE)  # a breakable graph of 2: another graph
     assert runtime.megakernel_graphs == {2, 4} and not stock_calls
     runtime.disabled = "a test turned the megakernel off"  # a recapture of 4 then holds the stock layers
-    runner.step([(r, 5, 0) for r in range(4)], 4, CUDAGraphMode.FULL)
+    runner.step([(r, 5, 0) for r in range(4)], 4)
     assert runtime.megakernel_graphs == {2} and stock_calls == [4]
 
     built_metadata: list[tuple[int, CUDAGraphMode, bool]] = []

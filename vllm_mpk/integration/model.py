@@ -153,15 +153,17 @@ class MpkRuntime:
         self._launch(kernel, batch)
         return kernel.tensors[self.hidden][:batch.num_tokens]
 
-    def note_capture(self, num_tokens: int, launched: bool) -> None:
-        """Under FULL CUDA graph capture: remember whether the graph of ``num_tokens`` holds a
-        megakernel launch, forgetting it if a recapture went to the stock layers. Only such graphs
-        replay without vLLM's attention metadata (``integration/model_state.py``)."""
-        if not is_forward_context_available() or get_forward_context().cudagraph_runtime_mode != CUDAGraphMode.FULL:
+    def note_capture(self, tokens: torch.Tensor, launched: bool) -> None:
+        """While a FULL CUDA graph is captured: remember whether the graph of ``tokens``' count
+        holds a megakernel launch, forgetting it if a recapture went to the stock layers. Only such
+        graphs replay without vLLM's attention metadata (``integration/model_state.py``). Model
+        Runner V2 captures FULL graphs under ``cudagraph_runtime_mode`` NONE, the V1 runner under
+        FULL; a PIECEWISE capture (breakable graphs) is another graph of that count, so it is left out."""
+        if not _capturing(tokens) or not is_forward_context_available():
             return
-        if not torch.cuda.is_current_stream_capturing():
+        if get_forward_context().cudagraph_runtime_mode == CUDAGraphMode.PIECEWISE:
             return
-        (self.megakernel_graphs.add if launched else self.megakernel_graphs.discard)(num_tokens)
+        (self.megakernel_graphs.add if launched else self.megakernel_graphs.discard)(tokens.shape[-1])
 
     def _stock(self, reason: str) -> None:
         """Let vLLM's stock layers run this batch; say so once per distinct reason."""
@@ -182,7 +184,7 @@ class MpkRuntime:
 
     def _build(self, model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
                batch: DecodeBatch) -> bool:
-        if input_ids.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if _capturing(input_ids):
             # Model Runner V2 warms every graph up uncaptured first; V1 only with cudagraph_num_of_warmups >= 1.
             self.fallback("no uncaptured decode step ran before CUDA graph capture, so the megakernel was not built "
                           "(with VLLM_USE_V2_MODEL_RUNNER=0, set compilation_config cudagraph_num_of_warmups=1)")
@@ -316,6 +318,11 @@ class MpkRuntime:
                 kernel.check()  # synchronises and raises with the stalled task and event
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of ``t``'s device."""
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _cudagraph_problem(vllm_config: Any) -> str | None:
     """Why vLLM's CUDA graph mode (as resolved when the KV cache was bound) cannot replay a
     captured megakernel launch safely, or None. With ``cudagraph_mode=FULL`` (allowed with FA3)
@@ -359,7 +366,7 @@ class MpkDecodeMixin:
                 **kwargs: Any) -> Any:
         extra = {"intermediate_tensors": intermediate_tensors, "inputs_embeds": inputs_embeds, **kwargs}
         hidden = self._mpk.decode(self, input_ids, positions, extra)
-        self._mpk.note_capture(positions.shape[-1], launched=hidden is not None)
+        self._mpk.note_capture(positions, launched=hidden is not None)
         if hidden is not None:
             return hidden
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
