@@ -185,7 +185,7 @@ def host_note(ok: list[Row]) -> str | None:
             f"medians over {generations} timed generation(s)): {'; '.join(parts)}. There vLLM's host step (input "
             "preparation and the graph launch, sampling, scheduling and output handling) sets TPOT and the GPU "
             "idles for the rest of it: the megakernel's shorter GPU step does not show in TPOT, only the host work "
-            "it saves (one graph node to launch instead of one per kernel).")
+            "it saves (one graph node to launch instead of one per kernel, and no attention metadata to build).")
 
 
 # The host's step and its parts (``StepTimer``), as columns of ``host_table``; a column no row has is left out.
