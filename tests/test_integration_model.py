@@ -486,9 +486,15 @@ def test_only_graphs_holding_the_megakernel_skip_the_attention_metadata(built: B
         built_metadata.append((input_batch.num_tokens_after_padding, mode, for_capture))
         return {"metadata": input_batch.num_tokens_after_padding}
 
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.worker.gpu.model_states import init_model_state
+
+    from vllm_mpk.integration.model_state import MpkModelState
+
     monkeypatch.setattr(DefaultModelState, "prepare_attn", stock_prepare_attn)
-    state = fresh.model.get_model_state_cls().__new__(fresh.model.get_model_state_cls())
-    state.model = fresh.model
+    with set_current_vllm_config(fresh.vllm_config):  # the runner's own constructor picks our class
+        state = init_model_state(fresh.vllm_config, fresh.model, None, torch.device("cpu"))
+    assert type(state) is MpkModelState and state.model is fresh.model
     steps = [(2, CUDAGraphMode.FULL, False), (4, CUDAGraphMode.FULL, False), (2, CUDAGraphMode.NONE, False),
              (2, CUDAGraphMode.PIECEWISE, False), (2, CUDAGraphMode.NONE, True)]
     answers = [state.prepare_attn(SimpleNamespace(num_tokens_after_padding=n), mode, (), None, [], None,
