@@ -7,9 +7,10 @@
 // A task's gate waits for its input events. The worker opens it before a task body runs, except
 // for bodies that open it themselves (linear, attention): those first issue the loads that do not
 // depend on their inputs (weights, KV history, step inputs), so the loads stream while the gate
-// waits. Every wait is bounded: on timeout the gate records the task and event in the control
-// block, raises the error flag (and its mirror in host memory, which the host reads without a CUDA
-// call), and the worker leaves.
+// waits. Every wait is bounded by the plan's timeout, these and the bulk-copy waits of task bodies
+// (tasks/common.cuh: barrier_wait) alike: on timeout the gate records the error, the worker and
+// task and what was waited for in the control block, raises the error flag (and its mirror in
+// host memory, which the host reads without a CUDA call), and the worker leaves.
 #pragma once
 #include <cstdint>
 
@@ -21,7 +22,9 @@ enum Control : int {
   kControlWords = 8
 };
 // kPeerTimeout: a collective tile waited too long for the other ranks (kErrEvent holds its signal index).
-enum ErrorCode : int { kOk = 0, kTimeout = 1, kPeerTimeout = 2 };
+// kCopyTimeout: a bulk copy into shared memory did not land (kErrEvent -1, kErrWanted the phase's parity).
+// Mirrored in vllm_mpk/runtime/control.py.
+enum ErrorCode : int { kOk = 0, kTimeout = 1, kPeerTimeout = 2, kCopyTimeout = 3 };
 
 __device__ __forceinline__ int64_t global_ns() {
   int64_t t;
@@ -77,21 +80,27 @@ struct InputGate {
       const int64_t now = global_ns();
       if (start < 0) start = now;
       if (now - start > timeout_ns) {
-        if (atomicCAS(control + kError, kOk, code) == kOk) {
-          control[kErrWorker] = blockIdx.x;
-          control[kErrTask] = task;
-          control[kErrEvent] = what;
-          control[kErrSeen] = seen;
-          control[kErrWanted] = static_cast<int32_t>(wanted);
-          if (error_host != nullptr) {
-            __threadfence_system();  // the control words above before the host's word
-            *reinterpret_cast<volatile int32_t*>(error_host) = code;
-          }
-        }
+        report(code, what, seen, wanted);
         return false;
       }
     }
     return true;
+  }
+
+  // The one error path of every bounded wait: the launch's first error (later ones, e.g. the
+  // workers that stop because of it, leave its words alone) with this worker, this task, `what`
+  // was waited for and the count seen and wanted; then the host's word.
+  __device__ void report(int code, int what, int32_t seen, uint32_t wanted) const {
+    if (atomicCAS(control + kError, kOk, code) != kOk) return;
+    control[kErrWorker] = blockIdx.x;
+    control[kErrTask] = task;
+    control[kErrEvent] = what;
+    control[kErrSeen] = seen;
+    control[kErrWanted] = static_cast<int32_t>(wanted);
+    if (error_host != nullptr) {
+      __threadfence_system();  // the control words above before the host's word
+      *reinterpret_cast<volatile int32_t*>(error_host) = code;
+    }
   }
 
   __device__ bool wait_event(int event, uint32_t wanted) const {

@@ -267,7 +267,7 @@ __device__ void attention_task(const TaskContext& c) {
   if (!c.inputs_ready()) {  // the watchdog stopped the kernel: no copy into shared memory outlives the task
     if (staged_early && warp < SW)
       for (int k = 0; k < 2; ++k)
-        if (chunk_start(first_lo, k) < first_hi) barrier_wait(my_bars + k, 0);
+        if (chunk_start(first_lo, k) < first_hi) barrier_wait(my_bars + k, 0, *c.gate);
     __syncthreads();
     if (threadIdx.x == 0)
       for (int i = 0; i < 2 * NW; ++i) barrier_inval(bars + i);
@@ -323,7 +323,20 @@ __device__ void attention_task(const TaskContext& c) {
       if (fresh < n)  // the new position is this task's k/v, as written to the cache above
         for (int i = lane; i < 2 * HD; i += kWarp)
           my_stage[(j * kChunk + fresh) * STAGE_ROW + i] = __float2bfloat16_rn(vec[GROUP * HD + i]);
-      barrier_wait(my_bars + j, (phases >> j) & 1);
+      if (!barrier_wait(my_bars + j, (phases >> j) & 1, *c.gate)) {  // kCopyTimeout: the worker stops after this task
+        // Bytes no copy brings left this phase stuck. Once the other buffer's copies are in too,
+        // nothing is in flight: fresh barriers for the task's next request; this one is garbage.
+        if (chunk_start(lo, k + 1) < hi) barrier_wait(my_bars + (j ^ 1), (phases >> (j ^ 1)) & 1, *c.gate);
+        __syncwarp();
+        if (lane == 0)
+          for (int i = 0; i < 2; ++i) {
+            barrier_inval(my_bars + i);
+            barrier_init(my_bars + i);
+          }
+        __syncwarp();
+        phases = 0;
+        break;
+      }
       phases ^= 1u << j;
       __syncwarp();  // the new row's stores are visible to the warp
       const bool valid = sub < n;

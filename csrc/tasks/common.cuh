@@ -140,25 +140,37 @@ __device__ __forceinline__ void barrier_arrive(uint64_t* bar) {
                : "memory");
 }
 
-// A bulk copy of valid addresses lands within microseconds, so a phase that has not completed
-// after this long means expected bytes that no copy will bring (a bug): the kernel traps rather
-// than hang. The trap is a launch failure, which the host's next CUDA call reports; unlike an
-// event's watchdog stop, no worker can leave here in order, as a copy may still be in flight.
-constexpr int64_t kCopyWaitNs = 2000000000;  // 2 s
-
-// Returns once the barrier's phase of this parity has completed (acquire: the copies' bytes are
-// visible); traps after `bound_ns`. The clock is read only every 1024 tries, off the fast path.
-__device__ __forceinline__ void barrier_wait(uint64_t* bar, uint32_t parity, int64_t bound_ns = kCopyWaitNs) {
+// A bulk copy of valid addresses lands within microseconds, so a phase still pending after the
+// plan's timeout (the gate's, which bounds the event waits too) is an error: kCopyTimeout, recorded
+// like an event's timeout (control block, host word) and stopping this worker after its task.
+// The waiting threads do not leave at once, though: a copy still in flight writes this block's
+// shared memory and completes on its barrier asynchronously, and once the block has exited (or
+// the worker's next task reuses the bytes) that memory may belong to someone else, which a late
+// copy would corrupt. So the wait goes on, for the same bound again, before it gives up: a copy
+// that was issued lands within that, and a phase still pending then waits for bytes that no copy
+// brings (an expect without its copy), so nothing is in flight when the block goes on or exits.
+// The stop takes at most twice the timeout, and the CUDA context stays usable.
+//
+// Returns true once the barrier's phase of this parity has completed (acquire: the copies' bytes
+// are visible), late or not; false when it never did: then the barrier is stuck in that phase and
+// must not take more copies or arrivals. The clock is read only every 1024 tries, off the fast path.
+__device__ __forceinline__ bool barrier_wait(uint64_t* bar, uint32_t parity, const InputGate& gate) {
   int64_t start = -1;
+  bool late = false;
   for (unsigned tries = 1;; ++tries) {
     uint32_t done;
     asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
                  : "=r"(done) : "r"(smem_address(bar)), "r"(parity) : "memory");
-    if (done) return;
+    if (done) return true;
     if (tries % 1024) continue;
     const int64_t now = global_ns();
     if (start < 0) start = now;
-    if (now - start > bound_ns) __trap();
+    if (now - start <= gate.timeout_ns) continue;
+    if (late) return false;
+    gate.report(kCopyTimeout, -1, 0, parity);
+    *gate.ok = false;
+    late = true;
+    start = now;
   }
 }
 

@@ -1,11 +1,14 @@
-"""The megakernel's control block (mirrors ``enum Control`` in ``csrc/runtime/worker.cuh``)."""
+"""The megakernel's control block and error codes (mirror ``enum Control`` and ``enum ErrorCode``
+in ``csrc/runtime/events.cuh``)."""
 
 from __future__ import annotations
 
 EPOCH, DONE, ERROR, ERR_WORKER, ERR_TASK, ERR_EVENT, ERR_SEEN, ERR_WANTED = range(8)
 WORDS = 8
-ERROR_NAMES = {1: "timeout waiting on an event", 2: "timeout waiting for the other tensor-parallel ranks"}
-PEER_TIMEOUT = 2
+TIMEOUT, PEER_TIMEOUT, COPY_TIMEOUT = 1, 2, 3
+ERROR_NAMES = {TIMEOUT: "timeout waiting on an event",
+               PEER_TIMEOUT: "timeout waiting for the other tensor-parallel ranks",
+               COPY_TIMEOUT: "timeout waiting for a bulk copy into shared memory"}
 
 
 class MegakernelError(RuntimeError):

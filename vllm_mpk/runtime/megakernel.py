@@ -233,20 +233,26 @@ class Megakernel:
     def check(self) -> None:
         """Synchronise and raise MegakernelError if a launch stopped on its watchdog."""
         words = self.control.tolist()
-        if words[control.ERROR] == control.PEER_TIMEOUT:
-            task = self.plan.tasks[words[control.ERR_TASK]]
-            world, _ = plan_ranks(self.plan)
-            raise MegakernelError(
-                f"megakernel {control.ERROR_NAMES[control.PEER_TIMEOUT]}: worker {words[control.ERR_WORKER]} at "
-                f"{task} waited on signal word {words[control.ERR_EVENT]} (count {words[control.ERR_SEEN]}, wanted "
-                f"{words[control.ERR_WANTED]}: {world} ranks per launch); a rank stopped, launched a different number "
-                f"of steps, or runs another plan")
         if words[control.ERROR]:
-            task = self.plan.tasks[words[control.ERR_TASK]]
-            raise MegakernelError(
-                f"megakernel {control.ERROR_NAMES.get(words[control.ERROR], 'error')}: worker "
-                f"{words[control.ERR_WORKER]} at {task} waited on event {words[control.ERR_EVENT]} "
-                f"(count {words[control.ERR_SEEN]}, wanted {words[control.ERR_WANTED]})")
+            raise MegakernelError(self.describe_stop(words))
+
+    def describe_stop(self, words: Sequence[int]) -> str:
+        """What stopped a launch, from its control block's ``words``: the error, the worker, the
+        task and what that task waited for."""
+        code = words[control.ERROR]
+        task = self.plan.tasks[words[control.ERR_TASK]]
+        head = f"megakernel {control.ERROR_NAMES.get(code, f'error {code}')}: worker {words[control.ERR_WORKER]} at {task}"
+        if code == control.PEER_TIMEOUT:
+            world, _ = plan_ranks(self.plan)
+            return (f"{head} waited on signal word {words[control.ERR_EVENT]} (count {words[control.ERR_SEEN]}, wanted "
+                    f"{words[control.ERR_WANTED]}: {world} ranks per launch); a rank stopped, launched a different "
+                    f"number of steps, or runs another plan")
+        if code == control.COPY_TIMEOUT:
+            return (f"{head} waited for its bulk copies of the KV history into shared memory (phase parity "
+                    f"{words[control.ERR_WANTED]}); the worker stopped once they had landed or, at twice the timeout, "
+                    f"without them")
+        return (f"{head} waited on event {words[control.ERR_EVENT]} (count {words[control.ERR_SEEN]}, wanted "
+                f"{words[control.ERR_WANTED]})")
 
     def reset(self) -> None:
         """Zero the counters and the control block, e.g. after a watchdog stop (which can leave a
