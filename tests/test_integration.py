@@ -96,12 +96,14 @@ def test_entry_point_is_discovered() -> None:
 
 
 def test_register_twice_is_harmless() -> None:
+    from vllm.config.scheduler import SchedulerConfig
     from vllm.model_executor.models.registry import _ModelRegistry
 
     plugin.register()
-    first = (_ModelRegistry.resolve_model_cls, _ModelRegistry.inspect_model_cls)
+    first = (_ModelRegistry.resolve_model_cls, _ModelRegistry.inspect_model_cls, SchedulerConfig.get_scheduler_cls)
     plugin.register()
-    assert (_ModelRegistry.resolve_model_cls, _ModelRegistry.inspect_model_cls) == first
+    assert (_ModelRegistry.resolve_model_cls, _ModelRegistry.inspect_model_cls,
+            SchedulerConfig.get_scheduler_cls) == first
     for method in first:
         assert getattr(method, plugin.WRAPPED_MARK)
         assert not getattr(method.__wrapped__, plugin.WRAPPED_MARK, False)  # wrapped exactly once

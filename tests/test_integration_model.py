@@ -28,6 +28,8 @@ from vllm_mpk.models.decoder import DecodeOptions, build_decoder
 from vllm_mpk.models.kv_cache import allocate_kv_caches
 from vllm_mpk.models.spec import ModelSpec
 from vllm_mpk.models.weights import EMBED, expected_shapes, random_weights, split_to_hf
+from vllm_mpk.runtime import control
+from vllm_mpk.runtime.megakernel import Megakernel
 from vllm_mpk.runtime.standalone import decode
 
 pytest.importorskip("vllm")
@@ -416,42 +418,95 @@ def test_each_decode_batch_runs_the_smallest_plan_that_holds_it(built: Built, st
     assert calls == [4, 1, 2] and not stock_calls
 
 
-class FlaggedKernel:
-    """A megakernel stand-in whose ``stopped`` reads its row of the runtime's error words."""
+class StoppedKernel:
+    """A built plan's stand-in for its megakernel after a watchdog stop on ``task``: its control
+    block and its row of the runtime's pinned error words say so; ``reset`` lowers both."""
 
-    def __init__(self, flags: torch.Tensor, row: int, checked: list[int]) -> None:
-        self.flags, self.row, self.checked = flags, row, checked
+    describe_stop = Megakernel.describe_stop
 
-    @property
-    def stopped(self) -> bool:
-        return bool(self.flags[self.row])
+    def __init__(self, plan: Any, flags: torch.Tensor, row: int, task: int | None) -> None:
+        self.plan, self.flags, self.row, self.resets = plan, flags, row, 0
+        self.control = torch.zeros(control.WORDS, dtype=torch.int32)
+        if task is not None:
+            words = {control.ERROR: control.TIMEOUT, control.ERR_WORKER: 3, control.ERR_TASK: task,
+                     control.ERR_EVENT: 11, control.ERR_SEEN: 4, control.ERR_WANTED: 5}
+            for word, value in words.items():
+                self.control[word] = value
+            flags[row] = control.TIMEOUT
 
-    def check(self) -> None:
-        self.checked.append(self.row)
+    def reset(self) -> None:
+        self.resets += 1
+        self.control.zero_()
+        self.flags[self.row] = 0
 
 
-def test_the_watchdog_poll_reads_host_memory_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """vLLM polls the watchdog every decode step, so a poll while no kernel stopped makes no CUDA
-    call at all; once a kernel's error word (pinned host memory, written by the kernel as it stops)
-    is raised, the next poll checks that kernel, which raises."""
-    from vllm_mpk.integration import model as integration
+def stop_one_kernel(runtime: Any, task: int) -> list[StoppedKernel]:
+    """The built runtime's kernels, replaced by stand-ins; the largest plan's stopped on ``task``."""
+    runtime.error_flags = torch.zeros(len(runtime.kernels), dtype=torch.int32)
+    largest = max(runtime.kernels)
+    runtime.kernels = {b: StoppedKernel(k.plan, runtime.error_flags, i, task if b == largest else None)
+                       for i, (b, k) in enumerate(sorted(runtime.kernels.items()))}
+    return list(runtime.kernels.values())
 
-    def cuda_call() -> bool:
-        raise AssertionError("the watchdog poll made a CUDA call while no kernel had stopped")
 
+def test_the_stop_check_reads_host_memory_only(built: Built, stock_calls: list[int], monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    """vLLM's output wait asks every step whether a launch stopped: the kernels' pinned error
+    words, no CUDA call."""
+    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
+    runtime = fresh.model._mpk
+    assert not runtime.stop_raised()  # nothing built: no words
+    Runner(fresh, [[1]]).step([(0, 5, 0)], 1)
+    stop_one_kernel(runtime, task=0)
+    runtime.error_flags.zero_()
+
+    def cuda_call(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the stop check made a CUDA call")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", cuda_call)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", cuda_call)
-    runtime = integration.MpkRuntime.__new__(integration.MpkRuntime)
-    runtime.error_flags = torch.zeros(2, dtype=torch.int32)
-    checked: list[int] = []
-    runtime.kernels = {1: FlaggedKernel(runtime.error_flags, 0, checked),
-                       8: FlaggedKernel(runtime.error_flags, 1, checked)}
-    for _ in range(3):
-        runtime.poll_watchdog()
-    assert not checked
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    runtime.error_flags[1] = 1  # the batch-8 plan's last launch stopped on its watchdog
-    runtime.poll_watchdog()
-    assert checked == [1]
+    assert not runtime.stop_raised()
+    runtime.error_flags[-1] = control.COPY_TIMEOUT
+    assert runtime.stop_raised()
+
+
+def test_a_stop_degrades_to_the_stock_layers_with_one_warning(built: Built, stock_calls: list[int],
+                                                              log_lines: list[logging.LogRecord],
+                                                              tmp_path: Path) -> None:
+    """What every worker does at the step the engine marked after a stop: one warning naming the
+    stalled task and event from the control block, every kernel reset, the FULL graphs of the
+    megakernel forgotten, and every later decode batch on the stock layers."""
+    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
+    runtime, runner = fresh.model._mpk, Runner(fresh, [[1], [2]])
+    runner.step([(0, 5, 0)], 1)
+    steps = runtime.steps
+    runtime.megakernel_graphs.update({1, 2})
+    largest = runtime.kernels[max(runtime.kernels)]
+    task = largest.plan.tasks[-1]
+    kernels = stop_one_kernel(runtime, task=task.id)
+    assert runtime.stop_raised()
+    runtime.guard.degrade(SimpleNamespace())
+    assert [k.resets for k in kernels] == [1] * len(kernels) and not runtime.stop_raised()
+    assert not runtime.megakernel_graphs and runtime.disabled is not None
+    warnings = [r.getMessage() for r in log_lines if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert str(task) in warnings[0] and "waited on event 11" in warnings[0] and "stock layers" in warnings[0]
+    runner.step([(0, 6, 1), (1, 7, 0)], 2)
+    runner.step([(0, 7, 2)], 1)
+    assert stock_calls == [2, 1] and runtime.steps == steps
+    runtime.guard.degrade(SimpleNamespace())  # a second mark changes nothing
+    assert [k.resets for k in kernels] == [1] * len(kernels)
+    assert len([r for r in log_lines if r.levelno >= logging.WARNING]) == 1
+
+
+def test_strict_mode_raises_on_a_stop(built: Built, stock_calls: list[int], tmp_path: Path) -> None:
+    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama", mpk={"strict": True})
+    runtime = fresh.model._mpk
+    Runner(fresh, [[1]]).step([(0, 5, 0)], 1)
+    task = runtime.kernels[max(runtime.kernels)].plan.tasks[0]
+    stop_one_kernel(runtime, task=task.id)
+    with pytest.raises(MpkFallbackError, match="waited on event 11"):
+        runtime.guard.degrade(SimpleNamespace())
 
 
 def test_only_graphs_holding_the_megakernel_skip_the_attention_metadata(built: Built, stock_calls: list[int],

@@ -26,8 +26,7 @@ py::bytes unique_id() {
 }
 
 // Collective over the `world` processes holding the same id; the CUDA device must be set first.
-void init(py::bytes id_bytes, int rank, int world) {
-  const std::string raw = id_bytes;
+void init(const std::string& raw, int rank, int world) {
   if (raw.size() != sizeof(nvshmemx_uniqueid_t))
     throw std::invalid_argument("an NVSHMEM unique id has " + std::to_string(sizeof(nvshmemx_uniqueid_t)) +
                                 " bytes, got " + std::to_string(raw.size()));
@@ -48,16 +47,19 @@ uintptr_t symmetric_malloc(size_t bytes) {
 
 }  // namespace
 
+// The collective calls (init, malloc, barrier_all) release the GIL: they wait for every PE, and
+// the Python side bounds that wait from another thread.
 PYBIND11_MODULE(MPK_MODULE_NAME, m) {
+  using released = py::call_guard<py::gil_scoped_release>;
   m.def("unique_id", &unique_id, "A fresh NVSHMEM unique id (bytes) for init on every PE.");
-  m.def("init", &init, py::arg("unique_id"), py::arg("rank"), py::arg("world"));
+  m.def("init", &init, py::arg("unique_id"), py::arg("rank"), py::arg("world"), released());
   m.def("init_status", []() { return nvshmemx_init_status(); });
   m.def("my_pe", []() { return nvshmem_my_pe(); });
   m.def("n_pes", []() { return nvshmem_n_pes(); });
-  m.def("malloc", &symmetric_malloc, py::arg("bytes"), "Collective: every PE allocates the same size.");
+  m.def("malloc", &symmetric_malloc, py::arg("bytes"), "Collective: every PE allocates the same size.", released());
   m.def("free", [](uintptr_t p) { nvshmem_free(reinterpret_cast<void*>(p)); }, "Collective, like malloc.");
   m.def("ptr", [](uintptr_t p, int pe) { return reinterpret_cast<uintptr_t>(nvshmem_ptr(reinterpret_cast<void*>(p), pe)); },
         "The address of a peer's copy of a symmetric object, or 0 when it is not load/store reachable.");
-  m.def("barrier_all", []() { nvshmem_barrier_all(); });
+  m.def("barrier_all", []() { nvshmem_barrier_all(); }, released());
   m.def("finalize", []() { nvshmemx_hostlib_finalize(); });
 }

@@ -27,6 +27,7 @@ its launch. This also sees the weights of every load format (``--load-format dum
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ from vllm.compilation.breakable_cudagraph import is_breakable_cudagraph_enabled
 from vllm.config import CUDAGraphMode
 from vllm.forward_context import ForwardContext, get_forward_context, is_forward_context_available
 
+from vllm_mpk.integration import degrade
 from vllm_mpk.integration.binding import (
     DecodeBatch,
     UnsupportedMetadata,
@@ -48,6 +50,7 @@ from vllm_mpk.integration.binding import (
 from vllm_mpk.integration.memory import Reservation, allocated_bytes, megakernel_bytes
 from vllm_mpk.integration.options import MpkOptions, plan_batches
 from vllm_mpk.integration.tensor_parallel import (
+    agree_on_build,
     bootstrap_nvshmem,
     tensor_parallel_problem,
     tp_rank_and_size,
@@ -56,6 +59,7 @@ from vllm_mpk.integration.tensor_parallel import (
 from vllm_mpk.models.decoder import DecodeOptions, build_decoder
 from vllm_mpk.models.spec import ModelSpec
 from vllm_mpk.models.weights import EMBED
+from vllm_mpk.runtime import control
 
 logger = logging.getLogger("vllm.mpk")
 
@@ -83,6 +87,7 @@ class MpkRuntime:
         self.megakernel_graphs: set[int] = set()  # token counts whose FULL CUDA graph holds a megakernel launch
         self.stock_reasons: set[str] = set()  # why batches went to the stock layers, logged once each
         self.error_flags: torch.Tensor | None = None  # [plans] int32 in pinned host memory, kernel i's stop code
+        self.guard = degrade.StepGuard(self)  # a stop fails its steps' requests (integration/degrade.py)
         self._layer_name: str | None = None
         self.reservation: Reservation | None = None
 
@@ -184,28 +189,40 @@ class MpkRuntime:
 
     def _build(self, model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
                batch: DecodeBatch) -> bool:
-        if _capturing(input_ids):
-            # Model Runner V2 warms every graph up uncaptured first; V1 only with cudagraph_num_of_warmups >= 1.
-            self.fallback("no uncaptured decode step ran before CUDA graph capture, so the megakernel was not built "
-                          "(with VLLM_USE_V2_MODEL_RUNNER=0, set compilation_config cudagraph_num_of_warmups=1)")
-            return False
-        reason = self._environment_problem() or _cudagraph_problem(self.vllm_config)
-        if reason is not None:
-            self.fallback(reason)
-            return False
-        self._release()  # just before the build's allocations take that memory back
-        try:
-            self.kernels, self.bound = self._make(model, input_ids, positions, batch)
-        except _Refused as e:
-            self.fallback(str(e))
-            return False
-        except Exception as e:  # a build failure must not take the server down
-            if self.options.strict:
-                raise MpkFallbackError(f"--model-impl mpk (strict): building the megakernel failed: {e}") from e
-            logger.exception("--model-impl mpk: building the megakernel failed")
-            self.fallback(f"building the megakernel failed: {type(e).__name__}: {e}")
+        """Build this rank's megakernels, or fall back. Under tensor parallelism every rank first
+        builds what needs no peer, then all ranks agree (``agree_on_build``) before any NVSHMEM
+        collective: all of them go on, or all of them fall back."""
+        problem, planned = self._problem(input_ids), None
+        if problem is None:
+            self._release()  # just before the build's allocations take that memory back
+            try:
+                planned = self._plan(model, input_ids, positions, batch)
+            except _Refused as e:
+                problem = str(e)
+            except Exception as e:  # a build failure must not take the server down
+                logger.exception("--model-impl mpk: building the megakernel failed")
+                problem = f"building the megakernel failed: {type(e).__name__}: {e}"
+        problem = agree_on_build(problem)
+        if problem is None:
+            assert planned is not None
+            try:
+                self.kernels = self._load(planned)
+                self.bound = planned.buffers
+            except Exception as e:
+                logger.exception("--model-impl mpk: loading the megakernel failed")
+                problem = f"loading the megakernel failed: {type(e).__name__}: {e}"
+        if problem is not None:
+            self.fallback(problem)  # strict mode raises here
             return False
         return True
+
+    def _problem(self, input_ids: torch.Tensor) -> str | None:
+        """Why the megakernel cannot be built here at all, before any work."""
+        if _capturing(input_ids):
+            # Model Runner V2 warms every graph up uncaptured first; V1 only with cudagraph_num_of_warmups >= 1.
+            return ("no uncaptured decode step ran before CUDA graph capture, so the megakernel was not built "
+                    "(with VLLM_USE_V2_MODEL_RUNNER=0, set compilation_config cudagraph_num_of_warmups=1)")
+        return self._environment_problem() or _cudagraph_problem(self.vllm_config)
 
     def _environment_problem(self) -> str | None:
         """What vLLM's configuration asks for that this megakernel does not do."""
@@ -232,10 +249,11 @@ class MpkRuntime:
             return self.options.num_workers
         return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
-    def _make(self, model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
-              batch: DecodeBatch) -> tuple[dict[int, Any], dict[str, torch.Tensor]]:
+    def _plan(self, model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
+              batch: DecodeBatch) -> _Planned:
         """One plan per size of ``plan_batches``, all bound to the same weights, KV cache and vLLM
-        step buffers (each reads the first rows it needs)."""
+        step buffers (each reads the first rows it needs), compiled on a GPU: everything a rank
+        builds without its peers."""
         spec = self.spec
         rank, world = tp_rank_and_size()
         local = spec.shard(world)  # vLLM's TP-local shapes (this rank's heads, MLP and vocabulary slices)
@@ -267,12 +285,24 @@ class MpkRuntime:
             plans[size] = (decoder.plan, {**decoder.kernel.attached, **buffers})
             splits[size] = decoder.kv_splits  # the auto rule's choice per size, unless kv_splits forces one
         if device.type == "cuda":
-            from vllm_mpk.runtime.megakernel import Megakernel, build_kernels
+            from vllm_mpk.runtime.megakernel import build_kernels
 
-            if world > 1:  # the plans' all-reduce tiles exchange through NVSHMEM (collective: every TP rank)
+            build_kernels(list(plans.values()))  # nvcc in parallel; each Megakernel loads its build
+        return _Planned(plans, splits, buffers, device, workers,
+                        f"KV cache {kv_caches[0].shape[0]} blocks of {page} "
+                        f"({attention_modules(model)[0].attn_backend.get_name()})")
+
+    def _load(self, planned: _Planned) -> dict[int, Any]:
+        """The planned megakernels on the device: NVSHMEM's bootstrap, symmetric buffers and
+        barriers under tensor parallelism (collective: every rank, after ``agree_on_build``)."""
+        plans, spec = planned.plans, self.spec
+        if planned.device.type == "cuda":
+            from vllm_mpk.runtime.megakernel import Megakernel
+
+            rank, world = tp_rank_and_size()
+            if world > 1:  # the plans' all-reduce tiles exchange through NVSHMEM
                 bootstrap_nvshmem(world, rank)
-            build_kernels(list(plans.values()))  # nvcc in parallel; each Megakernel below loads its build
-            # One host tensor holds every kernel's error word: the watchdog polls them all at once.
+            # One host tensor holds every kernel's error word: a stop check reads them all at once.
             self.error_flags = torch.zeros(len(plans), dtype=torch.int32, pin_memory=True)
             kernels = {size: Megakernel(plan, tensors, timeout_s=self.options.timeout_s, profile=self.options.profile,
                                         error_flag=self.error_flags[i:i + 1])
@@ -282,13 +312,12 @@ class MpkRuntime:
 
             kernels = {size: ReferenceExecutor(plan, tensors) for size, (plan, tensors) in plans.items()}
         logger.info("--model-impl mpk: megakernel ready: %d layers, decode batches of %s, %d workers, "
-                    "KV splits %s%s, KV cache %s blocks of %d (%s), %d tasks at batch %d, %.1f MiB of device "
-                    "memory (%.1f MiB estimated for vLLM's budget)", spec.num_layers, "/".join(map(str, plans)),
-                    workers, "/".join(map(str, splits.values())), " (auto)" if self.options.kv_splits is None else "",
-                    kv_caches[0].shape[0], page, attention_modules(model)[0].attn_backend.get_name(),
-                    len(plans[self.max_batch][0].tasks), self.max_batch,
-                    sum(map(allocated_bytes, kernels.values())) / 2**20, self._estimated_bytes(workers) / 2**20)
-        return kernels, buffers  # the largest plan's views (plan_batches ends at max_batch)
+                    "KV splits %s%s, %s, %d tasks at batch %d, %.1f MiB of device memory (%.1f MiB estimated for "
+                    "vLLM's budget)", spec.num_layers, "/".join(map(str, plans)), planned.workers,
+                    "/".join(map(str, planned.splits.values())), " (auto)" if self.options.kv_splits is None else "",
+                    planned.kv_cache, len(plans[self.max_batch][0].tasks), self.max_batch,
+                    sum(map(allocated_bytes, kernels.values())) / 2**20, self._estimated_bytes(planned.workers) / 2**20)
+        return kernels
 
     def check_weights_in_place(self, model: torch.nn.Module) -> None:
         """After a weight reload: vLLM loads into the existing parameters, so a built megakernel
@@ -305,17 +334,30 @@ class MpkRuntime:
 
     # watchdog -----------------------------------------------------------------------------------
 
-    def poll_watchdog(self) -> None:
-        """Raise MegakernelError if a launch stopped on its watchdog. Called every
-        decode step, so it makes no CUDA call: it reads the error words the kernels write to pinned
-        host memory when they stop, and synchronises only after one did."""
-        if self.error_flags is None or not self.error_flags.numpy().any():
-            return
-        if torch.cuda.is_current_stream_capturing():
-            return
+    def stop_raised(self) -> bool:
+        """Whether a launch stopped on its watchdog: the error words the kernels write to pinned
+        host memory as they stop (no CUDA call, so it costs nothing per step; final for a step
+        once the host has waited for that step's GPU work)."""
+        return self.error_flags is not None and bool(self.error_flags.numpy().any())
+
+    def degrade(self) -> None:
+        """After a stop, on every tensor-parallel rank at the same step: one warning naming what
+        stopped (from the control blocks), the kernels reset, and every later batch on the stock
+        layers (strict mode raises instead)."""
+        stops = []
         for kernel in self.kernels.values():
-            if kernel.stopped:
-                kernel.check()  # synchronises and raises with the stalled task and event
+            words = kernel.control.tolist()  # after the launches on this stream: the words are final
+            if words[control.ERROR]:
+                stops.append(kernel.describe_stop(words))
+        what = "; ".join(stops) or "another tensor-parallel rank's megakernel stopped"
+        if self.options.strict:
+            raise MpkFallbackError(f"--model-impl mpk (strict): {what}")
+        for kernel in self.kernels.values():
+            kernel.reset()
+        self.disabled = f"the megakernel stopped on its watchdog: {what}"
+        self.megakernel_graphs.clear()
+        logger.warning("--model-impl mpk: %s. The requests of the steps it ran failed; vLLM's stock layers serve "
+                       "every batch from now on", self.disabled)
 
 
 def _capturing(t: torch.Tensor) -> bool:
@@ -349,6 +391,20 @@ class _Refused(Exception):
     """The megakernel cannot take this model instance; turned into a fallback by ``_build``."""
 
 
+@dataclass
+class _Planned:
+    """What a rank builds before its peers agree: the plans by batch size with their bindings
+    (compiled on a GPU), the split-KV choice per size, the largest plan's views of vLLM's step
+    buffers, and what the ready line reports."""
+
+    plans: dict[int, tuple[Any, dict[str, torch.Tensor]]]
+    splits: dict[int, int]
+    buffers: dict[str, torch.Tensor]
+    device: torch.device
+    workers: int
+    kv_cache: str
+
+
 class MpkDecodeMixin:
     """Put before a stock vLLM ``*ForCausalLM`` class by ``mpk_class``."""
 
@@ -358,6 +414,7 @@ class MpkDecodeMixin:
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         spec = ModelSpec.from_hf_config(vllm_config.model_config.hf_config.to_dict())
         self._mpk = MpkRuntime(vllm_config, spec)
+        degrade.install_worker_hooks()  # where the host waits for a step's output, a stop fails its requests
         # vLLM constructs the model inside load_model, whose allocations it counts as the model's.
         self._mpk.reserve(next(self.parameters()).device)  # type: ignore[attr-defined]
 
@@ -377,10 +434,6 @@ class MpkDecodeMixin:
         from vllm_mpk.integration.model_state import MpkModelState
 
         return MpkModelState
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        self._mpk.poll_watchdog()
-        return super().compute_logits(hidden_states)
 
     def load_weights(self, weights: Any) -> Any:
         loaded = super().load_weights(weights)

@@ -15,6 +15,11 @@ nothing heavy until a model config asks for ``model_impl="mpk"``:
   subclass only overrides ``forward`` and has the flags of its stock parent; the wrapper is where
   an unsupported model is reported, once, when the config is made rather than when a worker loads.
 
+It also wraps ``SchedulerConfig.get_scheduler_cls`` (``vllm/config/scheduler.py``), which the
+engine core calls once to pick its scheduler: the class it returns gets the hooks through which
+a megakernel stop fails the affected requests (``integration/degrade.py``). They act only on
+outputs an MPK worker marked, so other models see no change.
+
 Every other ``model_impl`` passes through untouched. The same routing is offered as a patch on
 vLLM's source (``patches/``), which calls ``route_model_cls`` and ``report_model_impl`` below.
 """
@@ -38,15 +43,18 @@ _reported: set[tuple[str, str]] = set()
 
 def register() -> None:
     """Route ``model_impl="mpk"`` through this plugin in this process; a second call does nothing."""
+    from vllm.config.scheduler import SchedulerConfig
     from vllm.model_executor.models.registry import _ModelRegistry
 
-    for name, wrap in (("resolve_model_cls", _wrap_resolve), ("inspect_model_cls", _wrap_inspect)):
-        current = getattr(_ModelRegistry, name)
+    for cls, name, wrap in ((_ModelRegistry, "resolve_model_cls", _wrap_resolve),
+                            (_ModelRegistry, "inspect_model_cls", _wrap_inspect),
+                            (SchedulerConfig, "get_scheduler_cls", _wrap_scheduler_cls)):
+        current = getattr(cls, name)
         if getattr(current, WRAPPED_MARK, False):
             continue
         wrapped = wrap(current)
         setattr(wrapped, WRAPPED_MARK, True)
-        setattr(_ModelRegistry, name, wrapped)
+        setattr(cls, name, wrapped)
 
 
 def _wrap_resolve(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -69,6 +77,18 @@ def _wrap_inspect(original: Callable[..., Any]) -> Callable[..., Any]:
         return info, arch
 
     return inspect_model_cls
+
+
+def _wrap_scheduler_cls(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def get_scheduler_cls(self: Any) -> type:
+        from vllm_mpk.integration.degrade import install_scheduler_hooks
+
+        scheduler_cls = original(self)
+        install_scheduler_hooks(scheduler_cls)
+        return scheduler_cls
+
+    return get_scheduler_cls
 
 
 def unsupported_reason(model_config: Any, arch: str, *, loaded: bool = True) -> str | None:

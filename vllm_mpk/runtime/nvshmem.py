@@ -15,13 +15,19 @@ Symmetric allocations are collective (every PE allocates the same sizes in the s
 are never freed behind the caller's back: ``nvshmem_free`` is collective too, so freeing from a
 garbage collector that runs at different times on different ranks would deadlock. They live until
 ``free_all`` or ``finalize``.
+
+The collective host calls (``init``, the symmetric allocation, ``barrier``) wait for every PE, so a
+peer that failed or left would hang this process there: each runs in a thread of its own and is
+given up after ``HOST_TIMEOUT_S`` with an NvshmemError (the call cannot be cancelled; NVSHMEM is
+not usable in this process afterwards, and the caller falls back).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -39,6 +45,7 @@ ALIGN = 256  # bytes; every symmetric tensor starts on this boundary
 # multicast can take the GPUs out of service. Forced (not defaults) for NVSHMEM, NCCL and torch.
 ENVIRONMENT = {"NVSHMEM_DISABLE_NVLS": "1", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 
+HOST_TIMEOUT_S = 120.0  # the longest wait for the other PEs in a collective host call
 _allocations: list[int] = []  # addresses of live nvshmem_malloc blocks
 
 
@@ -84,7 +91,7 @@ def init(uid: bytes, rank: int, world: int) -> None:
     torch.cuda.init()
     torch.zeros(1, device="cuda")  # the primary context exists: NVSHMEM initialises fully, now
     module = glue()
-    module.init(uid, rank, world)
+    _bounded(lambda: module.init(uid, rank, world), f"init as PE {rank} of {world}")
     if module.n_pes() != world or module.my_pe() != rank:
         raise NvshmemError(f"NVSHMEM initialised as PE {module.my_pe()} of {module.n_pes()}, "
                            f"expected {rank} of {world}")
@@ -146,7 +153,35 @@ def n_pes() -> int:
 
 def barrier() -> None:
     """Every PE waits here (host side; the device queue is not synchronised)."""
-    _require().barrier_all()
+    module = _require()
+    _bounded(module.barrier_all, "barrier")
+
+
+def _bounded(call: Callable[[], Any], what: str, timeout_s: float | None = None) -> Any:
+    """``call()`` (a collective NVSHMEM host call, which releases the GIL) from a thread bound to
+    this thread's CUDA device; raises NvshmemError when it has not returned after ``timeout_s``
+    (default ``HOST_TIMEOUT_S``)."""
+    timeout_s = HOST_TIMEOUT_S if timeout_s is None else timeout_s
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            if device is not None:
+                torch.cuda.set_device(device)
+            outcome["value"] = call()
+        except BaseException as e:  # handed to the caller's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, name=f"nvshmem {what}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise NvshmemError(f"NVSHMEM {what} did not finish within {timeout_s:g} s: a peer failed, left or never "
+                           f"reached it (NVSHMEM is not usable in this process any more)")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _require() -> ModuleType:
@@ -180,7 +215,7 @@ def symmetric_tensors(specs: Sequence[tuple[Sequence[int], torch.dtype]], zero: 
     of one per tensor), each aligned to ``ALIGN`` bytes. Every PE must ask for the same list."""
     module = _require()
     sizes = [_aligned(math.prod(shape) * torch.empty((), dtype=dtype).element_size()) for shape, dtype in specs]
-    base = module.malloc(max(sum(sizes), ALIGN))
+    base = _bounded(lambda: module.malloc(max(sum(sizes), ALIGN)), "symmetric allocation")
     _allocations.append(base)
     out, offset = [], 0
     device = torch.device("cuda", torch.cuda.current_device())
@@ -193,7 +228,7 @@ def symmetric_tensors(specs: Sequence[tuple[Sequence[int], torch.dtype]], zero: 
         offset += size
     if zero:  # no peer may signal into these before every PE has zeroed its copy
         torch.cuda.current_stream().synchronize()
-        module.barrier_all()
+        barrier()
     return out
 
 
