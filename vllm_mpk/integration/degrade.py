@@ -3,11 +3,17 @@ none of their tokens reaches a client, and the engine goes on serving on vLLM's 
 
 A stop rises in the kernel's pinned host error word while the launch runs, but the host learns
 of it only where it already waits for the step's GPU work, so no step pays a synchronisation:
-Model Runner V2 and the V1 runner with async scheduling hand vLLM an ``AsyncModelRunnerOutput``
-whose ``get_output`` waits for the copy of the sampled tokens (an event recorded after the
-step's forward and sampling); the V1 runner without async scheduling returns a
+Model Runner V2 (always) and the V1 runner with async scheduling hand vLLM an
+``AsyncModelRunnerOutput`` whose ``get_output`` waits for the copy of the sampled tokens (an event
+recorded after the step's forward and sampling); the V1 runner without async scheduling returns a
 ``ModelRunnerOutput`` after a blocking copy. At either point the step's launches have ended, so
-their words are final.
+their words are final. (A word may also have been raised by the next step's launch, already
+running: then a good step fails too, which errs on the safe side.)
+
+Tensor parallelism: only the output rank (0) waits for outputs. A stop on another rank reaches
+rank 0's own word through the peer timeouts of its all-reduces, in the same step, unless that
+rank stopped after its step's last all-reduce: then rank 0 sees it one step later, and the
+tokens of the step in between (sampled from that rank's logits) are not caught.
 
 Why the requests fail rather than the step being recomputed on the stock layers: with async
 scheduling (vLLM's default) the next step was already launched from the stopped step's sampled
