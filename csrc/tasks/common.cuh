@@ -151,27 +151,32 @@ __device__ __forceinline__ void barrier_arrive(uint64_t* bar) {
 // brings (an expect without its copy), so nothing is in flight when the block goes on or exits.
 // The stop takes at most twice the timeout, and the CUDA context stays usable.
 //
-// Returns true once the barrier's phase of this parity has completed (acquire: the copies' bytes
-// are visible), late or not; false when it never did: then the barrier is stuck in that phase and
-// must not take more copies or arrivals. The clock is read only every 1024 tries, off the fast path.
+// Every lane of the calling warp calls it. Returns, alike in every lane, true once the barrier's
+// phase of this parity has completed (acquire: the copies' bytes are visible), late or not; false
+// when it never did for some lane: then the barrier is stuck in that phase and must not take more
+// copies or arrivals. The clock is read only every 1024 tries, off the fast path.
 __device__ __forceinline__ bool barrier_wait(uint64_t* bar, uint32_t parity, const InputGate& gate) {
   int64_t start = -1;
-  bool late = false;
+  bool late = false, landed = false;
   for (unsigned tries = 1;; ++tries) {
     uint32_t done;
     asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
                  : "=r"(done) : "r"(smem_address(bar)), "r"(parity) : "memory");
-    if (done) return true;
+    if (done) {
+      landed = true;
+      break;
+    }
     if (tries % 1024) continue;
     const int64_t now = global_ns();
     if (start < 0) start = now;
     if (now - start <= gate.timeout_ns) continue;
-    if (late) return false;
+    if (late) break;
     gate.report(kCopyTimeout, -1, 0, parity);
     *gate.ok = false;
     late = true;
     start = now;
   }
+  return __all_sync(0xffffffffu, landed);  // lanes that gave up near a late landing agree with the rest
 }
 
 template <typename T>
