@@ -14,7 +14,7 @@ prefetch policies (KiB of a tile's weights asked of L2 : how many tasks ahead, t
 own for some linear op kinds), on the same kernel (a policy is launch data), and checks that each
 gives logits bit-identical to the default's. ``--kv-pool-blocks N`` draws the requests' pages at
 random from N pages per layer, as vLLM's block pool does (the default keeps each request's pages
-adjacent; on an H100 the two timed the same, tenth session). Each case is timed after a 64 MB
+adjacent; on an H100 the two timed the same). Each case is timed after a 64 MB
 write through L2; ``--after-lm-head-gemm`` also times it after a GEMM of lm_head's shape, the L2
 state vLLM's ``compute_logits`` leaves between steps.
 
@@ -108,7 +108,7 @@ def time_and_profile(plan, tensors, mk: Megakernel, batch: int, trace_path: Path
 def write_l2_sweep(device: str, nbytes: int = 64 << 20) -> None:
     """Write ``nbytes`` through L2. Leaves L2 in the state the step benchmark times in: on an H100
     a cuBLAS GEMM of lm_head's shape left the bs8 step 1.5-2% slower until a write of 32 MB or
-    more (reads did not restore it; tenth session)."""
+    more (reads did not restore it)."""
     torch.zeros(nbytes, dtype=torch.uint8, device=device)
     torch.cuda.synchronize(device)
 
