@@ -78,9 +78,14 @@ def private_root() -> Path:
     return Path(tempfile.gettempdir()) / f"vllm-mpk-{os.geteuid()}"
 
 
+def unwritable(path: Path, err: OSError) -> CacheError:
+    return CacheError(f"cannot create {path} ({err.strerror}): make {path.parent} writable by you, or set "
+                      f"VLLM_MPK_CACHE_DIR to a folder you can write")
+
+
 def make_private_dirs(path: Path) -> None:
-    """Create ``path`` and its missing parents, each exactly 0700 whatever the umask. A folder that
-    another process creates first is kept as it is; the caller checks trust after this call."""
+    """Create ``path`` and its missing parents, each 0700 (a umask can only take bits away). A folder
+    that another process creates first is kept as it is; the caller checks trust after this call."""
     missing = []
     while not path.exists() and path != path.parent:
         missing.append(path)
@@ -91,17 +96,14 @@ def make_private_dirs(path: Path) -> None:
         except FileExistsError:
             continue
         except OSError as err:
-            raise CacheError(f"cannot create the folder {folder} ({err.strerror}): make {folder.parent} writable "
-                             f"by you, or set VLLM_MPK_CACHE_DIR to a folder you can write") from err
-        os.chmod(folder, DIR_MODE)
+            raise unwritable(folder, err) from err
 
 
 def write_private(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
-    """Write ``path`` atomically (a temp file renamed over it), with ``mode`` whatever the umask."""
+    """Write ``path`` atomically (a temp file renamed over it), created with ``mode``."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb", opener=lambda name, flags: os.open(name, flags, mode)) as out:
         out.write(data)
-    os.chmod(tmp, mode)
     os.replace(tmp, path)
 
 

@@ -30,7 +30,6 @@ import functools
 import hashlib
 import importlib.metadata
 import importlib.util
-import itertools
 import json
 import os
 import re
@@ -132,7 +131,10 @@ def _build_lock(path: Path, spec_name: str) -> Iterator[None]:
     bounded by one. The kernel drops the lock when its holder dies, so none goes stale."""
     timeout_s = 2 * build_timeout_s()
     deadline = time.monotonic() + timeout_s
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, cache_trust.FILE_MODE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, cache_trust.FILE_MODE)
+    except OSError as err:
+        raise cache_trust.unwritable(path, err) from err
     try:
         while True:
             try:
@@ -233,19 +235,20 @@ class JitSpec:
         to change. ``create`` makes the folders (0700). Raises CacheError when neither is usable."""
         problems = []
         for root in (cache_root(), cache_trust.private_root()):
-            chain = list(itertools.accumulate((_package_version(), self.arch), Path.joinpath, initial=root))
-            arch_dir = chain[-1]
+            arch_dir = root / _package_version() / self.arch
+            chain = [root, arch_dir.parent, arch_dir]
             if entry is not None:
                 chain += [arch_dir / entry, arch_dir / entry / KEY_FILE, self.so_path(arch_dir / entry)]
             problem = cache_trust.first_distrusted(chain)
             if problem is None and create:
-                cache_trust.make_private_dirs(arch_dir)
+                cache_trust.make_private_dirs(chain[3] if entry is not None else arch_dir)
                 problem = cache_trust.first_distrusted(chain)  # another user may have made a folder first
             if problem is None:
+                if problems:
+                    cache_trust.warn_once(f"not using the JIT cache under {cache_root()}: {problems[0]}. "
+                                          f"Using the private folder {root} instead.")
                 return arch_dir
             problems.append(problem)
-            cache_trust.warn_once(f"not using the JIT cache under {root}: {problem}. Using the private folder "
-                      f"{cache_trust.private_root()} instead.")
         raise CacheError(f"no trusted folder for the JIT cache: {'; '.join(problems)}. Set VLLM_MPK_CACHE_DIR "
                          f"to a folder that only you can write.")
 
