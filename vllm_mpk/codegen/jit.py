@@ -387,8 +387,7 @@ def _compile(spec: JitSpec, nvcc: Path, build_dir: Path) -> Path:
     objects = [unit.with_name(unit.name.replace(".", "_") + ".o") for unit in units]
     tmp = build_dir / f".{spec.name}.so.{os.getpid()}.tmp"
     log = build_dir / "build.log"
-    timeout_s = build_timeout_s()
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + build_timeout_s()
     ok = False
     try:
         with open(log, "w", opener=lambda name, flags: os.open(name, flags, cache_trust.FILE_MODE)) as out:
@@ -420,11 +419,11 @@ def _run_all(log: TextIO, cwd: Path, cmds: list[list[str]], deadline: float, spe
                                           start_new_session=True))
         for proc in procs:
             proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        late = next(" ".join(proc.args) for proc in procs if proc.poll() is None)
+    except subprocess.TimeoutExpired as late:
         raise BuildTimeoutError(
             f"nvcc did not finish building JIT spec {spec_name!r} within {build_timeout_s():g} s "
-            f"({BUILD_TIMEOUT_ENV}); killed: {late}") from None
+            f"({BUILD_TIMEOUT_ENV}: raise it if this machine is just slow); killed: {' '.join(late.cmd)}; "
+            f"log: {log.name}") from None
     finally:
         for proc in procs:
             if proc.poll() is None:
