@@ -160,6 +160,21 @@ def test_foreign_owned_cache_path_is_not_used(cache: Cache, foreign: str, monkey
     assert f"{paths[foreign]} is owned by uid" in warning and str(cache.fallback) in warning
 
 
+def test_cache_root_symlink_owned_by_another_user_is_not_used(cache: Cache, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its owner could point it at another folder between the check and the load."""
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    cache.root.symlink_to(mine)
+    planted = probe_spec().load().so
+    foreign_inode = cache.root.lstat().st_ino
+    monkeypatch.setattr(cache_trust, "_owned_by_me", lambda st: st.st_ino != foreign_inode)
+    module = probe_spec().load()
+    assert module.so.is_relative_to(cache.fallback) and cache.loaded_from() == [planted, module.so]
+    [warning] = cache.warnings
+    assert f"{cache.root} is owned by uid" in warning
+
+
 def test_untrusted_fallback_too_is_an_error(cache: Cache) -> None:
     cache.root.mkdir(mode=0o777)
     cache.root.chmod(0o777)

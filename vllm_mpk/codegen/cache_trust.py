@@ -55,14 +55,15 @@ def _owned_by_me(st: os.stat_result) -> bool:
 def distrust(path: Path) -> str | None:
     """Why ``path`` must not be trusted, naming what to change; None if it is fine or absent."""
     try:
-        st = path.stat()
+        link, st = path.lstat(), path.stat()
     except FileNotFoundError:
         return None
     except OSError as err:
         return f"{path} cannot be inspected ({err.strerror})"
-    if not _owned_by_me(st):
-        return (f"{path} is owned by uid {st.st_uid}, not by you (uid {os.geteuid()}): remove it, "
-                f"or chown it to yourself if you trust its contents")
+    for owned in (link, st):  # a symlink's owner could point it elsewhere after this check
+        if not _owned_by_me(owned):
+            return (f"{path} is owned by uid {owned.st_uid}, not by you (uid {os.geteuid()}): remove it, "
+                    f"or chown it to yourself if you trust its contents")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return (f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}): "
                 f"run chmod go-w {path}")
