@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from vllm_mpk.api import PersistentKernel
-from vllm_mpk.codegen.tasks import MAX_TILE_ROWS
 from vllm_mpk.graph.ir import TensorHandle
+from vllm_mpk.graph.limits import MAX_TILE_ROWS
 from vllm_mpk.graph.plan import Plan
 from vllm_mpk.models.rope import cos_sin_cache
 from vllm_mpk.models.spec import ModelSpec
