@@ -4,7 +4,8 @@ For each model config and batch: random weights at a realistic scale and a KV ca
 ``--context`` tokens of random history per request (ragged: +7 per row), one decode step through
 (1) the megakernel, replayed from a CUDA graph, and (2) the reference executor on the GPU in float32
 (``layers`` order), which is the correctness reference. Prints relative logits error, greedy
-agreement, step time, and bandwidth as a fraction of a device-to-device copy measured in this run.
+agreement, step time, and the weight + KV bytes per step as a fraction of the read roof measured in
+this run (``vllm_mpk.bench.read_roof``: a read-only stream over 4 GiB).
 
     python benchmarks/megakernel_step.py --models qwen3-0.6b qwen3-8b --batches 1 8
 
@@ -13,7 +14,7 @@ prefetch policies (KiB of a tile's weights asked of L2 : how many tasks ahead, t
 own for some linear op kinds), on the same kernel (a policy is launch data), and checks that each
 gives logits bit-identical to the default's. ``--kv-pool-blocks N`` draws the requests' pages at
 random from N pages per layer, as vLLM's block pool does (the default keeps each request's pages
-adjacent; on an H100 the two timed the same, tenth session). Each case is timed after a 64 MB
+adjacent; on an H100 the two timed the same). Each case is timed after a 64 MB
 write through L2; ``--after-lm-head-gemm`` also times it after a GEMM of lm_head's shape, the L2
 state vLLM's ``compute_logits`` leaves between steps.
 
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from vllm_mpk.bench.read_roof import read_roof_tbps
 from vllm_mpk.codegen.tables import PrefetchPolicy
 from vllm_mpk.demo import weight_bytes
 from vllm_mpk.graph.reference import ReferenceExecutor
@@ -80,13 +82,6 @@ def build(spec: ModelSpec, batch: int, context: int, device: str, weights=None, 
     return model, tensors, caches
 
 
-def copy_bandwidth(device: str) -> float:
-    src = torch.empty(2 << 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    us = graph_replay_us(lambda: dst.copy_(src), 20)
-    return 2 * src.numel() / us / 1e6  # TB/s, read + write
-
-
 def profiled_spans(plan, tensors, batch: int, prefetch: PrefetchPolicy):
     """The task spans of the last of three launches of a profiled copy of the kernel."""
     profiled = Megakernel(plan, tensors, profile=True, prefetch=prefetch)
@@ -113,7 +108,7 @@ def time_and_profile(plan, tensors, mk: Megakernel, batch: int, trace_path: Path
 def write_l2_sweep(device: str, nbytes: int = 64 << 20) -> None:
     """Write ``nbytes`` through L2. Leaves L2 in the state the step benchmark times in: on an H100
     a cuBLAS GEMM of lm_head's shape left the bs8 step 1.5-2% slower until a write of 32 MB or
-    more (reads did not restore it; tenth session)."""
+    more (reads did not restore it)."""
     torch.zeros(nbytes, dtype=torch.uint8, device=device)
     torch.cuda.synchronize(device)
 
@@ -247,7 +242,7 @@ def tp_main(args: argparse.Namespace, world: int, rank: int, out: Path) -> None:
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     dist.init_process_group("gloo")
     nvshmem.init_from_process_group()
-    bw = copy_bandwidth("cuda")
+    bw = read_roof_tbps("cuda")
     rows = []
     for m in args.models:
         spec = spec_of(m, args.layers)
@@ -259,9 +254,9 @@ def tp_main(args: argparse.Namespace, world: int, rank: int, out: Path) -> None:
             rows.append(gathered)
             torch.cuda.empty_cache()
     if rank == 0:
-        print(f"\n{torch.cuda.get_device_name()} x{world}  copy bandwidth {bw:.2f} TB/s (rank 0)")
+        print(f"\n{torch.cuda.get_device_name()} x{world}  read roof {bw:.2f} TB/s (rank 0)")
         print(f"{'model':14} {'bs':>3} {'TP':>3} {'splits':>6} {'step us (max rank)':>19} {'per rank':>24} {'TB/s/rank':>9} "
-              f"{'of copy':>7}")
+              f"{'of roof':>7}")
         for ranks in rows:
             slowest = max(ranks, key=lambda r: r["step_us"])
             per = "/".join(f"{r['step_us']:.0f}" for r in ranks)
@@ -306,7 +301,7 @@ def main() -> None:
     t0 = time.perf_counter()
     build_kernels([(model.plan, tensors) for model, tensors in jobs])
     print(f"built {len(jobs)} kernels in {time.perf_counter() - t0:.0f} s", flush=True)
-    bw = copy_bandwidth(device)
+    bw = read_roof_tbps(device)
     rows = []
     with open(out / "megakernel_step.jsonl", "w") as log:
         for m, spec in specs.items():
@@ -319,9 +314,9 @@ def main() -> None:
                 print(rows[-1], flush=True)
             del weights
             torch.cuda.empty_cache()
-    print(f"\n{torch.cuda.get_device_name()}  copy bandwidth {bw:.2f} TB/s")
+    print(f"\n{torch.cuda.get_device_name()}  read roof {bw:.2f} TB/s")
     print(f"{'model':14} {'bs':>3} {'splits':>6} {'err f32':>9} {'err bf16':>9} {'greedy':>7} {'step us':>9} "
-          f"{'TB/s':>6} {'of copy':>7}" + (f" {'after GEMM':>10}" if args.after_lm_head_gemm else ""))
+          f"{'TB/s':>6} {'of roof':>7}" + (f" {'after GEMM':>10}" if args.after_lm_head_gemm else ""))
     for r in rows:
         after = f" {r['step_us_after_gemm']:10.1f}" if args.after_lm_head_gemm else ""
         print(f"{r['name']:14} {r['batch']:>3} {r['kv_splits']:>6} {r['rel_err']:9.2e} {r['rel_err_same_rounding']:9.2e} "

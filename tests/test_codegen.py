@@ -20,6 +20,8 @@ from tests.helpers import REPO, load_config
 from vllm_mpk.api import PersistentKernel
 from vllm_mpk.codegen import source
 from vllm_mpk.codegen.jit import JitSpec, compile_only
+from vllm_mpk.codegen.ops import EMITTERS, FAMILIES, ArgLayout
+from vllm_mpk.codegen.ops.linear import LINEAR_MODES
 from vllm_mpk.codegen.tables import (
     HEADER_WORDS,
     PREFETCH_CAP_BYTES,
@@ -31,7 +33,7 @@ from vllm_mpk.codegen.tables import (
     record_layout,
     tensor_ids,
 )
-from vllm_mpk.codegen.tasks import LINEAR_MODES, UnsupportedOnGPU
+from vllm_mpk.codegen.tasks import UnsupportedOnGPU
 from vllm_mpk.codegen.toolchain import ToolchainError, find_nvcc, nvcc_version
 from vllm_mpk.graph.ir import Role
 from vllm_mpk.graph.ops import REGISTRY
@@ -43,11 +45,6 @@ from vllm_mpk.runtime.megakernel import kernel_spec, kernel_table
 
 # Word offsets inside a record (tables.py's layout); waits/signals/args start where the header ends.
 OPCODE, VARIANT, TASK, PF_TENSOR, PF_OFFSET16, PF_LEN16 = range(HEADER_WORDS)
-LINEAR_ARG_NAMES = ("input", "weight", "output", "bias", "residual", "norm_weight", "col_start", "col_end", "eps",
-                    "out_cols")
-ATTENTION_ARG_NAMES = ("qkv", "cache", "rope", "positions", "seq_lens", "block_tables", "slots", "q_norm", "k_norm",
-                       "output", "head", "row_start", "row_end", "block_stride", "head_stride", "slot_stride",
-                       "table_stride", "eps", "scale", "split", "partial", "arrivals")  # AttentionArgs
 
 
 @dataclass
@@ -153,12 +150,12 @@ def test_linear_argument_words_match_task_params(qwen3_8b: Generated) -> None:
         if task.op.kind not in LINEAR_MODES:
             continue
         seen += 1
-        args = dict(zip(LINEAR_ARG_NAMES, g.args(row).tolist()))
+        args = dict(zip(EMITTERS["linear"].args.words, g.args(row).tolist(), strict=False))
         assert (args["col_start"], args["col_end"]) == (task.params["col_start"], task.params["col_end"]), task
         assert args["weight"] == ids[task.op.inputs["weight"].name], task
         assert args["input"] == ids[task.op.inputs["input"].name], task
         assert args["output"] == ids[task.op.outputs["output"].name], task
-        assert args["out_cols"] == task.op.outputs["output"].shape[1], task
+        assert args["out_stride"] == task.op.outputs["output"].shape[1], task
     assert seen > 0
 
 
@@ -248,6 +245,66 @@ def test_generated_includes_resolve_in_csrc(qwen3_8b: Generated) -> None:
             assert (source.csrc_dir() / header).is_file(), f"{fname} includes {header}, missing from csrc/"
 
 
+# --- argument words: named once in codegen/ops/<op>.py, declared in C++ by the generated source ------
+
+
+def test_argument_enums_are_generated_before_the_task_bodies(qwen3_8b: Generated) -> None:
+    text = qwen3_8b.spec.sources["megakernel.cu"]
+    for family in FAMILIES:
+        struct = family.args.struct
+        declared = re.findall(rf"struct {struct} {{\n  enum {{ ([^}}]*) }};\n}};", text)
+        assert declared == [", ".join(ArgLayout.cpp_name(w) for w in family.args.words)], struct
+        assert text.index(f"struct {struct} ") < text.index(f'#include "{family.header}"'), struct
+
+
+def test_task_bodies_read_only_generated_argument_words() -> None:
+    """No header declares an ``*Args`` enum of its own, and every ``XArgs::kWord`` a body reads is
+    a word of X's Python layout (a name the generated enum does not have would not compile)."""
+    words = {f.args.struct: {ArgLayout.cpp_name(w) for w in f.args.words} for f in FAMILIES}
+    read: dict[str, set[str]] = {}
+    for header in sorted((source.csrc_dir() / "tasks").glob("*.cuh")):
+        text = header.read_text()
+        assert not re.search(r"(struct|enum)\s+\w*Args\b", text), f"{header.name} declares an argument enum"
+        for struct, name in re.findall(r"\b(\w+Args)::(k\w+)", text):
+            read.setdefault(struct, set()).add(name)
+    assert set(read) == set(words)
+    for struct, names in read.items():
+        assert names <= words[struct], (struct, sorted(names - words[struct]))
+    for family in FAMILIES:
+        assert f"{family.args.struct}::" in (source.csrc_dir() / family.header).read_text(), family.header
+
+
+def test_argument_enums_compile_to_the_python_order(tmp_path: Path) -> None:
+    try:
+        nvcc = find_nvcc()
+    except ToolchainError as err:
+        pytest.skip(f"cannot compile the argument enums: {err}")
+    enums = source.task_headers().split("#include")[0]
+    checks = [f"static_assert(mpk::{f.args.struct}::{ArgLayout.cpp_name(w)} == {i}, \"{f.args.struct}.{w}\");"
+              for f in FAMILIES for i, w in enumerate(f.args.words)]
+    unit = tmp_path / "args.cu"
+    unit.write_text(enums + "\n".join(checks) + "\n")
+    out = subprocess.run([str(nvcc), "-std=c++17", "-c", str(unit), "-o", str(tmp_path / "args.o")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_arg_layout_packs_a_prefix_in_order() -> None:
+    layout = ArgLayout("ExampleArgs", ("input", "col_start", "col_end", "world"))
+    assert layout.pack({"col_start": 5, "input": 2, "col_end": 9}) == [2, 5, 9]
+    assert layout.cpp() == "struct ExampleArgs {\n  enum { kInput, kColStart, kColEnd, kWorld };\n};"
+    with pytest.raises(ValueError, match=r"ExampleArgs: got words \['input', 'world'\], expected the first 2"):
+        layout.pack({"input": 2, "world": 4})
+    with pytest.raises(ValueError, match="named twice"):
+        ArgLayout("ExampleArgs", ("input", "input"))
+
+
+def test_every_gpu_op_kind_has_one_emitter() -> None:
+    served = [kind for family in FAMILIES for kind in family.kinds]
+    assert len(served) == len(set(served)) and set(served) == set(EMITTERS)
+    assert set(EMITTERS) == set(REGISTRY) - {"silu_mul"}  # silu_mul runs fused into a linear layer on the GPU
+
+
 def test_qwen3_8b_megakernel_compiles_for_sm90a(qwen3_8b: Generated, tmp_path: Path) -> None:
     """The one slow test (tens of seconds to a few minutes): nvcc builds the full 36-layer plan."""
     try:
@@ -313,7 +370,7 @@ def test_split_attention_words_name_output_partials_and_arrivals(multi_step: Gen
     for _, _, task, row in g.records():
         if task.op.kind != "attention":
             continue
-        args = dict(zip(ATTENTION_ARG_NAMES, g.args(row).tolist(), strict=False))
+        args = dict(zip(EMITTERS["attention"].args.words, g.args(row).tolist(), strict=False))
         outputs = task.op.outputs
         assert [args[n] for n in ("output", "partial", "arrivals")] == [ids[outputs[n].name] for n in
                                                                         ("output", "partial", "arrivals")], task

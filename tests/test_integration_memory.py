@@ -10,19 +10,13 @@ import torch
 from vllm_mpk.codegen.tables import all_args, record_layout
 from vllm_mpk.graph.ir import Role
 from vllm_mpk.graph.plan import Plan
-from vllm_mpk.integration.memory import (
-    SEGMENT_SLACK,
-    Reservation,
-    activation_bytes,
-    megakernel_bytes,
-    task_count,
-)
+from vllm_mpk.graph.step_state import STEP_INPUT_NAMES
+from vllm_mpk.integration.memory import SEGMENT_SLACK, Reservation, activation_sizes, megakernel_bytes, plan_contents
 from vllm_mpk.models.catalog import shipped_config
 from vllm_mpk.models.decoder import DecodeOptions, build_decoder
 from vllm_mpk.models.spec import ModelSpec
 from vllm_mpk.models.weights import expected_shapes
 from vllm_mpk.runtime import control
-from vllm_mpk.runtime.meta import STEP_INPUT_NAMES
 
 META = torch.device("meta")
 
@@ -75,10 +69,10 @@ def test_estimate_covers_what_a_build_allocates(name: str, max_batch: int, worke
                                                 kv_splits: int | None, world: int) -> None:
     spec = ModelSpec.from_hf_config(shipped_config(name))
     plan, tensors = meta_plan(spec, max_batch, workers, schedule, kv_splits, world)
-    assert task_count(spec, max_batch, workers, kv_splits, world) == len(plan.tasks)
-    intermediates = sum(h.nbytes for h in plan.tensors.values()
-                        if h.role in (Role.INTERMEDIATE, Role.SYMMETRIC))
-    assert activation_bytes(spec, max_batch, workers, kv_splits=kv_splits, world_size=world) == intermediates
+    contents = plan_contents(spec, max_batch, workers, kv_splits, world)
+    assert (contents.num_tasks, contents.num_tensors) == (len(plan.tasks), len(plan.tensors))
+    own = sorted(h.nbytes for h in plan.tensors.values() if h.role is not Role.INPUT)
+    assert sorted(activation_sizes(spec, max_batch, workers, kv_splits=kv_splits, world_size=world)) == own
     for profile in (False, True):
         exact = gpu_allocation(plan, tensors, profile)
         estimate = megakernel_bytes(spec, max_batch, workers, profile=profile, kv_splits=kv_splits, world_size=world)
@@ -96,9 +90,9 @@ def test_auto_estimate_matches_the_plans_vllm_builds() -> None:
     for b in plan_batches(8):
         plan, tensors = meta_plan(spec, b, 132, "earliest_finish", None)
         split[b] = bool(plan.counters)  # the arrival words exist only in a split plan
-        assert task_count(spec, b, 132) == len(plan.tasks)
-        assert activation_bytes(spec, b, 132) == sum(h.nbytes for h in plan.tensors.values()
-                                                     if h.role is Role.INTERMEDIATE)
+        assert plan_contents(spec, b, 132).num_tasks == len(plan.tasks)
+        assert sum(activation_sizes(spec, b, 132)) == sum(h.nbytes for h in plan.tensors.values()
+                                                          if h.role is Role.INTERMEDIATE)
         exact = gpu_allocation(plan, tensors, False)
         assert exact <= megakernel_bytes(spec, b, 132) <= 2 * exact + SEGMENT_SLACK
     assert split == {1: True, 2: True, 4: True, 8: False}

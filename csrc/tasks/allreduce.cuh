@@ -15,9 +15,8 @@
 
 namespace mpk {
 
-struct AllReduceArgs {
-  enum { kInput, kOutput, kColStart, kColEnd, kWidth, kRecv, kSignal, kTile, kWorld, kRank, kBatch, kTiles };
-};
+// AllReduceArgs::k* name the argument words; the generated source declares them from the one layout in
+// vllm_mpk/codegen/ops/allreduce.py.
 
 template <int NT>
 __device__ void allreduce_task(const TaskContext& c) {

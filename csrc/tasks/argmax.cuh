@@ -11,11 +11,8 @@
 
 namespace mpk {
 
-struct ArgmaxArgs {
-  enum { kLogits, kPartialValue, kPartialIndex, kOutput, kStage, kVocabBegin, kVocabEnd, kSlot, kPartials,
-         kVocabOffset, kLogitsStride, kGatherValue, kGatherIndex, kSignal, kWorld, kRank, kBatch };
-// Collective: gather buffers [2, world, batch, partials] and signal words [2], halves by launch parity.
-};
+// ArgmaxArgs::k* name the argument words; the generated source declares them from the one layout in
+// vllm_mpk/codegen/ops/argmax.py.
 
 __device__ __forceinline__ bool better(float v, int64_t i, float bv, int64_t bi) {
   return v > bv || (v == bv && i < bi);

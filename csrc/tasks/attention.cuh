@@ -22,13 +22,8 @@
 
 namespace mpk {
 
-struct AttentionArgs {
-  enum {
-    kQkv, kCache, kRope, kPositions, kSeqLens, kBlockTables, kSlots, kQNorm, kKNorm, kOutput,
-    kHead, kRowStart, kRowEnd, kBlockStride, kHeadStride, kSlotStride, kTableStride, kEps, kScale, kSplit, kPartial,
-    kArrivals
-  };
-};
+// AttentionArgs::k* name the argument words; the generated source declares them from the one layout in
+// vllm_mpk/codegen/ops/attention.py.
 
 // Bytes before the barriers and the staged rows: q, k, v, then per warp the partials
 // [GROUP][HD + 2] and the weights [GROUP][32], rounded up to 16 bytes.

@@ -8,11 +8,8 @@
 
 namespace mpk {
 
-// Argument words of a begin_step record (order fixed by vllm_mpk/codegen/tasks.py).
-struct BeginStepArgs {
-  enum { kSampled, kStep, kTokens, kPromptLens, kEnd, kPending, kEos, kTables, kInputIds, kPositions, kSeqLens,
-         kSlots, kWidth, kTokenStride, kTableStride, kPage };
-};
+// BeginStepArgs::k* name the argument words; the generated source declares them from the one layout in
+// vllm_mpk/codegen/ops/begin_step.py.
 
 template <int NT>
 __device__ void begin_step_task(const TaskContext& c) {

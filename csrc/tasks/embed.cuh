@@ -4,9 +4,8 @@
 
 namespace mpk {
 
-struct EmbedArgs {
-  enum { kIds, kWeight, kOutput, kColStart, kColEnd, kVocabStart, kVocabRows, kHidden };
-};
+// EmbedArgs::k* name the argument words; the generated source declares them from the one layout in
+// vllm_mpk/codegen/ops/embed.py.
 
 template <int NT>
 __device__ void embed_task(const TaskContext& c) {

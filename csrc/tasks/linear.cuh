@@ -27,10 +27,8 @@ enum class LinearMode : int { kPlain = 0, kResidual = 1, kNorm = 2, kSiluResidua
 constexpr bool gated(LinearMode m) { return m == LinearMode::kSilu || m == LinearMode::kSiluResidual; }
 constexpr bool normalized(LinearMode m) { return m == LinearMode::kNorm || m == LinearMode::kNormSiluOut; }
 
-// Argument words of a linear record (order fixed by vllm_mpk/codegen/tasks.py).
-struct LinearArgs {
-  enum { kInput, kWeight, kOutput, kBias, kResidual, kNormWeight, kColStart, kColEnd, kEps, kOutStride, kUpRow };
-};
+// LinearArgs::k* name the argument words; the generated source declares them from the one layout in
+// vllm_mpk/codegen/ops/linear.py.
 
 constexpr int kLinearStageBytes = 128 * 1024;  // staged input per chunk: down_proj of 8B models in 2 chunks at batch <= 8
 constexpr int kSliceK = 256;  // columns per work item: 8 steps of 32

@@ -4,9 +4,8 @@
 
 namespace mpk {
 
-struct RMSNormArgs {
-  enum { kInput, kWeight, kOutput, kResidual, kResidualOutput, kRowStart, kRowEnd, kEps, kHidden };
-};
+// RMSNormArgs::k* name the argument words; the generated source declares them from the one layout in
+// vllm_mpk/codegen/ops/rmsnorm.py.
 
 template <int NT>
 __device__ void rmsnorm_task(const TaskContext& c) {

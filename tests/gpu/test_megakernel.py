@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from tests.helpers import model_spec, seed_of
-from tests.test_ops import BF16, OP_TESTS, check_outputs
+from tests.ops import all_op_tests
+from tests.ops.harness import BF16, check_outputs
 from vllm_mpk.check import check_model
 from vllm_mpk.codegen.tables import PrefetchPolicy
 from vllm_mpk.codegen.tasks import UnsupportedOnGPU
@@ -26,6 +27,7 @@ from vllm_mpk.runtime.megakernel import Megakernel, build_kernels
 from vllm_mpk.runtime.meta import step_inputs
 
 pytestmark = pytest.mark.gpu
+OP_TESTS = all_op_tests()
 
 GPU_TOLERANCE = {BF16: dict(rtol=2e-2, atol=2e-2), torch.float32: dict(rtol=2e-2, atol=2e-2),
                  torch.int64: dict(rtol=0, atol=0), torch.int32: dict(rtol=0, atol=0)}

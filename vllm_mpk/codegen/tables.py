@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vllm_mpk.codegen.tasks import LINEAR_MODES, CudaTask, Target, cuda_task, prefetch_region, task_args
+from vllm_mpk.codegen.ops import CudaTask, Target
+from vllm_mpk.codegen.ops.linear import LINEAR_MODES
+from vllm_mpk.codegen.tasks import cuda_task, prefetch_region, task_args
 from vllm_mpk.graph.ir import Task
 from vllm_mpk.graph.ops import REGISTRY
 from vllm_mpk.graph.plan import Plan

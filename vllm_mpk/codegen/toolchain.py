@@ -7,6 +7,7 @@ each check only what they need.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 import shutil
@@ -14,9 +15,27 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+BUILD_TIMEOUT_ENV = "VLLM_MPK_BUILD_TIMEOUT_S"
+DEFAULT_BUILD_TIMEOUT_S = 600.0
+
 
 class ToolchainError(RuntimeError):
     """nvcc is missing, or the GPU cannot run code built for the requested arch."""
+
+
+def build_timeout_s() -> float:
+    """Seconds one nvcc build (all its compile and link steps) may take: ``$VLLM_MPK_BUILD_TIMEOUT_S``,
+    else 600, generous for the largest megakernel, so that only a hung nvcc hits it."""
+    raw = os.environ.get(BUILD_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_BUILD_TIMEOUT_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(f"{BUILD_TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}")
+    return seconds
 
 
 def find_nvcc() -> Path:
@@ -35,7 +54,12 @@ def find_nvcc() -> Path:
 @functools.cache
 def nvcc_version(nvcc: Path) -> str:
     """The release and build line of ``nvcc --version``; memoised, so a cache hit runs it once."""
-    out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, check=True).stdout
+    try:
+        out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, check=True,
+                             timeout=build_timeout_s()).stdout
+    except subprocess.TimeoutExpired as err:
+        raise ToolchainError(f"{nvcc} --version did not answer within {err.timeout:g} s ({BUILD_TIMEOUT_ENV}); "
+                             f"check that CUDA install, or point CUDA_HOME at another one") from None
     lines = [line.strip() for line in out.splitlines() if line.strip()]
     release = next((line for line in lines if "release" in line), "")
     return f"{release} | {lines[-1] if lines else ''}"

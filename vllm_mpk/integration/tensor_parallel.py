@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from vllm_mpk.codegen.toolchain import NVSHMEM_INSTALL_HINT, has_nvshmem
 from vllm_mpk.models.spec import ModelSpec
 from vllm_mpk.runtime import nvshmem
+from vllm_mpk.runtime.nvshmem import NVSHMEM_INSTALL_HINT, has_nvshmem
 
 
 def tp_rank_and_size() -> tuple[int, int]:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from vllm_mpk.api import PersistentKernel
-from vllm_mpk.codegen.tasks import MAX_TILE_ROWS
 from vllm_mpk.graph.ir import TensorHandle
+from vllm_mpk.graph.limits import MAX_TILE_ROWS
 from vllm_mpk.graph.plan import Plan
 from vllm_mpk.models.rope import cos_sin_cache
 from vllm_mpk.models.spec import ModelSpec
@@ -110,12 +110,30 @@ def plan_kv_splits(spec: ModelSpec, max_batch: int, num_workers: int, kv_splits:
     return auto_kv_splits(spec.shard(world_size).num_kv_heads, max_batch, num_workers)
 
 
+@dataclass
+class DecodeLayers:
+    """The decode step's layers declared on a kernel, not yet compiled, and its result handles."""
+
+    kernel: PersistentKernel
+    logits: TensorHandle | None
+    tokens: TensorHandle | None
+    hidden: TensorHandle | None
+
+
 def build_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_caches: Sequence[torch.Tensor],
                   options: DecodeOptions = DecodeOptions(), rope_cache: torch.Tensor | None = None) -> DecodeModel:
     """Build and compile one decode step of rank ``options.rank`` of ``options.world_size``.
     ``weights`` use vLLM's merged names, TP-local shapes (``spec.shard(world_size)``), and are used
     in place; ``kv_caches`` are per-layer logical ``[blocks, kv_heads, page, 2 * head_dim]`` views;
     ``rope_cache`` defaults to one computed from the config for ``max_seq_len`` positions."""
+    d = declare_decoder(spec, weights, kv_caches, options, rope_cache)
+    return DecodeModel(spec, options, d.kernel, d.kernel.compile(), d.logits, d.tokens, d.hidden)
+
+
+def declare_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_caches: Sequence[torch.Tensor],
+                    options: DecodeOptions = DecodeOptions(), rope_cache: torch.Tensor | None = None) -> DecodeLayers:
+    """``build_decoder`` up to the compile: the layers and tensors of the step, for whoever needs
+    the plan's contents without its schedule (the memory estimate)."""
     o = options
     local = spec.shard(o.world_size)
     check_weights(local, weights)
@@ -187,7 +205,7 @@ def build_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cache
     if o.final == "hidden":  # vLLM's compute_logits applies the lm_head (and everything after it)
         hidden = new("hidden", h)
         mpk.rmsnorm_layer(x, final_norm, hidden, grid_dim=b, block_dim=block, eps=spec.rms_norm_eps, name="norm")
-        return DecodeModel(spec, o, mpk, mpk.compile(), None, None, hidden)
+        return DecodeLayers(mpk, None, None, hidden)
     # vLLM pads the vocabulary rows; the view of the real rows aliases the weight (tied or not).
     v = local.vocab_size
     head = mpk.attach_input(lm_head(local, weights)[:v], "lm_head.weight")
@@ -195,4 +213,4 @@ def build_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cache
     mpk.rmsnorm_linear_layer(x, final_norm, head, logits,
                              linear_grid(v, w), block, eps=spec.rms_norm_eps, name="lm_head")
     mpk.argmax_layer(logits, tokens, grid_dim=w, block_dim=block, vocab_start=o.rank * v, name="argmax")
-    return DecodeModel(spec, o, mpk, mpk.compile(), logits, tokens)
+    return DecodeLayers(mpk, logits, tokens, None)

@@ -36,7 +36,11 @@ import torch
 
 from vllm_mpk.codegen.jit import JitSpec
 from vllm_mpk.codegen.source import csrc_dir
+
+# Re-exported (``as``): the integration layer asks the runtime, not the toolchain, about NVSHMEM.
+from vllm_mpk.codegen.toolchain import NVSHMEM_INSTALL_HINT as NVSHMEM_INSTALL_HINT
 from vllm_mpk.codegen.toolchain import find_nvshmem
+from vllm_mpk.codegen.toolchain import has_nvshmem as has_nvshmem
 
 GLUE_SOURCE = "runtime/nvshmem_glue.cpp"
 ALIGN = 256  # bytes; every symmetric tensor starts on this boundary

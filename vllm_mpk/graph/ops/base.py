@@ -2,7 +2,8 @@
 
 An op family is one fused layer type: how its inputs are validated (``check``), how it is cut into
 tiles (``lower``), how one tile runs on the CPU (``run_tile``) and what the whole layer computes
-(``reference``). The CUDA task body of the same name lives in ``csrc/tasks/``.
+(``reference``). Its CUDA side is named the same: the emitter in ``codegen/ops/`` and the task body
+in ``csrc/tasks/``.
 """
 
 from __future__ import annotations

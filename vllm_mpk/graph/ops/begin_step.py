@@ -1,10 +1,10 @@
 """The first layer of a multi-step plan: the decoding state moves on by one step on the GPU.
 
 For each request row ``b < num_tokens``: if ``pending[b]``, the previous step's greedy token
-``sampled[b]`` is taken in (``runtime.meta.advance``: written after the prompt, the row moves one
+``sampled[b]`` is taken in (``step_state.advance``: written after the prompt, the row moves one
 position on, and retires at ``end[b]`` or on the token ``eos[0]`` unless it is negative); then the
 step inputs (``input_ids``, ``positions``, ``seq_lens``, ``slot_mapping``) are derived from ``step`` and ``tokens``
-(``runtime.meta.step_inputs``), and ``pending[b]`` says whether this step decodes the row. All
+(``step_state.step_inputs``), and ``pending[b]`` says whether this step decodes the row. All
 operands are attached tensors updated in place; ``sampled`` is read one step behind (it is the
 argmax of the step before), so the host starts a generation with ``pending`` all zero and takes in
 the last step's tokens itself after the launch.
@@ -16,7 +16,7 @@ import torch
 
 from vllm_mpk.graph.ir import Access, Op
 from vllm_mpk.graph.ops.base import Env, OpDef, Tile, expect_dtype, expect_shape, expect_tiles, layer_error
-from vllm_mpk.runtime.meta import advance, step_inputs
+from vllm_mpk.graph.step_state import advance, step_inputs
 
 STATE = ("step", "tokens", "prompt_lens", "end", "pending", "eos")
 STEP_INPUTS = ("input_ids", "positions", "seq_lens", "slot_mapping")
