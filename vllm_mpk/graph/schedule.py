@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from vllm_mpk.graph.ir import Event, Task
 
-DRAM_BYTES_PER_US = 3.0e6  # ~3.0 TB/s, measured on H100 (DESIGN.md)
+DRAM_BYTES_PER_US = 3.0e6  # ~3.0 TB/s, an H100's read stream (docs/DESIGN.md, the schedule)
 TASK_OVERHEAD_US = 0.5
 
 
