@@ -225,7 +225,7 @@ def test_register_hooks_the_scheduler_the_config_picks(scheduler_factory: Any) -
     cls = SchedulerConfig(max_model_len=256, is_encoder_decoder=False, async_scheduling=False).get_scheduler_cls()
     for name in ("update_from_output", "schedule"):
         method = getattr(cls, name)
-        assert getattr(method, "_vllm_mpk_degrade") and not getattr(method.__wrapped__, "_vllm_mpk_degrade", False)
+        assert getattr(method, plugin.WRAPPED_MARK) and not getattr(method.__wrapped__, plugin.WRAPPED_MARK, False)
 
 
 def test_hooks_leave_unmarked_outputs_alone(scheduler_factory: Any) -> None:

@@ -45,10 +45,11 @@ from typing import Any
 from vllm.config import CUDAGraphMode
 from vllm.v1.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 
+from vllm_mpk.integration.plugin import wrap_once
+
 FAILED = "mpk_failed_requests"  # on a ModelRunnerOutput: the ids of its requests, which must fail
 DEGRADE = "mpk_degrade"  # on a SchedulerOutput: every worker turns the megakernel off before this step
 _PENDING = "_mpk_degrade_pending"  # on the scheduler: the next SchedulerOutput says DEGRADE
-_WRAPPED = "_vllm_mpk_degrade"
 
 
 class StepGuard:
@@ -192,24 +193,15 @@ def _wrap_schedule(original: Callable[..., Any]) -> Callable[..., Any]:
     return schedule
 
 
-def _wrap(cls: type, name: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
-    current = getattr(cls, name)
-    if getattr(current, _WRAPPED, False):
-        return
-    wrapped = wrap(current)
-    setattr(wrapped, _WRAPPED, True)
-    setattr(cls, name, wrapped)
-
-
 def install_worker_hooks() -> None:
     """In a worker process (where an MPK model is built); idempotent."""
     from vllm.v1.worker.gpu_worker import Worker
 
-    _wrap(Worker, "sample_tokens", _wrap_sample_tokens)
-    _wrap(Worker, "execute_model", _wrap_execute_model)
+    wrap_once(Worker, "sample_tokens", _wrap_sample_tokens)
+    wrap_once(Worker, "execute_model", _wrap_execute_model)
 
 
 def install_scheduler_hooks(scheduler_cls: type) -> None:
     """On the engine core's scheduler class (the plugin wraps the config's choice of it); idempotent."""
-    _wrap(scheduler_cls, "update_from_output", _wrap_update_from_output)
-    _wrap(scheduler_cls, "schedule", _wrap_schedule)
+    wrap_once(scheduler_cls, "update_from_output", _wrap_update_from_output)
+    wrap_once(scheduler_cls, "schedule", _wrap_schedule)

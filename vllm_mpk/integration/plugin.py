@@ -49,12 +49,18 @@ def register() -> None:
     for cls, name, wrap in ((_ModelRegistry, "resolve_model_cls", _wrap_resolve),
                             (_ModelRegistry, "inspect_model_cls", _wrap_inspect),
                             (SchedulerConfig, "get_scheduler_cls", _wrap_scheduler_cls)):
-        current = getattr(cls, name)
-        if getattr(current, WRAPPED_MARK, False):
-            continue
-        wrapped = wrap(current)
-        setattr(wrapped, WRAPPED_MARK, True)
-        setattr(cls, name, wrapped)
+        wrap_once(cls, name, wrap)
+
+
+def wrap_once(cls: type, name: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    """Replace ``cls.name`` by ``wrap(cls.name)`` unless this package already wrapped it (marked
+    with ``WRAPPED_MARK``), so that registering twice in a process wraps nothing twice."""
+    current = getattr(cls, name)
+    if getattr(current, WRAPPED_MARK, False):
+        return
+    wrapped = wrap(current)
+    setattr(wrapped, WRAPPED_MARK, True)
+    setattr(cls, name, wrapped)
 
 
 def _wrap_resolve(original: Callable[..., Any]) -> Callable[..., Any]:
