@@ -401,3 +401,14 @@ def test_layers_added_after_a_run_rebuild_the_executor():
     assert rebuilt is not first and [op.kind for op in rebuilt.plan.ops] == ["linear", "silu_mul"]
     gate, up = rebuilt.tensors["y"].float().split(8, dim=1)
     torch.testing.assert_close(rebuilt.tensors["act"], torch.nn.functional.silu(gate) * up)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(max_batch=2.5, max_seq_len=16), "max_batch must be an int, got 2.5"),
+    (dict(max_batch=2, max_seq_len="16"), "max_seq_len must be an int, got '16'"),
+    (dict(max_batch=2, max_seq_len=16, page_size=16.0), "page_size must be an int, got 16.0"),
+    (dict(max_batch=2, max_seq_len=16, num_workers=True), "num_workers must be an int, got True"),
+])
+def test_kernel_sizes_must_be_ints(kwargs: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        PersistentKernel(**kwargs)

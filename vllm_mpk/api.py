@@ -42,6 +42,7 @@ from vllm_mpk.runtime.standalone import StepExecutor, decode, decode_in_one_laun
 from vllm_mpk.runtime.watchdog import DEFAULT_TIMEOUT_S, check_timeout_s
 
 SUPPORTED_BLOCK_DIMS = ((128, 1, 1), (256, 1, 1))
+DEFAULT_SCHEDULE = "earliest_finish"
 PARITIES = 2  # collectives' exchange buffers come in two halves, used by alternate launches (peers.cuh)
 IO_CATEGORIES = {"cuda_tensor": Role.INTERMEDIATE, "nvshmem_tensor": Role.SYMMETRIC}
 STEP_INPUT_DTYPES = {"input_ids": torch.int32, "positions": torch.int64, "seq_lens": torch.int32,
@@ -73,9 +74,15 @@ class PersistentKernel:
         max_batch: int | None = None,
         max_seq_len: int | None = None,
         page_size: int = 16,
-        schedule: str = "earliest_finish",
+        schedule: str = DEFAULT_SCHEDULE,
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ):
+        for what, value in (("world_size", world_size), ("mpi_rank", mpi_rank), ("num_workers", num_workers),
+                            ("num_local_schedulers", num_local_schedulers),
+                            ("num_remote_schedulers", num_remote_schedulers), ("page_size", page_size),
+                            ("max_batch", max_batch), ("max_seq_len", max_seq_len)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"{what} must be an int, got {value!r}")
         if world_size < 1 or not 0 <= mpi_rank < world_size:
             raise ValueError(f"mpi_rank {mpi_rank} must be in [0, world_size={world_size})")
         if num_workers < 1:

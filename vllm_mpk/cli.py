@@ -135,11 +135,6 @@ def plan_header(model: ResolvedModel, decoder: DecodeModel, auto_splits: bool) -
 def run_plan(model: ResolvedModel, layers: int | None, options: DecodeOptions) -> None:
     """Print the plan of every tensor-parallel rank (one plan when ``world_size`` is 1)."""
     spec = model.spec.with_layers(layers) if layers is not None else model.spec
-    check_positions(model, options.max_seq_len, "--max-seq-len")
-    pages = -(-options.max_seq_len // options.page_size)
-    if options.kv_splits is not None and options.kv_splits > pages:
-        raise CliError(f"--kv-splits {options.kv_splits} is more than the {pages} pages of a sequence of "
-                       f"--max-seq-len {options.max_seq_len}; give at most {pages}")
     for rank in range(options.world_size):
         decoder = meta_decoder(spec, replace(options, rank=rank))
         if rank == 0:
@@ -154,7 +149,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
                             num_workers=args.num_workers, schedule=args.schedule,
                             world_size=args.tensor_parallel_size, kv_splits=args.kv_splits,
                             multi_step=args.multi_step)
-    run_plan(resolve_model(args.model), args.layers, options)
+    model = resolve_model(args.model)
+    check_positions(model, args.max_seq_len, "--max-seq-len")
+    pages = -(-args.max_seq_len // args.page_size)
+    if args.kv_splits is not None and args.kv_splits > pages:
+        raise CliError(f"--kv-splits {args.kv_splits} is more than the {pages} pages of a sequence of "
+                       f"--max-seq-len {args.max_seq_len}; give at most {pages}")
+    run_plan(model, args.layers, options)
     return EXIT_OK
 
 

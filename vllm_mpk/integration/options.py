@@ -6,12 +6,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from vllm_mpk.api import SUPPORTED_BLOCK_DIMS
 from vllm_mpk.codegen.ops.linear import MAX_LINEAR_BATCH
 from vllm_mpk.graph.schedule import POLICIES
-from vllm_mpk.models.decoder import valid_kv_splits
+from vllm_mpk.models.decoder import DecodeOptions, valid_kv_splits
 from vllm_mpk.runtime.watchdog import DEFAULT_TIMEOUT_S, TIMEOUT_RANGE, check_timeout_s
 
-BLOCK_DIMS = (128, 256)
+BLOCK_DIMS = tuple(x for x, _, _ in SUPPORTED_BLOCK_DIMS)
 
 
 class MpkOptionsError(ValueError):
@@ -35,12 +36,12 @@ class MpkOptions:
     (unsupported model, KV-cache layout, build failure). Prefill, mixed batches and decode batches
     above ``max_batch`` always run the stock layers; that is routing, not a fallback."""
 
-    max_batch: int = 8
+    max_batch: int = DecodeOptions.max_batch
     num_workers: int | None = None
-    block_dim: int = 256
-    schedule: str = "earliest_finish"
+    block_dim: int = DecodeOptions.block_dim
+    schedule: str = DecodeOptions.schedule
     timeout_s: float = DEFAULT_TIMEOUT_S
-    kv_splits: int | None = None
+    kv_splits: int | None = DecodeOptions.kv_splits
     profile: bool = False
     strict: bool = False
 

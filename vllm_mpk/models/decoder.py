@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from vllm_mpk.api import PersistentKernel
+from vllm_mpk.api import DEFAULT_SCHEDULE, PersistentKernel
 from vllm_mpk.graph.ir import TensorHandle
 from vllm_mpk.graph.limits import MAX_TILE_ROWS
 from vllm_mpk.graph.plan import Plan
@@ -42,7 +42,7 @@ class DecodeOptions:
     page_size: int = 16
     num_workers: int = 132
     block_dim: int = 256
-    schedule: str = "earliest_finish"
+    schedule: str = DEFAULT_SCHEDULE
     world_size: int = 1  # tensor-parallel ranks
     rank: int = 0
     final: str = "tokens"  # "tokens": lm_head and greedy argmax; "hidden": stop at the final RMSNorm
