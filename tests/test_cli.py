@@ -212,3 +212,14 @@ def test_plan_materialises_nothing_that_grows_with_max_seq_len(tmp_path, capsys:
     (tmp_path / "config.json").write_text(json.dumps(llama_config(max_position_embeddings=positions)))
     assert main(["plan", "--model", str(tmp_path), "--layers", "1", "--max-seq-len", str(positions)]) == 0
     assert f"max seq len {positions}" in capsys.readouterr().out
+
+
+def test_bench_files_that_cannot_be_read_or_written_are_one_line(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows, missing, results = tmp_path / "rows.jsonl", tmp_path / "none.jsonl", tmp_path / "no" / "R.md"
+    rows.write_text("")
+    for argv, message in (
+            (["--rows", str(tmp_path)], f"--rows {tmp_path} is a folder; give a file"),
+            (["--rows", str(missing)], f"--rows {missing} does not exist; --table-only draws the table from it"),
+            (["--rows", str(rows), "--results", str(results)], f"--results {results}: there is no folder {results.parent}")):
+        assert main(["bench", "--table-only", *argv]) == 2
+        assert capsys.readouterr().err == f"vllm-mpk: error: {message}\n"

@@ -329,6 +329,18 @@ def analyze_traces(paths: Sequence[str], gap_us: float) -> int:
     return EXIT_OK
 
 
+def check_bench_files(rows: Path, results: Path, table_only: bool) -> None:
+    """``--rows`` and ``--results`` are files (or, but for the rows of ``--table-only``, to be), the
+    results in a folder that exists."""
+    for flag, path in (("--rows", rows), ("--results", results)):
+        if path.is_dir():
+            raise CliError(f"{flag} {path} is a folder; give a file")
+    if table_only and not rows.is_file():
+        raise CliError(f"--rows {rows} does not exist; --table-only draws the table from it")
+    if not results.parent.is_dir():
+        raise CliError(f"--results {results}: there is no folder {results.parent}")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run one engine per (model, impl) in its own process, append the rows to ``--rows`` and
     rewrite the table in ``--results`` from every row there (each model's latest run). With
@@ -336,6 +348,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ``--analyze-trace`` only analyzes traces."""
     if args.analyze_trace:
         return analyze_traces(args.analyze_trace, args.gap_us)
+    check_bench_files(args.rows, args.results, args.table_only)
     for model in args.models:
         shipped_config(model)  # UnknownModelError (exit 2) before any engine starts
     if not 2 <= args.profile_tokens <= args.new_tokens or not 0 <= args.profile_stack_tokens <= args.new_tokens:
