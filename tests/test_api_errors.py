@@ -16,6 +16,8 @@ from tests.helpers import TINY_LLAMA, load_config
 from vllm_mpk.api import PersistentKernel
 from vllm_mpk.graph.reference import ReferenceExecutor
 from vllm_mpk.models import ModelSpec, UnsupportedModelError
+from vllm_mpk.models.spec import ModelConfigError
+from vllm_mpk.runtime.watchdog import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, TIMEOUT_RANGE
 
 BLOCK = (128, 1, 1)
 BATCH = 2
@@ -320,3 +322,93 @@ def test_rejected_layer_leaves_the_kernel_usable():
     assert set(s.mpk.tensors) == before
     attention(s, kv_splits=2)
     assert set(s.mpk.tensors) - before == {"attention_0.partial", "attention_0.arrivals"}
+
+
+@pytest.mark.parametrize("config,message", [
+    ([qwen3()], "a model config must be a JSON object of Hugging Face config keys, got list"),
+    ({k: v for k, v in llama().items() if k != "vocab_size"}, "config has no 'vocab_size'; it must hold a positive"),
+    (llama(num_key_value_heads=0), "config key 'num_key_value_heads' must be a positive integer, got 0"),
+    (llama(num_attention_heads=-6), "config key 'num_attention_heads' must be a positive integer, got -6"),
+    (llama(head_dim=0), "config key 'head_dim' must be a positive integer, got 0"),
+    (llama(intermediate_size=1.5), "config key 'intermediate_size' must be a positive integer, got 1.5"),
+    (llama(hidden_size="384"), "config key 'hidden_size' must be a positive integer, got '384'"),
+    (llama(rms_norm_eps=0), "config key 'rms_norm_eps' must be a positive number, got 0"),
+    (llama(max_position_embeddings=0), "config key 'max_position_embeddings' must be a positive integer"),
+    (llama(rope_scaling="llama3"), "config key 'rope_scaling' must be an object or null, got 'llama3'"),
+    (llama(rope_scaling={"rope_type": "llama3"}), "llama3 rope_scaling needs 'factor' as a positive number "
+                                                  r"\(it is missing\); it needs factor, low_freq_factor"),
+    (llama(rope_scaling={**TINY_LLAMA["rope_scaling"], "original_max_position_embeddings": None}),
+     "needs 'original_max_position_embeddings' as a positive number"),
+    (llama(rope_scaling={**TINY_LLAMA["rope_scaling"], "low_freq_factor": 4.0}),
+     r"'low_freq_factor' \(4.0\) must be below 'high_freq_factor' \(4.0\)"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_malformed_model_config_names_the_key(config, message: str):
+    with pytest.raises(ModelConfigError, match=message):
+        ModelSpec.from_hf_config(config)
+
+
+# tensors the kernel reads, its watchdog, and what adding layers does ---------------------------------
+
+def test_strided_weights_are_refused_and_strided_kv_caches_taken():
+    """A linear task streams its weight rows densely: a transposed view would be read wrong."""
+    s = setup()
+    transposed = s.mpk.attach_input(torch.randn(32, 48).t(), "w_t")
+    with pytest.raises(ValueError, match=r"linear_layer 'linear_0': weight 'w_t' is not contiguous \(strides "
+                                         r"\(1, 48\) for shape \(48, 32\)\); .* attach tensor.contiguous\(\)"):
+        s.mpk.linear_layer(s.x, transposed, s.y, 1, BLOCK)
+    assert not s.mpk.ops
+    every_other = s.mpk.attach_input(torch.randn(2, 64)[:, ::2], "x_strided")
+    with pytest.raises(ValueError, match="input 'x_strided' is not contiguous"):
+        s.mpk.linear_layer(every_other, s.w, s.y, 1, BLOCK)
+    # vLLM's cache is a permuted view ([blocks, heads, page, 2*head_dim] over [blocks, page, heads, ...]);
+    # the attention task reads it through its strides.
+    paged = s.mpk.attach_input(torch.zeros(4, 16, 2, 128).permute(0, 2, 1, 3), "paged")
+    attention(s, kv_cache=paged)
+    assert len(s.mpk.ops) == 1
+
+
+def test_inputs_on_another_device_are_refused():
+    s = setup()
+    with pytest.raises(ValueError, match=r"attach_input\('w_meta'\): the tensor is on meta, the kernel's other "
+                                         r"inputs on cpu; move it there"):
+        s.mpk.attach_input(torch.empty(48, 32, device="meta"), "w_meta")
+    assert "w_meta" not in s.mpk.tensors
+
+
+@pytest.mark.parametrize("timeout_s", [0, -1.0, 1e12, float("nan"), float("inf"), True, "2"])
+def test_timeout_outside_its_range_is_refused(timeout_s):
+    with pytest.raises(ValueError, match=rf"timeout_s must be {re.escape(TIMEOUT_RANGE)}, got "):
+        PersistentKernel(max_batch=1, max_seq_len=16, timeout_s=timeout_s)
+
+
+def test_timeout_range_ends_are_taken():
+    assert PersistentKernel(max_batch=1, max_seq_len=16, timeout_s=MAX_TIMEOUT_S).timeout_s == MAX_TIMEOUT_S
+    assert PersistentKernel(max_batch=1, max_seq_len=16).timeout_s == DEFAULT_TIMEOUT_S
+
+
+def test_layers_added_after_a_run_rebuild_the_executor():
+    """The executor ran the old graph; the next run compiles and runs the one with the new layer."""
+    mpk = PersistentKernel(num_workers=4, max_batch=BATCH, max_seq_len=32)
+    x = mpk.attach_input(torch.randn(BATCH, 32), "x")
+    y = mpk.new_tensor((BATCH, 16), torch.float32, "y")
+    mpk.linear_layer(x, mpk.attach_input(torch.randn(16, 32), "w"), y, 1, BLOCK)
+    mpk()
+    first = mpk.executor()
+    act = mpk.new_tensor((BATCH, 8), torch.float32, "act")
+    mpk.silu_mul_layer(y, act, 1, BLOCK)
+    mpk()
+    rebuilt = mpk.executor()
+    assert rebuilt is not first and [op.kind for op in rebuilt.plan.ops] == ["linear", "silu_mul"]
+    gate, up = rebuilt.tensors["y"].float().split(8, dim=1)
+    torch.testing.assert_close(rebuilt.tensors["act"], torch.nn.functional.silu(gate) * up)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(max_batch=2.5, max_seq_len=16), "max_batch must be an int, got 2.5"),
+    (dict(max_batch=2, max_seq_len="16"), "max_seq_len must be an int, got '16'"),
+    (dict(max_batch=2, max_seq_len=16, page_size=16.0), "page_size must be an int, got 16.0"),
+    (dict(max_batch=2, max_seq_len=16, num_workers=True), "num_workers must be an int, got True"),
+])
+def test_kernel_sizes_must_be_ints(kwargs: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        PersistentKernel(**kwargs)

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,6 +21,8 @@ from vllm_mpk.bench import runner, worker
 from vllm_mpk.bench.runner import gpu_lanes, run_engine, run_engines, worker_command
 from vllm_mpk.bench.table import END, START, latest_rows, read_rows, render, replace_section
 from vllm_mpk.bench.worker import FAST_COMPILATION, EngineConfig, configs_from_json, engine_kwargs, model_dir
+
+HANG_BOUND_S = 300  # only a run that hangs gets near it: the waits of these tests end on events
 
 COMMON = {"gpu": "NVIDIA H100 80GB HBM3", "prompt_len": 128, "new_tokens": 257, "repeats": 3,
           "compilation": "mode 0, FULL_DECODE_ONLY", "engine_s": 40.0, "process_s": 60.0, "graph_tokens": [1],
@@ -266,10 +268,12 @@ def test_gpu_lanes_group_gpus_by_tensor_parallel_size() -> None:
 
 
 def test_engines_run_in_lanes_one_model_per_lane(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each model's engines run in turn on one lane (stock and mpk on one card); lanes overlap."""
+    """Each model's engines run in turn on one lane (stock and mpk on one card); lanes overlap:
+    the first engine of each lane waits until the other lane's first engine runs too."""
     calls: list[tuple[str, str, str, str | None]] = []
     floor_blocks: dict[str, int | None] = {}
     lock = threading.Lock()
+    both_lanes = threading.Barrier(2, timeout=HANG_BOUND_S)
 
     def fake_run_engine(cfgs: list[EngineConfig], log: Path, timeout_s: float,
                         devices: str | None = None) -> list[dict]:
@@ -278,7 +282,9 @@ def test_engines_run_in_lanes_one_model_per_lane(tmp_path: Path, monkeypatch: py
             calls.append(("start", cfg.model, cfg.impl, devices))
             if cfg.impl == "floor":
                 floor_blocks[cfg.model] = cfg.kv_blocks
-        time.sleep(0.05)
+            first_of_its_lane = len(calls) <= 2
+        if first_of_its_lane:
+            both_lanes.wait()
         with lock:
             calls.append(("end", cfg.model, cfg.impl, devices))
         blocks = 1000 + len(cfg.model) if cfg.impl == "vllm" else 7
@@ -429,8 +435,8 @@ def test_side_by_side_samples_take_turns_the_first_alternating(monkeypatch: pyte
 FAKE_WORKER = """
 import os, subprocess, sys, time
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # the engine core's stand-in
-with open(sys.argv[1], "a") as f:
-    f.write(f"{os.getpid()} {child.pid}\\n")
+with open(sys.argv[1], "w") as ready:  # a FIFO the test reads: this engine and its core are running
+    ready.write(f"{os.getpid()} {child.pid}\\n")
 time.sleep(600)
 """
 
@@ -439,51 +445,77 @@ import sys
 from pathlib import Path
 from vllm_mpk.bench import runner, worker
 from vllm_mpk.bench.worker import EngineConfig
-worker, pids, root = sys.argv[1:]
-runner.worker_command = lambda cfgs, rows: [sys.executable, worker, pids]
+worker, ready, root = sys.argv[1:]
+runner.worker_command = lambda cfgs, rows: [sys.executable, worker, ready]
 runner.run_engines([EngineConfig("qwen3-0.6b", impl, (1,)) for impl in ("vllm", "mpk", "floor")],
                    Path(root) / "rows.jsonl", Path(root) / "logs", timeout_s=600)
 """
 
 
-def alive(pid: int) -> bool:
-    """A process that runs (a zombie no longer does: nothing may reap orphans in a container)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+def read_ready_line(ready: int, driver: subprocess.Popen[bytes]) -> str:
+    """The first engine's line from the FIFO ``ready``, waiting on it and on the driver's output
+    (whose end means the driver died first)."""
+    text, output = b"", b""
+    while not text.endswith(b"\n"):
+        readable, _, _ = select.select([ready, driver.stdout], [], [], HANG_BOUND_S)
+        assert readable, f"no engine started within {HANG_BOUND_S} s: {output.decode()}"
+        if ready in readable:
+            text += os.read(ready, 4096)
+        elif not (chunk := os.read(driver.stdout.fileno(), 65536)):
+            pytest.fail(f"the driver ended before an engine started:\n{output.decode()}")
+        else:
+            output += chunk  # a warning; the driver goes on
+    return text.decode()
+
+
+def wait_for_exits(pidfds: list[int]) -> list[int]:
+    """Wait until every process exits (a pidfd turns readable then, zombie or reaped); the pidfds
+    of those still running after HANG_BOUND_S."""
+    running = list(pidfds)
+    while running:
+        readable, _, _ = select.select(running, [], [], HANG_BOUND_S)
+        if not readable:
+            break
+        running = [fd for fd in running if fd not in readable]
+    return running
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_an_interrupted_run_leaves_no_engine_running(tmp_path: Path, sig: str) -> None:
     """Ctrl-C or ``timeout``'s SIGTERM on the bench: the running engine's whole process group dies
-    and no further engine starts (an orphaned engine core would hold the GPU's memory)."""
+    and no further engine starts (an orphaned engine core would hold the GPU's memory). Each step
+    waits on an event, never on a clock: the engine's line in a FIFO once it and its core run, the
+    driver's exit, and pidfds of the engine's processes."""
     (tmp_path / "worker.py").write_text(FAKE_WORKER)
     (tmp_path / "driver.py").write_text(DRIVER)
-    pids = tmp_path / "pids"
-    driver = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "worker.py"), str(pids),
-                               str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    os.mkfifo(tmp_path / "ready")
+    ready = os.open(tmp_path / "ready", os.O_RDONLY | os.O_NONBLOCK)
+    holder = os.open(tmp_path / "ready", os.O_WRONLY)  # an engine closing its end is no end of file
+    driver = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "worker.py"),
+                               str(tmp_path / "ready"), str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    pidfds: list[int] = []
     try:
-        deadline = time.monotonic() + 120
-        while not (pids.exists() and pids.read_text().endswith("\n")):
-            assert driver.poll() is None, driver.communicate()[0].decode()
-            assert time.monotonic() < deadline, "the fake engine never started"
-            time.sleep(0.1)
+        started = [int(p) for p in read_ready_line(ready, driver).split()]
+        assert len(started) == 2, f"{len(started) // 2} engines started at once"
+        pidfds = [os.pidfd_open(p) for p in started]  # before the signal: these are the engine's processes
         driver.send_signal(getattr(signal, sig))
-        driver.wait(timeout=60)
+        driver.communicate(timeout=HANG_BOUND_S)
+        running = wait_for_exits(pidfds)
+        for fd in running:  # not to leak them into the rest of the test session
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        assert not running, f"processes of an engine outlived the run: {[started[pidfds.index(fd)] for fd in running]}"
+        try:
+            later = os.read(ready, 4096).decode()
+        except BlockingIOError:  # nothing written since
+            later = ""
+        assert not later, f"another engine started after the signal: {later!r}"
+        assert driver.returncode != 0
     finally:
         if driver.poll() is None:
             driver.kill()
-    started = [int(p) for line in pids.read_text().splitlines() for p in line.split()]
-    deadline = time.monotonic() + 10
-    while any(alive(p) for p in started) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    left = [p for p in started if alive(p)]
-    for p in left:  # not to leak them into the rest of the test session
-        os.kill(p, signal.SIGKILL)
-    assert not left, f"processes of an engine outlived the run: {left}"
-    assert len(started) == 2, f"{len(started) // 2} engines started; the run should stop at the first"
-    assert driver.returncode != 0
+            driver.wait()
+        for fd in (ready, holder, *pidfds):
+            os.close(fd)
 
 
 def test_sigterm_raises_exit_only_inside_the_run() -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from vllm_mpk.cli import main
+from vllm_mpk.codegen.ops.linear import MAX_LINEAR_BATCH
 from vllm_mpk.integration import plugin
 from vllm_mpk.models.catalog import UnknownModelError, resolve_model, shipped_config, shipped_models
 
@@ -51,7 +53,7 @@ def test_plan_kv_splits_default_is_auto_per_batch(capsys: pytest.CaptureFixture[
     assert "kv splits 1 (weights" in header and "(auto)" not in header
     assert row[:2] == ["2", str(2 * 8 * 4)]
     assert main(["plan", "--model", "qwen3-0.6b", "--kv-splits", "0"]) == 2
-    assert "kv_splits must be a positive int or None" in capsys.readouterr().err
+    assert capsys.readouterr().err == "vllm-mpk: error: argument --kv-splits: expected an integer of at least 1, got 0\n"
 
 
 def test_check_unknown_model_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -106,3 +108,118 @@ def test_plugin_register_is_idempotent() -> None:
         pytest.skip("vllm_mpk is not installed (pip install -e .)")
     (ep,) = [ep for ep in entry_points if ep.name == "mpk"]
     assert ep.load() is plugin.register
+
+
+# bad input: one line on stderr, exit 2 ------------------------------------------------------------
+
+def llama_config(**changes: object) -> dict:
+    config = shipped_config("llama-3.2-1b")
+    for key, value in changes.items():
+        if value is None:
+            del config[key]
+        else:
+            config[key] = value
+    return config
+
+
+def without_rope_factor() -> dict:
+    config = llama_config()
+    del config["rope_scaling"]["factor"]
+    return config
+
+
+# (id, config.json text for --model, or None for a shipped model; arguments; what the line must say)
+BAD_INPUT: list[tuple[str, str | None, list[str], str]] = [
+    ("config-missing-key", json.dumps(llama_config(hidden_size=None)), ["plan"],
+     "config has no 'hidden_size'; it must hold a positive integer"),
+    ("config-zero-kv-heads", json.dumps(llama_config(num_key_value_heads=0)), ["plan"],
+     "config key 'num_key_value_heads' must be a positive integer, got 0"),
+    ("config-negative-layers", json.dumps(llama_config(num_hidden_layers=-2)), ["plan"],
+     "config key 'num_hidden_layers' must be a positive integer, got -2"),
+    ("config-json-list", "[1, 2]", ["plan"], "a model config must be a JSON object of Hugging Face config keys, got list"),
+    ("config-bad-json", "{", ["check"], "is not valid JSON"),
+    ("config-not-utf8", "\udcff", ["plan"], "is not valid JSON"),
+    ("config-llama3-rope-without-factor", json.dumps(without_rope_factor()), ["plan"],
+     "llama3 rope_scaling needs 'factor' as a positive number (it is missing)"),
+    ("page-size-zero", None, ["plan", "--page-size", "0"], "argument --page-size: expected a power of two"),
+    ("page-size-not-power-of-two", None, ["plan", "--page-size", "12"], "argument --page-size: expected a power of two"),
+    ("tensor-parallel-zero", None, ["plan", "--tensor-parallel-size", "0"],
+     "argument --tensor-parallel-size: expected an integer of at least 1, got 0"),
+    ("max-batch-negative", None, ["plan", "--max-batch", "-4"], "argument --max-batch: expected an integer from 1 to"),
+    ("max-batch-beyond-gpu-tiles", None, ["plan", "--max-batch", str(MAX_LINEAR_BATCH + 1)],
+     f"argument --max-batch: expected an integer from 1 to {MAX_LINEAR_BATCH}, got {MAX_LINEAR_BATCH + 1}"),
+    ("max-batch-huge", None, ["plan", "--max-batch", "100000"], f"from 1 to {MAX_LINEAR_BATCH}, got 100000"),
+    ("max-batch-not-a-number", None, ["plan", "--max-batch", "eight"], "expected an integer from 1 to"),
+    ("max-seq-len-float", None, ["plan", "--max-seq-len", "1e9"], "argument --max-seq-len: expected an integer"),
+    ("max-seq-len-beyond-positions", None, ["plan", "--max-seq-len", "1000000000"],
+     "--max-seq-len: sequences of 1000000000 tokens exceed the 40960 positions qwen3-0.6b takes"),
+    ("kv-splits-beyond-pages", None, ["plan", "--max-seq-len", "64", "--kv-splits", "5"],
+     "--kv-splits 5 is more than the 4 pages of a sequence"),
+    ("layers-zero", None, ["plan", "--layers", "0"], "argument --layers: expected an integer of at least 1, got 0"),
+    ("workers-zero", None, ["plan", "--num-workers", "0"], "argument --num-workers"),
+    ("unknown-model", None, ["plan", "--model", "gpt-17"], "unknown model 'gpt-17'"),
+    ("check-batch-zero", None, ["check", "--batch", "0"], "argument --batch: expected an integer from 1 to"),
+    ("check-new-tokens-beyond-positions", None, ["check", "--new-tokens", "50000"],
+     "exceed the 40960 positions qwen3-0.6b takes"),
+    ("generate-prompt-len-zero", None, ["generate", "--prompt-len", "0"], "argument --prompt-len"),
+    ("profile-context-negative", None, ["profile", "--context", "-1"], "argument --context"),
+    ("bench-batches-zero", None, ["bench", "--batches", "0"], "argument --batches: expected an integer of at least 1"),
+    ("bench-timeout-nan", None, ["bench", "--timeout", "nan"], "argument --timeout: expected a number above 0"),
+    ("bench-memory-share", None, ["bench", "--gpu-memory-utilization", "1.5"], "above 0 and at most 1, got 1.5"),
+    ("unknown-option", None, ["plan", "--max-batches", "4"], "unrecognized arguments: --max-batches 4"),
+]
+
+
+@pytest.mark.parametrize("config,argv,message", [pytest.param(c, a, m, id=i) for i, c, a, m in BAD_INPUT])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys: pytest.CaptureFixture[str], config: str | None,
+                                          argv: list[str], message: str) -> None:
+    if config is not None:
+        (tmp_path / "config.json").write_bytes(config.encode("utf-8", "surrogateescape"))
+        argv = [*argv, "--model", str(tmp_path)]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    line = captured.err
+    assert line.startswith("vllm-mpk: error: ") and line.count("\n") == 1, line
+    assert message in line
+
+
+def test_a_model_path_that_is_a_file_or_unreadable_says_so(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(llama_config()))
+    assert main(["plan", "--model", str(config)]) == 2
+    assert "is a file; give the directory that holds config.json" in capsys.readouterr().err
+
+    def unreadable(self: Path, *args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    assert main(["plan", "--model", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"vllm-mpk: error: cannot read {config}: Permission denied; check its permissions\n"
+
+
+def test_a_failed_check_is_exit_1_not_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exit 1 keeps meaning: the check ran and failed."""
+    import vllm_mpk.cli
+
+    monkeypatch.setattr(vllm_mpk.cli, "run_check", lambda *args: False)
+    assert main(["check", "--layers", "1"]) == 1
+
+
+def test_plan_materialises_nothing_that_grows_with_max_seq_len(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A trillion positions: a RoPE table or KV cache of that length could not be allocated."""
+    positions = 2 ** 40
+    (tmp_path / "config.json").write_text(json.dumps(llama_config(max_position_embeddings=positions)))
+    assert main(["plan", "--model", str(tmp_path), "--layers", "1", "--max-seq-len", str(positions)]) == 0
+    assert f"max seq len {positions}" in capsys.readouterr().out
+
+
+def test_bench_files_that_cannot_be_read_or_written_are_one_line(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows, missing, results = tmp_path / "rows.jsonl", tmp_path / "none.jsonl", tmp_path / "no" / "R.md"
+    rows.write_text("")
+    for argv, message in (
+            (["--rows", str(tmp_path)], f"--rows {tmp_path} is a folder; give a file"),
+            (["--rows", str(missing)], f"--rows {missing} does not exist; --table-only draws the table from it"),
+            (["--rows", str(rows), "--results", str(results)], f"--results {results}: there is no folder {results.parent}")):
+        assert main(["bench", "--table-only", *argv]) == 2
+        assert capsys.readouterr().err == f"vllm-mpk: error: {message}\n"

@@ -10,7 +10,9 @@
     mpk()                                      # one decode step (single-step mode), or
     mpk.generate(prompts, max_new_tokens=32, tokens_output=tokens)   # standalone decoding
 
-CPU tensors run on the reference executor, CUDA tensors on the megakernel (built on first use).
+CPU tensors run on the reference executor, CUDA tensors on the megakernel (built on first use,
+and again after layers are added). ``timeout_s`` bounds any wait inside the megakernel (its
+watchdog stops a stalled step), within the bounds of ``runtime/watchdog.py``.
 
 What differs from Mirage, because the plan here is static:
 - ``num_local_schedulers`` and ``num_remote_schedulers`` are accepted and checked (non-negative;
@@ -37,12 +39,17 @@ from vllm_mpk.graph.plan import Plan, build_plan
 from vllm_mpk.graph.reference import ReferenceExecutor
 from vllm_mpk.runtime.meta import STEP_INPUT_NAMES, contiguous_block_tables
 from vllm_mpk.runtime.standalone import StepExecutor, decode, decode_in_one_launch
+from vllm_mpk.runtime.watchdog import DEFAULT_TIMEOUT_S, check_timeout_s
 
 SUPPORTED_BLOCK_DIMS = ((128, 1, 1), (256, 1, 1))
+DEFAULT_SCHEDULE = "earliest_finish"
 PARITIES = 2  # collectives' exchange buffers come in two halves, used by alternate launches (peers.cuh)
 IO_CATEGORIES = {"cuda_tensor": Role.INTERMEDIATE, "nvshmem_tensor": Role.SYMMETRIC}
 STEP_INPUT_DTYPES = {"input_ids": torch.int32, "positions": torch.int64, "seq_lens": torch.int32,
                      "slot_mapping": torch.int64}
+# Attached inputs the GPU tasks read through their strides (each checks its own layout in codegen);
+# every other attached tensor is read densely, so it must be contiguous.
+STRIDED_INPUTS = {("attention", "kv_cache"), ("begin_step", "tokens")}
 
 Dim3 = int | Sequence[int]
 
@@ -67,8 +74,15 @@ class PersistentKernel:
         max_batch: int | None = None,
         max_seq_len: int | None = None,
         page_size: int = 16,
-        schedule: str = "earliest_finish",
+        schedule: str = DEFAULT_SCHEDULE,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ):
+        for what, value in (("world_size", world_size), ("mpi_rank", mpi_rank), ("num_workers", num_workers),
+                            ("num_local_schedulers", num_local_schedulers),
+                            ("num_remote_schedulers", num_remote_schedulers), ("page_size", page_size),
+                            ("max_batch", max_batch), ("max_seq_len", max_seq_len)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"{what} must be an int, got {value!r}")
         if world_size < 1 or not 0 <= mpi_rank < world_size:
             raise ValueError(f"mpi_rank {mpi_rank} must be in [0, world_size={world_size})")
         if num_workers < 1:
@@ -82,6 +96,7 @@ class PersistentKernel:
         self.world_size, self.mpi_rank, self.num_workers = world_size, mpi_rank, num_workers
         self.num_local_schedulers, self.num_remote_schedulers = num_local_schedulers, num_remote_schedulers
         self.page_size, self.schedule = page_size, schedule
+        self.timeout_s = check_timeout_s(timeout_s)
         self.meta = self._check_meta(meta_tensors)
         self.max_batch = self._infer("max_batch", max_batch, self.meta, "step", 0)
         self.max_seq_len = self._infer("max_seq_len", max_seq_len, self.meta, "tokens", 1)
@@ -146,6 +161,10 @@ class PersistentKernel:
         """Use an existing tensor (a weight, a KV cache) in place; the plan never copies it."""
         if not isinstance(torch_tensor, torch.Tensor):
             raise ValueError(f"attach_input('{name}') needs a torch.Tensor, got {type(torch_tensor).__name__}")
+        device = next((t.device for t in self.attached.values()), torch_tensor.device)
+        if torch_tensor.device != device:
+            raise ValueError(f"attach_input('{name}'): the tensor is on {torch_tensor.device}, the kernel's other "
+                             f"inputs on {device}; move it there")
         handle = self._declare(name, tuple(torch_tensor.shape), torch_tensor.dtype, Role.INPUT)
         self.attached[name] = torch_tensor
         return handle
@@ -180,6 +199,12 @@ class PersistentKernel:
             if role in handles and handles[role].role is Role.INPUT:
                 raise ValueError(f"{where}: output '{handles[role].name}' is an attached input; "
                                  f"outputs must come from new_tensor")
+        for role, handle in handles.items():
+            tensor = self.attached.get(handle.name)
+            if tensor is not None and (kind, role) not in STRIDED_INPUTS and not tensor.is_contiguous():
+                raise ValueError(f"{where}: {role} '{handle.name}' is not contiguous (strides {tensor.stride()} for "
+                                 f"shape {tuple(tensor.shape)}); the kernel reads it densely: attach "
+                                 f"tensor.contiguous()")
         block = _dim3(block_dim, f"{where}: block_dim")
         if block not in SUPPORTED_BLOCK_DIMS:
             raise ValueError(f"{where}: block_dim {block} is not supported; the runtime runs {SUPPORTED_BLOCK_DIMS}")
@@ -187,7 +212,7 @@ class PersistentKernel:
                 {r: h for r, h in handles.items() if r in outputs}, attrs, _dim3(grid_dim, f"{where}: grid_dim"), block)
         opdef.check(op)
         self.ops.append(op)
-        self.plan = None
+        self.plan, self._executor = None, None  # the next run compiles and builds the new graph
 
     def embed_layer(self, input: TensorHandle | None, weight: TensorHandle, output: TensorHandle,
                     grid_dim: Dim3, block_dim: Dim3, vocab_start: int = 0, name: str | None = None) -> None:
@@ -242,7 +267,7 @@ class PersistentKernel:
         if kv_cache is not None and len(kv_cache.shape) == 4 and kv_cache.shape[2] != self.page_size:
             raise ValueError(f"attention_layer: kv_cache '{kv_cache.name}' has block size {kv_cache.shape[2]}, "
                              f"expected the kernel's page_size {self.page_size}")
-        if not isinstance(kv_splits, int) or kv_splits < 1:
+        if not isinstance(kv_splits, int) or isinstance(kv_splits, bool) or kv_splits < 1:
             raise ValueError(f"attention_layer: kv_splits must be a positive int, got {kv_splits!r}")
         label = name or f"attention_{len(self.ops)}"
         tiles = _dim3(grid_dim, "attention_layer: grid_dim")
@@ -392,7 +417,8 @@ class PersistentKernel:
         return self._step_buffers
 
     def executor(self, exact: bool = False) -> StepExecutor:
-        """The CPU reference executor or the GPU megakernel for the compiled plan, made once.
+        """The CPU reference executor or the GPU megakernel for the compiled plan, made once (and
+        again once layers were added).
         ``exact`` (CPU only, at the first call) keeps intermediates in float32."""
         if exact and self.step_buffers["input_ids"].device.type != "cpu":
             raise ValueError("exact=True is a mode of the CPU reference executor; the megakernel computes in bf16")
@@ -407,7 +433,7 @@ class PersistentKernel:
                 if plan_uses_nvshmem(plan):  # collectives across ranks: NVSHMEM first (torchrun: from its env)
                     nvshmem.ensure_initialized(self.world_size, self.mpi_rank, self.step_buffers["input_ids"].device)
                 profile = self.profiler_tensor if self.profiler_tensor is not None else False
-                self._executor = Megakernel(plan, inputs, profile=profile)
+                self._executor = Megakernel(plan, inputs, profile=profile, timeout_s=self.timeout_s)
             else:
                 self._executor = ReferenceExecutor(plan, inputs, exact=exact)
         return self._executor

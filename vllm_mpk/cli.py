@@ -1,19 +1,22 @@
 """``vllm-mpk``: plan a model's decode step, check it against ``transformers``, run the main job,
 benchmark it under vLLM.
 
-Exit codes: 0 success; 1 a check failed; 2 bad arguments, an unknown or unsupported model, or a
-path that is not built yet (the GPU runtime).
+Exit codes: 0 success; 1 a check failed; 2 bad arguments, an unknown, malformed or unsupported
+model, or a path that is not built yet (the GPU runtime). Bad input is reported as one line,
+``vllm-mpk: error: <what to change>``, on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -23,8 +26,9 @@ from vllm_mpk.bench.table import read_rows, update_results
 from vllm_mpk.bench.trace import analyze_file, format_report, trace_files
 from vllm_mpk.bench.worker import IMPLS, EngineConfig
 from vllm_mpk.check import CheckResult, check_model
+from vllm_mpk.codegen.ops.linear import MAX_LINEAR_BATCH
 from vllm_mpk.graph.schedule import POLICIES
-from vllm_mpk.models import DecodeModel, DecodeOptions, ModelSpec, build_decoder, plan_kv_splits
+from vllm_mpk.models import DecodeModel, DecodeOptions, ModelSpec, build_decoder
 from vllm_mpk.models.catalog import DEFAULT_MODEL, ResolvedModel, resolve_model, shipped_config, shipped_models
 from vllm_mpk.models.kv_cache import allocate_kv_caches
 from vllm_mpk.models.weights import expected_shapes, load_checkpoint, random_weights
@@ -37,6 +41,74 @@ HOPPER = (9, 0)
 
 class CliError(Exception):
     """A problem the user can fix; printed as one line, exit code 2 (as are the core's ValueErrors)."""
+
+
+def report(message: str) -> int:
+    """Print a problem the user can fix as one line on stderr; the exit code of bad input."""
+    print(f"vllm-mpk: error: {message}", file=sys.stderr)
+    return EXIT_UNAVAILABLE
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (no usage block), like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(report(message))
+
+
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` to ``high`` (no upper bound when None)."""
+    bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer {bounds}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected an integer {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+def power_of_two(text: str) -> int:
+    """An argparse type: a positive power of two (KV cache pages)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1 or value & (value - 1):
+        raise argparse.ArgumentTypeError(f"expected a power of two such as 16 (vLLM's page size), got {text!r}")
+    return value
+
+
+def number_in(low: float, high: float = math.inf) -> Callable[[str], float]:
+    """An argparse type: a finite number above ``low`` and at most ``high``."""
+    bounds = f"above {low:g}" + (f" and at most {high:g}" if high < math.inf else "")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number {bounds}, got {text!r}") from None
+        if not (low < value <= high and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"expected a number {bounds}, got {text}")
+        return value
+
+    return parse
+
+
+POSITIVE = int_in(1)
+BATCH = int_in(1, MAX_LINEAR_BATCH)  # the rows a GPU linear tile stages
+
+
+def check_positions(model: ResolvedModel, positions: int, what: str) -> None:
+    """Sequences no longer than the model was trained for (its ``max_position_embeddings``)."""
+    limit = model.spec.max_position_embeddings
+    if positions > limit:
+        raise CliError(f"{what}: sequences of {positions} tokens exceed the {limit} positions {model.name} takes "
+                       f"(its max_position_embeddings); lower it")
 
 
 # plan -------------------------------------------------------------------------------------------
@@ -52,34 +124,38 @@ def meta_decoder(spec: ModelSpec, options: DecodeOptions) -> DecodeModel:
     return build_decoder(spec, weights, caches, options)
 
 
-def plan_header(model: ResolvedModel, spec: ModelSpec, o: DecodeOptions) -> str:
-    splits = plan_kv_splits(spec, o.max_batch, o.num_workers, o.kv_splits, o.world_size)
+def plan_header(model: ResolvedModel, decoder: DecodeModel, auto_splits: bool) -> str:
+    spec, o = decoder.spec, decoder.options
     return (f"plan {model.name}: {spec.architecture}, {spec.num_layers} of {model.spec.num_layers} layers, "
             f"max batch {o.max_batch}, max seq len {o.max_seq_len}, page size {o.page_size}, "
-            f"{o.num_workers} workers, schedule {o.schedule}, "
-            f"kv splits {splits}{' (auto)' if o.kv_splits is None else ''} (weights and KV caches not materialised)")
+            f"{o.num_workers} workers, schedule {o.schedule}, kv splits {decoder.kv_splits}"
+            f"{' (auto)' if auto_splits else ''} (weights and KV caches not materialised)")
 
 
 def run_plan(model: ResolvedModel, layers: int | None, options: DecodeOptions) -> None:
     """Print the plan of every tensor-parallel rank (one plan when ``world_size`` is 1)."""
     spec = model.spec.with_layers(layers) if layers is not None else model.spec
-    print(plan_header(model, spec, options))
     for rank in range(options.world_size):
-        plan = meta_decoder(spec, replace(options, rank=rank)).plan
+        decoder = meta_decoder(spec, replace(options, rank=rank))
+        if rank == 0:
+            print(plan_header(model, decoder, options.kv_splits is None))
         if options.world_size > 1:
             print(f"\nrank {rank} of {options.world_size}:")
-        print(plan.summary())
+        print(decoder.plan.summary())
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    try:
-        options = DecodeOptions(max_batch=args.max_batch, max_seq_len=args.max_seq_len, page_size=args.page_size,
-                                num_workers=args.num_workers, schedule=args.schedule,
-                                world_size=args.tensor_parallel_size, kv_splits=args.kv_splits,
-                                multi_step=args.multi_step)
-        run_plan(resolve(args.model), args.layers, options)
-    except ValueError as e:
-        raise CliError(str(e)) from e
+    options = DecodeOptions(max_batch=args.max_batch, max_seq_len=args.max_seq_len, page_size=args.page_size,
+                            num_workers=args.num_workers, schedule=args.schedule,
+                            world_size=args.tensor_parallel_size, kv_splits=args.kv_splits,
+                            multi_step=args.multi_step)
+    model = resolve_model(args.model)
+    check_positions(model, args.max_seq_len, "--max-seq-len")
+    pages = -(-args.max_seq_len // args.page_size)
+    if args.kv_splits is not None and args.kv_splits > pages:
+        raise CliError(f"--kv-splits {args.kv_splits} is more than the {pages} pages of a sequence of "
+                       f"--max-seq-len {args.max_seq_len}; give at most {pages}")
+    run_plan(model, args.layers, options)
     return EXIT_OK
 
 
@@ -112,13 +188,12 @@ def print_check(result: CheckResult, exact: bool) -> None:
 
 def run_check(model: ResolvedModel, layers: int, batch: int, new_tokens: int, exact: bool, seed: int,
               device: str = "cpu") -> bool:
-    if batch < 1 or new_tokens < 1:
-        raise CliError("--batch and --new-tokens must be at least 1")
     if device == "cuda" and exact:
         raise CliError("--exact is a mode of the CPU reference executor; drop it with --device cuda")
+    lengths = prompt_lengths(batch, seed)
+    check_positions(model, max(lengths) + new_tokens, "--batch with --new-tokens")
     spec = model.spec.with_layers(layers)
     weights, source = check_weights_for(model, spec, seed)
-    lengths = prompt_lengths(batch, seed)
     runner = "the megakernel on the GPU" if device == "cuda" else "CPU reference executor"
     print(f"check {model.name}: {spec.architecture}, {spec.num_layers} of {model.spec.num_layers} layers, "
           f"{source}; {runner} vs transformers")
@@ -132,7 +207,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.device == "cuda" and (reason := hopper_unavailable_reason()) is not None:
         print(f"vllm-mpk check --device cuda: {reason}; use --device cpu", file=sys.stderr)
         return EXIT_UNAVAILABLE
-    model = resolve(args.model)
+    model = resolve_model(args.model)
     passed = run_check(model, args.layers, args.batch, args.new_tokens, args.exact, args.seed, args.device)
     return EXIT_OK if passed else EXIT_FAILED
 
@@ -151,7 +226,8 @@ def hopper_unavailable_reason() -> str | None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    model = resolve(args.model)
+    model = resolve_model(args.model)
+    check_positions(model, args.prompt_len + args.new_tokens, "--prompt-len plus --new-tokens")
     run_plan(model, None, DecodeOptions())
     reason = hopper_unavailable_reason()
     if reason is None:
@@ -198,10 +274,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from vllm_mpk.demo import gpu_model
     from vllm_mpk.runtime.profiler import profile_step
 
-    model = resolve(args.model)
+    model = resolve_model(args.model)
+    max_seq = args.context + 2
+    check_positions(model, max_seq, "--context")
     spec = model.spec.with_layers(args.layers) if args.layers else model.spec
     weights, source = check_weights_for(model, spec, args.seed)
-    max_seq = args.context + 2
     decode_model, _, caches, blocks = gpu_model(spec, weights, args.batch, max_seq)
     for cache in caches:
         cache.normal_()  # a KV history to attend over
@@ -252,6 +329,18 @@ def analyze_traces(paths: Sequence[str], gap_us: float) -> int:
     return EXIT_OK
 
 
+def check_bench_files(rows: Path, results: Path, table_only: bool) -> None:
+    """``--rows`` and ``--results`` are files (or, but for the rows of ``--table-only``, to be), the
+    results in a folder that exists."""
+    for flag, path in (("--rows", rows), ("--results", results)):
+        if path.is_dir():
+            raise CliError(f"{flag} {path} is a folder; give a file")
+    if table_only and not rows.is_file():
+        raise CliError(f"--rows {rows} does not exist; --table-only draws the table from it")
+    if not results.parent.is_dir():
+        raise CliError(f"--results {results}: there is no folder {results.parent}")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run one engine per (model, impl) in its own process, append the rows to ``--rows`` and
     rewrite the table in ``--results`` from every row there (each model's latest run). With
@@ -259,12 +348,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ``--analyze-trace`` only analyzes traces."""
     if args.analyze_trace:
         return analyze_traces(args.analyze_trace, args.gap_us)
+    check_bench_files(args.rows, args.results, args.table_only)
     for model in args.models:
         shipped_config(model)  # UnknownModelError (exit 2) before any engine starts
-    if (min(args.batches) < 1 or args.new_tokens < 2 or args.repeats < 1 or args.rounds < 1
-            or args.tensor_parallel_size < 1):
-        raise CliError("--batches and --tensor-parallel-size must be positive, --new-tokens at least 2, "
-                       "--repeats and --rounds at least 1")
     if not 2 <= args.profile_tokens <= args.new_tokens or not 0 <= args.profile_stack_tokens <= args.new_tokens:
         raise CliError("--profile-tokens must be 2 to --new-tokens, --profile-stack-tokens 0 to --new-tokens")
     try:
@@ -300,39 +386,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # arguments --------------------------------------------------------------------------------------
 
 
-def resolve(model: str) -> ResolvedModel:
-    try:
-        return resolve_model(model)
-    except ValueError as e:
-        raise CliError(str(e)) from e
-
-
 def add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"a directory with config.json, or a shipped config name (default {DEFAULT_MODEL})")
 
 
 def add_check_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch", type=int, default=3, help="requests decoded together (default 3)")
-    p.add_argument("--new-tokens", type=int, default=4, help="greedy tokens per request (default 4)")
+    p.add_argument("--batch", type=BATCH, default=3, help="requests decoded together (default 3)")
+    p.add_argument("--new-tokens", type=POSITIVE, default=4, help="greedy tokens per request (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seeds the prompts and random weights (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vllm-mpk", description="Compile a model's decode step into one "
+    parser = ArgumentParser(prog="vllm-mpk", description="Compile a model's decode step into one "
                                      "persistent megakernel plan; check it; run it.")
     sub = parser.add_subparsers(dest="command", required=True)
     d = DecodeOptions()
     p = sub.add_parser("plan", help="compile the decode plan (no weights allocated) and print its summary")
     add_model_arg(p)
-    p.add_argument("--max-batch", type=int, default=d.max_batch)
-    p.add_argument("--max-seq-len", type=int, default=d.max_seq_len)
-    p.add_argument("--num-workers", type=int, default=d.num_workers, help="one per SM (132 on H100 SXM)")
-    p.add_argument("--layers", type=int, default=None, help="keep only the first N layers (default all)")
-    p.add_argument("--page-size", type=int, default=d.page_size)
+    p.add_argument("--max-batch", type=BATCH, default=d.max_batch,
+                   help=f"requests one step decodes, 1 to {MAX_LINEAR_BATCH} (default {d.max_batch})")
+    p.add_argument("--max-seq-len", type=POSITIVE, default=d.max_seq_len,
+                   help=f"up to the model's max_position_embeddings (default {d.max_seq_len})")
+    p.add_argument("--num-workers", type=POSITIVE, default=d.num_workers, help="one per SM (132 on H100 SXM)")
+    p.add_argument("--layers", type=POSITIVE, default=None, help="keep only the first N layers (default all)")
+    p.add_argument("--page-size", type=power_of_two, default=d.page_size)
     p.add_argument("--schedule", choices=sorted(POLICIES), default=d.schedule)
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="print each of N ranks' plans (default 1)")
-    p.add_argument("--kv-splits", type=int, default=d.kv_splits,
+    p.add_argument("--tensor-parallel-size", type=POSITIVE, default=1, help="print each of N ranks' plans (default 1)")
+    p.add_argument("--kv-splits", type=POSITIVE, default=d.kv_splits,
                    help="attention tasks per KV head and request (split KV); default auto: 2 while KV heads x "
                         "max batch x 4 <= workers, else 1; a value forces it")
     p.add_argument("--multi-step", action="store_true", help="begin_step first: one launch decodes many steps")
@@ -340,20 +421,21 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="run the plan on the CPU reference executor and compare with transformers")
     add_model_arg(c)
     c.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    c.add_argument("--layers", type=int, default=2, help="keep only the first N layers (default 2)")
+    c.add_argument("--layers", type=POSITIVE, default=2, help="keep only the first N layers (default 2)")
     c.add_argument("--exact", action="store_true", help="float32 intermediates; tolerance 1e-4 instead of 3e-2")
     add_check_args(c)
     c.set_defaults(func=cmd_check)
     g = sub.add_parser("generate", help="the main job: plan, check, and run on a Hopper GPU when there is one")
     add_model_arg(g)
     add_check_args(g)
-    g.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per request on the GPU (default 128)")
+    g.add_argument("--prompt-len", type=POSITIVE, default=128,
+                   help="prompt tokens per request on the GPU (default 128)")
     g.set_defaults(func=cmd_generate)
     p = sub.add_parser("profile", help="profile one decode step of the megakernel (Hopper GPU)")
     add_model_arg(p)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--context", type=int, default=128, help="tokens of KV history per request (default 128)")
-    p.add_argument("--layers", type=int, default=None, help="use only the first N layers")
+    p.add_argument("--batch", type=BATCH, default=1)
+    p.add_argument("--context", type=POSITIVE, default=128, help="tokens of KV history per request (default 128)")
+    p.add_argument("--layers", type=POSITIVE, default=None, help="use only the first N layers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trace", default="mpk_trace.json", help="where to write the trace (default mpk_trace.json)")
     p.set_defaults(func=cmd_profile)
@@ -366,17 +448,17 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="TPOT and forward time under vLLM, stock vs --model-impl mpk, each engine in "
                        "its own process; rewrites the table in RESULTS.md")
     b.add_argument("--models", nargs="+", type=str.lower, default=shipped_models(), help="shipped config names")
-    b.add_argument("--batches", nargs="+", type=int, default=list(d.batches))
+    b.add_argument("--batches", nargs="+", type=POSITIVE, default=list(d.batches))
     b.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
                    help="stock vLLM, --model-impl mpk, and floor: stock with one decoder layer (vLLM's per-step floor)")
     b.add_argument("--results", type=Path, default=Path("benchmarks/RESULTS.md"), help="markdown file to update")
     b.add_argument("--rows", type=Path, default=Path("benchmarks/vllm_bench.jsonl"),
                    help="JSON lines: new rows are appended, the table is drawn from all of them")
     b.add_argument("--table-only", action="store_true", help="redraw the table from --rows; run nothing")
-    b.add_argument("--prompt-len", type=int, default=d.prompt_len)
-    b.add_argument("--new-tokens", type=int, default=d.new_tokens)
-    b.add_argument("--repeats", type=int, default=d.repeats)
-    b.add_argument("--rounds", type=int, default=1,
+    b.add_argument("--prompt-len", type=POSITIVE, default=d.prompt_len)
+    b.add_argument("--new-tokens", type=int_in(2), default=d.new_tokens)
+    b.add_argument("--repeats", type=POSITIVE, default=d.repeats)
+    b.add_argument("--rounds", type=POSITIVE, default=1,
                    help="run each model's engines N times in turn, each in a fresh process (with --side-by-side: "
                         "N processes of all of them); the table takes each time's median over them (vLLM's host step "
                         "moves between processes; default 1)")
@@ -384,15 +466,15 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="start a model's engines together in one process, each on an equal share of "
                         "--gpu-memory-utilization, and interleave their TPOT repeats, so that a drift of the host's "
                         "speed falls on stock and mpk alike (default: one engine after the other)")
-    b.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization)
+    b.add_argument("--gpu-memory-utilization", type=number_in(0, 1), default=d.gpu_memory_utilization)
     b.add_argument("--vllm-compile", action="store_true",
                    help="vLLM's default compilation (torch.compile, FULL_AND_PIECEWISE) instead of mode 0 with "
                    "FULL_DECODE_ONLY graphs; slower start")
-    b.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per engine (default 1)")
+    b.add_argument("--tensor-parallel-size", type=POSITIVE, default=1, help="GPUs per engine (default 1)")
     b.add_argument("--gpus", nargs="+", default=None, metavar="ID",
                    help="run models side by side, one per group of --tensor-parallel-size of these GPUs (each "
                         "model's engines in turn on one group, so stock and mpk share a card); default: one at a time")
-    b.add_argument("--timeout", type=float, default=300.0, help="seconds per engine process (default 300)")
+    b.add_argument("--timeout", type=number_in(0), default=300.0, help="seconds per engine process (default 300)")
     b.add_argument("--log-dir", type=Path, default=None, help="one log per engine (default a new temp folder)")
     b.add_argument("--profile-dir", type=Path, default=None,
                    help="after its measurements, each engine profiles its largest batch with vLLM's torch profiler "
@@ -405,17 +487,19 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--analyze-trace", nargs="+", metavar="PATH", default=None,
                    help="run nothing: per decode step, GPU time by group, idle gaps and the engine thread's "
                    "activity during each, for these profiler traces (or every *.pt.trace.json[.gz] under a folder)")
-    b.add_argument("--gap-us", type=float, default=20.0, help="idle gaps listed from this length on (default 20)")
+    b.add_argument("--gap-us", type=number_in(0), default=20.0, help="idle gaps listed from this length on (default 20)")
     b.set_defaults(func=cmd_bench)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or a bad argument, reported already (ArgumentParser.error)
+        return stop.code if isinstance(stop.code, int) else EXIT_UNAVAILABLE
     try:
         return args.func(args)
     except (CliError, ValueError) as e:  # the core raises ValueError for what the user can fix
-        print(f"vllm-mpk {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+        return report(str(e))
 
 
 if __name__ == "__main__":

@@ -6,9 +6,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from vllm_mpk.api import SUPPORTED_BLOCK_DIMS
+from vllm_mpk.codegen.ops.linear import MAX_LINEAR_BATCH
 from vllm_mpk.graph.schedule import POLICIES
+from vllm_mpk.models.decoder import DecodeOptions, valid_kv_splits
+from vllm_mpk.runtime.watchdog import DEFAULT_TIMEOUT_S, TIMEOUT_RANGE, check_timeout_s
 
-BLOCK_DIMS = (128, 256)
+BLOCK_DIMS = tuple(x for x, _, _ in SUPPORTED_BLOCK_DIMS)
 
 
 class MpkOptionsError(ValueError):
@@ -17,12 +21,13 @@ class MpkOptionsError(ValueError):
 
 @dataclass(frozen=True)
 class MpkOptions:
-    """``max_batch``: the most requests one megakernel step decodes; larger decode batches run
-    vLLM's stock layers (capped at ``--max-num-seqs``).
+    """``max_batch``: the most requests one megakernel step decodes, at most the rows a GPU linear
+    tile stages (``codegen/ops/linear.py:MAX_LINEAR_BATCH``); larger decode batches run vLLM's stock
+    layers (capped at ``--max-num-seqs``).
     ``num_workers``: persistent workers (one per SM); default every SM of the GPU.
     ``block_dim``: threads per worker, 128 or 256.
     ``schedule``: static placement policy of tasks on workers.
-    ``timeout_s``: the watchdog bound on any wait inside the kernel.
+    ``timeout_s``: the watchdog bound on any wait inside the kernel (``runtime/watchdog.py``).
     ``kv_splits``: tasks per KV head and request that share its history (split KV; 1: one task);
     null (default): auto, chosen per plan batch size (``models/decoder.py:auto_kv_splits``: 2 while
     the TP-local KV heads x batch x 4 fit in the workers, else 1); an integer forces it everywhere.
@@ -31,18 +36,19 @@ class MpkOptions:
     (unsupported model, KV-cache layout, build failure). Prefill, mixed batches and decode batches
     above ``max_batch`` always run the stock layers; that is routing, not a fallback."""
 
-    max_batch: int = 8
+    max_batch: int = DecodeOptions.max_batch
     num_workers: int | None = None
-    block_dim: int = 256
-    schedule: str = "earliest_finish"
-    timeout_s: float = 2.0
-    kv_splits: int | None = None
+    block_dim: int = DecodeOptions.block_dim
+    schedule: str = DecodeOptions.schedule
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    kv_splits: int | None = DecodeOptions.kv_splits
     profile: bool = False
     strict: bool = False
 
     @classmethod
     def from_dict(cls, raw: Any) -> MpkOptions:
-        """Validate ``raw`` (the ``"mpk"`` entry); raises MpkOptionsError naming the bad key."""
+        """Validate ``raw`` (the ``"mpk"`` entry); raises MpkOptionsError naming the bad key and what
+        it may hold (as constructing MpkOptions does)."""
         if raw is None:
             return cls()
         if not isinstance(raw, Mapping):
@@ -51,34 +57,35 @@ class MpkOptions:
         unknown = sorted(set(raw) - set(known))
         if unknown:
             raise MpkOptionsError(f'unknown additional_config["mpk"] keys {unknown}; known keys: {known}')
-        options = cls(**raw)
-        options._check()
-        return options
+        return cls(**raw)
 
     @classmethod
     def from_vllm_config(cls, vllm_config: Any) -> MpkOptions:
         extra = getattr(vllm_config, "additional_config", None) or {}
         return cls.from_dict(extra.get("mpk") if isinstance(extra, Mapping) else None)
 
-    def _check(self) -> None:
+    def __post_init__(self) -> None:
         def bad(key: str, expected: str) -> MpkOptionsError:
             return MpkOptionsError(f'additional_config["mpk"]["{key}"] must be {expected}, got {getattr(self, key)!r}')
 
         def is_int(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
-        if not is_int(self.max_batch) or self.max_batch < 1:
-            raise bad("max_batch", "a positive integer")
+        if not is_int(self.max_batch) or not 1 <= self.max_batch <= MAX_LINEAR_BATCH:
+            raise bad("max_batch", f"a positive integer, at most {MAX_LINEAR_BATCH} (the rows a GPU linear tile "
+                                   f"stages)")
         if self.num_workers is not None and (not is_int(self.num_workers) or self.num_workers < 1):
             raise bad("num_workers", "a positive integer or null (every SM)")
         if self.block_dim not in BLOCK_DIMS or not is_int(self.block_dim):
             raise bad("block_dim", f"one of {BLOCK_DIMS}")
-        if self.schedule not in POLICIES:
+        if not isinstance(self.schedule, str) or self.schedule not in POLICIES:
             raise bad("schedule", f"one of {sorted(POLICIES)}")
-        if self.kv_splits is not None and (not is_int(self.kv_splits) or self.kv_splits < 1):
+        if not valid_kv_splits(self.kv_splits):
             raise bad("kv_splits", "a positive integer or null (auto: 2 at small decode batches, else 1)")
-        if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
-            raise bad("timeout_s", "a positive number of seconds")
+        try:
+            check_timeout_s(self.timeout_s)
+        except ValueError:
+            raise bad("timeout_s", TIMEOUT_RANGE) from None
         for key in ("profile", "strict"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "true or false")

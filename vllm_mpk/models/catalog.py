@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from vllm_mpk.models.spec import ModelSpec
+from vllm_mpk.models.spec import ModelConfigError, ModelSpec
 
 DEFAULT_MODEL = "qwen3-0.6b"
 
@@ -39,11 +39,14 @@ def shipped_config(name: str) -> dict:
 
 
 def resolve_model(model: str) -> ResolvedModel:
-    """Resolve ``--model``. Raises UnknownModelError for a name that is neither, ValueError for a
-    directory without ``config.json`` and UnsupportedModelError for a model we do not run."""
+    """Resolve ``--model``. Raises UnknownModelError for a name that is neither, ModelConfigError
+    for a file, a directory without a readable, well-formed ``config.json``, and
+    UnsupportedModelError for a model we do not run."""
     path = Path(model).expanduser()
     if path.is_dir():
         return ResolvedModel(path.name, ModelSpec.from_dir(path), path)
+    if path.is_file():
+        raise ModelConfigError(f"--model {model} is a file; give the directory that holds config.json")
     name = model.lower()
     if name in shipped_models():
         return ResolvedModel(name, ModelSpec.from_hf_config(shipped_config(name)), None)

@@ -14,11 +14,11 @@ then ``logits = rmsnorm_linear(x, norm, lm_head)`` (float32) and ``tokens = argm
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from vllm_mpk.api import PersistentKernel
+from vllm_mpk.api import DEFAULT_SCHEDULE, PersistentKernel
 from vllm_mpk.graph.ir import TensorHandle
 from vllm_mpk.graph.limits import MAX_TILE_ROWS
 from vllm_mpk.graph.plan import Plan
@@ -30,6 +30,11 @@ TILE_COLUMNS = 16
 FINALS = ("tokens", "hidden")
 
 
+def valid_kv_splits(value: object) -> bool:
+    """Whether ``value`` is a split-KV setting: None (auto, ``auto_kv_splits``) or a positive int."""
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
     max_batch: int = 8
@@ -37,7 +42,7 @@ class DecodeOptions:
     page_size: int = 16
     num_workers: int = 132
     block_dim: int = 256
-    schedule: str = "earliest_finish"
+    schedule: str = DEFAULT_SCHEDULE
     world_size: int = 1  # tensor-parallel ranks
     rank: int = 0
     final: str = "tokens"  # "tokens": lm_head and greedy argmax; "hidden": stop at the final RMSNorm
@@ -47,8 +52,7 @@ class DecodeOptions:
     kv_splits: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kv_splits is not None and (not isinstance(self.kv_splits, int) or isinstance(self.kv_splits, bool)
-                                           or self.kv_splits < 1):
+        if not valid_kv_splits(self.kv_splits):
             raise ValueError(f"DecodeOptions.kv_splits must be a positive int or None (auto), got {self.kv_splits!r}")
         if self.final not in FINALS:
             raise ValueError(f"DecodeOptions.final must be one of {FINALS}, got {self.final!r}")
@@ -59,7 +63,8 @@ class DecodeOptions:
 
 @dataclass
 class DecodeModel:
-    """A built decode step: the kernel, its plan and the handles of its results."""
+    """A built decode step: the kernel, its plan and the handles of its results. ``options`` are
+    those it was built with, ``kv_splits`` resolved (``plan_kv_splits``)."""
 
     spec: ModelSpec
     options: DecodeOptions
@@ -71,9 +76,8 @@ class DecodeModel:
 
     @property
     def kv_splits(self) -> int:
-        """The split-KV count built: ``options.kv_splits`` resolved for this plan (``plan_kv_splits``)."""
-        o = self.options
-        return plan_kv_splits(self.spec, o.max_batch, o.num_workers, o.kv_splits, o.world_size)
+        """The split-KV count built."""
+        return self.options.kv_splits  # type: ignore[return-value]  # resolved by declare_decoder
 
 
 def linear_grid(columns: int, num_workers: int) -> int:
@@ -112,8 +116,10 @@ def plan_kv_splits(spec: ModelSpec, max_batch: int, num_workers: int, kv_splits:
 
 @dataclass
 class DecodeLayers:
-    """The decode step's layers declared on a kernel, not yet compiled, and its result handles."""
+    """The decode step's layers declared on a kernel, not yet compiled, and its result handles;
+    ``options`` as given, ``kv_splits`` resolved (``plan_kv_splits``)."""
 
+    options: DecodeOptions
     kernel: PersistentKernel
     logits: TensorHandle | None
     tokens: TensorHandle | None
@@ -127,14 +133,15 @@ def build_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cache
     in place; ``kv_caches`` are per-layer logical ``[blocks, kv_heads, page, 2 * head_dim]`` views;
     ``rope_cache`` defaults to one computed from the config for ``max_seq_len`` positions."""
     d = declare_decoder(spec, weights, kv_caches, options, rope_cache)
-    return DecodeModel(spec, options, d.kernel, d.kernel.compile(), d.logits, d.tokens, d.hidden)
+    return DecodeModel(spec, d.options, d.kernel, d.kernel.compile(), d.logits, d.tokens, d.hidden)
 
 
 def declare_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_caches: Sequence[torch.Tensor],
                     options: DecodeOptions = DecodeOptions(), rope_cache: torch.Tensor | None = None) -> DecodeLayers:
     """``build_decoder`` up to the compile: the layers and tensors of the step, for whoever needs
     the plan's contents without its schedule (the memory estimate)."""
-    o = options
+    o = replace(options, kv_splits=plan_kv_splits(spec, options.max_batch, options.num_workers, options.kv_splits,
+                                                  options.world_size))
     local = spec.shard(o.world_size)
     check_weights(local, weights)
     if len(kv_caches) != spec.num_layers:
@@ -146,7 +153,6 @@ def declare_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cac
     dtype = weights[EMBED].dtype
     b, h, w = o.max_batch, spec.hidden_size, o.num_workers
     sharded = o.world_size > 1
-    kv_splits = plan_kv_splits(spec, b, w, o.kv_splits, o.world_size)
 
     def new(name: str, width: int, dt: torch.dtype = dtype) -> TensorHandle:
         return mpk.new_tensor((b, width), dt, name)
@@ -163,7 +169,7 @@ def declare_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cac
         return out
 
     if rope_cache is None:
-        rope_cache = cos_sin_cache(spec, o.max_seq_len).to(weights[EMBED].device)
+        rope_cache = cos_sin_cache(spec, o.max_seq_len, weights[EMBED].device)
     rope = mpk.attach_input(rope_cache, "rope.cos_sin_cache")
     tokens = mpk.new_tensor((b,), torch.int64, "tokens") if o.final == "tokens" else None
     if o.multi_step:
@@ -183,7 +189,7 @@ def declare_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cac
         mpk.attention_layer(qkv, cache, rope, attn, grid_dim=local.num_kv_heads * b, block_dim=block,
                             num_q_heads=local.num_q_heads, num_kv_heads=local.num_kv_heads, head_dim=spec.head_dim,
                             q_norm=wt.get("q_norm"), k_norm=wt.get("k_norm"), eps=spec.rms_norm_eps,
-                            name=f"{p}.attention", kv_splits=kv_splits)
+                            name=f"{p}.attention", kv_splits=o.kv_splits)
         # The residual is added once: by rank 0, before the sum over ranks.
         if o.rank == 0:
             hid = summed(f"{p}.h", lambda out, x=x: mpk.linear_with_residual_layer(
@@ -205,7 +211,7 @@ def declare_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cac
     if o.final == "hidden":  # vLLM's compute_logits applies the lm_head (and everything after it)
         hidden = new("hidden", h)
         mpk.rmsnorm_layer(x, final_norm, hidden, grid_dim=b, block_dim=block, eps=spec.rms_norm_eps, name="norm")
-        return DecodeLayers(mpk, None, None, hidden)
+        return DecodeLayers(o, mpk, None, None, hidden)
     # vLLM pads the vocabulary rows; the view of the real rows aliases the weight (tied or not).
     v = local.vocab_size
     head = mpk.attach_input(lm_head(local, weights)[:v], "lm_head.weight")
@@ -213,4 +219,4 @@ def declare_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cac
     mpk.rmsnorm_linear_layer(x, final_norm, head, logits,
                              linear_grid(v, w), block, eps=spec.rms_norm_eps, name="lm_head")
     mpk.argmax_layer(logits, tokens, grid_dim=w, block_dim=block, vocab_start=o.rank * v, name="argmax")
-    return DecodeLayers(mpk, logits, tokens, None)
+    return DecodeLayers(o, mpk, logits, tokens, None)

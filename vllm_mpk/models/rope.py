@@ -25,6 +25,10 @@ def inverse_frequencies(spec: ModelSpec) -> torch.Tensor:
     return torch.where(middle, (1 - smooth) * inv / factor + smooth * inv, scaled)
 
 
-def cos_sin_cache(spec: ModelSpec, num_positions: int) -> torch.Tensor:
+def cos_sin_cache(spec: ModelSpec, num_positions: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The float32 table on ``device``. On the ``meta`` device (a plan over shape-only weights) it
+    is shape-only too: nothing that grows with ``num_positions`` is computed or allocated."""
+    if torch.device(device).type == "meta":
+        return torch.empty((num_positions, spec.head_dim), dtype=torch.float32, device="meta")
     freqs = torch.outer(torch.arange(num_positions, dtype=torch.float64), inverse_frequencies(spec))
-    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).float()
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).float().to(device)

@@ -4,6 +4,7 @@ megakernel supports and what it refuses."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,17 @@ from typing import Any
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "LlamaForCausalLM")
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+DEFAULT_MAX_POSITIONS = 4096  # a config that does not say how long its sequences may be
 SUPPORT_SUMMARY = (
     f"supported: architectures {', '.join(SUPPORTED_ARCHITECTURES)}; dense SiLU MLP; full attention "
     f"(no sliding window); head_dim in {SUPPORTED_HEAD_DIMS}; RoPE types {SUPPORTED_ROPE_TYPES}; no biases"
 )
+
+
+class ModelConfigError(ValueError):
+    """A config that is not a well-formed Hugging Face config; the message names the key and what it
+    must hold."""
 
 
 class UnsupportedModelError(ValueError):
@@ -71,8 +79,12 @@ class ModelSpec:
                        vocab_size=self.vocab_size // world_size)
 
     @classmethod
-    def from_hf_config(cls, config: dict[str, Any]) -> ModelSpec:
-        """Read and check a config dict; raises UnsupportedModelError for what we do not run."""
+    def from_hf_config(cls, config: Any) -> ModelSpec:
+        """Read and check a config dict; raises ModelConfigError for a malformed config and
+        UnsupportedModelError for what we do not run."""
+        if not isinstance(config, Mapping):
+            raise ModelConfigError(f"a model config must be a JSON object of Hugging Face config keys, "
+                                   f"got {type(config).__name__}")
         archs = config.get("architectures") or []
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
@@ -85,40 +97,93 @@ class ModelSpec:
             raise UnsupportedModelError(f"hidden_act '{config['hidden_act']}' is not supported")
         if config.get("attention_bias") or config.get("mlp_bias"):
             raise UnsupportedModelError("attention or MLP biases are not supported")
-        heads = config["num_attention_heads"]
-        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        heads = _positive_int(config, "num_attention_heads")
+        hidden = _positive_int(config, "hidden_size")
+        head_dim = _positive_int(config, "head_dim", hidden // heads)
         if head_dim not in SUPPORTED_HEAD_DIMS:
             raise UnsupportedModelError(f"head_dim {head_dim} is not supported")
-        kv_heads = config.get("num_key_value_heads") or heads
+        kv_heads = _positive_int(config, "num_key_value_heads", heads)
         if heads % kv_heads:
             raise UnsupportedModelError(f"{heads} attention heads do not group over {kv_heads} KV heads")
         scaling = config.get("rope_scaling") or config.get("rope_parameters")
+        if scaling is not None and not isinstance(scaling, Mapping):
+            raise ModelConfigError(f"config key 'rope_scaling' must be an object or null, got {scaling!r}")
         rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise UnsupportedModelError(f"RoPE scaling type '{rope_type}' is not supported")
+        if rope_type == "llama3":
+            _check_llama3_scaling(scaling)
         if config.get("partial_rotary_factor", 1.0) != 1.0:
             raise UnsupportedModelError("partial rotary embeddings are not supported")
         eos = config.get("eos_token_id")
         return cls(
             architecture=arch,
-            hidden_size=config["hidden_size"],
-            intermediate_size=config["intermediate_size"],
-            num_layers=config["num_hidden_layers"],
+            hidden_size=hidden,
+            intermediate_size=_positive_int(config, "intermediate_size"),
+            num_layers=_positive_int(config, "num_hidden_layers"),
             num_q_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
-            vocab_size=config["vocab_size"],
-            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope_theta=float(config.get("rope_theta") or (scaling or {}).get("rope_theta", 10000.0)),
+            vocab_size=_positive_int(config, "vocab_size"),
+            rms_norm_eps=_positive_number(config, "rms_norm_eps", 1e-6),
+            rope_theta=_positive_number(config, "rope_theta", _positive_number(scaling or {}, "rope_theta", 10000.0)),
             rope_scaling=scaling if rope_type != "default" else None,
-            max_position_embeddings=config.get("max_position_embeddings", 4096),
+            max_position_embeddings=_positive_int(config, "max_position_embeddings", DEFAULT_MAX_POSITIONS),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            eos_token_id=eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else None,
         )
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelSpec:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
-            raise ValueError(f"{model_dir} has no config.json; give a Hugging Face model directory")
-        return cls.from_hf_config(json.loads(path.read_text()))
+            raise ModelConfigError(f"{model_dir} has no config.json; give a Hugging Face model directory")
+        try:
+            config = json.loads(path.read_text())
+        except OSError as e:
+            raise ModelConfigError(f"cannot read {path}: {e.strerror}; check its permissions") from e
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelConfigError(f"{path} is not valid JSON ({e}); give a Hugging Face config.json") from e
+        return cls.from_hf_config(config)
+
+
+_MISSING = object()
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_int(config: Mapping[str, Any], key: str, default: Any = _MISSING) -> int:
+    """``config[key]`` as a positive int; ``default`` where the key is absent or null (none: required)."""
+    value = config.get(key)
+    if value is None:
+        if default is _MISSING:
+            raise ModelConfigError(f"config has no '{key}'; it must hold a positive integer")
+        return default
+    if not (_is_number(value) and value == int(value) and value >= 1):
+        raise ModelConfigError(f"config key '{key}' must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _positive_number(config: Mapping[str, Any], key: str, default: float) -> float:
+    value = config.get(key)
+    if value is None:
+        return default
+    if not (_is_number(value) and value > 0):
+        raise ModelConfigError(f"config key '{key}' must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _check_llama3_scaling(scaling: Mapping[str, Any]) -> None:
+    """Llama 3 RoPE scaling needs all of ``LLAMA3_ROPE_KEYS`` as positive numbers, the low
+    frequency factor below the high one (``models/rope.py`` blends between them)."""
+    for key in LLAMA3_ROPE_KEYS:
+        value = scaling.get(key)
+        if not (_is_number(value) and value > 0):
+            got = "it is missing" if key not in scaling else f"got {value!r}"
+            raise ModelConfigError(f"llama3 rope_scaling needs '{key}' as a positive number ({got}); it needs "
+                                   f"{', '.join(LLAMA3_ROPE_KEYS)}")
+    if scaling["low_freq_factor"] >= scaling["high_freq_factor"]:
+        raise ModelConfigError(f"llama3 rope_scaling 'low_freq_factor' ({scaling['low_freq_factor']}) must be below "
+                               f"'high_freq_factor' ({scaling['high_freq_factor']})")

@@ -28,6 +28,7 @@ from vllm_mpk.graph.plan import Plan
 from vllm_mpk.graph.schedule import topological_order
 from vllm_mpk.runtime import control, nvshmem
 from vllm_mpk.runtime.control import MegakernelError
+from vllm_mpk.runtime.watchdog import DEFAULT_TIMEOUT_S, check_timeout_s
 
 SYMMETRIC_ROLES = (Role.SYMMETRIC, Role.EXCHANGE)
 
@@ -125,7 +126,7 @@ def build_kernels(plans: Sequence[tuple[Plan, Mapping[str, torch.Tensor]]]) -> N
 
 
 class Megakernel:
-    def __init__(self, plan: Plan, tensors: Mapping[str, torch.Tensor], *, timeout_s: float = 2.0,
+    def __init__(self, plan: Plan, tensors: Mapping[str, torch.Tensor], *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  profile: bool | torch.Tensor = False, error_flag: torch.Tensor | None = None,
                  prefetch: PrefetchPolicy = PrefetchPolicy()):
         """``profile``: True to record per-task timestamps into ``self.profile``, or an int64 CUDA
@@ -144,7 +145,7 @@ class Megakernel:
             raise ValueError(f"the plan has {plan.num_workers} workers but {torch.cuda.get_device_name(device)} has "
                              f"{sms} SMs; a persistent kernel needs one resident worker per SM")
         topological_order(plan.tasks, plan.events)
-        self.plan, self.device, self.timeout_ns = plan, device, int(timeout_s * 1e9)
+        self.plan, self.device, self.timeout_ns = plan, device, int(check_timeout_s(timeout_s) * 1e9)
         self.tensors = bind_tensors(plan, tensors, device)
         spec, table = kernel_spec(plan, self.tensors, prefetch)
         self.prefetch = prefetch
