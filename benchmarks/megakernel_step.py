@@ -40,12 +40,12 @@ from vllm_mpk.bench.read_roof import read_roof_tbps
 from vllm_mpk.codegen.tables import PrefetchPolicy
 from vllm_mpk.demo import weight_bytes
 from vllm_mpk.graph.reference import ReferenceExecutor
+from vllm_mpk.graph.step_state import contiguous_block_tables, step_inputs
 from vllm_mpk.models import DecodeOptions, ModelSpec, build_decoder
 from vllm_mpk.models.catalog import resolve_model
 from vllm_mpk.models.kv_cache import allocate_kv_caches
 from vllm_mpk.models.weights import expected_shapes, random_weights
 from vllm_mpk.runtime.megakernel import Megakernel, build_kernels
-from vllm_mpk.runtime.meta import contiguous_block_tables, step_inputs
 from vllm_mpk.runtime.profiler import summary, task_spans, write_trace
 from vllm_mpk.runtime.timing import graph_replay_us
 

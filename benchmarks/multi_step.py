@@ -18,9 +18,9 @@ import time
 import torch
 
 from vllm_mpk.demo import PAGE, gpu_model
+from vllm_mpk.graph.step_state import step_inputs
 from vllm_mpk.models.catalog import resolve_model
 from vllm_mpk.models.weights import random_weights
-from vllm_mpk.runtime.meta import step_inputs
 from vllm_mpk.runtime.timing import graph_replay_us
 
 PROMPT = 4  # tokens per prompt: the steps are mostly decode steps

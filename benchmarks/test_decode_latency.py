@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from vllm_mpk.demo import gpu_model, weight_bytes
+from vllm_mpk.graph.step_state import step_inputs
 from vllm_mpk.models.catalog import resolve_model
 from vllm_mpk.models.torch_decode import TorchDecodeStep
 from vllm_mpk.models.weights import random_weights
-from vllm_mpk.runtime.meta import step_inputs
 from vllm_mpk.runtime.timing import graph_replay_us
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

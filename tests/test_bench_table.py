@@ -154,7 +154,7 @@ def test_bench_arguments_parse() -> None:
     assert args.models == ["qwen3-0.6b", "llama-3.1-8b"] and args.batches == [1, 8] and args.impls == ["mpk"]
     assert args.timeout == 120 and args.vllm_compile and not args.table_only
     defaults = cli.build_parser().parse_args(["bench"])
-    assert defaults.models == ["llama-3.1-8b", "llama-3.2-1b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-8b"]
+    assert defaults.models is None  # cmd_bench then takes single_gpu_models()
     assert defaults.batches == [1, 8, 16] and defaults.impls == ["vllm", "mpk", "floor"]
     assert defaults.results == Path("benchmarks/RESULTS.md") and defaults.gpu_memory_utilization == 0.85
     assert defaults.rounds == 1

@@ -12,7 +12,13 @@ import torch
 from vllm_mpk.cli import main
 from vllm_mpk.codegen.ops.linear import MAX_LINEAR_BATCH
 from vllm_mpk.integration import plugin
-from vllm_mpk.models.catalog import UnknownModelError, resolve_model, shipped_config, shipped_models
+from vllm_mpk.models.catalog import (
+    UnknownModelError,
+    resolve_model,
+    shipped_config,
+    shipped_models,
+    single_gpu_models,
+)
 
 # The layers of one decode step (see vllm_mpk/models/decoder.py).
 DECODER_OP_KINDS = ("embed", "rmsnorm_linear", "attention", "linear_with_residual", "rmsnorm_linear_silu_mul",
@@ -89,7 +95,9 @@ def test_generate_on_hopper_runs_the_gpu_demo(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_catalog_resolves_names_and_directories(tmp_path) -> None:
-    assert shipped_models() == ["llama-3.1-8b", "llama-3.2-1b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-8b"]
+    assert shipped_models() == ["llama-3.1-70b", "llama-3.1-8b", "llama-3.2-1b", "qwen3-0.6b", "qwen3-1.7b",
+                                "qwen3-32b", "qwen3-8b"]
+    assert single_gpu_models() == ["llama-3.1-8b", "llama-3.2-1b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-8b"]
     (tmp_path / "config.json").write_text(json.dumps(shipped_config("llama-3.2-1b")))
     from_dir, by_name = resolve_model(str(tmp_path)), resolve_model("Llama-3.2-1B")
     assert from_dir.spec == by_name.spec and from_dir.directory == tmp_path and by_name.directory is None

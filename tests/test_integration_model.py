@@ -207,7 +207,7 @@ def test_decode_steps_match_the_standalone_plan(built: Built) -> None:
                               DecodeOptions(max_batch=len(sequences), max_seq_len=MAX_BLOCKS * PAGE, page_size=PAGE,
                                             num_workers=WORKERS))
     from vllm_mpk.graph.reference import ReferenceExecutor
-    from vllm_mpk.runtime.meta import STEP_INPUT_NAMES
+    from vllm_mpk.graph.step_state import STEP_INPUT_NAMES
 
     ex = ReferenceExecutor(reference.plan, {**reference.kernel.attached,
                                             **{n: torch.zeros(reference.kernel.tensors[n].shape,

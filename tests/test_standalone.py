@@ -9,10 +9,10 @@ import torch
 from tests.helpers import TINY_QWEN3
 from vllm_mpk.check import hf_model, reference_greedy
 from vllm_mpk.graph.reference import ReferenceExecutor
+from vllm_mpk.graph.step_state import step_inputs
 from vllm_mpk.models import DecodeOptions, ModelSpec, build_decoder
 from vllm_mpk.models.kv_cache import allocate_kv_caches
 from vllm_mpk.models.weights import random_weights
-from vllm_mpk.runtime.meta import step_inputs
 
 MAX_BATCH, MAX_SEQ, PAGE = 3, 48, 16
 

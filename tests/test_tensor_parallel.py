@@ -9,10 +9,10 @@ import torch
 from tests.helpers import TINY_QWEN3, config_paths, meta_weights, model_spec
 from vllm_mpk.graph.ranks import SimulatedRanks
 from vllm_mpk.graph.reference import ReferenceExecutor
+from vllm_mpk.graph.step_state import contiguous_block_tables, step_inputs
 from vllm_mpk.models import DecodeOptions, ModelSpec, build_decoder
 from vllm_mpk.models.kv_cache import allocate_kv_caches
 from vllm_mpk.models.weights import random_weights, shard_weights
-from vllm_mpk.runtime.meta import contiguous_block_tables, step_inputs
 
 BATCH, MAX_SEQ, PAGE = 3, 64, 16
 WIDER_QWEN3 = {**TINY_QWEN3, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 8,

@@ -14,11 +14,11 @@ from vllm_mpk.graph.ir import Access, Op, Role, Task, TensorHandle
 from vllm_mpk.graph.plan import Plan
 from vllm_mpk.graph.reference import ReferenceExecutor
 from vllm_mpk.graph.schedule import predecessors
+from vllm_mpk.graph.step_state import contiguous_block_tables, step_inputs
 from vllm_mpk.graph.validate import check_no_deadlock, validate
 from vllm_mpk.models import DecodeModel, DecodeOptions, ModelSpec, build_decoder
 from vllm_mpk.models.kv_cache import allocate_kv_caches
 from vllm_mpk.models.weights import random_weights
-from vllm_mpk.runtime.meta import contiguous_block_tables, step_inputs
 
 BLOCK = (128, 1, 1)
 BATCH, MAX_LEN, PAGE = 2, 40, 16

@@ -37,7 +37,7 @@ from vllm_mpk.graph.ir import Op, Role, TensorHandle
 from vllm_mpk.graph.ops import REGISTRY
 from vllm_mpk.graph.plan import Plan, build_plan
 from vllm_mpk.graph.reference import ReferenceExecutor
-from vllm_mpk.runtime.meta import STEP_INPUT_NAMES, contiguous_block_tables
+from vllm_mpk.graph.step_state import STEP_INPUT_NAMES, contiguous_block_tables
 from vllm_mpk.runtime.standalone import StepExecutor, decode, decode_in_one_launch
 from vllm_mpk.runtime.watchdog import DEFAULT_TIMEOUT_S, check_timeout_s
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_mpk.graph.step_state import contiguous_block_tables
 from vllm_mpk.models import DecodeModel, DecodeOptions, ModelSpec, build_decoder
 from vllm_mpk.models.kv_cache import allocate_kv_caches
 from vllm_mpk.models.weights import split_to_hf
-from vllm_mpk.runtime.meta import contiguous_block_tables
 from vllm_mpk.runtime.standalone import StepExecutor, decode
 
 BF16_LOGITS_TOLERANCE = 3e-2  # relative L2 error of logits with bf16 weights and activations

@@ -28,11 +28,17 @@ from vllm_mpk.bench.worker import IMPLS, EngineConfig
 from vllm_mpk.check import CheckResult, check_model
 from vllm_mpk.codegen.ops.linear import MAX_LINEAR_BATCH
 from vllm_mpk.graph.schedule import POLICIES
+from vllm_mpk.graph.step_state import step_inputs
 from vllm_mpk.models import DecodeModel, DecodeOptions, ModelSpec, build_decoder
-from vllm_mpk.models.catalog import DEFAULT_MODEL, ResolvedModel, resolve_model, shipped_config, shipped_models
+from vllm_mpk.models.catalog import (
+    DEFAULT_MODEL,
+    ResolvedModel,
+    resolve_model,
+    shipped_config,
+    single_gpu_models,
+)
 from vllm_mpk.models.kv_cache import allocate_kv_caches
 from vllm_mpk.models.weights import expected_shapes, load_checkpoint, random_weights
-from vllm_mpk.runtime.meta import step_inputs
 
 EXIT_OK, EXIT_FAILED, EXIT_UNAVAILABLE = 0, 1, 2
 GENERATE_CHECK_LAYERS = 2
@@ -349,6 +355,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.analyze_trace:
         return analyze_traces(args.analyze_trace, args.gap_us)
     check_bench_files(args.rows, args.results, args.table_only)
+    args.models = args.models or single_gpu_models()
     for model in args.models:
         shipped_config(model)  # UnknownModelError (exit 2) before any engine starts
     if not 2 <= args.profile_tokens <= args.new_tokens or not 0 <= args.profile_stack_tokens <= args.new_tokens:
@@ -447,7 +454,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     d = EngineConfig("", "")
     b = sub.add_parser("bench", help="TPOT and forward time under vLLM, stock vs --model-impl mpk, each engine in "
                        "its own process; rewrites the table in RESULTS.md")
-    b.add_argument("--models", nargs="+", type=str.lower, default=shipped_models(), help="shipped config names")
+    b.add_argument("--models", nargs="+", type=str.lower,
+                   help="shipped config names (default: every shipped config that fits one GPU)")
     b.add_argument("--batches", nargs="+", type=POSITIVE, default=list(d.batches))
     b.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
                    help="stock vLLM, --model-impl mpk, and floor: stock with one decoder layer (vLLM's per-step floor)")

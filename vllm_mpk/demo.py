@@ -9,10 +9,10 @@ from collections.abc import Mapping
 
 import torch
 
+from vllm_mpk.graph.step_state import contiguous_block_tables, step_inputs
 from vllm_mpk.models import DecodeModel, DecodeOptions, ModelSpec, build_decoder
 from vllm_mpk.models.kv_cache import allocate_kv_caches
 from vllm_mpk.models.torch_decode import TorchDecodeStep
-from vllm_mpk.runtime.meta import contiguous_block_tables, step_inputs
 from vllm_mpk.runtime.timing import graph_replay_us
 
 PAGE = 16

@@ -20,12 +20,12 @@ from collections.abc import Mapping
 
 import torch
 
+from vllm_mpk.graph.step_state import contiguous_block_tables
 from vllm_mpk.models import DecodeOptions, build_decoder
 from vllm_mpk.models.catalog import resolve_model
 from vllm_mpk.models.kv_cache import allocate_kv_caches
 from vllm_mpk.models.spec import ModelSpec
 from vllm_mpk.models.weights import random_weights, shard_weights
-from vllm_mpk.runtime.meta import contiguous_block_tables
 
 PAGE = 16
 

@@ -20,11 +20,11 @@ from vllm_mpk.codegen.tables import PrefetchPolicy
 from vllm_mpk.codegen.tasks import UnsupportedOnGPU
 from vllm_mpk.demo import gpu_model
 from vllm_mpk.graph.ir import Role
+from vllm_mpk.graph.step_state import step_inputs
 from vllm_mpk.models.weights import random_weights
 from vllm_mpk.runtime import control
 from vllm_mpk.runtime.control import MegakernelError
 from vllm_mpk.runtime.megakernel import Megakernel, build_kernels
-from vllm_mpk.runtime.meta import step_inputs
 
 pytestmark = pytest.mark.gpu
 OP_TESTS = all_op_tests()

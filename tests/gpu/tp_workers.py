@@ -20,12 +20,12 @@ import torch.multiprocessing as mp
 
 from tests.helpers import model_spec
 from vllm_mpk import PersistentKernel
+from vllm_mpk.graph.step_state import contiguous_block_tables, step_inputs
 from vllm_mpk.models import DecodeOptions, build_decoder
 from vllm_mpk.models.kv_cache import allocate_kv_caches
 from vllm_mpk.models.weights import random_weights, shard_weights
 from vllm_mpk.runtime import nvshmem
 from vllm_mpk.runtime.control import MegakernelError
-from vllm_mpk.runtime.meta import contiguous_block_tables, step_inputs
 
 BATCH, MAX_SEQ, PAGE, STEPS = 4, 64, 16, 8
 START = torch.tensor([40, 17, 33, 2])  # positions of the first decoded token; histories are random

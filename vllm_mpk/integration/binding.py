@@ -80,7 +80,7 @@ def widen_rows(t: torch.Tensor, rows: int, what: str) -> torch.Tensor:
 
 def step_buffers(input_ids: torch.Tensor, positions: torch.Tensor, batch: DecodeBatch,
                  max_batch: int) -> dict[str, torch.Tensor]:
-    """vLLM's per-step buffers as the plan's step inputs (``runtime/meta.py:STEP_INPUT_NAMES``)."""
+    """vLLM's per-step buffers as the plan's step inputs (``graph/step_state.py:STEP_INPUT_NAMES``)."""
     return {
         "input_ids": widen_rows(input_ids, max_batch, "input_ids"),
         "positions": widen_rows(positions, max_batch, "positions"),

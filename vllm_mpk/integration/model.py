@@ -56,7 +56,7 @@ from vllm_mpk.integration.tensor_parallel import (
     tp_rank_and_size,
     vocab_problem,
 )
-from vllm_mpk.models.decoder import DecodeOptions, build_decoder
+from vllm_mpk.models.decoder import build_decoder
 from vllm_mpk.models.spec import ModelSpec
 from vllm_mpk.models.weights import EMBED
 from vllm_mpk.runtime import control
@@ -276,10 +276,8 @@ class MpkRuntime:
         plans, splits = {}, {}
         for size in plan_batches(self.max_batch):
             buffers = step_buffers(input_ids, positions, batch, size)
-            options = DecodeOptions(max_batch=size, max_seq_len=buffers["block_tables"].shape[1] * page,
-                                    page_size=page, num_workers=workers, block_dim=self.options.block_dim,
-                                    schedule=self.options.schedule, world_size=world, rank=rank, final="hidden",
-                                    kv_splits=self.options.kv_splits)
+            options = self.options.decode_options(batch=size, max_seq_len=buffers["block_tables"].shape[1] * page,
+                                                  page_size=page, num_workers=workers, world_size=world, rank=rank)
             decoder = build_decoder(spec, weights, kv_caches, options, rope_cache=rope)
             self.hidden = decoder.hidden.name
             plans[size] = (decoder.plan, {**decoder.kernel.attached, **buffers})

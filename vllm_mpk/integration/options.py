@@ -59,6 +59,15 @@ class MpkOptions:
             raise MpkOptionsError(f'unknown additional_config["mpk"] keys {unknown}; known keys: {known}')
         return cls(**raw)
 
+    def decode_options(self, *, batch: int, max_seq_len: int, page_size: int, num_workers: int, world_size: int,
+                       rank: int) -> DecodeOptions:
+        """The plan options of one batch size's megakernel under vLLM: these options, vLLM's
+        geometry (pages, workers, ranks), and a plan that ends at the final RMSNorm (vLLM's
+        ``compute_logits`` and sampler take the hidden state)."""
+        return DecodeOptions(max_batch=batch, max_seq_len=max_seq_len, page_size=page_size, num_workers=num_workers,
+                             block_dim=self.block_dim, schedule=self.schedule, kv_splits=self.kv_splits,
+                             world_size=world_size, rank=rank, final="hidden")
+
     @classmethod
     def from_vllm_config(cls, vllm_config: Any) -> MpkOptions:
         extra = getattr(vllm_config, "additional_config", None) or {}

@@ -5,13 +5,16 @@ name of a shipped config such as ``qwen3-0.6b``."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from vllm_mpk.models.spec import ModelConfigError, ModelSpec
+from vllm_mpk.models.weights import expected_shapes
 
 DEFAULT_MODEL = "qwen3-0.6b"
+ONE_GPU_WEIGHT_BYTES = 40 << 30  # bf16 weights that leave an 80 GB card room for KV cache and a second engine
 
 
 class UnknownModelError(ValueError):
@@ -29,6 +32,18 @@ def shipped_models() -> list[str]:
     """Names of the configs shipped with the package, e.g. ``["llama-3.1-8b", ..., "qwen3-8b"]``."""
     folder = resources.files("vllm_mpk") / "configs"
     return sorted(f.name.removesuffix(".json") for f in folder.iterdir() if f.name.endswith(".json"))
+
+
+def single_gpu_models() -> list[str]:
+    """The shipped configs whose bf16 weights fit one GPU with room to spare (the others, e.g.
+    ``llama-3.1-70b``, are shipped to be planned and run with tensor parallelism)."""
+    return [name for name in shipped_models() if weight_bytes(ModelSpec.from_hf_config(shipped_config(name)))
+            <= ONE_GPU_WEIGHT_BYTES]
+
+
+def weight_bytes(spec: ModelSpec) -> int:
+    """Bytes of the model's bf16 weights (the embedding and an untied lm_head included)."""
+    return 2 * sum(math.prod(shape) for shape in expected_shapes(spec).values())
 
 
 def shipped_config(name: str) -> dict:

@@ -54,7 +54,7 @@ class TorchDecodeStep:
         return out.reshape(b, -1)
 
     def __call__(self, s: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Logits (float32) of one step; ``s`` holds the step inputs (runtime.meta.StepInputs)."""
+        """Logits (float32) of one step; ``s`` holds the step inputs (graph.step_state.StepInputs)."""
         w, eps = self.weights, self.spec.rms_norm_eps
         x = w[EMBED][s["input_ids"].long()]
         for i in range(self.spec.num_layers):

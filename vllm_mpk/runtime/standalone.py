@@ -18,7 +18,7 @@ import torch
 
 from vllm_mpk.graph.ir import Op
 from vllm_mpk.graph.ops import REGISTRY, Env
-from vllm_mpk.runtime.meta import advance, step_inputs
+from vllm_mpk.graph.step_state import advance, step_inputs
 
 
 class StepExecutor(Protocol):
