@@ -22,6 +22,7 @@ from vllm_mpk.integration.degrade import (  # noqa: E402
     FAILED,
     GuardedOutput,
     StepGuard,
+    _wrap_execute_model,
     fail_requests,
     stop_replaying,
 )
@@ -98,6 +99,26 @@ def test_a_stop_fails_the_steps_it_reached_and_no_later_one() -> None:
     assert fourth.sampled_token_ids == [[7]] and not hasattr(fourth, FAILED)
     guard.degrade(runner)  # already off: nothing more
     assert runtime.degraded == 1
+
+
+def test_the_degrade_hook_resets_what_a_forward_built_under_inference_mode() -> None:
+    """vLLM runs every forward under ``torch.inference_mode``, so the megakernel built there has
+    inference tensors (counters, control block, error words). The hook turns it off before
+    ``Worker.execute_model``'s own inference mode begins; zeroing them must still work."""
+    with torch.inference_mode():  # where the first decode forward builds the megakernel
+        runtime = FakeRuntime()
+        runtime.word[0] = 1  # and where its launch raises the word
+    guard = StepGuard(runtime)
+    worker = SimpleNamespace(model_runner=SimpleNamespace(model=SimpleNamespace(_mpk=SimpleNamespace(guard=guard))))
+    ran: list[Any] = []
+
+    @torch.inference_mode()
+    def execute_model(self: Any, scheduler_output: Any) -> None:  # vLLM's, decorated as in gpu_worker.py
+        ran.append(scheduler_output)
+
+    marked = SimpleNamespace(**{DEGRADE: True})
+    _wrap_execute_model(execute_model)(worker, marked)
+    assert runtime.degraded == 1 and not runtime.stop_raised() and ran == [marked]
 
 
 def test_the_runners_stop_replaying_the_megakernels_full_graphs() -> None:

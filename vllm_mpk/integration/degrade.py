@@ -42,6 +42,7 @@ import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from vllm.config import CUDAGraphMode
 from vllm.v1.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 
@@ -76,12 +77,16 @@ class StepGuard:
         return output
 
     def degrade(self, model_runner: Any) -> None:
-        """Before a step's forward, on every rank: the megakernel off for good."""
+        """Before a step's forward, on every rank: the megakernel off for good. Runs under inference
+        mode, as vLLM's forwards do: the megakernel was built inside one, so the counters and words
+        its reset zeroes are inference tensors (the hook runs before ``Worker.execute_model``'s own
+        ``torch.inference_mode``)."""
         if self.runtime.disabled is not None:
             return
         self.launched_before_reset = self.issued  # before the reset lowers the words (see settle)
         stop_replaying(model_runner, set(self.runtime.megakernel_graphs))
-        self.runtime.degrade()
+        with torch.inference_mode():
+            self.runtime.degrade()
 
 
 class GuardedOutput(AsyncModelRunnerOutput):
