@@ -381,6 +381,18 @@ def test_speculative_decoding_falls_back(built: Built, stock_calls: list[int], m
     assert "speculative" in (mpk.disabled or "") and len(stock_calls) == 1
 
 
+def test_the_ray_executor_falls_back(built: Built, stock_calls: list[int], monkeypatch: pytest.MonkeyPatch,
+                                     tmp_path: Path) -> None:
+    """Ray's workers call the model runner past the Worker hooks that keep a stopped step's tokens
+    from clients, so the megakernel must not run there."""
+    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
+    mpk = fresh.model._mpk
+    monkeypatch.setattr(mpk, "vllm_config", SimpleNamespace(parallel_config=SimpleNamespace(
+        distributed_executor_backend="ray")))
+    Runner(fresh, [[1]]).step([(0, 5, 0)], 1)
+    assert "Ray executor" in (mpk.disabled or "") and len(stock_calls) == 1
+
+
 def test_full_cudagraphs_for_mixed_batches_fall_back(built: Built, stock_calls: list[int],
                                                      monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """cudagraph_mode=FULL replays a graph captured from a one-token-per-request dummy batch for

@@ -149,7 +149,8 @@ __device__ __forceinline__ void barrier_arrive(uint64_t* bar) {
 // copy would corrupt. So the wait goes on, for the same bound again, before it gives up: a copy
 // that was issued lands within that, and a phase still pending then waits for bytes that no copy
 // brings (an expect without its copy), so nothing is in flight when the block goes on or exits.
-// The stop takes at most twice the timeout, and the CUDA context stays usable.
+// One wait gives up after at most twice the timeout; a caller that then drains its other buffer
+// (attention) waits up to that long again. The CUDA context stays usable.
 //
 // Every lane of the calling warp calls it. Returns, alike in every lane, true once the barrier's
 // phase of this parity has completed (acquire: the copies' bytes are visible), late or not; false

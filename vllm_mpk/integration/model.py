@@ -238,6 +238,10 @@ class MpkRuntime:
             return "LoRA adapters are not supported"
         if getattr(getattr(vc, "parallel_config", None), "decode_context_parallel_size", 1) != 1:
             return "decode context parallelism is not supported"
+        if getattr(getattr(vc, "parallel_config", None), "distributed_executor_backend", None) == "ray":
+            # Ray's workers call the model runner directly, past the Worker methods whose hooks keep
+            # a stopped step's tokens from clients (integration/degrade.py).
+            return "the Ray executor is not supported (use the default multiprocessing executor)"
         if getattr(vc, "speculative_config", None) is not None:
             # Verification batches are never pure decode, and EAGLE-3 needs auxiliary hidden
             # states from the forward, which the megakernel does not return.
