@@ -3,6 +3,7 @@ own parsers, its result files, the tables, and the runner end to end against a f
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import random
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -119,6 +121,9 @@ def test_latency_arguments_parse_with_vllm_bench_latency(vllm_parser) -> None:
     assert args.additional_config == {"mpk": {"max_batch": 32, "strict": True}}  # the largest plan there is
     stock = vllm_parser(add_cli_args).parse_args(latency_args("/m", "vllm", 8, 128, 256, "/o.json"))
     assert stock.model_impl == "vllm" and not stock.additional_config
+    assert (stock.num_iters, stock.num_iters_warmup) == (30, 10)  # vLLM's, unless given
+    fewer = vllm_parser(add_cli_args).parse_args(latency_args("/m", "vllm", 8, 128, 256, "/o.json", 5, 0))
+    assert (fewer.num_iters, fewer.num_iters_warmup) == (5, 0)
 
 
 def test_server_arguments_parse_with_vllm_serve(vllm_parser) -> None:
@@ -327,6 +332,22 @@ def test_a_server_that_never_gets_healthy_fails_its_concurrencies(tmp_path: Path
     assert [(r["impl"], r["concurrency"]) for r in rows] == [("vllm", 1), ("vllm", 4), ("mpk", 1), ("mpk", 4)]
     assert all("vllm serve not healthy after 1 s" in r["error"] for r in rows)
     assert all_gone(fake_vllm)
+
+
+def test_a_port_that_already_answers_starts_no_server(tmp_path: Path, fake_vllm: Path) -> None:
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+    other = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        rows = run_fake(tmp_path, ("serve",), settings(repeats=1, port=other.server_address[1]))
+    finally:
+        other.shutdown()
+    assert len(rows) == 4 and all("already answers /health" in r["error"] for r in rows)
+    assert not fake_vllm.exists()  # no vllm was started
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -426,7 +426,8 @@ def cmd_bench_vllm(args: argparse.Namespace) -> int:
             models=tuple(models), impls=tuple(args.impls), batches=tuple(args.batches),
             input_lens=tuple(args.input_lens), output_len=args.output_len, concurrencies=tuple(args.concurrencies),
             serve_input_len=args.serve_input_len, serve_output_len=args.serve_output_len,
-            prompts_per_concurrency=args.prompts_per_concurrency, repeats=args.repeats, port=args.port,
+            prompts_per_concurrency=args.prompts_per_concurrency, repeats=args.repeats, num_iters=args.num_iters,
+            num_iters_warmup=args.num_iters_warmup, port=args.port,
             timeout_s=args.timeout, server_start_s=args.server_timeout)
         log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="vllm_mpk_bench_vllm_"))
         model_root = args.model_root or log_dir / "models"
@@ -549,7 +550,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def add_bench_vllm_parser(sub: argparse._SubParsersAction) -> None:
-    d = VllmToolSettings()
+    d = VllmToolSettings(models=())
     b = sub.add_parser("bench-vllm", help="vLLM's own bench latency and bench serve, stock vs --model-impl mpk, in "
                        "vLLM's default settings, each engine in its own process; rewrites their section of RESULTS.md")
     b.add_argument("--models", nargs="+", type=str.lower,
@@ -561,6 +562,10 @@ def add_bench_vllm_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--input-lens", nargs="+", type=POSITIVE, default=list(d.input_lens),
                    help="vllm bench latency --input-len values")
     b.add_argument("--output-len", type=POSITIVE, default=d.output_len, help="vllm bench latency --output-len")
+    b.add_argument("--num-iters", type=POSITIVE, default=d.num_iters,
+                   help="vllm bench latency --num-iters (default vLLM's)")
+    b.add_argument("--num-iters-warmup", type=int_in(0), default=d.num_iters_warmup,
+                   help="vllm bench latency --num-iters-warmup (default vLLM's)")
     b.add_argument("--concurrencies", nargs="+", type=POSITIVE, default=list(d.concurrencies),
                    help="vllm bench serve --max-concurrency values")
     b.add_argument("--serve-input-len", type=POSITIVE, default=d.serve_input_len,

@@ -46,7 +46,7 @@ MODEL_DIR = "$MODEL_DIR"  # the model directory as the recorded commands show it
 class Settings:
     """What one run measures, and its limits."""
 
-    models: tuple[str, ...] = ("qwen3-0.6b",)
+    models: tuple[str, ...]  # shipped config names
     impls: tuple[str, ...] = IMPLS
     batches: tuple[int, ...] = (1, 8, 16, 32)
     input_lens: tuple[int, ...] = (128, 2048)
@@ -56,6 +56,8 @@ class Settings:
     serve_output_len: int = 256
     prompts_per_concurrency: int = 4  # --num-prompts = this × the concurrency (at least 16)
     repeats: int = 3
+    num_iters: int | None = None  # vllm bench latency --num-iters and --num-iters-warmup; None: vLLM's (30, 10)
+    num_iters_warmup: int | None = None
     port: int = 8321
     timeout_s: float = 900.0  # per vllm bench latency or vllm bench serve process
     server_start_s: float = 900.0  # until vllm serve answers /health
@@ -75,10 +77,14 @@ def mpk_args(impl: str, max_batch: int) -> list[str]:
     return args
 
 
-def latency_args(model_dir: str, impl: str, batch: int, input_len: int, output_len: int, output_json: str) -> list[str]:
-    """The arguments of ``vllm bench latency`` (after ``bench latency``)."""
+def latency_args(model_dir: str, impl: str, batch: int, input_len: int, output_len: int, output_json: str,
+                 num_iters: int | None = None, num_iters_warmup: int | None = None) -> list[str]:
+    """The arguments of ``vllm bench latency`` (after ``bench latency``); its iteration counts only
+    where given."""
+    iters = [*(["--num-iters", str(num_iters)] if num_iters else []),
+             *(["--num-iters-warmup", str(num_iters_warmup)] if num_iters_warmup is not None else [])]
     return ["--model", model_dir, "--load-format", "dummy", *mpk_args(impl, batch), "--batch-size", str(batch),
-            "--input-len", str(input_len), "--output-len", str(output_len), "--output-json", output_json]
+            "--input-len", str(input_len), "--output-len", str(output_len), *iters, "--output-json", output_json]
 
 
 def serve_args(model_dir: str, impl: str, port: int, max_concurrency: int) -> list[str]:
@@ -183,7 +189,8 @@ def latency_rows(settings: Settings, dirs: dict[str, Path], log_dir: Path,
                         name = f"latency-{model}-{impl}-b{batch}-i{input_len}-r{repeat}"
                         out = log_dir / f"{name}.json"
                         command = [vllm, "bench", "latency", *latency_args(
-                            str(dirs[model]), impl, batch, input_len, settings.output_len, str(out))]
+                            str(dirs[model]), impl, batch, input_len, settings.output_len, str(out),
+                            settings.num_iters, settings.num_iters_warmup)]
                         row: Row = {"bench": "latency", "model": model, "impl": impl, "batch": batch,
                                     "input_len": input_len, "output_len": settings.output_len, "repeat": repeat,
                                     "command": shown(command, str(dirs[model]))}
@@ -216,6 +223,10 @@ def serve_one(settings: Settings, vllm: str, model: str, model_dir: str, impl: s
     rows = [{"bench": "serve", "model": model, "impl": impl, "concurrency": c, "input_len": settings.serve_input_len,
              "output_len": settings.serve_output_len, "repeat": repeat, "server_command": shown(server, model_dir)}
             for c in settings.concurrencies]
+    if healthy(settings.port):  # another server would answer for this one
+        for row in rows:
+            on_row({**row, "error": f"port {settings.port} already answers /health: stop that server or give --port"})
+        return
     with log.open("w") as out:
         proc = subprocess.Popen(server, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, **nvshmem.ENVIRONMENT})
