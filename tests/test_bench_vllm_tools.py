@@ -197,6 +197,16 @@ def test_render_gives_medians_spreads_ratio_and_the_commands() -> None:
         assert command in text
 
 
+def test_render_takes_each_benchmarks_latest_run() -> None:
+    older = {"run": "2026-01-01T00:00:00Z", "card": "NVIDIA H200", "commit": "0ld0000"}
+    text = render([{**serve_row("vllm", 0, 5.0), **older}, {**serve_row("mpk", 0, 4.0), **older},
+                   latency_row("vllm", 0, 2.0), latency_row("mpk", 0, 1.0)])
+    assert "| qwen3-0.6b | 4 | TPOT p50 (ms) | 5 | 5–5 | 4 | 4–4 | 0.800 | yes |" in text
+    assert "Card: NVIDIA H200. Run 2026-01-01T00:00:00Z, commit 0ld0000" in text.split("vllm bench serve")[1]
+    assert "abc1234" in text.split("vllm bench serve")[0]
+    assert render([]).startswith("No run yet")
+
+
 def test_render_lists_failures_and_leaves_an_impl_without_values_na() -> None:
     text = render([latency_row("vllm", 0, 2.0), latency_row("mpk", 0, 0.0, error="exit 1: RuntimeError: boom")])
     assert "| qwen3-0.6b | 8 | 128 | 2 | 2–2 | n/a | n/a | n/a | n/a |" in text

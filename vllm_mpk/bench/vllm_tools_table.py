@@ -1,7 +1,7 @@
 """The markdown of ``vllm-mpk bench-vllm``'s section of benchmarks/RESULTS.md, from its rows
 (``vllm_mpk.bench.vllm_tools``). Pure functions: no GPU, no vLLM.
 
-The section shows the latest run: per model and setting, the median over the run's repeats of
+The section shows each benchmark's latest run: per model and setting, the median over the run's repeats of
 stock vLLM and of ``--model-impl mpk``, each one's spread (min–max over the repeats), their ratio
 and whether the spreads are apart (the difference is larger than the repeats move), then every
 command the run used, so that anyone can run them again.
@@ -23,6 +23,8 @@ SERVE_METRICS = (("p50_ttft_ms", "TTFT p50 (ms)"), ("p99_ttft_ms", "TTFT p99 (ms
                  ("p50_itl_ms", "ITL p50 (ms)"), ("p99_itl_ms", "ITL p99 (ms)"),
                  ("output_throughput", "output tokens/s"))
 COLUMNS = ("vLLM", "vLLM spread", "mpk", "mpk spread", "mpk / vLLM", "apart")
+METHOD = ("vLLM's default settings, each engine in its own process, repeats interleaved between the impls. "
+          "Medians over the repeats; spread: min–max over them; apart: the spreads do not overlap.")
 PREPARE = ("`vllm-mpk bench-vllm --prepare-models DIR` writes `DIR/<model>` (the shipped config.json and a "
            "tokenizer of the model's vocabulary); `MODEL_DIR=DIR/<model>`. Weights are vLLM's dummy weights.")
 
@@ -88,7 +90,7 @@ def latency_section(rows: list[Row]) -> list[str]:
 
     output = rows[0]["output_len"]
     return [f"### `vllm bench latency`: seconds to generate {output} tokens per request (median of vLLM's "
-            "iterations)", "", *table(rows, setting, ("model", "batch", "input"), (("latency_s", "latency (s)"),)),
+            "iterations)", "", stamp(rows), "", *table(rows, setting, ("model", "batch", "input"), (("latency_s", "latency (s)"),)),
             "", *failures(rows, setting), *commands(rows, ("command",))]
 
 
@@ -98,25 +100,28 @@ def serve_section(rows: list[Row]) -> list[str]:
 
     first = rows[0]
     return [f"### `vllm bench serve`: random dataset, {first['input_len']} input and {first['output_len']} output "
-            "tokens per request", "", *table(rows, setting, ("model", "concurrency"), SERVE_METRICS), "",
+            "tokens per request", "", stamp(rows), "", *table(rows, setting, ("model", "concurrency"), SERVE_METRICS), "",
             *failures(rows, setting), *commands(rows, ("server_command", "command"))]
 
 
-def render(rows: Iterable[Row]) -> str:
-    """The section's markdown for the latest run in ``rows``."""
-    rows = latest_run(rows)
-    if not rows:
-        return "No run yet: `vllm-mpk bench-vllm` on a Hopper GPU fills this section."
+def stamp(rows: list[Row]) -> str:
+    """The card, run, commit and repeats of one benchmark's rows."""
     first = rows[0]
     repeats = max(r["repeat"] for r in rows) + 1
-    lines = [f"Card: {first['card']}. Run {first['run']}, commit {first['commit']}. vLLM's default settings, each "
-             f"engine in its own process; {repeats} repeat(s) per setting, interleaved between the impls. Medians "
-             "over the repeats; spread: min–max over them; apart: the spreads do not overlap.", "", PREPARE]
+    return f"Card: {first['card']}. Run {first['run']}, commit {first['commit']}, {repeats} repeat(s) per setting."
+
+
+def render(rows: Iterable[Row]) -> str:
+    """The section's markdown: each benchmark's latest run in ``rows``."""
+    rows = list(rows)
+    sections = []
     for bench, section in (("latency", latency_section), ("serve", serve_section)):
-        picked = [r for r in rows if r["bench"] == bench]
+        picked = latest_run(r for r in rows if r["bench"] == bench)
         if picked:
-            lines += ["", *section(picked)]
-    return "\n".join(lines)
+            sections += ["", *section(picked)]
+    if not sections:
+        return "No run yet: `vllm-mpk bench-vllm` on a Hopper GPU fills this section."
+    return "\n".join([METHOD, "", PREPARE, *sections])
 
 
 def update_results(results: Path, rows: Iterable[Row]) -> str:
