@@ -201,7 +201,7 @@ def test_render_takes_each_benchmarks_latest_run() -> None:
     older = {"run": "2026-01-01T00:00:00Z", "card": "NVIDIA H200", "commit": "0ld0000"}
     text = render([{**serve_row("vllm", 0, 5.0), **older}, {**serve_row("mpk", 0, 4.0), **older},
                    latency_row("vllm", 0, 2.0), latency_row("mpk", 0, 1.0)])
-    assert "| qwen3-0.6b | 4 | TPOT p50 (ms) | 5 | 5–5 | 4 | 4–4 | 0.800 | yes |" in text
+    assert "| qwen3-0.6b | 4 | TPOT p50 (ms) | 5 | 5–5 | 4 | 4–4 | 0.800 | n/a |" in text  # one repeat: no spread
     assert "Card: NVIDIA H200. Run 2026-01-01T00:00:00Z, commit 0ld0000" in text.split("vllm bench serve")[1]
     assert "abc1234" in text.split("vllm bench serve")[0]
     assert render([]).startswith("No run yet")
@@ -394,7 +394,7 @@ def test_cli_redraws_the_table_from_rows(tmp_path: Path) -> None:
     rows, results = tmp_path / "rows.jsonl", tmp_path / "RESULTS.md"
     rows.write_text(json.dumps(latency_row("vllm", 0, 2.0)) + "\n" + json.dumps(latency_row("mpk", 0, 1.0)) + "\n")
     assert main(["bench-vllm", "--table-only", "--rows", str(rows), "--results", str(results)]) == 0
-    assert "| qwen3-0.6b | 8 | 128 | 2 | 2–2 | 1 | 1–1 | 0.500 | yes |" in results.read_text()
+    assert "| qwen3-0.6b | 8 | 128 | 2 | 2–2 | 1 | 1–1 | 0.500 | n/a |" in results.read_text()
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -24,7 +24,7 @@ SERVE_METRICS = (("p50_ttft_ms", "TTFT p50 (ms)"), ("p99_ttft_ms", "TTFT p99 (ms
                  ("output_throughput", "output tokens/s"))
 COLUMNS = ("vLLM", "vLLM spread", "mpk", "mpk spread", "mpk / vLLM", "apart")
 METHOD = ("vLLM's default settings, each engine in its own process, repeats interleaved between the impls. "
-          "Medians over the repeats; spread: min–max over them; apart: the spreads do not overlap.")
+          "Medians over the repeats; spread: min–max over them; apart: the spreads (of two or more repeats) do not overlap.")
 PREPARE = ("`vllm-mpk bench-vllm --prepare-models DIR` writes `DIR/<model>` (the shipped config.json and a "
            "tokenizer of the model's vocabulary); `MODEL_DIR=DIR/<model>`. Weights are vLLM's dummy weights.")
 
@@ -41,13 +41,15 @@ def number(value: float) -> str:
 
 
 def cells(stock: list[float], mpk: list[float]) -> list[str]:
-    """Medians, spreads, ratio and whether the spreads are apart; ``n/a`` where an impl has no value."""
+    """Medians, spreads, ratio and whether the spreads are apart; ``n/a`` where an impl has no
+    value (or, for apart, fewer than two)."""
     def spread(values: list[float]) -> str:
         return f"{number(min(values))}–{number(max(values))}" if values else "n/a"
 
     mid = [statistics.median(v) if v else None for v in (stock, mpk)]
     ratio = f"{mid[1] / mid[0]:.3f}" if None not in mid and mid[0] else "n/a"
-    apart = "n/a" if not (stock and mpk) else "yes" if max(stock) < min(mpk) or max(mpk) < min(stock) else "no"
+    apart = ("n/a" if min(len(stock), len(mpk)) < 2  # one value has no spread to compare
+             else "yes" if max(stock) < min(mpk) or max(mpk) < min(stock) else "no")
     return [number(mid[0]) if mid[0] is not None else "n/a", spread(stock),
             number(mid[1]) if mid[1] is not None else "n/a", spread(mpk), ratio, apart]
 
