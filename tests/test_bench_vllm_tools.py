@@ -79,10 +79,11 @@ def test_tokenizer_takes_the_first_of_several_eos_ids_and_refuses_one_outside_th
 
 
 def test_vllm_random_dataset_samples_prompts_of_the_asked_length(model_dir: Path) -> None:
-    from transformers import AutoTokenizer
     from vllm.benchmarks.datasets import RandomDataset
+    from vllm.tokenizers import get_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = get_tokenizer(str(model_dir))  # as vllm bench serve loads it
+    assert tokenizer.vocab_size == shipped_config(MODEL)["vocab_size"]
     requests = RandomDataset(random_seed=0).sample(tokenizer, num_requests=4, input_len=128, output_len=16,
                                                    range_ratio=0.0)
     assert len(requests) == 4
