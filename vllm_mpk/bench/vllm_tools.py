@@ -28,6 +28,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from vllm_mpk.bench.offline_tokenizer import prepare_model_dir
 from vllm_mpk.bench.runner import Row, log_tail, run_id, sigterm_as_exit, with_group_killed
@@ -139,18 +140,45 @@ def serve_result(path: Path) -> Row:
 # processes ------------------------------------------------------------------------------------
 
 
+def start(command: Sequence[str], out: IO[str]) -> subprocess.Popen[bytes]:
+    """``command`` in a process group of its own (NVLink multicast off), output to ``out``."""
+    return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, **nvshmem.ENVIRONMENT})
+
+
+def group_members(pgid: int) -> list[int]:
+    """The processes of group ``pgid`` still running (zombies, which hold no GPU memory, aside)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in "ZX":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def stop(proc: subprocess.Popen[bytes], within_s: float = 60.0) -> None:
+    """Kill ``proc``'s process group and wait (a bounded time) until every member has ended, so
+    that the next engine finds the GPU memory of this one's engine core free."""
+    with_group_killed(proc)
+    deadline = time.monotonic() + within_s
+    while group_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def run_process(command: Sequence[str], log: Path, timeout_s: float) -> str | None:
     """Run ``command`` in its own process group, output to ``log``; None on success, else why
     not. The group is killed however this returns (an interrupt included)."""
     with log.open("w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **nvshmem.ENVIRONMENT})
+        proc = start(command, out)
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             return f"timed out after {timeout_s:.0f} s: {log_tail(log)} (log: {log})"
         finally:
-            with_group_killed(proc)
+            stop(proc)
     return None if rc == 0 else f"exit {rc}: {log_tail(log)} (log: {log})"
 
 
@@ -228,8 +256,7 @@ def serve_one(settings: Settings, vllm: str, model: str, model_dir: str, impl: s
             on_row({**row, "error": f"port {settings.port} already answers /health: stop that server or give --port"})
         return
     with log.open("w") as out:
-        proc = subprocess.Popen(server, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **nvshmem.ENVIRONMENT})
+        proc = start(server, out)
         try:
             error = wait_healthy(proc, settings.port, settings.server_start_s, log)
             for row in rows:
@@ -245,7 +272,7 @@ def serve_one(settings: Settings, vllm: str, model: str, model_dir: str, impl: s
                 else:
                     on_row({**row, "error": error})
         finally:
-            with_group_killed(proc)
+            stop(proc)
 
 
 def card_name() -> str:
