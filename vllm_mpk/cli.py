@@ -20,10 +20,15 @@ from typing import NoReturn
 
 import torch
 
+from vllm_mpk.bench.offline_tokenizer import prepare_model_dir
 from vllm_mpk.bench.profiling import analyze_profiles, engine_profile_dir
 from vllm_mpk.bench.runner import Row, gpu_lanes, run_engines
 from vllm_mpk.bench.table import read_rows, update_results
 from vllm_mpk.bench.trace import analyze_file, format_report, trace_files
+from vllm_mpk.bench.vllm_tools import IMPLS as VLLM_TOOL_IMPLS
+from vllm_mpk.bench.vllm_tools import Settings as VllmToolSettings
+from vllm_mpk.bench.vllm_tools import run as run_vllm_tools
+from vllm_mpk.bench.vllm_tools_table import update_results as update_tool_results
 from vllm_mpk.bench.worker import IMPLS, EngineConfig
 from vllm_mpk.check import CheckResult, check_model
 from vllm_mpk.codegen.ops.linear import MAX_LINEAR_BATCH
@@ -390,6 +395,50 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_FAILED if any("error" in r for r in rows) else EXIT_OK
 
 
+# bench-vllm -------------------------------------------------------------------------------------
+
+
+def print_tool_row(row: Row) -> None:
+    setting = " ".join(f"{k} {row[k]}" for k in ("batch", "input_len", "concurrency") if k in row)
+    values = row.get("error") or ", ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                           if k.endswith(("_s", "_ms", "throughput")))
+    print(f"{row['bench']} {row['model']} {row['impl']} {setting} repeat {row['repeat']}: {values}", flush=True)
+
+
+def cmd_bench_vllm(args: argparse.Namespace) -> int:
+    """vLLM's own ``bench latency`` and ``bench serve``, stock and mpk, each engine in its own
+    process; rows appended to ``--rows``, the section of ``--results`` redrawn from the latest run."""
+    models = args.models or single_gpu_models()
+    for model in models:
+        shipped_config(model)  # UnknownModelError (exit 2) before anything starts
+    if args.prepare_models is not None:
+        for model in models:
+            print(prepare_model_dir(model, args.prepare_models))
+        return EXIT_OK
+    check_bench_files(args.rows, args.results, args.table_only)
+    rows: list[Row] = []
+    if not args.table_only:
+        if (reason := bench_unavailable_reason()) is not None:
+            print(f"vllm-mpk bench-vllm runs vLLM on a GPU: {reason} (--table-only redraws the table)",
+                  file=sys.stderr)
+            return EXIT_UNAVAILABLE
+        settings = VllmToolSettings(
+            models=tuple(models), impls=tuple(args.impls), batches=tuple(args.batches),
+            input_lens=tuple(args.input_lens), output_len=args.output_len, concurrencies=tuple(args.concurrencies),
+            serve_input_len=args.serve_input_len, serve_output_len=args.serve_output_len,
+            prompts_per_concurrency=args.prompts_per_concurrency, repeats=args.repeats, num_iters=args.num_iters,
+            num_iters_warmup=args.num_iters_warmup, port=args.port,
+            timeout_s=args.timeout, server_start_s=args.server_timeout)
+        log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="vllm_mpk_bench_vllm_"))
+        model_root = args.model_root or log_dir / "models"
+        print(f"{', '.join(args.benches)} for {', '.join(models)}; logs and vLLM's result files in {log_dir}",
+              flush=True)
+        rows = run_vllm_tools(settings, args.benches, args.rows, log_dir, model_root, on_row=print_tool_row)
+    print(update_tool_results(args.results, read_rows(args.rows)))
+    print(f"\nrewrote the vLLM tools section of {args.results} from {args.rows}")
+    return EXIT_FAILED if any("error" in r for r in rows) else EXIT_OK
+
+
 # arguments --------------------------------------------------------------------------------------
 
 
@@ -447,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", default="mpk_trace.json", help="where to write the trace (default mpk_trace.json)")
     p.set_defaults(func=cmd_profile)
     add_bench_parser(sub)
+    add_bench_vllm_parser(sub)
     return parser
 
 
@@ -497,6 +547,51 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    "activity during each, for these profiler traces (or every *.pt.trace.json[.gz] under a folder)")
     b.add_argument("--gap-us", type=number_in(0), default=20.0, help="idle gaps listed from this length on (default 20)")
     b.set_defaults(func=cmd_bench)
+
+
+def add_bench_vllm_parser(sub: argparse._SubParsersAction) -> None:
+    d = VllmToolSettings(models=())
+    b = sub.add_parser("bench-vllm", help="vLLM's own bench latency and bench serve, stock vs --model-impl mpk, in "
+                       "vLLM's default settings, each engine in its own process; rewrites their section of RESULTS.md")
+    b.add_argument("--models", nargs="+", type=str.lower,
+                   help="shipped config names (default: every shipped config that fits one GPU)")
+    b.add_argument("--benches", nargs="+", choices=("latency", "serve"), default=["latency", "serve"])
+    b.add_argument("--impls", nargs="+", choices=VLLM_TOOL_IMPLS, default=list(d.impls))
+    b.add_argument("--batches", nargs="+", type=POSITIVE, default=list(d.batches),
+                   help="vllm bench latency --batch-size values")
+    b.add_argument("--input-lens", nargs="+", type=POSITIVE, default=list(d.input_lens),
+                   help="vllm bench latency --input-len values")
+    b.add_argument("--output-len", type=POSITIVE, default=d.output_len, help="vllm bench latency --output-len")
+    b.add_argument("--num-iters", type=POSITIVE, default=d.num_iters,
+                   help="vllm bench latency --num-iters (default vLLM's)")
+    b.add_argument("--num-iters-warmup", type=int_in(0), default=d.num_iters_warmup,
+                   help="vllm bench latency --num-iters-warmup (default vLLM's)")
+    b.add_argument("--concurrencies", nargs="+", type=POSITIVE, default=list(d.concurrencies),
+                   help="vllm bench serve --max-concurrency values")
+    b.add_argument("--serve-input-len", type=POSITIVE, default=d.serve_input_len,
+                   help="vllm bench serve --random-input-len")
+    b.add_argument("--serve-output-len", type=POSITIVE, default=d.serve_output_len,
+                   help="vllm bench serve --random-output-len")
+    b.add_argument("--prompts-per-concurrency", type=POSITIVE, default=d.prompts_per_concurrency,
+                   help="vllm bench serve --num-prompts is this times the concurrency, at least 16")
+    b.add_argument("--repeats", type=POSITIVE, default=d.repeats,
+                   help="runs of each setting, interleaved between the impls")
+    b.add_argument("--port", type=int_in(1, 65535), default=d.port, help="vllm serve's port")
+    b.add_argument("--timeout", type=number_in(0), default=d.timeout_s,
+                   help="seconds per vllm bench latency or vllm bench serve process")
+    b.add_argument("--server-timeout", type=number_in(0), default=d.server_start_s,
+                   help="seconds vllm serve may take to answer /health")
+    b.add_argument("--results", type=Path, default=Path("benchmarks/RESULTS.md"), help="markdown file to update")
+    b.add_argument("--rows", type=Path, default=Path("benchmarks/vllm_tools.jsonl"),
+                   help="JSON lines: new rows are appended, the section is drawn from the latest run")
+    b.add_argument("--table-only", action="store_true", help="redraw the section from --rows; run nothing")
+    b.add_argument("--log-dir", type=Path, default=None,
+                   help="logs and vLLM's result files (default a new temp folder)")
+    b.add_argument("--model-root", type=Path, default=None,
+                   help="where the model directories are prepared (default LOG_DIR/models)")
+    b.add_argument("--prepare-models", type=Path, default=None, metavar="DIR",
+                   help="run nothing: write DIR/<model> (config.json and a tokenizer) for vLLM's tools and exit")
+    b.set_defaults(func=cmd_bench_vllm)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,4 +8,7 @@
 - ``profiling``: ``--profile-dir``: each engine's largest batch under vLLM's torch profiler.
 - ``trace``: per decode step, GPU time by group and idle gaps with the engine thread's activity,
   from such a trace (``--analyze-trace``; pure Python, tested on the CPU).
+- ``vllm_tools``, ``vllm_tools_table``: ``vllm-mpk bench-vllm``, the same comparison by vLLM's own
+  ``vllm bench latency`` and ``vllm bench serve``, and its section of RESULTS.md.
+- ``offline_tokenizer``: a tokenizer made from a config.json alone, which vLLM's tools need.
 """

@@ -281,19 +281,25 @@ def render(rows: Iterable[Row]) -> str:
     return "\n".join(lines)
 
 
-def replace_section(document: str, body: str) -> str:
-    """``document`` with the text between the markers replaced by ``body``; the section (heading
-    and markers) is appended when the markers are missing."""
-    section = f"{START}\n{body}\n{END}"
-    if START in document and END in document.split(START, 1)[1]:
-        head, rest = document.split(START, 1)
-        return head + section + rest.split(END, 1)[1]
-    return document.rstrip("\n") + f"\n\n{HEADING}\n\n{section}\n"
+def replace_section(document: str, body: str, markers: tuple[str, str] = (START, END), heading: str = HEADING) -> str:
+    """``document`` with the text between the ``markers`` replaced by ``body``; the section
+    (``heading`` and markers) is appended when the markers are missing."""
+    start, end = markers
+    section = f"{start}\n{body}\n{end}"
+    if start in document and end in document.split(start, 1)[1]:
+        head, rest = document.split(start, 1)
+        return head + section + rest.split(end, 1)[1]
+    return document.rstrip("\n") + f"\n\n{heading}\n\n{section}\n"
+
+
+def write_section(results: Path, body: str, markers: tuple[str, str] = (START, END), heading: str = HEADING) -> None:
+    """Put ``body`` between the ``markers`` of ``results`` (created if missing)."""
+    document = results.read_text() if results.exists() else "# Results\n"
+    results.write_text(replace_section(document, body, markers, heading))
 
 
 def update_results(results: Path, rows: Iterable[Row]) -> str:
     """Rewrite the section of ``results`` (created if missing) from ``rows``; returns the body."""
     body = render(rows)
-    document = results.read_text() if results.exists() else "# Results\n"
-    results.write_text(replace_section(document, body))
+    write_section(results, body)
     return body
