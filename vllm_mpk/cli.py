@@ -352,6 +352,15 @@ def check_bench_files(rows: Path, results: Path, table_only: bool) -> None:
         raise CliError(f"--results {results}: there is no folder {results.parent}")
 
 
+def bench_models(names: list[str] | None) -> list[str]:
+    """The bench commands' ``--models``: the names given, else every shipped config that fits one
+    GPU; each checked to be a shipped config (UnknownModelError, exit 2) before anything starts."""
+    models = names or single_gpu_models()
+    for model in models:
+        shipped_config(model)
+    return models
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run one engine per (model, impl) in its own process, append the rows to ``--rows`` and
     rewrite the table in ``--results`` from every row there (each model's latest run). With
@@ -360,9 +369,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.analyze_trace:
         return analyze_traces(args.analyze_trace, args.gap_us)
     check_bench_files(args.rows, args.results, args.table_only)
-    args.models = args.models or single_gpu_models()
-    for model in args.models:
-        shipped_config(model)  # UnknownModelError (exit 2) before any engine starts
+    args.models = bench_models(args.models)
     if not 2 <= args.profile_tokens <= args.new_tokens or not 0 <= args.profile_stack_tokens <= args.new_tokens:
         raise CliError("--profile-tokens must be 2 to --new-tokens, --profile-stack-tokens 0 to --new-tokens")
     try:
@@ -408,9 +415,7 @@ def print_tool_row(row: Row) -> None:
 def cmd_bench_vllm(args: argparse.Namespace) -> int:
     """vLLM's own ``bench latency`` and ``bench serve``, stock and mpk, each engine in its own
     process; rows appended to ``--rows``, the section of ``--results`` redrawn from the latest run."""
-    models = args.models or single_gpu_models()
-    for model in models:
-        shipped_config(model)  # UnknownModelError (exit 2) before anything starts
+    models = bench_models(args.models)
     if args.prepare_models is not None:
         for model in models:
             print(prepare_model_dir(model, args.prepare_models))
