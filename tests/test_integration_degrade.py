@@ -255,3 +255,47 @@ def test_hooks_leave_unmarked_outputs_alone(scheduler_factory: Any) -> None:
     first = scheduler.schedule()
     assert tokens(scheduler.update_from_output(first, sampled("a"))) == {"a": ([7], None)}
     assert not getattr(scheduler.schedule(), DEGRADE, False)
+
+
+def test_a_request_freed_before_its_stopped_step_returns_leaves_no_kv_in_the_prefix_cache(
+        scheduler_factory: Any) -> None:
+    """Async scheduling: a request is aborted while its step is in flight (and another finished
+    before that step's output arrives); the step's output comes back marked: the blocks the
+    requests had, already freed, leave the prefix cache all the same."""
+    from vllm.v1.request import RequestStatus
+
+    scheduler = scheduler_factory()
+    prompts = {"a": list(range(20)), "b": list(range(100, 120))}
+    for req_id, prompt in prompts.items():
+        scheduler.add_request(request(req_id, prompt))
+    first = scheduler.schedule()
+    second = scheduler.schedule()
+    scheduler.update_from_output(first, sampled("a", "b"))
+    held = {r: scheduler.kv_cache_manager.get_block_ids(r)[0] for r in prompts}
+    pool = scheduler.kv_cache_manager.block_pool
+    assert all(pool.blocks[blocks[0]].block_hash is not None for blocks in held.values())
+
+    scheduler.finish_requests("a", RequestStatus.FINISHED_ABORTED)  # the client went away mid-step
+    assert "a" not in scheduler.requests or scheduler.requests["a"].is_finished()
+    stopped = sampled("a", "b")
+    fail_requests(stopped)
+    scheduler.update_from_output(second, stopped)
+    for req_id, blocks in held.items():
+        assert pool.blocks[blocks[0]].block_hash is None, req_id  # neither prompt's KV is reused
+
+    scheduler.add_request(request("c", prompts["a"]))  # a's prompt again: computed afresh
+    third = scheduler.schedule()
+    assert [(r.req_id, r.num_computed_tokens) for r in third.scheduled_new_reqs] == [("c", 0)]
+
+
+def test_freed_blocks_are_forgotten_after_a_few_steps() -> None:
+    from vllm_mpk.integration.degrade import FreedBlocks
+
+    freed = FreedBlocks(steps=2)
+    freed.remember("a", [[1, 2], [3]])
+    assert freed.of("a") == {1, 2, 3}
+    freed.scheduled()
+    freed.scheduled()
+    assert freed.of("a") == {1, 2, 3}
+    freed.scheduled()
+    assert freed.of("a") == set() and freed.of("never") == set()

@@ -29,7 +29,10 @@ an exception from the runner stops the engine. So the path runs through three pr
 2. Engine core (``Scheduler.update_from_output``): those requests' blocks leave the prefix cache
    (a stopped step wrote their KV), and the scheduler finishes them with ``FINISHED_ERROR`` in
    this very output, as it does a request whose grammar failed to compile (the client gets
-   finish reason "error"); the next ``SchedulerOutput`` says ``DEGRADE``.
+   finish reason "error"); the next ``SchedulerOutput`` says ``DEGRADE``. A request that finished,
+   was aborted or was preempted between the stopped step's scheduling and its output has freed
+   its blocks by then: the scheduler remembers the blocks of the requests it freed in the last
+   few steps (``FreedBlocks``), and those leave the prefix cache too.
 3. Every worker, at that step's ``execute_model`` (all tensor-parallel ranks run it in lockstep,
    so NVSHMEM's collective reset pairs up): the megakernels are reset and turned off (the
    fallback routing: every later batch runs the stock layers), the runner stops replaying the
@@ -39,6 +42,7 @@ an exception from the runner stops the engine. So the path runs through three pr
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -51,6 +55,7 @@ from vllm_mpk.integration.plugin import wrap_once
 FAILED = "mpk_failed_requests"  # on a ModelRunnerOutput: the ids of its requests, which must fail
 DEGRADE = "mpk_degrade"  # on a SchedulerOutput: every worker turns the megakernel off before this step
 _PENDING = "_mpk_degrade_pending"  # on the scheduler: the next SchedulerOutput says DEGRADE
+_FREED = "_mpk_freed_blocks"  # on the scheduler: its FreedBlocks
 
 
 class StepGuard:
@@ -129,18 +134,53 @@ def _holds_launch(desc: Any, token_counts: set[int]) -> bool:
     return desc.cg_mode == CUDAGraphMode.FULL and desc.num_tokens in token_counts
 
 
+class FreedBlocks:
+    """The KV blocks of the requests a scheduler freed (finished, aborted, preempted) in its last
+    ``steps`` scheduled steps, by request id: a stopped step's output arrives a step or two after
+    it was scheduled, and the KV it wrote may by then sit in freed, prefix-cached blocks."""
+
+    def __init__(self, steps: int = 4):
+        self.steps = steps
+        self.step = 0  # steps scheduled so far
+        self.freed: OrderedDict[str, tuple[int, set[int]]] = OrderedDict()  # request id -> (step, blocks)
+
+    def scheduled(self) -> None:
+        self.step += 1
+        while self.freed and next(iter(self.freed.values()))[0] < self.step - self.steps:
+            self.freed.popitem(last=False)
+
+    def remember(self, req_id: str, groups: Iterable[Iterable[int]]) -> None:
+        self.freed.pop(req_id, None)  # a preempted request may free again: keep its latest blocks
+        self.freed[req_id] = (self.step, {b for group in groups for b in group})
+
+    def of(self, req_id: str) -> set[int]:
+        return self.freed.get(req_id, (0, set()))[1]
+
+
+def freed_blocks(scheduler: Any) -> FreedBlocks:
+    if _FREED not in scheduler.__dict__:
+        setattr(scheduler, _FREED, FreedBlocks())
+    return getattr(scheduler, _FREED)
+
+
 def fail_in_scheduler(scheduler: Any, req_ids: Iterable[str]) -> None:
-    """Engine core: the requests still running leave their KV out of the prefix cache and finish
-    with an error in the output being processed; the next step turns the megakernel off on every
-    worker. (A step launched before the reset names requests that already failed: nothing more.)"""
+    """Engine core: the step's KV leaves the prefix cache (its requests' blocks, and those of its
+    requests freed since), the requests still running finish with an error in the output being
+    processed, and the next step turns the megakernel off on every worker. (A step launched before
+    the reset names requests that already failed: their blocks are evicted again, nothing more.)"""
+    req_ids = list(req_ids)
+    freed = freed_blocks(scheduler)
+    blocks: set[int] = set()
+    for req_id in req_ids:
+        blocks |= freed.of(req_id)
+        if req_id in scheduler.requests:
+            for group in scheduler.kv_cache_manager.get_block_ids(req_id):
+                blocks.update(group)
+    if blocks:
+        scheduler.kv_cache_manager.evict_blocks(blocks)
     live = [r for r in req_ids if (request := scheduler.requests.get(r)) is not None and not request.is_finished()]
     if not live:
         return
-    blocks: set[int] = set()
-    for req_id in live:
-        for group in scheduler.kv_cache_manager.get_block_ids(req_id):
-            blocks.update(group)
-    scheduler.kv_cache_manager.evict_blocks(blocks)
     scheduler.grammar_compile_error_reqs.update(live)  # finished with FINISHED_ERROR, outputs included
     setattr(scheduler, _PENDING, True)
 
@@ -186,9 +226,19 @@ def _wrap_update_from_output(original: Callable[..., Any]) -> Callable[..., Any]
     return update_from_output
 
 
+def _wrap_free_request_blocks(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def _free_request_blocks(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        freed_blocks(self).remember(request.request_id, self.kv_cache_manager.get_block_ids(request.request_id))
+        return original(self, request, *args, **kwargs)
+
+    return _free_request_blocks
+
+
 def _wrap_schedule(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
+        freed_blocks(self).scheduled()
         output = original(self, *args, **kwargs)
         if getattr(self, _PENDING, False):
             setattr(output, DEGRADE, True)
@@ -210,3 +260,5 @@ def install_scheduler_hooks(scheduler_cls: type) -> None:
     """On the engine core's scheduler class (the plugin wraps the config's choice of it); idempotent."""
     wrap_once(scheduler_cls, "update_from_output", _wrap_update_from_output)
     wrap_once(scheduler_cls, "schedule", _wrap_schedule)
+    if hasattr(scheduler_cls, "_free_request_blocks"):  # vLLM's schedulers; where requests' blocks are freed
+        wrap_once(scheduler_cls, "_free_request_blocks", _wrap_free_request_blocks)
