@@ -112,7 +112,7 @@ def _arch_flags(arch: str) -> list[str]:
     return [f"-gencode=arch={compute},code={arch}"]
 
 
-def _no_build() -> bool:
+def builds_forbidden() -> bool:
     return os.environ.get("VLLM_MPK_NO_BUILD", "").strip().lower() in ("1", "true", "yes")
 
 
@@ -276,7 +276,7 @@ class JitSpec:
         try:
             return _load_checked(self.name, self.arch_dir(entry) / entry)
         except CorruptArtifact as bad:
-            if _no_build():
+            if builds_forbidden():
                 raise NoBuildError(self._corrupt_message([bad])) from bad
             return None  # build() sets it aside under the lock and rebuilds
 
@@ -306,7 +306,7 @@ class JitSpec:
                 continue
             if module is not None:
                 return module
-        if rejected and _no_build():
+        if rejected and builds_forbidden():
             raise NoBuildError(self._corrupt_message(rejected))
         return None
 
@@ -314,7 +314,7 @@ class JitSpec:
         """Compile under a lock beside the cache entry; the cache is checked again once the lock is
         held, so concurrent workers build once and the others load that build. An entry that fails
         its check is set aside and rebuilt."""
-        if _no_build():
+        if builds_forbidden():
             raise NoBuildError(self._missing_message())
         nvcc = find_nvcc()
         key = self._key(nvcc)
