@@ -30,7 +30,8 @@ import torch
 from vllm_mpk.codegen.jit import BuildTimeoutError, JitSpec, builds_forbidden
 from vllm_mpk.codegen.toolchain import BUILD_TIMEOUT_ENV, ToolchainError, build_timeout_s, check_gpu, find_nvcc
 from vllm_mpk.graph.plan import Plan
-from vllm_mpk.models.decoder import DecodeLayers
+from vllm_mpk.models.decoder import DecodeLayers, DecodeOptions, declare_decoder
+from vllm_mpk.models.spec import ModelSpec
 
 logger = logging.getLogger("vllm.mpk")
 
@@ -49,6 +50,21 @@ def block_table_tokens(vllm_config: Any, page_size: int) -> int:
         align = V2_ROW_ALIGN_TOKENS // page_size
         pages = -(-pages // align) * align
     return pages * page_size
+
+
+def declare_plans(spec: ModelSpec, options: Mapping[int, DecodeOptions], weights: Mapping[str, torch.Tensor],
+                  rope: torch.Tensor) -> dict[int, DecodeLayers]:
+    """The layers of each batch size's plan (``options`` by size), declared on meta tensors shaped
+    like the constructed model's ``weights`` and RoPE table, with KV caches of one block: their
+    real count is decided after profiling (``integration/plan_reuse.py``)."""
+    meta = {n: torch.empty_like(t, device="meta") for n, t in weights.items()}
+    table = torch.empty_like(rope, device="meta")
+    layers = {}
+    for size, o in options.items():
+        kv_heads = spec.shard(o.world_size).num_kv_heads
+        cache = torch.empty(1, kv_heads, o.page_size, 2 * spec.head_dim, dtype=torch.bfloat16, device="meta")
+        layers[size] = declare_decoder(spec, meta, [cache] * spec.num_layers, o, rope_cache=table)
+    return layers
 
 
 def nvcc_builds_here() -> bool:

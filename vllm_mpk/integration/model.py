@@ -50,7 +50,7 @@ from vllm_mpk.integration.binding import (
     same_buffers,
     step_buffers,
 )
-from vllm_mpk.integration.early_build import EarlyBuild, block_table_tokens, nvcc_builds_here
+from vllm_mpk.integration.early_build import EarlyBuild, block_table_tokens, declare_plans, nvcc_builds_here
 from vllm_mpk.integration.memory import (
     Reservation,
     allocated_bytes,
@@ -125,21 +125,16 @@ class MpkRuntime:
         self.reservation = Reservation(self.estimated_bytes, device)
 
     def _declare_early(self, model: torch.nn.Module, workers: int) -> dict[int, DecodeLayers]:
-        """The layers of each plan as ``_plan`` will declare them, on meta tensors shaped like the
-        constructed model's, with vLLM's page size and block table width, and KV caches of one
-        block (their real count is decided after profiling; ``integration/plan_reuse.py``). Empty,
-        with a debug line, where that cannot be done here: ``_plan`` then declares them."""
+        """The layers of each plan as ``_plan`` will declare them, with vLLM's page size and block
+        table width (``declare_plans``). Empty, with a debug line, where that cannot be done here:
+        ``_plan`` then declares them."""
         spec, vc = self.spec, self.vllm_config
         try:
-            local = spec.shard(tp_rank_and_size()[1])
             page = vc.cache_config.block_size
-            weights = {n: torch.empty_like(t, device="meta") for n, t in module_weights(model, local).items()}
-            rope = torch.empty_like(rope_cache(model, spec), device="meta")
-            cache = torch.empty(1, local.num_kv_heads, page, 2 * spec.head_dim, dtype=torch.bfloat16, device="meta")
-            return {size: declare_decoder(spec, weights, [cache] * spec.num_layers,
-                                          self._decode_options(size, block_table_tokens(vc, page), page, workers),
-                                          rope_cache=rope)
-                    for size in plan_batches(self.max_batch)}
+            options = {size: self._decode_options(size, block_table_tokens(vc, page), page, workers)
+                       for size in plan_batches(self.max_batch)}
+            return declare_plans(spec, options, module_weights(model, spec.shard(tp_rank_and_size()[1])),
+                                 rope_cache(model, spec))
         except Exception as e:
             logger.debug("--model-impl mpk: the plans are declared at the first decode step: %s", e)
             return {}
