@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -269,3 +270,23 @@ def test_the_first_decode_step_takes_the_early_plans(vllm_cpu: None, tmp_path: P
     for got, want in zip(*outputs, strict=True):
         assert torch.equal(got, want)
 
+
+
+def test_exit_takes_a_background_builds_nvcc_along(tmp_path: Path) -> None:
+    """A build thread is a daemon, so an exiting engine does not wait for it; its nvcc must not
+    outlive the process either."""
+    from vllm_mpk.codegen import jit
+
+    outcome: dict[str, bool] = {}
+    with open(tmp_path / "build.log", "w") as log:
+        thread = threading.Thread(target=lambda: outcome.update(ok=jit._run_all(
+            log, tmp_path, [["sleep", "600"]], time.monotonic() + 600, "mpk_test")), daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not jit._running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        running = list(jit._running)
+        jit._kill_running_builds()
+        thread.join(30)
+    assert len(running) == 1 and running[0].poll() is not None
+    assert outcome == {"ok": False} and not jit._running
