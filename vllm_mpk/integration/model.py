@@ -67,7 +67,7 @@ from vllm_mpk.integration.tensor_parallel import (
     tp_rank_and_size,
     vocab_problem,
 )
-from vllm_mpk.models.decoder import DecodeLayers, declare_decoder
+from vllm_mpk.models.decoder import DecodeLayers, DecodeOptions, declare_decoder
 from vllm_mpk.models.spec import ModelSpec
 from vllm_mpk.models.weights import EMBED
 from vllm_mpk.runtime import control
@@ -139,7 +139,7 @@ class MpkRuntime:
             logger.debug("--model-impl mpk: the plans are declared at the first decode step: %s", e)
             return {}
 
-    def _decode_options(self, size: int, max_seq_len: int, page: int, workers: int) -> Any:
+    def _decode_options(self, size: int, max_seq_len: int, page: int, workers: int) -> DecodeOptions:
         rank, world = tp_rank_and_size()
         return self.options.decode_options(batch=size, max_seq_len=max_seq_len, page_size=page, num_workers=workers,
                                            world_size=world, rank=rank)
