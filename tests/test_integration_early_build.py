@@ -194,10 +194,11 @@ def test_a_build_that_never_ends_is_given_up(monkeypatch: pytest.MonkeyPatch, lo
     """The wait is bounded by the build timeout and the build threads are daemons: nothing,
     shutdown included, waits for a hung nvcc."""
     release = threading.Event()
-    monkeypatch.setenv("VLLM_MPK_BUILD_TIMEOUT_S", "0.2")
     monkeypatch.setattr(JitSpec, "try_load", lambda self: None)
     monkeypatch.setattr(JitSpec, "build", lambda self: release.wait())
     early = EarlyBuild(tiny_layers(max_batch=1), kernels=True)
+    assert early.plans()  # compiled; its build is running
+    monkeypatch.setenv("VLLM_MPK_BUILD_TIMEOUT_S", "0.2")
     try:
         with pytest.raises(BuildTimeoutError, match="did not finish within 0.6 s"):
             early.join_builds()
