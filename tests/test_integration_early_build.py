@@ -291,3 +291,35 @@ def test_exit_takes_a_background_builds_nvcc_along(tmp_path: Path) -> None:
         thread.join(30)
     assert len(running) == 1 and running[0].poll() is not None
     assert outcome == {"ok": False} and not jit._running
+
+
+def test_a_failed_background_build_falls_back_at_the_first_decode_step(
+        vllm_cpu: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        log_lines: list[logging.LogRecord]) -> None:
+    """nvcc failed in the background: the first decode step reports it as a failed build (one
+    warning, the traceback logged) and vLLM's stock layers serve the batch."""
+    from tests.test_integration_model import PAGE as RUNNER_PAGE
+    from tests.test_integration_model import Runner, build_model
+
+    built = build_model(tmp_path, "llama")
+    runtime = built.model._mpk
+    built.vllm_config.cache_config.block_size = RUNNER_PAGE
+    runtime.reserve(built.model, torch.device("cpu"))
+
+    def fail(self: JitSpec) -> None:
+        raise BuildError(f"nvcc failed building {self.name}")
+
+    monkeypatch.setattr(JitSpec, "try_load", lambda self: None)
+    monkeypatch.setattr(JitSpec, "build", fail)
+    runtime.early = EarlyBuild(runtime.early.layers, kernels=True)  # as on a GPU host with nvcc
+    stock = type(built.model).__mro__[2]
+    monkeypatch.setattr(stock, "forward", lambda self, input_ids, positions, *args, **kwargs: torch.zeros(
+        positions.shape[0], built.spec.hidden_size))
+    runner = Runner(built, [[1]])
+    runner.block_table = torch.zeros(runner.block_table.shape[0], block_table_tokens(
+        built.vllm_config, RUNNER_PAGE) // RUNNER_PAGE, dtype=torch.int32)
+    runner.step([(0, 5, 0)], 1)
+    assert "building the megakernel failed: BuildError: nvcc failed building mpk_" in (runtime.disabled or "")
+    assert runtime.steps == 0 and runtime.reservation is None and not runtime.kernels
+    warnings = [r for r in log_lines if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "the megakernel is off" in warnings[0].getMessage()

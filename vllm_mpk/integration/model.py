@@ -337,7 +337,8 @@ class MpkRuntime:
             # The early guess of vLLM's geometry missed: planning again cost time, and the
             # background builds were for other kernels.
             logger.info("--model-impl mpk: planning again at the first decode step (%s)", missed[0])
-        if device.type == "cuda" and (missed or early is None or not early.join_builds()):
+        built_early = not missed and early is not None and early.join_builds()
+        if device.type == "cuda" and not built_early:
             from vllm_mpk.runtime.megakernel import build_kernels
 
             build_kernels(list(plans.values()))  # nvcc in parallel; each Megakernel loads its build
