@@ -120,8 +120,8 @@ class EarlyBuild:
             return False
         pending = sum(not f.done() for f in futures)
         if pending:
-            logger.info("--model-impl mpk: waiting for the background nvcc builds (%d of %d megakernels, running "
-                        "for %.0f s)", pending, len(futures), time.monotonic() - self._started)
+            logger.info("--model-impl mpk: waiting for the background nvcc builds (%d of %s, running for %.0f s)",
+                        pending, _megakernels(len(futures)), time.monotonic() - self._started)
         limit = BUILD_WAIT_TIMEOUTS * build_timeout_s()
         _, late = wait(futures, timeout=limit)
         if late:
@@ -152,11 +152,11 @@ class EarlyBuild:
             builds[size].set_result(None)
         self._builds = builds
         if not missing:
-            logger.debug("--model-impl mpk: all %d megakernels are in the build cache", len(specs))
+            logger.debug("--model-impl mpk: the build cache holds the %s", _megakernels(len(specs)))
             return
         self._started = time.monotonic()
-        logger.info("--model-impl mpk: compiling %d megakernels (decode batches of %s) with nvcc in the background "
-                    "while vLLM loads the model", len(missing), "/".join(map(str, sorted(missing))))
+        logger.info("--model-impl mpk: compiling %s (decode batches of %s) with nvcc in the background while vLLM "
+                    "loads the model", _megakernels(len(missing)), "/".join(map(str, sorted(missing))))
         for size, spec in missing.items():
             _run(_build, spec, builds[size])
         _run(self._report, [builds[size] for size in missing])
@@ -166,10 +166,14 @@ class EarlyBuild:
         failed = sum(f.exception() is not None for f in futures)
         seconds = time.monotonic() - self._started
         if failed:
-            logger.info("--model-impl mpk: nvcc failed on %d of %d megakernels after %.1f s; the first decode step "
-                        "reports why", failed, len(futures), seconds)
+            logger.info("--model-impl mpk: nvcc failed on %d of %s after %.1f s; the first decode step reports why",
+                        failed, _megakernels(len(futures)), seconds)
         else:
-            logger.info("--model-impl mpk: nvcc built %d megakernels in %.1f s", len(futures), seconds)
+            logger.info("--model-impl mpk: nvcc built %s in %.1f s", _megakernels(len(futures)), seconds)
+
+
+def _megakernels(n: int) -> str:
+    return f"{n} megakernel{'' if n == 1 else 's'}"
 
 
 def _build(spec: JitSpec, done: Future[None]) -> None:
