@@ -12,7 +12,7 @@ head's whole cache, and the task table takes the cache's strides from the bound 
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 from vllm_mpk.graph.ir import Access, Op, Task, TensorHandle
@@ -35,8 +35,10 @@ def _layer(op: Op) -> tuple[Any, ...]:
 def difference(early: DecodeLayers, now: DecodeLayers, plan: Plan) -> str | None:
     """What ``now`` declares that ``early`` (compiled into ``plan``) does not, besides the number of
     KV blocks; None when ``plan`` serves ``now``."""
-    if early.options != now.options:
-        return f"plan options {early.options} became {now.options}"
+    changed = [f"{f.name} {getattr(early.options, f.name)} -> {getattr(now.options, f.name)}"
+               for f in fields(early.options) if getattr(early.options, f.name) != getattr(now.options, f.name)]
+    if changed:
+        return f"plan options {', '.join(changed)}"
     before, after = early.kernel.tensors, now.kernel.tensors
     if list(before) != list(after):
         return f"the plan's tensors changed: {sorted(set(before) ^ set(after)) or 'their order'}"
