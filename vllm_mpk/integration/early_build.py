@@ -158,7 +158,10 @@ class EarlyBuild:
         logger.info("--model-impl mpk: compiling %s (decode batches of %s) with nvcc in the background while vLLM "
                     "loads the model", _megakernels(len(missing)), "/".join(map(str, sorted(missing))))
         for size, spec in missing.items():
-            _run(_build, spec, builds[size])
+            try:
+                _run(_build, spec, builds[size])
+            except RuntimeError as e:  # no thread to be had: the first decode step reports it
+                builds[size].set_exception(e)
         _run(self._report, [builds[size] for size in missing])
 
     def _report(self, futures: list[Future[None]]) -> None:
