@@ -24,6 +24,7 @@ the wait for another process's build of the same spec.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import functools
@@ -69,6 +70,7 @@ LOCK_POLL_S = 0.05
 KEY_FILE = "key.json"
 
 _loaded: dict[Path, ModuleType] = {}  # a .so is dlopen-ed once per process; reuse its module
+_running: set[subprocess.Popen] = set()  # nvcc processes of builds in progress, killed at exit
 
 class BuildError(RuntimeError):
     """nvcc failed; the message holds the tail of the compiler log and the log's path."""
@@ -112,7 +114,7 @@ def _arch_flags(arch: str) -> list[str]:
     return [f"-gencode=arch={compute},code={arch}"]
 
 
-def _no_build() -> bool:
+def builds_forbidden() -> bool:
     return os.environ.get("VLLM_MPK_NO_BUILD", "").strip().lower() in ("1", "true", "yes")
 
 
@@ -276,7 +278,7 @@ class JitSpec:
         try:
             return _load_checked(self.name, self.arch_dir(entry) / entry)
         except CorruptArtifact as bad:
-            if _no_build():
+            if builds_forbidden():
                 raise NoBuildError(self._corrupt_message([bad])) from bad
             return None  # build() sets it aside under the lock and rebuilds
 
@@ -306,7 +308,7 @@ class JitSpec:
                 continue
             if module is not None:
                 return module
-        if rejected and _no_build():
+        if rejected and builds_forbidden():
             raise NoBuildError(self._corrupt_message(rejected))
         return None
 
@@ -314,7 +316,7 @@ class JitSpec:
         """Compile under a lock beside the cache entry; the cache is checked again once the lock is
         held, so concurrent workers build once and the others load that build. An entry that fails
         its check is set aside and rebuilt."""
-        if _no_build():
+        if builds_forbidden():
             raise NoBuildError(self._missing_message())
         nvcc = find_nvcc()
         key = self._key(nvcc)
@@ -417,6 +419,7 @@ def _run_all(log: TextIO, cwd: Path, cmds: list[list[str]], deadline: float, spe
         for cmd, output in zip(cmds, outputs, strict=True):
             procs.append(subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, cwd=cwd,
                                           start_new_session=True))
+            _running.add(procs[-1])
         for proc in procs:
             proc.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired as late:
@@ -426,16 +429,30 @@ def _run_all(log: TextIO, cwd: Path, cmds: list[list[str]], deadline: float, spe
             f"log: {log.name}") from None
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            _kill(proc)
+            _running.discard(proc)
         for cmd, proc, output in zip(cmds, procs, outputs, strict=False):
             output.seek(0)
             log.write(f"$ {' '.join(cmd)}\n{output.read()}exit code {proc.returncode}\n\n")
         for output in outputs:
             output.close()
     return all(proc.returncode == 0 for proc in procs)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Kill a build command still running, with its process group (nvcc's own children)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@atexit.register
+def _kill_running_builds() -> None:
+    """A process that exits while a build runs in a background thread (vLLM's early build) takes
+    its nvcc along: left running, it would write objects a later build of that entry compiles too."""
+    for proc in list(_running):
+        _kill(proc)
 
 
 def _import_so(name: str, so: Path) -> ModuleType:

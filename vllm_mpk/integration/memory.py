@@ -10,8 +10,9 @@ uncaptured decode step, so its activation buffers and task tables would sit outs
 whose own allocations then take the same memory back.
 
 The estimate comes from the plan itself: ``models/decoder.py:declare_decoder`` declares the rank's
-decode step (``final="hidden"``, one rank of ``world_size``) on meta weights and caches, and the
-estimate sums what a build allocates for it (``runtime/megakernel.py:Megakernel.__init__``):
+decode step (``final="hidden"``; under vLLM the same declaration the early build compiles,
+``integration/early_build.py``), and the estimate sums what a build allocates for it
+(``runtime/megakernel.py:Megakernel.__init__``):
 - every tensor the plan does not attach, exactly: intermediates, split-KV scratch, all-reduce parts
   and their exchange buffers (these on NVSHMEM's symmetric heap, whose own reserve and bookkeeping
   are not counted here);
@@ -33,6 +34,7 @@ from typing import Any
 
 import torch
 
+from vllm_mpk.api import PersistentKernel
 from vllm_mpk.graph.ir import Role
 from vllm_mpk.graph.lowering import lower_ops
 from vllm_mpk.models.decoder import DecodeOptions, declare_decoder
@@ -64,6 +66,12 @@ class PlanContents:
     num_tasks: int
 
 
+def declared_contents(kernel: PersistentKernel) -> PlanContents:
+    """The contents of a declared (not yet compiled) plan: its tensors, and its layers lowered."""
+    allocated = tuple(t.nbytes for t in kernel.tensors.values() if t.role is not Role.INPUT)
+    return PlanContents(allocated, len(kernel.tensors), len(lower_ops(kernel.ops)))
+
+
 def plan_contents(spec: ModelSpec, max_batch: int, num_workers: int, kv_splits: int | None = None,
                   world_size: int = 1) -> PlanContents:
     """The contents of rank 0's decode plan for ``max_batch`` (``kv_splits`` as given to the build:
@@ -74,9 +82,7 @@ def plan_contents(spec: ModelSpec, max_batch: int, num_workers: int, kv_splits: 
     weights = {n: torch.empty(s, dtype=torch.bfloat16, device=META) for n, s in expected_shapes(local).items()}
     cache = torch.empty(1, local.num_kv_heads, options.page_size, 2 * spec.head_dim, dtype=torch.bfloat16, device=META)
     rope = torch.empty(1, spec.head_dim, dtype=torch.bfloat16, device=META)
-    kernel = declare_decoder(spec, weights, [cache] * spec.num_layers, options, rope_cache=rope).kernel
-    allocated = tuple(t.nbytes for t in kernel.tensors.values() if t.role is not Role.INPUT)
-    return PlanContents(allocated, len(kernel.tensors), len(lower_ops(kernel.ops)))
+    return declared_contents(declare_decoder(spec, weights, [cache] * spec.num_layers, options, rope_cache=rope).kernel)
 
 
 def activation_sizes(spec: ModelSpec, max_batch: int, num_workers: int, *, kv_splits: int | None = None,
@@ -89,7 +95,12 @@ def megakernel_bytes(spec: ModelSpec, max_batch: int, num_workers: int, *, profi
                      kv_splits: int | None = None, world_size: int = 1) -> int:
     """An upper estimate of the device memory rank's build allocates, allocator rounding included;
     ``kv_splits`` as given to the build (None: resolved for this plan as ``build_decoder`` does)."""
-    plan = plan_contents(spec, max_batch, num_workers, kv_splits, world_size)
+    return contents_bytes(plan_contents(spec, max_batch, num_workers, kv_splits, world_size), num_workers,
+                          profile=profile)
+
+
+def contents_bytes(plan: PlanContents, num_workers: int, *, profile: bool = False) -> int:
+    """The estimate for a plan of these contents on ``num_workers`` workers (``megakernel_bytes``)."""
     tasks = plan.num_tasks
     longest = QUEUE_SKEW * -(-tasks // num_workers) + 8
     sizes = [*plan.allocated, num_workers * longest * TABLE_WORDS * 4, num_workers * 4, control.WORDS * 4]

@@ -17,11 +17,14 @@ returns a view of that output buffer, which the next step overwrites: vLLM reads
 ``compute_logits``, or in the copy a FULL graph makes) before it runs the next forward, in stream
 order, as with the stock path's activations.
 
-When it is built: lazily, at the first pure decode batch that runs outside CUDA graph capture.
-vLLM binds the KV cache after loading the weights and, before capturing a FULL graph of a decode
-batch size, runs that batch once uncaptured; the megakernel is built there, so the graph captures
-its launch. This also sees the weights of every load format (``--load-format dummy`` skips
-``load_weights``), as they are in place by then.
+When it is built: the plans are declared as vLLM constructs the model, and compiled, with nvcc
+building their kernels, in the background while vLLM loads the weights, compiles and profiles
+(``integration/early_build.py``). The megakernel is bound and loaded lazily, at the first pure
+decode batch that runs outside CUDA graph capture: vLLM binds the KV cache after loading the
+weights and, before capturing a FULL graph of a decode batch size, runs that batch once uncaptured;
+the megakernel is built there (taking the early plans and joining their builds), so the graph
+captures its launch. This also sees the weights of every load format (``--load-format dummy``
+skips ``load_weights``), as they are in place by then.
 """
 
 from __future__ import annotations
@@ -47,8 +50,16 @@ from vllm_mpk.integration.binding import (
     same_buffers,
     step_buffers,
 )
-from vllm_mpk.integration.memory import Reservation, allocated_bytes, megakernel_bytes
+from vllm_mpk.integration.early_build import EarlyBuild, block_table_tokens, declare_plans, nvcc_builds_here
+from vllm_mpk.integration.memory import (
+    Reservation,
+    allocated_bytes,
+    contents_bytes,
+    declared_contents,
+    megakernel_bytes,
+)
 from vllm_mpk.integration.options import MpkOptions, plan_batches
+from vllm_mpk.integration.plan_reuse import difference, widen_kv_caches
 from vllm_mpk.integration.tensor_parallel import (
     agree_on_build,
     bootstrap_nvshmem,
@@ -56,7 +67,7 @@ from vllm_mpk.integration.tensor_parallel import (
     tp_rank_and_size,
     vocab_problem,
 )
-from vllm_mpk.models.decoder import build_decoder
+from vllm_mpk.models.decoder import DecodeLayers, DecodeOptions, declare_decoder
 from vllm_mpk.models.spec import ModelSpec
 from vllm_mpk.models.weights import EMBED
 from vllm_mpk.runtime import control
@@ -90,20 +101,48 @@ class MpkRuntime:
         self.guard = degrade.StepGuard(self)  # a stop fails its steps' requests (integration/degrade.py)
         self._layer_name: str | None = None
         self.reservation: Reservation | None = None
+        self.estimated_bytes = 0  # the reservation's size, for the ready line
+        self.early: EarlyBuild | None = None  # the plans compiled, and kernels built, while vLLM loads
 
-    def reserve(self, device: torch.device) -> None:
-        """Hold the memory the build will allocate, so that vLLM's profiling counts it (see
-        ``integration/memory.py``). Called while vLLM loads the model; skipped where the
-        megakernel cannot run anyway (the build then says why)."""
+    def reserve(self, model: torch.nn.Module, device: torch.device) -> None:
+        """While vLLM constructs the model: declare the plans, hold the memory their build will
+        allocate so that vLLM's profiling counts it (``integration/memory.py``), and start compiling
+        them in the background (``integration/early_build.py``). Skipped where the megakernel
+        cannot run anyway (the build then says why)."""
         if device.type == "meta" or self._environment_problem() is not None:
             return
-        self.reservation = Reservation(self._estimated_bytes(self._num_workers(device)), device)
+        workers = self._num_workers(device)
+        layers = self._declare_early(model, workers)
+        if layers:
+            self.estimated_bytes = sum(contents_bytes(declared_contents(d.kernel), workers, profile=self.options.profile)
+                                       for d in layers.values())
+            self.early = EarlyBuild(layers, kernels=device.type == "cuda" and nvcc_builds_here())
+        else:
+            world = tp_rank_and_size()[1]
+            self.estimated_bytes = sum(megakernel_bytes(self.spec, b, workers, profile=self.options.profile,
+                                                        kv_splits=self.options.kv_splits, world_size=world)
+                                       for b in plan_batches(self.max_batch))
+        self.reservation = Reservation(self.estimated_bytes, device)
 
-    def _estimated_bytes(self, workers: int) -> int:
-        world = tp_rank_and_size()[1]
-        return sum(megakernel_bytes(self.spec, b, workers, profile=self.options.profile,
-                                    kv_splits=self.options.kv_splits, world_size=world)
-                   for b in plan_batches(self.max_batch))
+    def _declare_early(self, model: torch.nn.Module, workers: int) -> dict[int, DecodeLayers]:
+        """The layers of each plan as ``_plan`` will declare them, with vLLM's page size and block
+        table width (``declare_plans``). Empty, with a debug line, where that cannot be done here:
+        ``_plan`` then declares them."""
+        spec, vc = self.spec, self.vllm_config
+        try:
+            page = vc.cache_config.block_size
+            options = {size: self._decode_options(size, block_table_tokens(vc, page), page, workers)
+                       for size in plan_batches(self.max_batch)}
+            return declare_plans(spec, options, module_weights(model, spec.shard(tp_rank_and_size()[1])),
+                                 rope_cache(model, spec))
+        except Exception as e:
+            logger.debug("--model-impl mpk: the plans are declared at the first decode step: %s", e)
+            return {}
+
+    def _decode_options(self, size: int, max_seq_len: int, page: int, workers: int) -> DecodeOptions:
+        rank, world = tp_rank_and_size()
+        return self.options.decode_options(batch=size, max_seq_len=max_seq_len, page_size=page, num_workers=workers,
+                                           world_size=world, rank=rank)
 
     def _release(self) -> None:
         if self.reservation is not None:
@@ -259,7 +298,7 @@ class MpkRuntime:
         step buffers (each reads the first rows it needs), compiled on a GPU: everything a rank
         builds without its peers."""
         spec = self.spec
-        rank, world = tp_rank_and_size()
+        world = tp_rank_and_size()[1]
         local = spec.shard(world)  # vLLM's TP-local shapes (this rank's heads, MLP and vocabulary slices)
         for i, attn in enumerate(attention_modules(model)):
             problem = kv_layout_problem(attn, local)
@@ -277,16 +316,29 @@ class MpkRuntime:
         device = input_ids.device
         workers = self._num_workers(device)
         rope = rope_cache(model, spec)
-        plans, splits = {}, {}
+        early, self.early = self.early, None
+        compiled = early.plans() if early is not None else {}
+        plans, splits, missed = {}, {}, []
         for size in plan_batches(self.max_batch):
             buffers = step_buffers(input_ids, positions, batch, size)
-            options = self.options.decode_options(batch=size, max_seq_len=buffers["block_tables"].shape[1] * page,
-                                                  page_size=page, num_workers=workers, world_size=world, rank=rank)
-            decoder = build_decoder(spec, weights, kv_caches, options, rope_cache=rope)
-            self.hidden = decoder.hidden.name
-            plans[size] = (decoder.plan, {**decoder.kernel.attached, **buffers})
-            splits[size] = decoder.kv_splits  # the auto rule's choice per size, unless kv_splits forces one
-        if device.type == "cuda":
+            options = self._decode_options(size, buffers["block_tables"].shape[1] * page, page, workers)
+            layers = declare_decoder(spec, weights, kv_caches, options, rope_cache=rope)
+            plan = compiled.get(size)
+            mismatch = None if early is None or plan is None else difference(early.layers[size], layers, plan)
+            if plan is None or mismatch is not None:
+                missed.append(f"batch {size}: {mismatch or 'not compiled at model load'}")
+                plan = layers.kernel.compile()
+            else:
+                plan = widen_kv_caches(plan, layers)
+            self.hidden = layers.hidden.name
+            plans[size] = (plan, {**layers.kernel.attached, **buffers})
+            splits[size] = layers.options.kv_splits  # the auto rule's choice per size, unless kv_splits forces one
+        if early is not None and missed:
+            # The early guess of vLLM's geometry missed: planning again cost time, and the
+            # background builds were for other kernels.
+            logger.info("--model-impl mpk: planning again at the first decode step (%s)", missed[0])
+        built_early = not missed and early is not None and early.join_builds()
+        if device.type == "cuda" and not built_early:
             from vllm_mpk.runtime.megakernel import build_kernels
 
             build_kernels(list(plans.values()))  # nvcc in parallel; each Megakernel loads its build
@@ -318,7 +370,7 @@ class MpkRuntime:
                     "vLLM's budget)", spec.num_layers, "/".join(map(str, plans)), planned.workers,
                     "/".join(map(str, planned.splits.values())), " (auto)" if self.options.kv_splits is None else "",
                     planned.kv_cache, len(plans[self.max_batch][0].tasks), self.max_batch,
-                    sum(map(allocated_bytes, kernels.values())) / 2**20, self._estimated_bytes(planned.workers) / 2**20)
+                    sum(map(allocated_bytes, kernels.values())) / 2**20, self.estimated_bytes / 2**20)
         return kernels
 
     def check_weights_in_place(self, model: torch.nn.Module) -> None:
@@ -418,7 +470,7 @@ class MpkDecodeMixin:
         self._mpk = MpkRuntime(vllm_config, spec)
         degrade.install_worker_hooks()  # where the host waits for a step's output, a stop fails its requests
         # vLLM constructs the model inside load_model, whose allocations it counts as the model's.
-        self._mpk.reserve(next(self.parameters()).device)  # type: ignore[attr-defined]
+        self._mpk.reserve(self, next(self.parameters()).device)  # type: ignore[attr-defined, arg-type]
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: Any = None, inputs_embeds: torch.Tensor | None = None,

@@ -23,6 +23,7 @@ from vllm_mpk.codegen.tables import (
     trigger_counts,
 )
 from vllm_mpk.codegen.tasks import uses_nvshmem
+from vllm_mpk.codegen.toolchain import check_gpu
 from vllm_mpk.graph.ir import Role
 from vllm_mpk.graph.plan import Plan
 from vllm_mpk.graph.schedule import topological_order
@@ -114,15 +115,18 @@ def kernel_spec(plan: Plan, tensors: Mapping[str, torch.Tensor],
 
 def build_kernels(plans: Sequence[tuple[Plan, Mapping[str, torch.Tensor]]]) -> None:
     """Compile the kernels of several bound plans at once (nvcc runs as subprocesses), so that
-    ``Megakernel`` then loads each from the build cache. The plans' intermediates are described by
-    meta tensors: codegen reads only shapes and strides, which ``bind_tensors`` reproduces."""
+    ``Megakernel`` then loads each from the build cache; a kernel already there is loaded, which
+    needs no nvcc. The plans' intermediates are described by meta tensors: codegen reads only
+    shapes and strides, which ``bind_tensors`` reproduces."""
     specs = []
     for plan, tensors in plans:
         meta = {n: torch.empty(h.shape, dtype=h.dtype, device="meta") for n, h in plan.tensors.items()
                 if h.role is not Role.INPUT}
         specs.append(kernel_source(plan, {**tensors, **meta}))
+    for arch in {spec.arch for spec in specs}:
+        check_gpu(arch)  # here, on this thread's current device
     with ThreadPoolExecutor(max(1, len(specs))) as pool:
-        list(pool.map(lambda spec: spec.build(), specs))
+        list(pool.map(lambda spec: spec.load(), specs))
 
 
 class Megakernel:
