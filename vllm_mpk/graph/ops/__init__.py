@@ -14,13 +14,18 @@ from vllm_mpk.graph.ops.linear import (
     SiluMulLinear,
     SiluMulLinearWithResidual,
 )
+from vllm_mpk.graph.ops.moe_experts import MoEDown, RMSNormMoEGateUp
+from vllm_mpk.graph.ops.moe_topk import MoETopK
 from vllm_mpk.graph.ops.rmsnorm import RMSNorm
 from vllm_mpk.graph.ops.silu_mul import SiluMul
+
+MOE_OPS: tuple[OpDef, ...] = (MoETopK(), RMSNormMoEGateUp(), MoEDown())
+MOE_KINDS = tuple(d.kind for d in MOE_OPS)  # mixture-of-experts layers: CPU only so far (no CUDA task bodies)
 
 REGISTRY: dict[str, OpDef] = {
     d.kind: d
     for d in (Embed(), RMSNorm(), Linear(), LinearWithResidual(), RMSNormLinear(), RMSNormLinearSiluMul(), Attention(),
-              SiluMul(), SiluMulLinear(), SiluMulLinearWithResidual(), AllReduce(), Argmax(), BeginStep())
+              SiluMul(), SiluMulLinear(), SiluMulLinearWithResidual(), AllReduce(), Argmax(), BeginStep(), *MOE_OPS)
 }
 
-__all__ = ["REGISTRY", "Env", "OpDef", "Tile"]
+__all__ = ["MOE_KINDS", "REGISTRY", "Env", "OpDef", "Tile"]
