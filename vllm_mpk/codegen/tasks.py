@@ -11,6 +11,7 @@ import torch
 from vllm_mpk.codegen.ops import EMITTERS, CudaTask, Target, UnsupportedOnGPU, uses_nvshmem
 from vllm_mpk.codegen.toolchain import NVSHMEM_INSTALL_HINT, has_nvshmem
 from vllm_mpk.graph.ir import Op, Task
+from vllm_mpk.graph.ops import MOE_KINDS
 
 __all__ = ["CudaTask", "Target", "UnsupportedOnGPU", "cuda_task", "prefetch_region", "task_args",
            "uses_nvshmem"]
@@ -18,6 +19,9 @@ __all__ = ["CudaTask", "Target", "UnsupportedOnGPU", "cuda_task", "prefetch_regi
 
 def cuda_task(op: Op, target: Target) -> CudaTask:
     """The task body of ``op``'s tiles, specialised for ``target``."""
+    if op.kind in MOE_KINDS:
+        raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}': MoE ops have no GPU task body yet; run the plan on "
+                               f"the CPU reference executor (vllm-mpk check --device cpu)")
     if op.kind not in EMITTERS:
         raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}' has no CUDA task body (fuse it: e.g. silu_mul into "
                                f"silu_mul_linear_with_residual)")

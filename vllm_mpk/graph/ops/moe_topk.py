@@ -3,8 +3,8 @@ their weights, renormalised to sum to 1 with ``normalize`` (Qwen3-MoE's ``norm_t
 
 The router logits come from an ``rmsnorm_linear`` layer before this one (float32 output), tiled
 over the experts like any projection; this layer's tiles own whole rows, since the softmax needs
-every expert of a row. Outputs: expert ids ``int32 [batch, k]`` in descending weight order and
-their weights ``float32 [batch, k]``.
+every expert of a row. Outputs: expert ids ``int32 [batch, k]`` in descending weight order (equal
+weights: the lower id first) and their weights ``float32 [batch, k]``.
 
 The expert layers after it (``moe_experts.py``) read the ids at run time. ``chosen_experts`` and
 ``choices_of`` fix, the same way for every tile, which experts a step uses and which (token,
@@ -45,7 +45,7 @@ def choices_of(ids: torch.Tensor, expert: int) -> tuple[torch.Tensor, torch.Tens
 def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(expert ids int32, weights float32) of the top ``top_k`` experts of each row of ``logits``."""
     probs = torch.softmax(logits.float(), dim=-1)
-    weights, ids = probs.topk(top_k, dim=-1)
+    weights, ids = (t[:, :top_k] for t in probs.sort(dim=-1, descending=True, stable=True))
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return ids.to(torch.int32), weights
