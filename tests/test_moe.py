@@ -54,6 +54,16 @@ def weights(spec: ModelSpec) -> dict[str, torch.Tensor]:
 # the config -------------------------------------------------------------------------------------
 
 
+def test_transformers_to_dict_names_are_read() -> None:
+    """vLLM reads the config through transformers, whose to_dict() renames ``num_experts``."""
+    import transformers
+
+    config = transformers.Qwen3MoeConfig(**{k: v for k, v in SMALL_MOE.items() if k != "architectures"},
+                                         architectures=SMALL_MOE["architectures"]).to_dict()
+    assert "num_experts" not in config
+    assert ModelSpec.from_hf_config(config) == ModelSpec.from_hf_config(SMALL_MOE)
+
+
 def test_qwen3_30b_a3b_config_is_read() -> None:
     spec = ModelSpec.from_hf_config(load_config("qwen3-30b-a3b"))
     assert spec.is_moe and spec.qk_norm
@@ -178,6 +188,24 @@ def test_renormalising_the_routing_weights_matters(spec: ModelSpec, weights: dic
     sequences = [[1, 2, 3, 4, 5]]
     a, b = (decode(s, weights, sequences, "schedule")[0][0] for s in (spec, unnormalised))
     assert not torch.allclose(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_each_moe_layer_waits_on_one_event_for_its_producer() -> None:
+    """Shipped Qwen3-30B-A3B, two layers, batch 8: the router waits for o_proj, each routing
+    tile for the router's tiles, the expert gate/up tiles for routing alone (it implies the
+    rest), and the down tiles for every gate/up slot (their writes are shared)."""
+    spec = ModelSpec.from_hf_config(load_config("qwen3-30b-a3b")).with_layers(2)
+    caches = allocate_kv_caches(spec, 8 * 32, 16, device="meta")
+    plan = build_decoder(spec, meta_weights(spec), caches, DecodeOptions(max_batch=8, max_seq_len=512)).plan
+    tasks_of = {op.name: [t for t in plan.tasks if t.op is op] for op in plan.ops}
+    chain = ["layers.1.o_proj", "layers.1.router", "layers.1.moe_topk", "layers.1.experts.gate_up",
+             "layers.1.experts.down"]
+    for producer, consumer in zip(chain, chain[1:]):
+        for task in tasks_of[consumer]:
+            assert len(task.wait_events) == 1, (consumer, task.wait_events)
+            assert set(plan.events[task.wait_events[0]].producers) == {t.id for t in tasks_of[producer]}, consumer
+    gate_up = tasks_of["layers.1.experts.gate_up"]
+    assert len(gate_up) == 132 // 64 * 64 and {t.params["slot"] for t in gate_up} == set(range(64))  # 8 x top 8
 
 
 # the GPU ------------------------------------------------------------------------------------------

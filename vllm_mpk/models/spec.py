@@ -207,7 +207,10 @@ def _moe_fields(config: Mapping[str, Any], arch: str) -> dict[str, Any]:
     if step != 1 or dense_layers:
         raise UnsupportedModelError(f"dense layers mixed in (decoder_sparse_step {step}, mlp_only_layers "
                                     f"{list(dense_layers)}) are not supported")
-    experts, top_k = _positive_int(config, "num_experts"), _positive_int(config, "num_experts_per_tok")
+    # transformers 5 writes ``num_experts`` as ``num_local_experts`` (its attribute map) in to_dict()
+    experts_key = "num_experts" if config.get("num_experts") is not None or "num_local_experts" not in config \
+        else "num_local_experts"
+    experts, top_k = _positive_int(config, experts_key), _positive_int(config, "num_experts_per_tok")
     if top_k > experts:
         raise ModelConfigError(f"config key 'num_experts_per_tok' ({top_k}) must be at most 'num_experts' "
                                f"({experts})")
