@@ -12,6 +12,7 @@ import torch
 
 from tests.helpers import load_config, meta_weights, plan_inputs, torch_threads
 from vllm_mpk.check import check_model, hf_model, run_teacher_forced
+from vllm_mpk.cli import main
 from vllm_mpk.codegen.tasks import UnsupportedOnGPU
 from vllm_mpk.graph.reference import ReferenceExecutor
 from vllm_mpk.graph.step_state import contiguous_block_tables
@@ -206,6 +207,14 @@ def test_each_moe_layer_waits_on_one_event_for_its_producer() -> None:
             assert set(plan.events[task.wait_events[0]].producers) == {t.id for t in tasks_of[producer]}, consumer
     gate_up = tasks_of["layers.1.experts.gate_up"]
     assert len(gate_up) == 132 // 64 * 64 and {t.params["slot"] for t in gate_up} == set(range(64))  # 8 x top 8
+
+
+def test_cli_plans_the_shipped_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--model", "qwen3-30b-a3b", "--layers", "2", "--max-batch", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "Qwen3MoeForCausalLM, 2 of 48 layers" in out
+    for kind in ("moe_topk", "rmsnorm_moe_gate_up", "moe_down"):
+        assert f"\n{kind} " in out
 
 
 # the GPU ------------------------------------------------------------------------------------------
