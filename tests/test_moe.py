@@ -1,6 +1,7 @@
 """Qwen3-MoE decode on the CPU: the config's MoE fields and what is refused, the fused-MoE
 weights and their checkpoint names, the plan against ``transformers`` (batch 1, and batch 4 with
-tokens sharing experts), every execution order, and the GPU's refusal of MoE plans."""
+tokens sharing experts), every execution order, and the MoE task bodies built with nvcc (not run
+here: no GPU)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import pytest
 import torch
 
 from tests.helpers import load_config, meta_weights, plan_inputs, torch_threads
+from vllm_mpk.api import PersistentKernel
 from vllm_mpk.check import check_model, hf_model, run_teacher_forced
 from vllm_mpk.cli import main
+from vllm_mpk.codegen.jit import compile_only
 from vllm_mpk.codegen.tasks import UnsupportedOnGPU
+from vllm_mpk.codegen.toolchain import ToolchainError, find_nvcc
 from vllm_mpk.graph.reference import ReferenceExecutor
 from vllm_mpk.graph.step_state import contiguous_block_tables
 from vllm_mpk.models import DecodeOptions, ModelSpec, build_decoder
@@ -220,11 +224,52 @@ def test_cli_plans_the_shipped_config(capsys: pytest.CaptureFixture[str]) -> Non
 # the GPU ------------------------------------------------------------------------------------------
 
 
-def test_codegen_refuses_moe_plans(spec: ModelSpec) -> None:
-    caches = allocate_kv_caches(spec, 8, 16, device="meta")
-    options = DecodeOptions(max_batch=2, max_seq_len=64, num_workers=16)
+def moe_plan_source(config: dict, batch: int, layers: int) -> tuple:
+    """(plan, jit spec) of ``layers`` layers of a MoE config on shape-only tensors."""
+    spec = ModelSpec.from_hf_config(config).with_layers(layers)
+    caches = allocate_kv_caches(spec, 8 * batch, 16, device="meta")
+    options = DecodeOptions(max_batch=batch, max_seq_len=128, num_workers=132)
     model = build_decoder(spec, meta_weights(spec), caches, options)
     bound = {**model.kernel.attached, **{name: torch.empty(h.shape, dtype=h.dtype, device="meta")
                                          for name, h in model.plan.tensors.items() if name not in model.kernel.attached}}
-    with pytest.raises(UnsupportedOnGPU, match="moe_topk layer 'layers.0.moe_topk': MoE ops have no GPU task body yet"):
-        kernel_spec(model.plan, bound)
+    return model.plan, kernel_spec(model.plan, bound)[0]
+
+
+def test_qwen3_30b_a3b_moe_megakernel_compiles_for_sm90a(tmp_path: Path) -> None:
+    """The MoE task bodies as the shipped config instantiates them (128 experts, top 8, batch 8):
+    nvcc builds them. They have not run on a GPU here: tests/gpu runs the op cases that fit them."""
+    try:
+        find_nvcc()
+    except ToolchainError as err:
+        pytest.skip(f"cannot prove the generated CUDA compiles: {err}")
+    _, jit = moe_plan_source(load_config("qwen3-30b-a3b"), 8, 1)
+    source = jit.sources["megakernel.cu"]
+    for call in ("mpk::moe_topk_task<float, 128, 8, 256>", "mpk::moe_gate_up_task<2048, 8, 8, 128, 256>",
+                 "mpk::moe_down_task<768, 8, 8, 128, 256>"):
+        assert call in source
+    assert compile_only(jit, tmp_path).is_file()
+
+
+@pytest.mark.parametrize("hidden,inter,batch,message", [
+    (320, 256, 2, "rmsnorm_moe_gate_up layer 'gate_up': hidden size 320 is not a multiple of 256"),
+    (256, 96, 2, "moe_down layer 'down': expert width 96 is not a multiple of 256"),
+    (256, 256, 33, "rmsnorm_moe_gate_up layer 'gate_up': batch 33 exceeds the 32 tokens an expert tile sums"),
+])
+def test_shapes_the_moe_task_bodies_do_not_take_are_refused(hidden: int, inter: int, batch: int,
+                                                            message: str) -> None:
+    mpk = PersistentKernel(num_workers=4, max_batch=batch, max_seq_len=32)
+
+    def attach(shape: tuple[int, ...], name: str, dtype: torch.dtype = torch.bfloat16):
+        return mpk.attach_input(torch.empty(shape, dtype=dtype, device="meta"), name)
+
+    x, ids = attach((batch, hidden), "x"), attach((batch, 2), "ids", torch.int32)
+    act, out = mpk.new_tensor((batch, 2, inter), torch.bfloat16, "act"), mpk.new_tensor((batch, hidden), torch.bfloat16, "out")
+    mpk.rmsnorm_moe_gate_up_layer(x, attach((hidden,), "norm"), attach((4, 2 * inter, hidden), "w13"), ids, act,
+                                  (1, 2), 256, name="gate_up")
+    mpk.moe_down_layer(act, attach((4, hidden, inter), "w2"), ids, attach((batch, 2), "weights", torch.float32), x,
+                       out, 1, 256, name="down")
+    plan = mpk.compile()
+    bound = {**mpk.attached, **{name: torch.empty(h.shape, dtype=h.dtype, device="meta")
+                                for name, h in plan.tensors.items() if name not in mpk.attached}}
+    with pytest.raises(UnsupportedOnGPU, match=message):
+        kernel_spec(plan, bound)

@@ -89,11 +89,16 @@ GATE_UP_CASES = [
     dict(id="b16-e8-k3-bf16-n9", batch=16, experts=8, k=3, hidden=128, inter=64, grid=(2, 8), dtype=BF16,
          num_tokens=9),
     dict(id="b5-e128-k8-1-block", batch=5, experts=128, k=8, hidden=64, inter=24, grid=(1, 40), dtype=F32),
+    # shapes the GPU task body takes too (hidden a multiple of 256)
+    dict(id="b8-e32-k8-h512-n6", batch=8, experts=32, k=8, hidden=512, inter=40, grid=(3, 32), dtype=BF16,
+         num_tokens=6),
 ]
 DOWN_CASES = [
     dict(id="b1-e16-k4", batch=1, experts=16, k=4, hidden=64, inter=48, grid=3, dtype=F32),
     dict(id="b5-e4-k2-shared-h100", batch=5, experts=4, k=2, hidden=100, inter=96, grid=7, dtype=F32),
     dict(id="b16-e8-k3-bf16-n9", batch=16, experts=8, k=3, hidden=128, inter=64, grid=8, dtype=BF16, num_tokens=9),
+    # shapes the GPU task body takes too (expert width a multiple of 256)
+    dict(id="b8-e32-k8-i512-n6", batch=8, experts=32, k=8, hidden=80, inter=512, grid=5, dtype=BF16, num_tokens=6),
 ]
 
 OP_TESTS = [OpTest("rmsnorm_moe_gate_up", build_gate_up, GATE_UP_CASES, FLOAT_TOL),

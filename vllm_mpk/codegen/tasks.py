@@ -11,7 +11,6 @@ import torch
 from vllm_mpk.codegen.ops import EMITTERS, CudaTask, Target, UnsupportedOnGPU, uses_nvshmem
 from vllm_mpk.codegen.toolchain import NVSHMEM_INSTALL_HINT, has_nvshmem
 from vllm_mpk.graph.ir import Op, Task
-from vllm_mpk.graph.ops import MOE_KINDS
 
 __all__ = ["CudaTask", "Target", "UnsupportedOnGPU", "cuda_task", "prefetch_region", "task_args",
            "uses_nvshmem"]
@@ -19,7 +18,6 @@ __all__ = ["CudaTask", "Target", "UnsupportedOnGPU", "cuda_task", "prefetch_regi
 
 def cuda_task(op: Op, target: Target) -> CudaTask:
     """The task body of ``op``'s tiles, specialised for ``target``."""
-    refuse_moe(op)
     if op.kind not in EMITTERS:
         raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}' has no CUDA task body (fuse it: e.g. silu_mul into "
                                f"silu_mul_linear_with_residual)")
@@ -32,16 +30,8 @@ def cuda_task(op: Op, target: Target) -> CudaTask:
     return EMITTERS[op.kind].task(op, target)
 
 
-def refuse_moe(op: Op) -> None:
-    """Mixture-of-experts layers run on the CPU reference executor only, so far."""
-    if op.kind in MOE_KINDS:
-        raise UnsupportedOnGPU(f"{op.kind} layer '{op.name}': MoE ops have no GPU task body yet; run the plan on "
-                               f"the CPU reference executor (vllm-mpk check --device cpu)")
-
-
 def task_args(task: Task, ids: Mapping[str, int], tensors: Mapping[str, torch.Tensor]) -> list[int]:
     """The argument words of one tile, in the order of its family's ``ArgLayout``."""
-    refuse_moe(task.op)
     family = EMITTERS.get(task.op.kind)
     if family is None:
         raise UnsupportedOnGPU(f"no argument layout for {task.op.kind}")

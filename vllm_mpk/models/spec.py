@@ -2,7 +2,8 @@
 megakernel supports and what it refuses.
 
 Mixture of experts (Qwen3-MoE, every layer sparse, no shared experts) is planned and runs on the
-CPU reference executor; its GPU task bodies do not exist yet (``gpu_unsupported_reason``). Its
+CPU reference executor; its GPU task bodies compile but have not run on a GPU, so vLLM keeps such
+models on its own layers (``gpu_unsupported_reason``). Its
 weights use vLLM 0.26's fused-MoE parameters (``models/weights.py``), bound in place by vLLM name:
 
     model.layers.{i}.mlp.gate.weight                           [E, H]      router
@@ -38,8 +39,8 @@ SUPPORT_SUMMARY = (
     f"softmax top-k routing and no shared experts (CPU reference only); full attention (no sliding window); "
     f"head_dim in {SUPPORTED_HEAD_DIMS}; RoPE types {SUPPORTED_ROPE_TYPES}; no biases"
 )
-MOE_ON_GPU = ("mixture-of-experts layers are not supported by the megakernel yet (no GPU task bodies; the CPU "
-              "reference executor and `vllm-mpk check` run them)")
+MOE_ON_GPU = ("mixture-of-experts layers are not supported by the megakernel yet: their GPU task bodies compile "
+              "but have not been run on a GPU (the CPU reference executor and `vllm-mpk check --device cpu` run them)")
 
 
 class ModelConfigError(ValueError):

@@ -19,13 +19,11 @@ from vllm_mpk.graph.ops.moe_topk import MoETopK
 from vllm_mpk.graph.ops.rmsnorm import RMSNorm
 from vllm_mpk.graph.ops.silu_mul import SiluMul
 
-MOE_OPS: tuple[OpDef, ...] = (MoETopK(), RMSNormMoEGateUp(), MoEDown())
-MOE_KINDS = tuple(d.kind for d in MOE_OPS)  # mixture-of-experts layers: CPU only so far (no CUDA task bodies)
-
 REGISTRY: dict[str, OpDef] = {
     d.kind: d
     for d in (Embed(), RMSNorm(), Linear(), LinearWithResidual(), RMSNormLinear(), RMSNormLinearSiluMul(), Attention(),
-              SiluMul(), SiluMulLinear(), SiluMulLinearWithResidual(), AllReduce(), Argmax(), BeginStep(), *MOE_OPS)
+              SiluMul(), SiluMulLinear(), SiluMulLinearWithResidual(), AllReduce(), Argmax(), BeginStep(),
+              MoETopK(), RMSNormMoEGateUp(), MoEDown())
 }
 
-__all__ = ["MOE_KINDS", "REGISTRY", "Env", "OpDef", "Tile"]
+__all__ = ["REGISTRY", "Env", "OpDef", "Tile"]
