@@ -3,8 +3,8 @@ megakernel supports and what it refuses.
 
 Mixture of experts (Qwen3-MoE, every layer sparse, no shared experts) is planned and runs on the
 CPU reference executor; its GPU task bodies compile but have not run on a GPU, so vLLM keeps such
-models on its own layers (``gpu_unsupported_reason``). Its
-weights use vLLM 0.26's fused-MoE parameters (``models/weights.py``), bound in place by vLLM name:
+models on its own layers (``gpu_unsupported_reason``). Its weights are vLLM 0.26's fused-MoE
+parameters (``models/weights.py``), to be bound in place by their vLLM names:
 
     model.layers.{i}.mlp.gate.weight                           [E, H]      router
     model.layers.{i}.mlp.experts.routed_experts.w13_weight     [E, 2I, H]  gate rows, then up rows
