@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import load_config, meta_weights, plan_inputs, torch_threads
+from tests.helpers import TINY_QWEN3_MOE, load_config, meta_weights, plan_inputs, torch_threads
 from vllm_mpk.api import PersistentKernel
 from vllm_mpk.check import check_model, hf_model, run_teacher_forced
 from vllm_mpk.cli import main
@@ -34,10 +34,6 @@ from vllm_mpk.models.weights import (
 from vllm_mpk.runtime.megakernel import kernel_spec
 
 EXACT_BOUND = 2e-5  # float32 end to end, as in test_models.py
-# Qwen3-30B-A3B shrunk to run in seconds: 16 experts, top 4, hidden 256, three layers
-SMALL_MOE = {**load_config("qwen3-30b-a3b"), "hidden_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1000, "max_position_embeddings": 256,
-             "num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 96}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -48,7 +44,7 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def spec() -> ModelSpec:
-    return ModelSpec.from_hf_config(SMALL_MOE)
+    return ModelSpec.from_hf_config(TINY_QWEN3_MOE)
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +59,10 @@ def test_transformers_to_dict_names_are_read() -> None:
     """vLLM reads the config through transformers, whose to_dict() renames ``num_experts``."""
     import transformers
 
-    config = transformers.Qwen3MoeConfig(**{k: v for k, v in SMALL_MOE.items() if k != "architectures"},
-                                         architectures=SMALL_MOE["architectures"]).to_dict()
+    config = transformers.Qwen3MoeConfig(**{k: v for k, v in TINY_QWEN3_MOE.items() if k != "architectures"},
+                                         architectures=TINY_QWEN3_MOE["architectures"]).to_dict()
     assert "num_experts" not in config
-    assert ModelSpec.from_hf_config(config) == ModelSpec.from_hf_config(SMALL_MOE)
+    assert ModelSpec.from_hf_config(config) == ModelSpec.from_hf_config(TINY_QWEN3_MOE)
 
 
 def test_qwen3_30b_a3b_config_is_read() -> None:
@@ -89,7 +85,7 @@ def test_qwen3_30b_a3b_config_is_read() -> None:
 ])
 def test_unsupported_moe_configs_are_refused_listing_what_is_supported(changes: dict, message: str) -> None:
     with pytest.raises(UnsupportedModelError, match=message) as err:
-        ModelSpec.from_hf_config({**SMALL_MOE, **changes})
+        ModelSpec.from_hf_config({**TINY_QWEN3_MOE, **changes})
     assert "Qwen3MoeForCausalLM with every layer sparse" in str(err.value)
 
 
@@ -100,12 +96,15 @@ def test_unsupported_moe_configs_are_refused_listing_what_is_supported(changes: 
 ])
 def test_malformed_moe_configs_name_the_key(changes: dict, message: str) -> None:
     with pytest.raises(ModelConfigError, match=message):
-        ModelSpec.from_hf_config({**SMALL_MOE, **changes})
+        ModelSpec.from_hf_config({**TINY_QWEN3_MOE, **changes})
 
 
-def test_tensor_parallelism_is_refused(spec: ModelSpec) -> None:
-    with pytest.raises(ValueError, match="mixture-of-experts models are planned for one rank only"):
-        spec.shard(2)
+def test_a_tensor_parallel_rank_holds_a_slice_of_every_expert(spec: ModelSpec) -> None:
+    """As vLLM's fused MoE without expert parallelism (test_tensor_parallel.py decodes it)."""
+    local = spec.shard(2)
+    assert (local.num_experts, local.moe_intermediate_size, local.intermediate_size) == (16, 48, 6144)
+    with pytest.raises(ValueError, match=r"tensor parallel size 2 does not divide the expert width \(95\)"):
+        ModelSpec.from_hf_config({**TINY_QWEN3_MOE, "moe_intermediate_size": 95}).shard(2)
 
 
 # the weights ------------------------------------------------------------------------------------
@@ -139,7 +138,7 @@ def test_transformers_loads_the_saved_checkpoint_as_check_builds_it(spec: ModelS
     import transformers
 
     save_checkpoint(spec, weights, tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(SMALL_MOE))
+    (tmp_path / "config.json").write_text(json.dumps(TINY_QWEN3_MOE))
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     built = hf_model(spec, weights).state_dict()
     state = loaded.state_dict()
@@ -189,7 +188,7 @@ def test_tokens_share_experts_and_every_order_decodes_the_same(spec: ModelSpec,
 
 def test_renormalising_the_routing_weights_matters(spec: ModelSpec, weights: dict[str, torch.Tensor]) -> None:
     """Without ``norm_topk_prob`` the logits move, so the check above tells the two apart."""
-    unnormalised = ModelSpec.from_hf_config({**SMALL_MOE, "norm_topk_prob": False})
+    unnormalised = ModelSpec.from_hf_config({**TINY_QWEN3_MOE, "norm_topk_prob": False})
     sequences = [[1, 2, 3, 4, 5]]
     a, b = (decode(s, weights, sequences, "schedule")[0][0] for s in (spec, unnormalised))
     assert not torch.allclose(a, b, rtol=1e-3, atol=1e-3)

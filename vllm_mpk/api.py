@@ -325,10 +325,11 @@ class PersistentKernel:
                   eps=eps, name=name)
 
     def moe_down_layer(self, input: TensorHandle, weight_w2: TensorHandle, expert_ids: TensorHandle,
-                       expert_weights: TensorHandle, residual: TensorHandle, output: TensorHandle, grid_dim: Dim3,
-                       block_dim: Dim3, name: str | None = None) -> None:
+                       expert_weights: TensorHandle, residual: TensorHandle | None, output: TensorHandle,
+                       grid_dim: Dim3, block_dim: Dim3, name: str | None = None) -> None:
         """``output = residual + sum_j expert_weights[:, j] * input[:, j] W2_{expert_ids[:, j]}^T`` with
-        ``weight_w2`` ``[E, H, I]``; see ``graph/ops/moe_experts.py``."""
+        ``weight_w2`` ``[E, H, I]`` (no residual: a tensor-parallel rank's part); see
+        ``graph/ops/moe_experts.py``."""
         self._add("moe_down", {"input": input, "weight": weight_w2, "expert_ids": expert_ids,
                                "expert_weights": expert_weights, "residual": residual}, {"output": output},
                   grid_dim, block_dim, name=name)

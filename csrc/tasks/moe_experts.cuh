@@ -12,7 +12,7 @@
 //   in shared memory as bf16 like the dense gate/up projection's input.
 // - moe_down_task: tile (output columns [c0, c1)): every chosen expert in list order;
 //   out[b, h] = residual[b, h] + sum over the token's pairs of weight[b, j] * act[b, j] . w2[e, h],
-//   summed per warp in shared memory in list order.
+//   summed per warp in shared memory in list order (no residual: a tensor-parallel rank's part).
 #pragma once
 #include "common.cuh"
 
@@ -199,8 +199,9 @@ __device__ void moe_down_task(const TaskContext& c) {
       }
       __syncwarp();
     }
-    for (int b = lane; b < n_tok; b += kWarp)
-      out[(size_t)b * hidden + h] = __float2bfloat16_rn(__bfloat162float(residual[(size_t)b * hidden + h]) + sums[b]);
+    for (int b = lane; b < n_tok; b += kWarp)  // no residual: a tensor-parallel rank's part
+      out[(size_t)b * hidden + h] =
+          __float2bfloat16_rn(sums[b] + (residual ? __bfloat162float(residual[(size_t)b * hidden + h]) : 0.f));
     __syncwarp();
   }
 }

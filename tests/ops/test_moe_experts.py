@@ -73,9 +73,11 @@ def build_down(c: dict, gen: torch.Generator) -> Built:
     w2 = expert_weights((experts, hidden, inter), chosen, gen, dt)
     mpk = kernel(b)
     out = mpk.new_tensor((b, hidden), dt, "out")
+    with_residual = c.get("residual", True)  # without: a tensor-parallel rank's part of the sum
     mpk.moe_down_layer(mpk.attach_input(act, "act"), mpk.attach_input(w2, "w2"), mpk.attach_input(ids, "ids"),
-                       mpk.attach_input(weights, "weights"), mpk.attach_input(res, "res"), out, c["grid"], BLOCK)
-    want = res.float().clone()
+                       mpk.attach_input(weights, "weights"), mpk.attach_input(res, "res") if with_residual else None,
+                       out, c["grid"], BLOCK)
+    want = res.float().clone() if with_residual else torch.zeros(b, hidden)
     for t in range(n):
         for j in range(k):
             want[t] += weights[t, j] * F.linear(act[t, j].float(), w2[int(ids[t, j])].float())
@@ -97,6 +99,7 @@ DOWN_CASES = [
     dict(id="b1-e16-k4", batch=1, experts=16, k=4, hidden=64, inter=48, grid=3, dtype=F32),
     dict(id="b5-e4-k2-shared-h100", batch=5, experts=4, k=2, hidden=100, inter=96, grid=7, dtype=F32),
     dict(id="b16-e8-k3-bf16-n9", batch=16, experts=8, k=3, hidden=128, inter=64, grid=8, dtype=BF16, num_tokens=9),
+    dict(id="b5-e8-k2-no-residual", batch=5, experts=8, k=2, hidden=48, inter=32, grid=3, dtype=F32, residual=False),
     # shapes the GPU task body takes too (expert width a multiple of 256)
     dict(id="b8-e32-k8-i512-n6", batch=8, experts=32, k=8, hidden=80, inter=512, grid=5, dtype=BF16, num_tokens=6),
 ]

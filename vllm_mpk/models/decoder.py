@@ -213,8 +213,8 @@ def declare_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cac
         else:
             hid = summed(f"{p}.h", lambda out: mpk.linear_layer(attn, wt["o"], out, linear_grid(h, w), block,
                                                                 name=f"{p}.o_proj"))
-        if spec.is_moe:  # one rank (ModelSpec.shard refuses to split experts)
-            x = declare_moe_mlp(mpk, spec, wt, hid, p, o)
+        if spec.is_moe:
+            x = summed(f"{p}.out", lambda out, hid=hid: declare_moe_mlp(mpk, local, wt, hid, out, p, o))
             continue
         act = new(f"{p}.act", local.intermediate_size)
         # Tiled like the 2I weight rows it streams: 8 output columns read 16 of them (gate and up).
@@ -242,21 +242,22 @@ def declare_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cac
     return DecodeLayers(o, mpk, logits, tokens, None)
 
 
-def declare_moe_mlp(mpk: PersistentKernel, spec: ModelSpec, wt: Mapping[str, TensorHandle], hid: TensorHandle,
-                    prefix: str, o: DecodeOptions) -> TensorHandle:
-    """One mixture-of-experts MLP on ``hid`` (the module docstring's four layers); returns
-    ``hid`` plus the weighted sum of the chosen experts' outputs."""
-    b, k, h, w, block = o.max_batch, spec.num_experts_per_tok, spec.hidden_size, o.num_workers, (o.block_dim, 1, 1)
+def declare_moe_mlp(mpk: PersistentKernel, local: ModelSpec, wt: Mapping[str, TensorHandle], hid: TensorHandle,
+                    out: TensorHandle, prefix: str, o: DecodeOptions) -> None:
+    """One mixture-of-experts MLP on ``hid`` (the module docstring's four layers), writing ``out``:
+    ``hid`` plus the weighted sum of the chosen experts' outputs; with several ranks, this rank's
+    part of that sum over its slice of every expert (rank 0 adds ``hid``)."""
+    spec, b, w, block = local, o.max_batch, o.num_workers, (o.block_dim, 1, 1)
+    k, h = spec.num_experts_per_tok, spec.hidden_size
     logits = mpk.new_tensor((b, spec.num_experts), torch.float32, f"{prefix}.router_logits")
     ids = mpk.new_tensor((b, k), torch.int32, f"{prefix}.expert_ids")
     weights = mpk.new_tensor((b, k), torch.float32, f"{prefix}.expert_weights")
     act = mpk.new_tensor((b, k, spec.moe_intermediate_size), hid.dtype, f"{prefix}.act")
-    out = mpk.new_tensor((b, h), hid.dtype, f"{prefix}.out")
     mpk.rmsnorm_linear_layer(hid, wt["post_norm"], wt["router"], logits, linear_grid(spec.num_experts, w), block,
                              eps=spec.rms_norm_eps, name=f"{prefix}.router")
     mpk.moe_topk_layer(logits, ids, weights, b, block, top_k=k, normalize=spec.norm_topk_prob,
                        name=f"{prefix}.moe_topk")
     mpk.rmsnorm_moe_gate_up_layer(hid, wt["post_norm"], wt["w13"], ids, act, (*moe_gate_up_grid(spec, b, w), 1),
                                   block, eps=spec.rms_norm_eps, name=f"{prefix}.experts.gate_up")
-    mpk.moe_down_layer(act, wt["w2"], ids, weights, hid, out, linear_grid(h, w), block, name=f"{prefix}.experts.down")
-    return out
+    mpk.moe_down_layer(act, wt["w2"], ids, weights, hid if o.rank == 0 else None, out, linear_grid(h, w), block,
+                       name=f"{prefix}.experts.down")

@@ -102,20 +102,22 @@ class ModelSpec:
 
     def shard(self, world_size: int) -> ModelSpec:
         """The shapes one of ``world_size`` tensor-parallel ranks holds (Megatron-style: whole KV
-        head groups, a slice of the MLP, a slice of the vocabulary)."""
+        head groups, a slice of the MLP, a slice of the vocabulary). A MoE rank holds every expert,
+        a slice of each expert's width, as vLLM's fused MoE without expert parallelism."""
         if world_size == 1:
             return self
-        if self.is_moe:
-            raise ValueError(f"tensor parallel size {world_size}: mixture-of-experts models are planned for one "
-                             f"rank only; use tensor parallel size 1")
-        for what, n in (("attention heads", self.num_q_heads), ("KV heads", self.num_kv_heads),
-                        ("intermediate size", self.intermediate_size), ("vocabulary", self.vocab_size)):
+        mlp = ("expert width", self.moe_intermediate_size) if self.is_moe else ("intermediate size",
+                                                                               self.intermediate_size)
+        for what, n in (("attention heads", self.num_q_heads), ("KV heads", self.num_kv_heads), mlp,
+                        ("vocabulary", self.vocab_size)):
             if n % world_size:
                 raise ValueError(f"tensor parallel size {world_size} does not divide the {what} ({n}); "
                                  f"choose a size that divides {self.num_kv_heads} KV heads")
         return replace(self, num_q_heads=self.num_q_heads // world_size,
                        num_kv_heads=self.num_kv_heads // world_size,
-                       intermediate_size=self.intermediate_size // world_size,
+                       intermediate_size=self.intermediate_size // world_size if not self.is_moe
+                       else self.intermediate_size,
+                       moe_intermediate_size=self.moe_intermediate_size // world_size,
                        vocab_size=self.vocab_size // world_size)
 
     @classmethod

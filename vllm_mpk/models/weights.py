@@ -89,7 +89,8 @@ def random_weights(spec: ModelSpec, seed: int = 0, dtype: torch.dtype = torch.bf
 def shard_weights(spec: ModelSpec, weights: Mapping[str, torch.Tensor], world_size: int, rank: int) -> Weights:
     """Rank ``rank``'s slices of full merged weights, laid out as vLLM's TP-local parameters:
     qkv_proj and gate_up_proj by rows (q, k, v and gate, up sliced separately), o_proj and
-    down_proj by columns, embedding and lm_head by vocabulary rows, norms whole."""
+    down_proj by columns, embedding and lm_head by vocabulary rows, norms whole; experts' w13 by
+    rows of each expert (gate and up sliced separately), w2 by columns, the router whole."""
     local, hd = spec.shard(world_size), spec.head_dim
 
     def rows(t: torch.Tensor, block: int, offset: int = 0) -> torch.Tensor:
@@ -102,11 +103,17 @@ def shard_weights(spec: ModelSpec, weights: Mapping[str, torch.Tensor], world_si
         qkv = weights[n["qkv"]]
         out[n["qkv"]] = torch.cat([rows(qkv, nq), rows(qkv, nkv, spec.num_q_heads * hd),
                                    rows(qkv, nkv, (spec.num_q_heads + spec.num_kv_heads) * hd)])
-        gate_up = weights[n["gate_up"]]
-        out[n["gate_up"]] = torch.cat([rows(gate_up, local.intermediate_size),
-                                       rows(gate_up, local.intermediate_size, spec.intermediate_size)])
+        if spec.is_moe:
+            w13, w2, width = weights[n["w13"]].transpose(0, 1), weights[n["w2"]], local.moe_intermediate_size
+            out[n["w13"]] = torch.cat([rows(w13, width), rows(w13, width, spec.moe_intermediate_size)]).transpose(0, 1)
+            out[n["w2"]] = rows(w2.permute(2, 0, 1), width).permute(1, 2, 0)
+            out[n["router"]] = weights[n["router"]]
+        else:
+            gate_up = weights[n["gate_up"]]
+            out[n["gate_up"]] = torch.cat([rows(gate_up, local.intermediate_size),
+                                           rows(gate_up, local.intermediate_size, spec.intermediate_size)])
+            out[n["down"]] = rows(weights[n["down"]].T, local.intermediate_size).T
         out[n["o"]] = rows(weights[n["o"]].T, nq).T
-        out[n["down"]] = rows(weights[n["down"]].T, local.intermediate_size).T
         for key in ("input_norm", "post_norm") + (("q_norm", "k_norm") if spec.qk_norm else ()):
             out[n[key]] = weights[n[key]]
     out[EMBED], out[FINAL_NORM] = rows(weights[EMBED], local.vocab_size), weights[FINAL_NORM]

@@ -10,7 +10,7 @@ for all the tokens that chose it.
   block. Which ``(b, j)`` a tile writes is known only at run time, so every slot's write of its
   column block is declared shared; readers wait for all slots.
 - ``moe_down``: ``out[b] = residual[b] + sum_j weights[b, j] * act[b, j] W2_{ids[b, j]}^T`` with
-  ``w2`` ``[E, H, I]``. Tiles own a block of output columns and go through the chosen experts in
+  ``w2`` ``[E, H, I]``; without a residual, a tensor-parallel rank's part of the sum. Tiles own a block of output columns and go through the chosen experts in
   ascending order, each expert's rows of the block streamed once for all its tokens, adding into
   per-token sums: a fixed order, no atomics.
 
@@ -136,7 +136,8 @@ class RMSNormMoEGateUp(OpDef):
 class MoEDown(OpDef):
     kind = "moe_down"
     opcode = 16
-    required_inputs = ("input", "weight", "expert_ids", "expert_weights", "residual")
+    required_inputs = ("input", "weight", "expert_ids", "expert_weights")
+    optional_inputs = ("residual",)
 
     def check(self, op: Op) -> None:
         act, w, out = op.inputs["input"], op.inputs["weight"], op.outputs["output"]
@@ -150,7 +151,8 @@ class MoEDown(OpDef):
         check_routing(op, batch, experts, top_k)
         expect_shape(op, "expert_weights", op.inputs["expert_weights"], (batch, top_k))
         expect_dtype(op, "expert_weights", op.inputs["expert_weights"], (torch.float32,))
-        expect_shape(op, "residual", op.inputs["residual"], (batch, hidden))
+        if "residual" in op.inputs:
+            expect_shape(op, "residual", op.inputs["residual"], (batch, hidden))
         expect_shape(op, "output", out, (batch, hidden))
         expect_tiles(op, -(-hidden // COLUMN_ALIGN), f"{hidden} output columns in blocks of {COLUMN_ALIGN}")
 
@@ -161,11 +163,12 @@ class MoEDown(OpDef):
         routing = [Access(op.inputs[r].name, op.inputs[r].full_box) for r in ("expert_ids", "expert_weights")]
         tiles = []
         for c0, c1 in split_even(hidden, op.num_tiles, COLUMN_ALIGN):
-            reads = (Access(act.name, act.full_box), *routing, Access(w.name, ((0, experts), (c0, c1), (0, inter))),
-                     Access(op.inputs["residual"].name, col_box(batch, c0, c1)))
+            reads = [Access(act.name, act.full_box), *routing, Access(w.name, ((0, experts), (c0, c1), (0, inter)))]
+            if "residual" in op.inputs:
+                reads.append(Access(op.inputs["residual"].name, col_box(batch, c0, c1)))
             nbytes = (max_chosen(batch, top_k, experts) * (c1 - c0) * inter * w.dtype.itemsize + act.nbytes
                       + 2 * batch * (c1 - c0) * out.dtype.itemsize)
-            tiles.append(Tile(reads, (Access(out.name, col_box(batch, c0, c1)),), nbytes,
+            tiles.append(Tile(tuple(reads), (Access(out.name, col_box(batch, c0, c1)),), nbytes,
                               {"col_start": c0, "col_end": c1}))
         return tiles
 
@@ -178,14 +181,17 @@ class MoEDown(OpDef):
             tokens, choices = choices_of(ids, expert)
             part = act[tokens, choices].float() @ w[expert, c0:c1].float().T
             acc.index_add_(0, tokens, part * weights[tokens, choices, None])
-        residual = env[op.inputs["residual"].name][r, c0:c1].float()
-        store(env[op.outputs["output"].name][r, c0:c1], residual + acc)
+        if "residual" in op.inputs:
+            acc += env[op.inputs["residual"].name][r, c0:c1].float()
+        store(env[op.outputs["output"].name][r, c0:c1], acc)
 
     def reference(self, op: Op, env: Env) -> None:
         r = rows(env)
         ids, weights = env[op.inputs["expert_ids"].name][r], env[op.inputs["expert_weights"].name][r]
         act, w = env[op.inputs["input"].name][r].float(), env[op.inputs["weight"].name]
-        y = env[op.inputs["residual"].name][r].float()
+        y = torch.zeros(act.shape[0], w.shape[1], device=act.device)
+        if "residual" in op.inputs:
+            y = y + env[op.inputs["residual"].name][r].float()
         for j in range(ids.shape[1]):
             y = y + weights[:, j, None] * torch.stack([act[b, j] @ w[int(ids[b, j])].float().T
                                                        for b in range(ids.shape[0])])
