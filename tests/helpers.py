@@ -89,6 +89,11 @@ TINY_LLAMA = {
                      "original_max_position_embeddings": 32},
     "tie_word_embeddings": True, "hidden_act": "silu",
 }
+# Qwen3-30B-A3B shrunk to run in seconds: 16 experts, top 4, hidden 256, three layers
+TINY_QWEN3_MOE = {**load_config("qwen3-30b-a3b"), "hidden_size": 256, "num_hidden_layers": 3,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1000,
+                  "max_position_embeddings": 256, "num_experts": 16, "num_experts_per_tok": 4,
+                  "moe_intermediate_size": 96}
 TINY_QWEN3 = {
     "architectures": ["Qwen3ForCausalLM"], "hidden_size": 384, "intermediate_size": 768,
     "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 128,

@@ -240,8 +240,11 @@ def test_reference_executor_rejects_missing_inputs_and_unknown_order():
 
 # unsupported models -------------------------------------------------------------------------------
 
-SUPPORTED_LIST = (r"supported: architectures Qwen3ForCausalLM, LlamaForCausalLM; dense SiLU MLP; full attention "
-                  r"\(no sliding window\); head_dim in \(64, 128\); RoPE types \('default', 'llama3'\); no biases")
+SUPPORTED_LIST = (r"supported: architectures Qwen3ForCausalLM, LlamaForCausalLM, Qwen3MoeForCausalLM; SiLU MLP, "
+                  r"dense, or mixture of experts for Qwen3MoeForCausalLM with every layer sparse \(decoder_sparse_step "
+                  r"1, no mlp_only_layers\), softmax top-k routing and no shared experts \(CPU reference only\); full "
+                  r"attention \(no sliding window\); head_dim in \(64, 128\); RoPE types \('default', 'llama3'\); "
+                  r"no biases")
 
 
 def qwen3(**changes) -> dict:
@@ -255,9 +258,9 @@ def llama(**changes) -> dict:
 
 
 @pytest.mark.parametrize("config,reason", [
-    (qwen3(num_experts=8, num_experts_per_tok=2), "mixture-of-experts models are not supported"),
-    (llama(num_local_experts=8), "mixture-of-experts models are not supported"),
-    (qwen3(n_routed_experts=64), "mixture-of-experts models are not supported"),
+    (qwen3(num_experts=8, num_experts_per_tok=2), "mixture-of-experts layers on Qwen3ForCausalLM are not supported"),
+    (llama(num_local_experts=8), "mixture-of-experts layers on LlamaForCausalLM are not supported"),
+    (qwen3(n_routed_experts=64), "mixture-of-experts layers on Qwen3ForCausalLM are not supported"),
     (qwen3(use_sliding_window=True, sliding_window=4096), "sliding-window attention is not supported"),
     (llama(sliding_window=4096), "sliding-window attention is not supported"),
     (qwen3(architectures=["MistralForCausalLM"]), r"architecture \['MistralForCausalLM'\] is not supported"),

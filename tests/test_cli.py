@@ -96,7 +96,7 @@ def test_generate_on_hopper_runs_the_gpu_demo(monkeypatch: pytest.MonkeyPatch) -
 
 def test_catalog_resolves_names_and_directories(tmp_path) -> None:
     assert shipped_models() == ["llama-3.1-70b", "llama-3.1-8b", "llama-3.2-1b", "qwen3-0.6b", "qwen3-1.7b",
-                                "qwen3-32b", "qwen3-8b"]
+                                "qwen3-30b-a3b", "qwen3-32b", "qwen3-8b"]
     assert single_gpu_models() == ["llama-3.1-8b", "llama-3.2-1b", "qwen3-0.6b", "qwen3-1.7b", "qwen3-8b"]
     (tmp_path / "config.json").write_text(json.dumps(shipped_config("llama-3.2-1b")))
     from_dir, by_name = resolve_model(str(tmp_path)), resolve_model("Llama-3.2-1B")

@@ -148,7 +148,7 @@ def test_other_model_impls_are_untouched(model_dirs: dict[str, Path], impl: str)
     assert cls.__name__ == "Qwen3ForCausalLM" and cls.__module__ == "vllm.model_executor.models.qwen3"
 
 
-@pytest.mark.parametrize("name,why", [("llama-hd96", "head_dim 96"), ("qwen3-moe", "not supported")])
+@pytest.mark.parametrize("name,why", [("llama-hd96", "head_dim 96"), ("qwen3-moe", "mixture-of-experts layers are not supported by the megakernel yet")])
 def test_unsupported_models_resolve_the_stock_class_with_one_warning(
         model_dirs: dict[str, Path], name: str, why: str, mpk_log: list[logging.LogRecord]) -> None:
     from vllm.model_executor.model_loader.utils import get_model_architecture

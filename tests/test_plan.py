@@ -47,11 +47,13 @@ def waited_producers(plan: Plan, task: Task) -> set[int]:
     return {p for e in task.wait_events for p in plan.events[e].producers}
 
 
-def test_plan_validates(plan: Plan):
+def test_plan_validates(plan: Plan, request):
     validate(plan.tensors, plan.tasks, plan.events, plan.queues)
     check_no_deadlock(plan.tasks, plan.events, plan.queues)
+    moe = model_spec(request.node.callspec.params["plan"][0], 2).is_moe
+    mlp = {"moe_topk", "rmsnorm_moe_gate_up", "moe_down"} if moe else {"rmsnorm_linear_silu_mul"}
     assert {op.kind for op in plan.ops} == {"embed", "rmsnorm_linear", "attention", "linear_with_residual",
-                                            "rmsnorm_linear_silu_mul", "argmax"}
+                                            "argmax", *mlp}
     assert sum(op.kind == "attention" for op in plan.ops) == 2
 
 

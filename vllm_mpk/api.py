@@ -305,6 +305,35 @@ class PersistentKernel:
         self._add("silu_mul_linear_with_residual", {"input": input, "weight": weight, "residual": residual},
                   {"output": output}, grid_dim, block_dim, name=name)
 
+    def moe_topk_layer(self, input: TensorHandle, expert_ids: TensorHandle, expert_weights: TensorHandle,
+                       grid_dim: Dim3, block_dim: Dim3, top_k: int, normalize: bool = False,
+                       name: str | None = None) -> None:
+        """Mixture-of-experts routing over router logits ``input`` ``[batch, E]``: softmax, the top
+        ``top_k`` experts (``expert_ids`` int32) and their weights (``expert_weights`` float32, each
+        ``[batch, top_k]``), renormalised to sum to 1 with ``normalize``; see ``graph/ops/moe_topk.py``."""
+        self._add("moe_topk", {"input": input}, {"expert_ids": expert_ids, "expert_weights": expert_weights},
+                  grid_dim, block_dim, top_k=top_k, normalize=normalize, name=name)
+
+    def rmsnorm_moe_gate_up_layer(self, input: TensorHandle, weight_norm: TensorHandle, weight_w13: TensorHandle,
+                                  expert_ids: TensorHandle, output: TensorHandle, grid_dim: Dim3, block_dim: Dim3,
+                                  eps: float = 1e-6, name: str | None = None) -> None:
+        """SwiGLU of the chosen experts' gate and up projections of the normalised input:
+        ``weight_w13`` ``[E, 2I, H]``, ``output`` ``[batch, top_k, I]``; ``grid_dim`` is (column
+        blocks, expert slots); see ``graph/ops/moe_experts.py``."""
+        self._add("rmsnorm_moe_gate_up", {"input": input, "norm_weight": weight_norm, "weight": weight_w13,
+                                          "expert_ids": expert_ids}, {"output": output}, grid_dim, block_dim,
+                  eps=eps, name=name)
+
+    def moe_down_layer(self, input: TensorHandle, weight_w2: TensorHandle, expert_ids: TensorHandle,
+                       expert_weights: TensorHandle, residual: TensorHandle | None, output: TensorHandle,
+                       grid_dim: Dim3, block_dim: Dim3, name: str | None = None) -> None:
+        """``output = residual + sum_j expert_weights[:, j] * input[:, j] W2_{expert_ids[:, j]}^T`` with
+        ``weight_w2`` ``[E, H, I]`` (no residual: a tensor-parallel rank's part); see
+        ``graph/ops/moe_experts.py``."""
+        self._add("moe_down", {"input": input, "weight": weight_w2, "expert_ids": expert_ids,
+                               "expert_weights": expert_weights, "residual": residual}, {"output": output},
+                  grid_dim, block_dim, name=name)
+
     def allreduce_layer(self, input: TensorHandle, output: TensorHandle, grid_dim: Dim3, block_dim: Dim3,
                         buffer: TensorHandle | None = None, name: str | None = None,
                         symmetric: bool | None = None) -> None:

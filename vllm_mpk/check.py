@@ -44,21 +44,28 @@ def hf_model(spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> torch.nn.M
     """A float32 ``transformers`` model holding the same (upcast) weights."""
     import transformers
 
-    config_cls = {"Qwen3ForCausalLM": transformers.Qwen3Config, "LlamaForCausalLM": transformers.LlamaConfig}
+    config_cls = {"Qwen3ForCausalLM": transformers.Qwen3Config, "LlamaForCausalLM": transformers.LlamaConfig,
+                  "Qwen3MoeForCausalLM": transformers.Qwen3MoeConfig}
     model_cls = getattr(transformers, spec.architecture)
     rope = {"rope_type": "default", "rope_theta": spec.rope_theta}
     if spec.rope_scaling:
         rope = {**spec.rope_scaling, "rope_type": "llama3", "rope_theta": spec.rope_theta}
+    moe = {}
+    if spec.is_moe:
+        moe = dict(num_experts=spec.num_experts, num_experts_per_tok=spec.num_experts_per_tok,
+                   moe_intermediate_size=spec.moe_intermediate_size, norm_topk_prob=spec.norm_topk_prob,
+                   decoder_sparse_step=1, mlp_only_layers=[])
     config = config_cls[spec.architecture](
         vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_q_heads,
         num_key_value_heads=spec.num_kv_heads, head_dim=spec.head_dim, rms_norm_eps=spec.rms_norm_eps,
         max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=spec.tie_word_embeddings,
-        rope_parameters=rope, attn_implementation="eager", torch_dtype=torch.float32,
+        rope_parameters=rope, attn_implementation="eager", torch_dtype=torch.float32, **moe,
     )
     with torch.device("meta"):
         model = model_cls(config)
-    state = {k: v.float() for k, v in split_to_hf(spec, weights).items()}
+    # transformers 5 holds a MoE layer's experts fused, in vLLM's w13/w2 layout
+    state = {k: v.float() for k, v in split_to_hf(spec, weights, fused_experts=True).items()}
     if spec.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)

@@ -114,6 +114,8 @@ def unsupported_reason(model_config: Any, arch: str, *, loaded: bool = True) -> 
         return str(e)
     if arch != spec.architecture:
         return f"vLLM resolved architecture {arch}, not {spec.architecture} ({SUPPORT_SUMMARY})"
+    if (gpu_reason := spec.gpu_unsupported_reason()) is not None:
+        return gpu_reason
     if not loaded:
         return None
     if getattr(model_config, "quantization", None):

@@ -8,6 +8,13 @@ Per layer (vLLM's fused residual structure, SSA intermediates):
     act   = rmsnorm_linear_silu_mul(h, post_attention_layernorm, gate_up_proj)  # silu(gate) * up
     x'    = linear_with_residual(act, down_proj, h)
 
+In a mixture-of-experts model (Qwen3-MoE) the MLP is, with vLLM's fused-MoE weights:
+
+    logits = rmsnorm_linear(h, post_attention_layernorm, gate)     # router logits, float32
+    ids, w = moe_topk(logits)                                      # top-k experts and weights
+    act    = rmsnorm_moe_gate_up(h, post_attention_layernorm, w13, ids)   # [batch, k, I]
+    x'     = moe_down(act, w2, ids, w, h)                          # h + sum_j w_j act_j W2^T
+
 then ``logits = rmsnorm_linear(x, norm, lm_head)`` (float32) and ``tokens = argmax(logits)``.
 """
 
@@ -21,6 +28,7 @@ import torch
 from vllm_mpk.api import DEFAULT_SCHEDULE, PersistentKernel
 from vllm_mpk.graph.ir import TensorHandle
 from vllm_mpk.graph.limits import MAX_TILE_ROWS
+from vllm_mpk.graph.ops.moe_experts import GATE_UP_ALIGN, max_chosen
 from vllm_mpk.graph.plan import Plan
 from vllm_mpk.models.rope import cos_sin_cache
 from vllm_mpk.models.spec import ModelSpec
@@ -89,6 +97,15 @@ def linear_grid(columns: int, num_workers: int) -> int:
     if needed > num_workers:
         return min(-(-needed // num_workers) * num_workers, columns // TILE_COLUMNS)
     return max(1, min(num_workers, columns // TILE_COLUMNS))
+
+
+def moe_gate_up_grid(spec: ModelSpec, batch: int, num_workers: int) -> tuple[int, int]:
+    """(column blocks, expert slots) of an expert gate/up layer: a slot for every expert a step
+    of ``batch`` tokens can choose, each slot's columns cut so all slots together about fill the
+    workers."""
+    slots = max_chosen(batch, spec.num_experts_per_tok, spec.num_experts)
+    units = -(-spec.moe_intermediate_size // GATE_UP_ALIGN)
+    return max(1, min(units, num_workers // slots)), slots
 
 
 def auto_kv_splits(num_kv_heads: int, batch: int, num_workers: int) -> int:
@@ -183,7 +200,6 @@ def declare_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cac
         cache = mpk.attach_input(kv_caches[i], f"model.layers.{i}.self_attn.attn.kv_cache")
         p = f"layers.{i}"
         qkv, attn = new(f"{p}.qkv", local.qkv_width), new(f"{p}.attn", local.num_q_heads * spec.head_dim)
-        act = new(f"{p}.act", local.intermediate_size)
         mpk.rmsnorm_linear_layer(x, wt["input_norm"], wt["qkv"], qkv, linear_grid(local.qkv_width, w), block,
                                  eps=spec.rms_norm_eps, name=f"{p}.qkv_proj")
         mpk.attention_layer(qkv, cache, rope, attn, grid_dim=local.num_kv_heads * b, block_dim=block,
@@ -197,6 +213,10 @@ def declare_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cac
         else:
             hid = summed(f"{p}.h", lambda out: mpk.linear_layer(attn, wt["o"], out, linear_grid(h, w), block,
                                                                 name=f"{p}.o_proj"))
+        if spec.is_moe:
+            x = summed(f"{p}.out", lambda out, hid=hid: declare_moe_mlp(mpk, local, wt, hid, out, p, o))
+            continue
+        act = new(f"{p}.act", local.intermediate_size)
         # Tiled like the 2I weight rows it streams: 8 output columns read 16 of them (gate and up).
         mpk.rmsnorm_linear_silu_mul_layer(hid, wt["post_norm"], wt["gate_up"], act,
                                           linear_grid(2 * local.intermediate_size, w), block,
@@ -220,3 +240,24 @@ def declare_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cac
                              linear_grid(v, w), block, eps=spec.rms_norm_eps, name="lm_head")
     mpk.argmax_layer(logits, tokens, grid_dim=w, block_dim=block, vocab_start=o.rank * v, name="argmax")
     return DecodeLayers(o, mpk, logits, tokens, None)
+
+
+def declare_moe_mlp(mpk: PersistentKernel, local: ModelSpec, wt: Mapping[str, TensorHandle], hid: TensorHandle,
+                    out: TensorHandle, prefix: str, o: DecodeOptions) -> None:
+    """One mixture-of-experts MLP on ``hid`` (the module docstring's four layers), writing ``out``:
+    ``hid`` plus the weighted sum of the chosen experts' outputs; with several ranks, this rank's
+    part of that sum over its slice of every expert (rank 0 adds ``hid``)."""
+    spec, b, w, block = local, o.max_batch, o.num_workers, (o.block_dim, 1, 1)
+    k, h = spec.num_experts_per_tok, spec.hidden_size
+    logits = mpk.new_tensor((b, spec.num_experts), torch.float32, f"{prefix}.router_logits")
+    ids = mpk.new_tensor((b, k), torch.int32, f"{prefix}.expert_ids")
+    weights = mpk.new_tensor((b, k), torch.float32, f"{prefix}.expert_weights")
+    act = mpk.new_tensor((b, k, spec.moe_intermediate_size), hid.dtype, f"{prefix}.act")
+    mpk.rmsnorm_linear_layer(hid, wt["post_norm"], wt["router"], logits, linear_grid(spec.num_experts, w), block,
+                             eps=spec.rms_norm_eps, name=f"{prefix}.router")
+    mpk.moe_topk_layer(logits, ids, weights, b, block, top_k=k, normalize=spec.norm_topk_prob,
+                       name=f"{prefix}.moe_topk")
+    mpk.rmsnorm_moe_gate_up_layer(hid, wt["post_norm"], wt["w13"], ids, act, (*moe_gate_up_grid(spec, b, w), 1),
+                                  block, eps=spec.rms_norm_eps, name=f"{prefix}.experts.gate_up")
+    mpk.moe_down_layer(act, wt["w2"], ids, weights, hid if o.rank == 0 else None, out, linear_grid(h, w), block,
+                       name=f"{prefix}.experts.down")

@@ -1,5 +1,20 @@
 """Model shapes read from a Hugging Face ``config.json``, and the line between what the
-megakernel supports and what it refuses."""
+megakernel supports and what it refuses.
+
+Mixture of experts (Qwen3-MoE, every layer sparse, no shared experts) is planned and runs on the
+CPU reference executor; its GPU task bodies compile but have not run on a GPU, so vLLM keeps such
+models on its own layers (``gpu_unsupported_reason``). Its weights are vLLM 0.26's fused-MoE
+parameters (``models/weights.py``), to be bound in place by their vLLM names:
+
+    model.layers.{i}.mlp.gate.weight                           [E, H]      router
+    model.layers.{i}.mlp.experts.routed_experts.w13_weight     [E, 2I, H]  gate rows, then up rows
+    model.layers.{i}.mlp.experts.routed_experts.w2_weight      [E, H, I]   down projection
+
+with ``I = moe_intermediate_size``. A Hugging Face checkpoint stores them per expert ``e``:
+``w13[e] = cat(mlp.experts.{e}.gate_proj.weight, mlp.experts.{e}.up_proj.weight)`` and
+``w2[e] = mlp.experts.{e}.down_proj.weight``; the router keeps its name. (``transformers`` 5 holds
+them in memory as ``mlp.experts.gate_up_proj`` and ``mlp.experts.down_proj``, the w13/w2 layout.)
+"""
 
 from __future__ import annotations
 
@@ -9,15 +24,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "LlamaForCausalLM")
+SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "LlamaForCausalLM", "Qwen3MoeForCausalLM")
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
+QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+SHARED_EXPERT_KEYS = ("shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts")
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 DEFAULT_MAX_POSITIONS = 4096  # a config that does not say how long its sequences may be
 SUPPORT_SUMMARY = (
-    f"supported: architectures {', '.join(SUPPORTED_ARCHITECTURES)}; dense SiLU MLP; full attention "
-    f"(no sliding window); head_dim in {SUPPORTED_HEAD_DIMS}; RoPE types {SUPPORTED_ROPE_TYPES}; no biases"
+    f"supported: architectures {', '.join(SUPPORTED_ARCHITECTURES)}; SiLU MLP, dense, or mixture of experts "
+    f"for {', '.join(MOE_ARCHITECTURES)} with every layer sparse (decoder_sparse_step 1, no mlp_only_layers), "
+    f"softmax top-k routing and no shared experts (CPU reference only); full attention (no sliding window); "
+    f"head_dim in {SUPPORTED_HEAD_DIMS}; RoPE types {SUPPORTED_ROPE_TYPES}; no biases"
 )
+MOE_ON_GPU = ("mixture-of-experts layers are not supported by the megakernel yet: their GPU task bodies compile "
+              "but have not been run on a GPU (the CPU reference executor and `vllm-mpk check --device cpu` run them)")
 
 
 class ModelConfigError(ValueError):
@@ -49,10 +72,24 @@ class ModelSpec:
     max_position_embeddings: int
     tie_word_embeddings: bool
     eos_token_id: int | None = None
+    # mixture of experts (0 experts: a dense MLP); every layer is sparse, each token takes
+    # ``num_experts_per_tok`` of ``num_experts`` experts of width ``moe_intermediate_size``
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum to 1
 
     @property
     def qk_norm(self) -> bool:
-        return self.architecture == "Qwen3ForCausalLM"
+        return self.architecture in QK_NORM_ARCHITECTURES
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def gpu_unsupported_reason(self) -> str | None:
+        """Why the megakernel (GPU) cannot run this model although the plan can, or None."""
+        return MOE_ON_GPU if self.is_moe else None
 
     @property
     def qkv_width(self) -> int:
@@ -65,17 +102,22 @@ class ModelSpec:
 
     def shard(self, world_size: int) -> ModelSpec:
         """The shapes one of ``world_size`` tensor-parallel ranks holds (Megatron-style: whole KV
-        head groups, a slice of the MLP, a slice of the vocabulary)."""
+        head groups, a slice of the MLP, a slice of the vocabulary). A MoE rank holds every expert,
+        a slice of each expert's width, as vLLM's fused MoE without expert parallelism."""
         if world_size == 1:
             return self
-        for what, n in (("attention heads", self.num_q_heads), ("KV heads", self.num_kv_heads),
-                        ("intermediate size", self.intermediate_size), ("vocabulary", self.vocab_size)):
+        mlp = ("expert width", self.moe_intermediate_size) if self.is_moe else ("intermediate size",
+                                                                               self.intermediate_size)
+        for what, n in (("attention heads", self.num_q_heads), ("KV heads", self.num_kv_heads), mlp,
+                        ("vocabulary", self.vocab_size)):
             if n % world_size:
                 raise ValueError(f"tensor parallel size {world_size} does not divide the {what} ({n}); "
                                  f"choose a size that divides {self.num_kv_heads} KV heads")
         return replace(self, num_q_heads=self.num_q_heads // world_size,
                        num_kv_heads=self.num_kv_heads // world_size,
-                       intermediate_size=self.intermediate_size // world_size,
+                       intermediate_size=self.intermediate_size // world_size if not self.is_moe
+                       else self.intermediate_size,
+                       moe_intermediate_size=self.moe_intermediate_size // world_size,
                        vocab_size=self.vocab_size // world_size)
 
     @classmethod
@@ -89,8 +131,7 @@ class ModelSpec:
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
             raise UnsupportedModelError(f"architecture {archs or 'missing'} is not supported")
-        if any(k in config for k in ("num_experts", "num_local_experts", "n_routed_experts")):
-            raise UnsupportedModelError("mixture-of-experts models are not supported")
+        moe = _moe_fields(config, arch)
         if config.get("use_sliding_window") or (arch == "LlamaForCausalLM" and config.get("sliding_window")):
             raise UnsupportedModelError("sliding-window attention is not supported")
         if config.get("hidden_act", "silu") != "silu":
@@ -131,6 +172,7 @@ class ModelSpec:
             max_position_embeddings=_positive_int(config, "max_position_embeddings", DEFAULT_MAX_POSITIONS),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             eos_token_id=eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else None,
+            **moe,
         )
 
     @classmethod
@@ -148,6 +190,36 @@ class ModelSpec:
 
 
 _MISSING = object()
+
+
+def _moe_fields(config: Mapping[str, Any], arch: str) -> dict[str, Any]:
+    """The ModelSpec fields of a mixture-of-experts config (none for a dense one). Raises
+    UnsupportedModelError for what the MoE layers do not run: experts on another architecture,
+    shared experts, dense layers mixed in."""
+    if arch not in MOE_ARCHITECTURES:
+        if any(config.get(k) for k in MOE_KEYS):
+            raise UnsupportedModelError(f"mixture-of-experts layers on {arch} are not supported")
+        return {}
+    if config.get("scoring_func", "softmax") != "softmax":
+        raise UnsupportedModelError(f"router scoring '{config['scoring_func']}' is not supported (softmax top-k)")
+    shared = [k for k in SHARED_EXPERT_KEYS if config.get(k)]
+    if shared:
+        raise UnsupportedModelError(f"shared experts ({', '.join(shared)}) are not supported")
+    step = _positive_int(config, "decoder_sparse_step", 1)
+    dense_layers = config.get("mlp_only_layers") or []
+    if step != 1 or dense_layers:
+        raise UnsupportedModelError(f"dense layers mixed in (decoder_sparse_step {step}, mlp_only_layers "
+                                    f"{list(dense_layers)}) are not supported")
+    # transformers 5 writes ``num_experts`` as ``num_local_experts`` (its attribute map) in to_dict()
+    experts_key = "num_experts" if config.get("num_experts") is not None or "num_local_experts" not in config \
+        else "num_local_experts"
+    experts, top_k = _positive_int(config, experts_key), _positive_int(config, "num_experts_per_tok")
+    if top_k > experts:
+        raise ModelConfigError(f"config key 'num_experts_per_tok' ({top_k}) must be at most 'num_experts' "
+                               f"({experts})")
+    return {"num_experts": experts, "num_experts_per_tok": top_k,
+            "moe_intermediate_size": _positive_int(config, "moe_intermediate_size"),
+            "norm_topk_prob": bool(config.get("norm_topk_prob", False))}
 
 
 def _is_number(value: Any) -> bool:

@@ -1,5 +1,7 @@
-"""Weights as a name -> tensor mapping in vLLM's merged layout (``qkv_proj``, ``gate_up_proj``),
-the same names vLLM's loaded modules carry, so one builder serves checkpoints and vLLM alike."""
+"""Weights as a name -> tensor mapping in vLLM's merged layout (``qkv_proj``, ``gate_up_proj``, the
+fused experts' ``w13_weight`` and ``w2_weight``), the same names vLLM's loaded modules carry, so one
+builder serves checkpoints and vLLM alike. How the experts map to a checkpoint's per-expert names:
+``models/spec.py``."""
 
 from __future__ import annotations
 
@@ -24,7 +26,15 @@ def layer_names(i: int) -> dict[str, str]:
         "post_norm": f"{p}.post_attention_layernorm.weight",
         "gate_up": f"{p}.mlp.gate_up_proj.weight",
         "down": f"{p}.mlp.down_proj.weight",
+        "router": f"{p}.mlp.gate.weight",
+        "w13": f"{p}.mlp.experts.routed_experts.w13_weight",
+        "w2": f"{p}.mlp.experts.routed_experts.w2_weight",
     }
+
+
+def expert_checkpoint_name(layer: int, expert: int, proj: str) -> str:
+    """A Hugging Face checkpoint's name of one expert's ``gate``, ``up`` or ``down`` projection."""
+    return f"model.layers.{layer}.mlp.experts.{expert}.{proj}_proj.weight"
 
 
 EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
@@ -38,8 +48,12 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     for i in range(spec.num_layers):
         n = layer_names(i)
         shapes.update({n["input_norm"]: (h,), n["qkv"]: (spec.qkv_width, h), n["o"]: (h, spec.num_q_heads * hd),
-                       n["post_norm"]: (h,), n["gate_up"]: (2 * spec.intermediate_size, h),
-                       n["down"]: (h, spec.intermediate_size)})
+                       n["post_norm"]: (h,)})
+        if spec.is_moe:
+            e, inter = spec.num_experts, spec.moe_intermediate_size
+            shapes.update({n["router"]: (e, h), n["w13"]: (e, 2 * inter, h), n["w2"]: (e, h, inter)})
+        else:
+            shapes.update({n["gate_up"]: (2 * spec.intermediate_size, h), n["down"]: (h, spec.intermediate_size)})
         if spec.qk_norm:
             shapes.update({n["q_norm"]: (hd,), n["k_norm"]: (hd,)})
     return shapes
@@ -75,7 +89,8 @@ def random_weights(spec: ModelSpec, seed: int = 0, dtype: torch.dtype = torch.bf
 def shard_weights(spec: ModelSpec, weights: Mapping[str, torch.Tensor], world_size: int, rank: int) -> Weights:
     """Rank ``rank``'s slices of full merged weights, laid out as vLLM's TP-local parameters:
     qkv_proj and gate_up_proj by rows (q, k, v and gate, up sliced separately), o_proj and
-    down_proj by columns, embedding and lm_head by vocabulary rows, norms whole."""
+    down_proj by columns, embedding and lm_head by vocabulary rows, norms whole; experts' w13 by
+    rows of each expert (gate and up sliced separately), w2 by columns, the router whole."""
     local, hd = spec.shard(world_size), spec.head_dim
 
     def rows(t: torch.Tensor, block: int, offset: int = 0) -> torch.Tensor:
@@ -88,11 +103,17 @@ def shard_weights(spec: ModelSpec, weights: Mapping[str, torch.Tensor], world_si
         qkv = weights[n["qkv"]]
         out[n["qkv"]] = torch.cat([rows(qkv, nq), rows(qkv, nkv, spec.num_q_heads * hd),
                                    rows(qkv, nkv, (spec.num_q_heads + spec.num_kv_heads) * hd)])
-        gate_up = weights[n["gate_up"]]
-        out[n["gate_up"]] = torch.cat([rows(gate_up, local.intermediate_size),
-                                       rows(gate_up, local.intermediate_size, spec.intermediate_size)])
+        if spec.is_moe:
+            w13, w2, width = weights[n["w13"]].transpose(0, 1), weights[n["w2"]], local.moe_intermediate_size
+            out[n["w13"]] = torch.cat([rows(w13, width), rows(w13, width, spec.moe_intermediate_size)]).transpose(0, 1)
+            out[n["w2"]] = rows(w2.permute(2, 0, 1), width).permute(1, 2, 0)
+            out[n["router"]] = weights[n["router"]]
+        else:
+            gate_up = weights[n["gate_up"]]
+            out[n["gate_up"]] = torch.cat([rows(gate_up, local.intermediate_size),
+                                           rows(gate_up, local.intermediate_size, spec.intermediate_size)])
+            out[n["down"]] = rows(weights[n["down"]].T, local.intermediate_size).T
         out[n["o"]] = rows(weights[n["o"]].T, nq).T
-        out[n["down"]] = rows(weights[n["down"]].T, local.intermediate_size).T
         for key in ("input_norm", "post_norm") + (("q_norm", "k_norm") if spec.qk_norm else ()):
             out[n[key]] = weights[n[key]]
     out[EMBED], out[FINAL_NORM] = rows(weights[EMBED], local.vocab_size), weights[FINAL_NORM]
@@ -102,13 +123,22 @@ def shard_weights(spec: ModelSpec, weights: Mapping[str, torch.Tensor], world_si
 
 
 def merge_hf_state_dict(spec: ModelSpec, state: Mapping[str, torch.Tensor]) -> Weights:
-    """Hugging Face names (``q_proj``, ``k_proj``, ``gate_proj`` ...) -> vLLM's merged names."""
+    """Hugging Face names (``q_proj``, ``k_proj``, ``gate_proj``, per-expert projections ...) ->
+    vLLM's merged names."""
     out: Weights = {}
     for i in range(spec.num_layers):
         p, n = f"model.layers.{i}", layer_names(i)
         out[n["qkv"]] = torch.cat([state[f"{p}.self_attn.{x}_proj.weight"] for x in "qkv"])
-        out[n["gate_up"]] = torch.cat([state[f"{p}.mlp.{x}_proj.weight"] for x in ("gate", "up")])
-        for key in ("input_norm", "o", "post_norm", "down") + (("q_norm", "k_norm") if spec.qk_norm else ()):
+        if spec.is_moe:
+            experts = range(spec.num_experts)
+            out[n["w13"]] = torch.stack([torch.cat([state[expert_checkpoint_name(i, e, x)] for x in ("gate", "up")])
+                                         for e in experts])
+            out[n["w2"]] = torch.stack([state[expert_checkpoint_name(i, e, "down")] for e in experts])
+            out[n["router"]] = state[n["router"]]
+        else:
+            out[n["gate_up"]] = torch.cat([state[f"{p}.mlp.{x}_proj.weight"] for x in ("gate", "up")])
+            out[n["down"]] = state[n["down"]]
+        for key in ("input_norm", "o", "post_norm") + (("q_norm", "k_norm") if spec.qk_norm else ()):
             out[n[key]] = state[n[key]]
     out[EMBED], out[FINAL_NORM] = state[EMBED], state[FINAL_NORM]
     if not spec.tie_word_embeddings:
@@ -116,19 +146,32 @@ def merge_hf_state_dict(spec: ModelSpec, state: Mapping[str, torch.Tensor]) -> W
     return out
 
 
-def split_to_hf(spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> Weights:
-    """vLLM's merged names -> Hugging Face names; the inverse of ``merge_hf_state_dict``."""
+def split_to_hf(spec: ModelSpec, weights: Mapping[str, torch.Tensor], *, fused_experts: bool = False) -> Weights:
+    """vLLM's merged names -> Hugging Face checkpoint names; the inverse of ``merge_hf_state_dict``.
+    ``fused_experts``: each MoE layer's experts as ``transformers`` 5 holds them in memory,
+    ``mlp.experts.gate_up_proj`` (w13) and ``mlp.experts.down_proj`` (w2), not per expert."""
     hd = spec.head_dim
     out: Weights = {}
     for i in range(spec.num_layers):
         p, n = f"model.layers.{i}", layer_names(i)
         q, k, v = weights[n["qkv"]].split([spec.num_q_heads * hd, spec.num_kv_heads * hd,
                                            spec.num_kv_heads * hd])
-        gate, up = weights[n["gate_up"]].chunk(2)
         out.update({f"{p}.self_attn.q_proj.weight": q, f"{p}.self_attn.k_proj.weight": k,
-                    f"{p}.self_attn.v_proj.weight": v, f"{p}.mlp.gate_proj.weight": gate,
-                    f"{p}.mlp.up_proj.weight": up})
-        for key in ("input_norm", "o", "post_norm", "down") + (("q_norm", "k_norm") if spec.qk_norm else ()):
+                    f"{p}.self_attn.v_proj.weight": v})
+        if spec.is_moe and fused_experts:
+            out.update({f"{p}.mlp.experts.gate_up_proj": weights[n["w13"]],
+                        f"{p}.mlp.experts.down_proj": weights[n["w2"]], n["router"]: weights[n["router"]]})
+        elif spec.is_moe:
+            for e, (w13, w2) in enumerate(zip(weights[n["w13"]], weights[n["w2"]])):
+                gate, up = w13.chunk(2)
+                out.update({expert_checkpoint_name(i, e, "gate"): gate, expert_checkpoint_name(i, e, "up"): up,
+                            expert_checkpoint_name(i, e, "down"): w2})
+            out[n["router"]] = weights[n["router"]]
+        else:
+            gate, up = weights[n["gate_up"]].chunk(2)
+            out.update({f"{p}.mlp.gate_proj.weight": gate, f"{p}.mlp.up_proj.weight": up,
+                        n["down"]: weights[n["down"]]})
+        for key in ("input_norm", "o", "post_norm") + (("q_norm", "k_norm") if spec.qk_norm else ()):
             out[n[key]] = weights[n[key]]
     out[EMBED], out[FINAL_NORM] = weights[EMBED], weights[FINAL_NORM]
     if not spec.tie_word_embeddings:

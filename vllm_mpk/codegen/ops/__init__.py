@@ -8,10 +8,12 @@ from vllm_mpk.codegen.ops.base import ArgLayout, CudaTask, Target, TaskEmitter, 
 from vllm_mpk.codegen.ops.begin_step import BeginStepEmitter
 from vllm_mpk.codegen.ops.embed import EmbedEmitter
 from vllm_mpk.codegen.ops.linear import LinearEmitter
+from vllm_mpk.codegen.ops.moe import MoEDownEmitter, MoEGateUpEmitter, MoETopKEmitter
 from vllm_mpk.codegen.ops.rmsnorm import RMSNormEmitter
 
 FAMILIES: tuple[TaskEmitter, ...] = (AllReduceEmitter(), ArgmaxEmitter(), AttentionEmitter(), BeginStepEmitter(),
-                                     EmbedEmitter(), LinearEmitter(), RMSNormEmitter())
+                                     EmbedEmitter(), LinearEmitter(), RMSNormEmitter(), MoETopKEmitter(),
+                                     MoEGateUpEmitter(), MoEDownEmitter())
 EMITTERS: dict[str, TaskEmitter] = {kind: family for family in FAMILIES for kind in family.kinds}
 
 __all__ = ["EMITTERS", "FAMILIES", "ArgLayout", "CudaTask", "Target", "TaskEmitter", "UnsupportedOnGPU",

@@ -14,13 +14,16 @@ from vllm_mpk.graph.ops.linear import (
     SiluMulLinear,
     SiluMulLinearWithResidual,
 )
+from vllm_mpk.graph.ops.moe_experts import MoEDown, RMSNormMoEGateUp
+from vllm_mpk.graph.ops.moe_topk import MoETopK
 from vllm_mpk.graph.ops.rmsnorm import RMSNorm
 from vllm_mpk.graph.ops.silu_mul import SiluMul
 
 REGISTRY: dict[str, OpDef] = {
     d.kind: d
     for d in (Embed(), RMSNorm(), Linear(), LinearWithResidual(), RMSNormLinear(), RMSNormLinearSiluMul(), Attention(),
-              SiluMul(), SiluMulLinear(), SiluMulLinearWithResidual(), AllReduce(), Argmax(), BeginStep())
+              SiluMul(), SiluMulLinear(), SiluMulLinearWithResidual(), AllReduce(), Argmax(), BeginStep(),
+              MoETopK(), RMSNormMoEGateUp(), MoEDown())
 }
 
 __all__ = ["REGISTRY", "Env", "OpDef", "Tile"]
