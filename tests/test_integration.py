@@ -46,6 +46,8 @@ CONFIGS = {
     "qwen3-moe": {**TINY, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "head_dim": 64,
                   "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 128},
 }
+# shared experts: a MoE design the megakernel does not run, opted in or not
+CONFIGS["qwen3-moe-shared"] = {**CONFIGS["qwen3-moe"], "shared_expert_intermediate_size": 256}
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +150,7 @@ def test_other_model_impls_are_untouched(model_dirs: dict[str, Path], impl: str)
     assert cls.__name__ == "Qwen3ForCausalLM" and cls.__module__ == "vllm.model_executor.models.qwen3"
 
 
-@pytest.mark.parametrize("name,why", [("llama-hd96", "head_dim 96"), ("qwen3-moe", "mixture-of-experts layers are not supported by the megakernel yet")])
+@pytest.mark.parametrize("name,why", [("llama-hd96", "head_dim 96"), ("qwen3-moe-shared", "shared experts")])
 def test_unsupported_models_resolve_the_stock_class_with_one_warning(
         model_dirs: dict[str, Path], name: str, why: str, mpk_log: list[logging.LogRecord]) -> None:
     from vllm.model_executor.model_loader.utils import get_model_architecture
@@ -163,6 +165,61 @@ def test_unsupported_models_resolve_the_stock_class_with_one_warning(
     assert cls.__name__ == CONFIGS[name]["architectures"][0]
     warnings = [r.getMessage() for r in mpk_log if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and why in warnings[0], warnings
+
+
+def cpu_vllm_config(mc: Any, mpk: dict[str, Any]) -> Any:
+    from vllm.config import DeviceConfig, VllmConfig
+
+    return VllmConfig(model_config=mc, device_config=DeviceConfig(device="cpu"), additional_config={"mpk": mpk})
+
+
+@pytest.mark.parametrize("mpk,routed", [({}, False), ({"moe": False}, False), ({"moe": True}, True)])
+def test_moe_models_are_served_by_the_megakernel_only_when_opted_in(
+        model_dirs: dict[str, Path], mpk: dict[str, Any], routed: bool, mpk_log: list[logging.LogRecord]) -> None:
+    """The front end makes the ModelConfig before the VllmConfig that holds additional_config, so
+    only a worker (loading under that VllmConfig) knows: it resolves the stock class with one
+    warning that says how to opt in, or the MPK class."""
+    from vllm.config import set_current_vllm_config
+
+    plugin.register()
+    plugin._reported.clear()
+    mc = model_config(model_dirs["qwen3-moe"], "mpk")
+    assert not [r for r in mpk_log if r.levelno >= logging.WARNING]
+    with set_current_vllm_config(cpu_vllm_config(mc, mpk)):
+        cls, _ = resolve(mc)
+        resolve(mc)
+    warnings = [r.getMessage() for r in mpk_log if r.levelno >= logging.WARNING]
+    if routed:
+        assert cls.__name__ == "MpkQwen3MoeForCausalLM" and not warnings
+    else:
+        assert cls.__name__ == "Qwen3MoeForCausalLM"
+        assert len(warnings) == 1 and """--additional-config '{"mpk": {"moe": true}}'""" in warnings[0], warnings
+
+
+def test_strict_mode_refuses_moe_that_is_not_opted_in(model_dirs: dict[str, Path]) -> None:
+    from vllm.config import set_current_vllm_config
+
+    from vllm_mpk.models.spec import UnsupportedModelError
+
+    plugin.register()
+    mc = model_config(model_dirs["qwen3-moe"], "mpk")
+    with set_current_vllm_config(cpu_vllm_config(mc, {"strict": True})), \
+            pytest.raises(UnsupportedModelError, match=r"strict mode: mixture-of-experts models are opt-in"):
+        resolve(mc)
+
+
+def test_opting_in_does_not_serve_an_unsupported_moe_design(model_dirs: dict[str, Path],
+                                                            mpk_log: list[logging.LogRecord]) -> None:
+    from vllm.config import set_current_vllm_config
+
+    plugin.register()
+    plugin._reported.clear()
+    mc = model_config(model_dirs["qwen3-moe-shared"], "mpk")
+    with set_current_vllm_config(cpu_vllm_config(mc, {"moe": True})):
+        cls, _ = resolve(mc)
+    assert cls.__name__ == "Qwen3MoeForCausalLM"
+    warnings = [r.getMessage() for r in mpk_log if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "shared experts (shared_expert_intermediate_size)" in warnings[0], warnings
 
 
 def test_float16_resolves_the_stock_class_with_one_warning(model_dirs: dict[str, Path],
@@ -231,10 +288,12 @@ def test_options_default_and_from_additional_config() -> None:
     assert MpkOptions.from_dict({"kv_splits": 1}).kv_splits == 1
     vc = SimpleNamespace(additional_config={"mpk": {"max_batch": 16, "num_workers": 66, "block_dim": 128,
                                                     "schedule": "round_robin", "timeout_s": 5, "profile": True,
-                                                    "strict": True, "kv_splits": 4}, "other_plugin": {"x": 1}})
+                                                    "strict": True, "kv_splits": 4, "moe": True},
+                                           "other_plugin": {"x": 1}})
     o = MpkOptions.from_vllm_config(vc)
-    assert (o.max_batch, o.num_workers, o.block_dim, o.schedule, o.timeout_s, o.profile, o.strict, o.kv_splits) == \
-        (16, 66, 128, "round_robin", 5, True, True, 4)
+    assert (o.max_batch, o.num_workers, o.block_dim, o.schedule, o.timeout_s, o.profile, o.strict, o.kv_splits,
+            o.moe) == (16, 66, 128, "round_robin", 5, True, True, 4, True)
+    assert not MpkOptions().moe  # mixture of experts is opt-in
 
 
 @pytest.mark.parametrize("raw,match", [
@@ -252,6 +311,7 @@ def test_options_default_and_from_additional_config() -> None:
     ({"kv_splits": 2.0}, r'\["kv_splits"\] must be a positive integer or null'),
     ({"kv_splits": True}, r'\["kv_splits"\] must be a positive integer or null'),
     ({"strict": "yes"}, r'\["strict"\] must be true or false'),
+    ({"moe": 1}, r'\["moe"\] must be true or false, got 1'),
     ([1, 2], "must be a JSON object"),
 ])
 def test_bad_options_name_the_key(raw: Any, match: str) -> None:

@@ -70,8 +70,7 @@ def test_qwen3_30b_a3b_config_is_read() -> None:
     assert spec.is_moe and spec.qk_norm
     assert (spec.num_experts, spec.num_experts_per_tok, spec.moe_intermediate_size, spec.norm_topk_prob) == (
         128, 8, 768, True)
-    assert "not supported by the megakernel yet" in spec.gpu_unsupported_reason()
-    assert ModelSpec.from_hf_config(load_config("qwen3-8b")).gpu_unsupported_reason() is None
+    assert not ModelSpec.from_hf_config(load_config("qwen3-8b")).is_moe
 
 
 @pytest.mark.parametrize("changes,message", [

@@ -26,6 +26,9 @@ METADATA_FIELDS = ("max_query_len", "seq_lens", "block_table", "slot_mapping")
 # ``--kv-cache-dtype`` values that leave the cache in the model's dtype; the tensor's own dtype is
 # checked as well ("auto" on an fp16 model is refused there).
 BF16_CACHE_DTYPES = ("auto", "bfloat16")
+# vLLM's unquantized fused-MoE backends (``fused_moe/oracle/unquantized.py``) that keep the expert
+# weights as loaded; TRITON is vLLM's choice on Hopper, CPU its CPU platform's (where tests build).
+MOE_BACKENDS_AS_LOADED = ("TRITON", "CPU")
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,40 @@ def kv_layout_problem(attn: nn.Module, spec: ModelSpec) -> str | None:
         return f"{name} KV cache has K|V stride {cache.stride(3)}; the megakernel needs it contiguous"
     if block_size & (block_size - 1):
         return f"KV block size {block_size} is not a power of two"
+    return None
+
+
+def moe_layout_problem(layer: nn.Module, spec: ModelSpec, world_size: int) -> str | None:
+    """Why the megakernel cannot read this decoder layer's fused experts in place, or would route
+    tokens otherwise than vLLM does, or None.
+
+    vLLM 0.26 builds ``mlp.experts`` as a ``MoERunner`` whose ``routed_experts`` holds ``w13_weight
+    [E, 2I, H]`` (gate rows, then up) and ``w2_weight [E, H, I]``, as loaded, under the backends of
+    ``MOE_BACKENDS_AS_LOADED``; others rearrange them after loading (FlashInfer's swap gate and up
+    or tile them, ROCm's shuffle them). The experts must be split as the plan's ranks split them
+    (``ModelSpec.shard``), and routed as the plan routes: softmax over every expert, top-k,
+    renormalised when the config says so, no grouping, bias or scaling."""
+    routed = getattr(getattr(layer.mlp, "experts", None), "routed_experts", None)
+    if routed is None:
+        return f"its MLP ({type(layer.mlp).__name__}) has no fused experts at mlp.experts.routed_experts"
+    backend = getattr(routed.quant_method, "unquantized_backend", None)
+    name = getattr(backend, "name", type(routed.quant_method).__name__)
+    if name not in MOE_BACKENDS_AS_LOADED:
+        return (f"vLLM's MoE backend {name} rearranges the expert weights after loading; the megakernel reads them as "
+                f"loaded (pass --moe-backend triton)")
+    parallel = routed.moe_config.moe_parallel_config
+    if parallel.use_ep or parallel.tp_size != world_size or routed.local_num_experts != spec.num_experts:
+        return (f"vLLM holds {routed.local_num_experts} of {spec.num_experts} experts per rank, split over "
+                f"{parallel.tp_size} ranks (expert parallelism {'on' if parallel.use_ep else 'off'}); the plan reads "
+                f"every expert, its width split over the {world_size} tensor-parallel ranks")
+    router = {"scoring": routed.scoring_func, "renormalize": routed.renormalize, "top_k": routed.top_k,
+              "grouped top-k": routed.use_grouped_topk, "custom routing": routed.custom_routing_function is not None,
+              "score bias": routed.e_score_correction_bias is not None, "scaling": routed.routed_scaling_factor}
+    planned = {"scoring": "softmax", "renormalize": spec.norm_topk_prob, "top_k": spec.num_experts_per_tok,
+               "grouped top-k": False, "custom routing": False, "score bias": False, "scaling": 1.0}
+    differs = [f"{k} {router[k]!r} (the plan: {planned[k]!r})" for k in planned if router[k] != planned[k]]
+    if differs:
+        return f"vLLM's router differs from the plan's softmax top-k: {', '.join(differs)}"
     return None
 
 

@@ -44,8 +44,10 @@ from vllm_mpk.integration.binding import (
     UnsupportedMetadata,
     attention_modules,
     decode_batch,
+    decoder_layers,
     kv_layout_problem,
     module_weights,
+    moe_layout_problem,
     rope_cache,
     same_buffers,
     step_buffers,
@@ -58,11 +60,12 @@ from vllm_mpk.integration.memory import (
     declared_contents,
     megakernel_bytes,
 )
-from vllm_mpk.integration.options import MpkOptions, plan_batches
+from vllm_mpk.integration.options import MOE_OPT_IN, MpkOptions, plan_batches
 from vllm_mpk.integration.plan_reuse import difference, widen_kv_caches
 from vllm_mpk.integration.tensor_parallel import (
     agree_on_build,
     bootstrap_nvshmem,
+    moe_parallel_problem,
     tensor_parallel_problem,
     tp_rank_and_size,
     vocab_problem,
@@ -271,6 +274,10 @@ class MpkRuntime:
         problem = tensor_parallel_problem(self.spec, tp_rank_and_size()[1])
         if problem is not None:
             return problem
+        if self.spec.is_moe:
+            problem = MOE_OPT_IN if not self.options.moe else moe_parallel_problem(getattr(vc, "parallel_config", None))
+            if problem is not None:
+                return problem
         if get_pp_group().world_size != 1:
             return "pipeline parallelism is not supported"
         if getattr(vc, "lora_config", None) is not None:
@@ -300,8 +307,10 @@ class MpkRuntime:
         spec = self.spec
         world = tp_rank_and_size()[1]
         local = spec.shard(world)  # vLLM's TP-local shapes (this rank's heads, MLP and vocabulary slices)
-        for i, attn in enumerate(attention_modules(model)):
+        for i, (layer, attn) in enumerate(zip(decoder_layers(model), attention_modules(model))):
             problem = kv_layout_problem(attn, local)
+            if problem is None and spec.is_moe:
+                problem = moe_layout_problem(layer, spec, world)
             if problem is not None:
                 raise _Refused(f"layer {i}: {problem}")
         weights = module_weights(model, local)

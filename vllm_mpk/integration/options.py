@@ -13,6 +13,8 @@ from vllm_mpk.models.decoder import DecodeOptions, valid_kv_splits
 from vllm_mpk.runtime.watchdog import DEFAULT_TIMEOUT_S, TIMEOUT_RANGE, check_timeout_s
 
 BLOCK_DIMS = tuple(x for x, _, _ in SUPPORTED_BLOCK_DIMS)
+MOE_OPT_IN = ("mixture-of-experts models are opt-in while the megakernel's MoE tasks are not yet validated on a GPU: "
+              "pass --additional-config '{\"mpk\": {\"moe\": true}}' to serve them through the megakernel")
 
 
 class MpkOptionsError(ValueError):
@@ -34,7 +36,9 @@ class MpkOptions:
     ``profile``: record per-task timestamps on every step (see ``MpkDecodeMixin.mpk_write_profile``).
     ``strict``: refuse to fall back: raise where the megakernel cannot run a batch it is meant for
     (unsupported model, KV-cache layout, build failure). Prefill, mixed batches and decode batches
-    above ``max_batch`` always run the stock layers; that is routing, not a fallback."""
+    above ``max_batch`` always run the stock layers; that is routing, not a fallback.
+    ``moe``: serve mixture-of-experts models (Qwen3-MoE) through the megakernel; off, they run on
+    vLLM's own layers (``MOE_OPT_IN``)."""
 
     max_batch: int = DecodeOptions.max_batch
     num_workers: int | None = None
@@ -44,6 +48,7 @@ class MpkOptions:
     kv_splits: int | None = DecodeOptions.kv_splits
     profile: bool = False
     strict: bool = False
+    moe: bool = False
 
     @classmethod
     def from_dict(cls, raw: Any) -> MpkOptions:
@@ -95,7 +100,7 @@ class MpkOptions:
             check_timeout_s(self.timeout_s)
         except ValueError:
             raise bad("timeout_s", TIMEOUT_RANGE) from None
-        for key in ("profile", "strict"):
+        for key in ("profile", "strict", "moe"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "true or false")
 

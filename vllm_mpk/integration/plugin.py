@@ -14,6 +14,7 @@ nothing heavy until a model config asks for ``model_impl="mpk"``:
   that builds the config. Its answer (interface flags) is returned unchanged, because the MPK
   subclass only overrides ``forward`` and has the flags of its stock parent; the wrapper is where
   an unsupported model is reported, once, when the config is made rather than when a worker loads.
+  What ``additional_config`` decides (the MoE opt-in) is not known there: the worker reports it.
 
 It also wraps ``SchedulerConfig.get_scheduler_cls`` (``vllm/config/scheduler.py``), which the
 engine core calls once to pick its scheduler: the class it returns gets the hooks through which
@@ -29,7 +30,10 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vllm_mpk.integration.options import MpkOptions
 
 MODEL_IMPL = "mpk"
 WRAPPED_MARK = "_vllm_mpk_wrapped"
@@ -97,11 +101,14 @@ def _wrap_scheduler_cls(original: Callable[..., Any]) -> Callable[..., Any]:
     return get_scheduler_cls
 
 
-def unsupported_reason(model_config: Any, arch: str, *, loaded: bool = True) -> str | None:
+def unsupported_reason(model_config: Any, arch: str, *, loaded: bool = True,
+                       options: MpkOptions | None = None) -> str | None:
     """Why the megakernel cannot serve this model config, or None when it can. Only the model
-    config is read; parallelism, LoRA and the KV cache are checked by the worker when it builds.
-    ``loaded=False`` skips what ``ModelConfig.__post_init__`` settles only after it inspects the
-    architecture (the dtype and the checkpoint's quantization)."""
+    config and the mpk options are read; parallelism, LoRA and the KV cache are checked by the
+    worker when it builds. ``loaded=False`` skips what ``ModelConfig.__post_init__`` settles only
+    after it inspects the architecture (the dtype and the checkpoint's quantization). ``options``:
+    those of the VllmConfig the model is loaded under; None where there is none yet (the front end
+    making the ModelConfig), which leaves out what they decide (whether MoE is opted in)."""
     from vllm_mpk.models.spec import SUPPORT_SUMMARY, ModelSpec, UnsupportedModelError
 
     if getattr(model_config, "runner_type", "generate") != "generate":
@@ -114,10 +121,12 @@ def unsupported_reason(model_config: Any, arch: str, *, loaded: bool = True) -> 
         return str(e)
     if arch != spec.architecture:
         return f"vLLM resolved architecture {arch}, not {spec.architecture} ({SUPPORT_SUMMARY})"
-    if (gpu_reason := spec.gpu_unsupported_reason()) is not None:
-        return gpu_reason
     if not loaded:
         return None
+    if spec.is_moe and options is not None and not options.moe:
+        from vllm_mpk.integration.options import MOE_OPT_IN
+
+        return MOE_OPT_IN
     if getattr(model_config, "quantization", None):
         return f"quantized weights ({model_config.quantization}) are not supported; the megakernel reads bf16"
     dtype = getattr(model_config, "dtype", None)
@@ -142,16 +151,17 @@ def route_model_cls(model_cls: type, arch: str, model_config: Any) -> type:
 
     if is_mpk_class(model_cls):
         return model_cls
+    options = _current_options()
     early = unsupported_reason(model_config, arch, loaded=False)
-    reason = early or unsupported_reason(model_config, arch)
+    reason = early or unsupported_reason(model_config, arch, options=options)
     if reason is None:
         return mpk_class(model_cls)
-    if _strict_in_current_config():
+    if options is not None and options.strict:
         from vllm_mpk.models.spec import UnsupportedModelError
 
         raise UnsupportedModelError(f"--model-impl mpk with strict mode: {reason}")
     # What the config alone shows was reported where the config was made (the front end), so a
-    # worker only notes it; the dtype and quantization are known only now, so they are warned.
+    # worker only notes it; the dtype, quantization and options are known only now: warned.
     _report(model_config, arch, reason, logging.DEBUG if early else logging.WARNING)
     return model_cls
 
@@ -165,11 +175,11 @@ def _report(model_config: Any, arch: str, reason: str, level: int) -> None:
     logger.log(level, "--model-impl mpk: %s runs on vLLM's own implementation (no megakernel): %s", arch, reason)
 
 
-def _strict_in_current_config() -> bool:
-    """Strict mode as set in the VllmConfig a worker loads the model under (None elsewhere)."""
+def _current_options() -> MpkOptions | None:
+    """The mpk options of the VllmConfig a worker loads the model under (None elsewhere)."""
     from vllm.config import get_current_vllm_config_or_none
 
     from vllm_mpk.integration.options import MpkOptions
 
     vllm_config = get_current_vllm_config_or_none()
-    return vllm_config is not None and MpkOptions.from_vllm_config(vllm_config).strict
+    return None if vllm_config is None else MpkOptions.from_vllm_config(vllm_config)

@@ -124,3 +124,20 @@ def _encode(problem: str | None) -> torch.Tensor:
 
 def _decode(t: torch.Tensor) -> str | None:
     return bytes(t[1:].tolist()).rstrip(b"\0").decode(errors="replace") if t[0] else None
+
+
+def moe_parallel_problem(parallel_config: Any) -> str | None:
+    """Why vLLM's fused MoE would not hold the experts as the plan reads them (every expert on
+    every rank, a slice of each expert's width per tensor-parallel rank), or None. With expert
+    parallelism a rank holds whole experts, a subset of them; with data or prefill context
+    parallelism vLLM also shards the experts over those ranks (``FusedMoEParallelConfig.make``)."""
+    if getattr(parallel_config, "enable_expert_parallel", False):
+        return ("expert parallelism (--enable-expert-parallel) is not supported for mixture-of-experts models; the "
+                "megakernel slices every expert over the tensor-parallel ranks (leave expert parallelism off)")
+    for flag, key in (("--data-parallel-size", "data_parallel_size"),
+                      ("--prefill-context-parallel-size", "prefill_context_parallel_size")):
+        size = getattr(parallel_config, key, 1)
+        if size != 1:
+            return (f"{flag} {size} is not supported for mixture-of-experts models: vLLM then shards the experts "
+                    f"over those ranks as well")
+    return None

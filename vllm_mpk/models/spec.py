@@ -2,9 +2,9 @@
 megakernel supports and what it refuses.
 
 Mixture of experts (Qwen3-MoE, every layer sparse, no shared experts) is planned and runs on the
-CPU reference executor; its GPU task bodies compile but have not run on a GPU, so vLLM keeps such
-models on its own layers (``gpu_unsupported_reason``). Its weights are vLLM 0.26's fused-MoE
-parameters (``models/weights.py``), to be bound in place by their vLLM names:
+CPU reference executor; under vLLM it is served through the megakernel only when opted in
+(``integration/options.py:MOE_OPT_IN``). Its weights are vLLM 0.26's fused-MoE parameters
+(``models/weights.py``), bound in place by their vLLM names:
 
     model.layers.{i}.mlp.gate.weight                           [E, H]      router
     model.layers.{i}.mlp.experts.routed_experts.w13_weight     [E, 2I, H]  gate rows, then up rows
@@ -36,11 +36,9 @@ DEFAULT_MAX_POSITIONS = 4096  # a config that does not say how long its sequence
 SUPPORT_SUMMARY = (
     f"supported: architectures {', '.join(SUPPORTED_ARCHITECTURES)}; SiLU MLP, dense, or mixture of experts "
     f"for {', '.join(MOE_ARCHITECTURES)} with every layer sparse (decoder_sparse_step 1, no mlp_only_layers), "
-    f"softmax top-k routing and no shared experts (CPU reference only); full attention (no sliding window); "
+    f"softmax top-k routing and no shared experts; full attention (no sliding window); "
     f"head_dim in {SUPPORTED_HEAD_DIMS}; RoPE types {SUPPORTED_ROPE_TYPES}; no biases"
 )
-MOE_ON_GPU = ("mixture-of-experts layers are not supported by the megakernel yet: their GPU task bodies compile "
-              "but have not been run on a GPU (the CPU reference executor and `vllm-mpk check --device cpu` run them)")
 
 
 class ModelConfigError(ValueError):
@@ -86,10 +84,6 @@ class ModelSpec:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
-
-    def gpu_unsupported_reason(self) -> str | None:
-        """Why the megakernel (GPU) cannot run this model although the plan can, or None."""
-        return MOE_ON_GPU if self.is_moe else None
 
     @property
     def qkv_width(self) -> int:
