@@ -208,20 +208,6 @@ def test_strict_mode_refuses_moe_that_is_not_opted_in(model_dirs: dict[str, Path
         resolve(mc)
 
 
-def test_opting_in_does_not_serve_an_unsupported_moe_design(model_dirs: dict[str, Path],
-                                                            mpk_log: list[logging.LogRecord]) -> None:
-    from vllm.config import set_current_vllm_config
-
-    plugin.register()
-    plugin._reported.clear()
-    mc = model_config(model_dirs["qwen3-moe-shared"], "mpk")
-    with set_current_vllm_config(cpu_vllm_config(mc, {"moe": True})):
-        cls, _ = resolve(mc)
-    assert cls.__name__ == "Qwen3MoeForCausalLM"
-    warnings = [r.getMessage() for r in mpk_log if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1 and "shared experts (shared_expert_intermediate_size)" in warnings[0], warnings
-
-
 def test_float16_resolves_the_stock_class_with_one_warning(model_dirs: dict[str, Path],
                                                            mpk_log: list[logging.LogRecord]) -> None:
     plugin.register()

@@ -39,6 +39,7 @@ pytestmark = pytest.mark.gpu
 STEPS = 64
 LAYERS = 4
 MODELS = ("qwen3-0.6b", "llama-3.2-1b")
+MOE_MODEL, MOE_LAYERS = "qwen3-30b-a3b", 2
 CANDIDATES = 5  # logprobs per step: a near tie's token is among them (tests/greedy_compare.py)
 REPO = Path(__file__).resolve().parents[1]
 FAST = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
@@ -113,15 +114,25 @@ json.dump(out, open(args["out"], "w"))
 """
 
 
-@pytest.fixture(scope="module", params=MODELS)
-def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def random_checkpoint(name: str, layers: int, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A shipped config cut to a few layers, with random weights saved as safetensors."""
-    config = {**shipped_config(request.param), "num_hidden_layers": LAYERS, "torch_dtype": "bfloat16"}
+    config = {**shipped_config(name), "num_hidden_layers": layers, "torch_dtype": "bfloat16"}
     spec = ModelSpec.from_hf_config(config)
-    path = tmp_path_factory.mktemp(request.param)
+    path = tmp_path_factory.mktemp(name)
     (path / "config.json").write_text(json.dumps(config))
     save_checkpoint(spec, random_weights(spec, seed=1), path)
     return path
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return random_checkpoint(request.param, LAYERS, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen3-30B-A3B's shapes (128 experts of width 768, 8 per token) in a few layers."""
+    return random_checkpoint(MOE_MODEL, MOE_LAYERS, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -279,3 +290,29 @@ def test_vllm_serve_on_loopback(checkpoint: Path, tmp_path: Path) -> None:
     served = serve_and_compare(checkpoint, tmp_path, prompt, Greedy.from_json(stock["one"][0]))
     print(f"{checkpoint.name} vllm serve: {served.comparison.summary()}")
     served.check()
+
+
+# mixture of experts (opt-in) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_moe_greedy_tokens_match_stock_vllm(moe_checkpoint: Path, tmp_path: Path, stock_greedy, eager: bool) -> None:
+    """Opted in, the megakernel's MoE layers read vLLM's fused experts (Triton backend, vLLM's
+    choice on Hopper) in place and give stock's greedy tokens, teacher-forced, batch 1 and 8,
+    strict mode: in FULL decode graphs, and eager, where every decode step launches it."""
+    stock = stock_greedy(moe_checkpoint, eager)
+    ours, log = run_engine(tmp_path, moe_checkpoint, "mpk", eager=eager, mpk={"strict": True, "moe": True},
+                           stock=stock)
+    assert ours["mpk"][0]["class"] == "MpkQwen3MoeForCausalLM" and ours["mpk"][0]["disabled"] is None
+    assert ours["mpk"][0]["steps"] >= (2 * (STEPS - 1) if eager else 1)
+    assert "megakernel ready" in log
+    assert_matches_stock(ours, f"{MOE_MODEL} {'eager' if eager else 'cuda graphs'}")
+
+
+def test_moe_without_the_opt_in_runs_stock_vllm_with_one_warning(moe_checkpoint: Path, tmp_path: Path) -> None:
+    from vllm_mpk.integration.options import MOE_OPT_IN
+
+    ours, log = run_engine(tmp_path, moe_checkpoint, "mpk", steps=8)
+    assert ours["mpk"][0] == {"class": "Qwen3MoeForCausalLM", "steps": None, "disabled": None}
+    assert log.count(MOE_OPT_IN) == 1, log[-4000:]
+    assert all(len(r["tokens"]) == 8 for r in ours["bs8"])

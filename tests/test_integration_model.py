@@ -1,7 +1,8 @@
-"""The MPK model classes built from vLLM's own Qwen3 and Llama modules on the CPU: the weights and
-RoPE table found in the module tree, whole decode steps through the plan's CPU reference executor
-bound to vLLM-style persistent buffers and KV cache (compared with the standalone decode of the
-same plan), and the routing of every other batch to the stock forward.
+"""The MPK model classes built from vLLM's own Qwen3, Llama and Qwen3-MoE modules on the CPU: the
+weights (fused experts included) and RoPE table found in the module tree, whole decode steps
+through the plan's CPU reference executor bound to vLLM-style persistent buffers and KV cache
+(compared with the standalone decode of the same plan), the routing of every other batch to the
+stock forward, and the MoE opt-in and what it still leaves to stock vLLM.
 
 vLLM's CUDA build has no CPU kernels here, so the modules are built under vLLM's CPU platform with
 a schema-only stand-in for the one custom op their constructors look up (``_C::silu_and_mul``);
@@ -22,12 +23,25 @@ from typing import Any
 import pytest
 import torch
 
-from vllm_mpk.integration.binding import attention_modules, kv_layout_problem, module_weights, rope_cache
+from vllm_mpk.integration.binding import (
+    attention_modules,
+    kv_layout_problem,
+    module_weights,
+    moe_layout_problem,
+    rope_cache,
+)
 from vllm_mpk.integration.model import MpkFallbackError, is_mpk_class
 from vllm_mpk.models.decoder import DecodeOptions, build_decoder
 from vllm_mpk.models.kv_cache import allocate_kv_caches
 from vllm_mpk.models.spec import ModelSpec
-from vllm_mpk.models.weights import EMBED, expected_shapes, random_weights, split_to_hf
+from vllm_mpk.models.weights import (
+    EMBED,
+    expected_shapes,
+    expert_checkpoint_name,
+    layer_names,
+    random_weights,
+    split_to_hf,
+)
 from vllm_mpk.runtime import control
 from vllm_mpk.runtime.megakernel import Megakernel
 from vllm_mpk.runtime.standalone import decode
@@ -48,6 +62,11 @@ CONFIGS = {
               "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                "original_max_position_embeddings": 64}},
 }
+# Qwen3-MoE as vLLM builds it: fused experts (mlp.experts.routed_experts) and a router (mlp.gate)
+CONFIGS["qwen3-moe"] = {**CONFIGS["qwen3"], "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+                        "tie_word_embeddings": False, "num_experts": 8, "num_experts_per_tok": 2,
+                        "moe_intermediate_size": 128, "norm_topk_prob": True}
+OPT_IN = {"moe": True}  # every model here is served by the megakernel (MoE is opt-in)
 
 
 def _free_port() -> int:
@@ -58,8 +77,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def vllm_cpu() -> Iterator[None]:
-    """vLLM's CPU platform and a one-rank gloo group, restored afterwards."""
+    """vLLM's CPU platform and one-rank gloo groups, restored afterwards. The groups are made under
+    a config without a model, for which vLLM makes the expert-parallel group a MoE model needs."""
     import vllm.platforms as platforms
+    from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
     from vllm.distributed import parallel_state
     from vllm.platforms.cpu import CpuPlatform
 
@@ -69,6 +90,9 @@ def vllm_cpu() -> Iterator[None]:
     saved = platforms._current_platform
     platforms._current_platform = CpuPlatform()
     try:
+        with set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu"))):
+            parallel_state.init_distributed_environment(1, 0, f"tcp://127.0.0.1:{_free_port()}", 0, "gloo")
+            parallel_state.initialize_model_parallel(1, 1)
         yield
     finally:
         parallel_state.destroy_model_parallel()
@@ -78,39 +102,48 @@ def vllm_cpu() -> Iterator[None]:
 
 @dataclass
 class Built:
+    name: str
     spec: ModelSpec
     model: Any
     vllm_config: Any
     weights: dict[str, torch.Tensor]  # what was loaded, in the merged layout
 
 
+def resolve_under_options(tmp: Path, config: dict[str, Any], mpk: dict[str, Any], **engine: Any) -> tuple[type, Any]:
+    """The class vLLM's registry resolves for ``model_impl="mpk"`` under a CPU VllmConfig holding
+    ``mpk`` (as a worker loading the model does), and that config."""
+    from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
+    from vllm.engine.arg_utils import EngineArgs
+
+    tmp.mkdir(exist_ok=True)
+    (tmp / "config.json").write_text(json.dumps(config))
+    mc = EngineArgs(model=str(tmp), model_impl="mpk", skip_tokenizer_init=True, **engine).create_model_config()
+    vc = VllmConfig(model_config=mc, device_config=DeviceConfig(device="cpu"), additional_config={"mpk": mpk})
+    with set_current_vllm_config(vc):
+        cls, _ = mc.registry.resolve_model_cls(mc.architectures, mc)
+    return cls, vc
+
+
 def build_model(tmp: Path, name: str, mpk: dict[str, Any] | None = None, **engine: Any) -> Built:
     """vLLM's model class for ``model_impl="mpk"`` on the CPU, random weights loaded through its
-    own ``load_weights``, and a packed KV cache bound to each attention layer."""
-    from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
-    from vllm.distributed import parallel_state
-    from vllm.engine.arg_utils import EngineArgs
+    own ``load_weights`` and post-processed as vLLM's loader does, and a packed KV cache bound to
+    each attention layer."""
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.utils import process_weights_after_loading
     from vllm.utils.torch_utils import set_default_torch_dtype
 
-    model_dir = tmp / name
-    model_dir.mkdir(exist_ok=True)
-    (model_dir / "config.json").write_text(json.dumps(CONFIGS[name]))
-    mc = EngineArgs(model=str(model_dir), model_impl="mpk", skip_tokenizer_init=True, **engine).create_model_config()
-    vc = VllmConfig(model_config=mc, device_config=DeviceConfig(device="cpu"),
-                    additional_config={"mpk": {"max_batch": MAX_REQS, "num_workers": WORKERS, **(mpk or {})}})
+    cls, vc = resolve_under_options(tmp / name, CONFIGS[name],
+                                    {"max_batch": MAX_REQS, "num_workers": WORKERS, **OPT_IN, **(mpk or {})}, **engine)
     spec = ModelSpec.from_hf_config(CONFIGS[name])
-    with set_current_vllm_config(vc):
-        if not parallel_state.model_parallel_is_initialized():
-            parallel_state.init_distributed_environment(1, 0, f"tcp://127.0.0.1:{_free_port()}", 0, "gloo")
-            parallel_state.initialize_model_parallel(1, 1)
-        cls, _ = mc.registry.resolve_model_cls(mc.architectures, mc)
-        with set_default_torch_dtype(torch.bfloat16), torch.device("cpu"):
-            model = cls(vllm_config=vc, prefix="")
+    with set_current_vllm_config(vc), set_default_torch_dtype(torch.bfloat16), torch.device("cpu"):
+        model = cls(vllm_config=vc, prefix="")
     weights = random_weights(spec, seed=len(name))
     model.load_weights(split_to_hf(spec, weights).items())
+    with set_current_vllm_config(vc):  # what vLLM's loader runs next (fused MoE: its backend's weight setup)
+        process_weights_after_loading(model, vc.model_config, torch.device("cpu"))
     for cache, attn in zip(allocate_kv_caches(spec, NUM_BLOCKS, PAGE), attention_modules(model)):
         attn.kv_cache = cache
-    return Built(spec, model, vc, weights)
+    return Built(name, spec, model, vc, weights)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -249,6 +282,10 @@ def test_decode_steps_match_the_standalone_plan(built: Built) -> None:
 
 @pytest.fixture
 def stock_calls(built: Built, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    return record_stock_forward(built, monkeypatch)
+
+
+def record_stock_forward(built: Built, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Replace the stock forward (which needs vLLM's CUDA kernels) with a recorder."""
     calls: list[int] = []
     stock = type(built.model).__mro__[2]
@@ -287,7 +324,7 @@ def log_lines() -> Iterator[list[logging.LogRecord]]:
 
 def test_fp8_kv_cache_falls_back_with_one_line(built: Built, stock_calls: list[int], log_lines: list[logging.LogRecord],
                                               monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
+    fresh = build_model(tmp_path, built.name)
     for attn in attention_modules(fresh.model):
         monkeypatch.setattr(attn, "kv_cache_dtype", "fp8")
     runner = Runner(fresh, [[1]])
@@ -301,7 +338,7 @@ def test_fp8_kv_cache_falls_back_with_one_line(built: Built, stock_calls: list[i
 
 def test_strict_mode_refuses_to_fall_back(built: Built, stock_calls: list[int], monkeypatch: pytest.MonkeyPatch,
                                           tmp_path: Path) -> None:
-    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama", mpk={"strict": True})
+    fresh = build_model(tmp_path, built.name, mpk={"strict": True})
     for attn in attention_modules(fresh.model):
         monkeypatch.setattr(attn, "kv_cache_dtype", "fp8")
     with pytest.raises(MpkFallbackError, match="fp8"):
@@ -309,7 +346,7 @@ def test_strict_mode_refuses_to_fall_back(built: Built, stock_calls: list[int], 
 
 
 def test_moved_buffers_stop_the_megakernel(built: Built, stock_calls: list[int], tmp_path: Path) -> None:
-    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
+    fresh = build_model(tmp_path, built.name)
     runner = Runner(fresh, [[1]])
     runner.step([(0, 5, 0)], 1)
     assert fresh.model._mpk.steps == 1
@@ -328,7 +365,7 @@ def test_memory_is_reserved_at_load_and_given_to_the_build(built: Built, stock_c
     from vllm_mpk.integration.memory import _rounded, activation_sizes, allocated_bytes, megakernel_bytes
     from vllm_mpk.integration.options import plan_batches
 
-    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
+    fresh = build_model(tmp_path, built.name)
     mpk = fresh.model._mpk
     sizes = plan_batches(MAX_REQS)
     estimate = sum(megakernel_bytes(built.spec, b, WORKERS) for b in sizes)
@@ -348,7 +385,7 @@ def test_memory_is_reserved_at_load_and_given_to_the_build(built: Built, stock_c
 
 def test_a_fallback_gives_the_reservation_back(built: Built, stock_calls: list[int], monkeypatch: pytest.MonkeyPatch,
                                                tmp_path: Path) -> None:
-    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
+    fresh = build_model(tmp_path, built.name)
     for attn in attention_modules(fresh.model):
         monkeypatch.setattr(attn, "kv_cache_dtype", "fp8")
     Runner(fresh, [[1]]).step([(0, 5, 0)], 1)
@@ -364,7 +401,7 @@ def test_breakable_piecewise_steps_run_the_stock_forward(built: Built, stock_cal
     import vllm_mpk.integration.model as model_module
 
     monkeypatch.setattr(model_module, "is_breakable_cudagraph_enabled", lambda: True)
-    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
+    fresh = build_model(tmp_path, built.name)
     runner = Runner(fresh, [[1]])
     runner.step([(0, 5, 0)], 1, CUDAGraphMode.PIECEWISE)
     assert len(stock_calls) == 1 and fresh.model._mpk.steps == 0
@@ -374,7 +411,7 @@ def test_breakable_piecewise_steps_run_the_stock_forward(built: Built, stock_cal
 
 def test_speculative_decoding_falls_back(built: Built, stock_calls: list[int], monkeypatch: pytest.MonkeyPatch,
                                          tmp_path: Path) -> None:
-    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
+    fresh = build_model(tmp_path, built.name)
     mpk = fresh.model._mpk
     monkeypatch.setattr(mpk, "vllm_config", SimpleNamespace(speculative_config=object()))
     Runner(fresh, [[1]]).step([(0, 5, 0)], 1)
@@ -385,7 +422,7 @@ def test_the_ray_executor_falls_back(built: Built, stock_calls: list[int], monke
                                      tmp_path: Path) -> None:
     """Ray's workers call the model runner past the Worker hooks that keep a stopped step's tokens
     from clients, so the megakernel must not run there."""
-    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
+    fresh = build_model(tmp_path, built.name)
     mpk = fresh.model._mpk
     monkeypatch.setattr(mpk, "vllm_config", SimpleNamespace(parallel_config=SimpleNamespace(
         distributed_executor_backend="ray")))
@@ -399,7 +436,7 @@ def test_full_cudagraphs_for_mixed_batches_fall_back(built: Built, stock_calls: 
     mixed batches of the same token count: a megakernel captured there would run prefills."""
     from vllm.config import CUDAGraphMode
 
-    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
+    fresh = build_model(tmp_path, built.name)
     mpk = fresh.model._mpk
     monkeypatch.setattr(mpk, "vllm_config", SimpleNamespace(compilation_config=SimpleNamespace(
         cudagraph_mode=CUDAGraphMode.FULL)))
@@ -414,7 +451,7 @@ def test_each_decode_batch_runs_the_smallest_plan_that_holds_it(built: Built, st
     from vllm_mpk.integration.options import plan_batches
 
     assert plan_batches(1) == (1,) and plan_batches(6) == (1, 2, 4, 6) and plan_batches(16) == (1, 2, 4, 8, 16)
-    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
+    fresh = build_model(tmp_path, built.name)
     runner = Runner(fresh, [[1], [2], [3]])
     runner.step([(0, 5, 0)], 1)
     kernels = fresh.model._mpk.kernels
@@ -465,7 +502,7 @@ def test_the_stop_check_reads_host_memory_only(built: Built, stock_calls: list[i
                                                tmp_path: Path) -> None:
     """vLLM's output wait asks every step whether a launch stopped: the kernels' pinned error
     words, no CUDA call."""
-    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
+    fresh = build_model(tmp_path, built.name)
     runtime = fresh.model._mpk
     assert not runtime.stop_raised()  # nothing built: no words
     Runner(fresh, [[1]]).step([(0, 5, 0)], 1)
@@ -488,7 +525,7 @@ def test_a_stop_degrades_to_the_stock_layers_with_one_warning(built: Built, stoc
     """What every worker does at the step the engine marked after a stop: one warning naming the
     stalled task and event from the control block, every kernel reset, the FULL graphs of the
     megakernel forgotten, and every later decode batch on the stock layers."""
-    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
+    fresh = build_model(tmp_path, built.name)
     runtime, runner = fresh.model._mpk, Runner(fresh, [[1], [2]])
     runner.step([(0, 5, 0)], 1)
     steps = runtime.steps
@@ -512,7 +549,7 @@ def test_a_stop_degrades_to_the_stock_layers_with_one_warning(built: Built, stoc
 
 
 def test_strict_mode_raises_on_a_stop(built: Built, stock_calls: list[int], tmp_path: Path) -> None:
-    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama", mpk={"strict": True})
+    fresh = build_model(tmp_path, built.name, mpk={"strict": True})
     runtime = fresh.model._mpk
     Runner(fresh, [[1]]).step([(0, 5, 0)], 1)
     task = runtime.kernels[max(runtime.kernels)].plan.tasks[0]
@@ -532,7 +569,7 @@ def test_only_graphs_holding_the_megakernel_skip_the_attention_metadata(built: B
 
     from vllm_mpk.integration import model as integration
 
-    fresh = build_model(tmp_path, "qwen3" if built.spec.qk_norm else "llama")
+    fresh = build_model(tmp_path, built.name)
     runtime, runner = fresh.model._mpk, Runner(fresh, [[1], [2], [3], [4]])
     runner.step([(0, 5, 0), (1, 6, 0)], 2)  # the uncaptured warm-up step builds the megakernel
     runner.step([(r, 5, 0) for r in range(4)], 4)
@@ -568,3 +605,173 @@ def test_only_graphs_holding_the_megakernel_skip_the_attention_metadata(built: B
                                   for_capture=capture) for n, mode, capture in steps]
     assert answers == [None, {"metadata": 4}, {"metadata": 2}, {"metadata": 2}, {"metadata": 2}]
     assert built_metadata == steps[1:]
+
+
+# mixture of experts ---------------------------------------------------------------------------
+
+
+def routed_experts(model: Any) -> list[Any]:
+    return [layer.mlp.experts.routed_experts for layer in model.model.layers]
+
+
+def expert_parallel(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model._mpk, "vllm_config", SimpleNamespace(parallel_config=SimpleNamespace(
+        enable_expert_parallel=True)))
+
+
+def data_parallel(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model._mpk, "vllm_config", SimpleNamespace(parallel_config=SimpleNamespace(
+        data_parallel_size=2)))
+
+
+def flashinfer_backend(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.model_executor.layers.fused_moe.oracle.unquantized import UnquantizedMoeBackend
+
+    for experts in routed_experts(model):
+        monkeypatch.setattr(experts.quant_method, "unquantized_backend", UnquantizedMoeBackend.FLASHINFER_CUTLASS)
+
+
+def packed_cpu_experts(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What VLLM_CPU_SGL_KERNEL=1 leaves on an x86 CPU: the experts repacked for vLLM's CPU kernel."""
+    from vllm.model_executor.layers.fused_moe.cpu_fused_moe import SGLFusedMOE
+
+    monkeypatch.setattr(routed_experts(model)[0].quant_method, "cpu_fused_moe", object.__new__(SGLFusedMOE),
+                        raising=False)
+
+
+def experts_split_over_ranks(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    for experts in routed_experts(model):
+        monkeypatch.setattr(experts, "local_num_experts", 4)
+
+
+def router_without_renormalising(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model.model.layers[1].mlp.experts.router, "renormalize", False)
+
+
+def simulated_routing(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What VLLM_MOE_ROUTING_SIMULATION_STRATEGY makes vLLM build: a router of another kind."""
+    from vllm.model_executor.layers.fused_moe.router.routing_simulator_router import RoutingSimulatorRouter
+
+    runner = model.model.layers[0].mlp.experts
+    monkeypatch.setattr(runner, "router", RoutingSimulatorRouter(top_k=2, global_num_experts=8, eplb_state=None))
+
+
+def not_opted_in(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm_mpk.integration.options import MpkOptions
+
+    monkeypatch.setattr(model._mpk, "options", MpkOptions(max_batch=MAX_REQS, num_workers=WORKERS))
+
+
+MOE_FALLBACKS = {
+    "expert parallelism": (expert_parallel, "expert parallelism (--enable-expert-parallel) is not supported"),
+    "data parallelism": (data_parallel, "--data-parallel-size 2 is not supported for mixture-of-experts models"),
+    "MoE backend": (flashinfer_backend, "layer 0: vLLM's MoE backend FLASHINFER_CUTLASS rearranges the expert weights "
+                                        "after loading; the megakernel reads them as loaded (pass --moe-backend triton)"),
+    "packed CPU experts": (packed_cpu_experts, "layer 0: vLLM's MoE backend CPU rearranges the expert weights after "
+                                               "loading"),
+    "expert split": (experts_split_over_ranks, "layer 0: vLLM holds 4 of 8 experts per rank"),
+    "router": (router_without_renormalising, "layer 1: vLLM's router differs from the plan's softmax top-k: "
+                                             "renormalize False (the plan: True)"),
+    "simulated routing": (simulated_routing, "layer 0: vLLM's router differs from the plan's softmax top-k: router "
+                                             "'RoutingSimulatorRouter' (the plan: 'FusedTopKRouter')"),
+    "no opt-in": (not_opted_in, """pass --additional-config '{"mpk": {"moe": true}}'"""),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MOE_FALLBACKS))
+def test_moe_cases_the_megakernel_does_not_run_fall_back_with_one_line(
+        case: str, vllm_cpu: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        log_lines: list[logging.LogRecord]) -> None:
+    """What vLLM's configuration or modules hold that the MoE plan does not match: the whole model
+    runs on the stock layers, after one warning naming it."""
+    fresh = build_model(tmp_path, "qwen3-moe")
+    calls = record_stock_forward(fresh, monkeypatch)
+    change, reason = MOE_FALLBACKS[case]
+    change(fresh.model, monkeypatch)
+    runner = Runner(fresh, [[1]])
+    runner.step([(0, 5, 0)], 1)
+    runner.step([(0, 6, 1)], 1)
+    mpk = fresh.model._mpk
+    assert reason in (mpk.disabled or ""), mpk.disabled
+    assert calls == [1, 1] and mpk.steps == 0 and not mpk.kernels and mpk.reservation is None
+    warnings = [r.getMessage() for r in log_lines if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and reason in warnings[0], warnings
+
+
+@pytest.fixture(scope="module")
+def moe(vllm_cpu: None, tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return build_model(tmp_path_factory.mktemp("moe"), "qwen3-moe")
+
+
+def test_moe_weights_are_vllms_fused_experts_gate_rows_first(moe: Built) -> None:
+    """vLLM's loader puts each expert's checkpoint ``gate_proj`` (its shard w1) in the first
+    ``moe_intermediate_size`` rows of ``w13_weight`` and ``up_proj`` (w3) in the rest; the plan
+    reads those parameters themselves, after vLLM's weight post-processing, and the router its
+    runner computes the logits with."""
+    spec, inter = moe.spec, moe.spec.moe_intermediate_size
+    found = module_weights(moe.model, spec)
+    checkpoint = split_to_hf(spec, moe.weights)
+    for i, layer in enumerate(moe.model.model.layers):
+        names, experts = layer_names(i), layer.mlp.experts.routed_experts
+        assert moe_layout_problem(layer, spec, 1) is None
+        assert layer.mlp.experts.gate is layer.mlp.gate  # vLLM's runner routes with the bound router
+        for name, param in ((names["w13"], experts.w13_weight), (names["w2"], experts.w2_weight),
+                            (names["router"], layer.mlp.gate.weight)):
+            assert found[name].data_ptr() == param.data_ptr() and found[name].shape == param.shape, name
+        assert found[names["w13"]].shape == (spec.num_experts, 2 * inter, spec.hidden_size)
+        assert found[names["w2"]].shape == (spec.num_experts, spec.hidden_size, inter)
+        for e in range(spec.num_experts):
+            w13 = found[names["w13"]][e]
+            assert torch.equal(w13[:inter], checkpoint[expert_checkpoint_name(i, e, "gate")])
+            assert torch.equal(w13[inter:], checkpoint[expert_checkpoint_name(i, e, "up")])
+            assert torch.equal(found[names["w2"]][e], checkpoint[expert_checkpoint_name(i, e, "down")])
+        assert torch.equal(found[names["router"]], checkpoint[names["router"]])
+
+
+@pytest.mark.parametrize("opted_in", [False, True])
+def test_moe_is_served_by_the_megakernel_only_when_opted_in(opted_in: bool, vllm_cpu: None, tmp_path: Path,
+                                                            log_lines: list[logging.LogRecord]) -> None:
+    """A worker resolves the class under the VllmConfig holding ``additional_config``: without the
+    opt-in, vLLM's own Qwen3-MoE (no megakernel runtime in the model it builds) after one warning
+    that says how to opt in, however often it resolves; with it, the MPK class, silently."""
+    from vllm.config import set_current_vllm_config
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    from vllm_mpk.integration.options import MOE_OPT_IN
+
+    for _ in range(2):
+        cls, vc = resolve_under_options(tmp_path, CONFIGS["qwen3-moe"], {"moe": opted_in})
+    with set_current_vllm_config(vc), set_default_torch_dtype(torch.bfloat16), torch.device("cpu"):
+        model = cls(vllm_config=vc, prefix="")
+    warnings = [r.getMessage() for r in log_lines if r.levelno >= logging.WARNING]
+    assert is_mpk_class(cls) == hasattr(model, "_mpk") == opted_in
+    if opted_in:
+        assert cls.__mro__[2].__name__ == "Qwen3MoeForCausalLM" and model._mpk.options.moe and not warnings, warnings
+    else:
+        assert cls.__name__ == "Qwen3MoeForCausalLM" and cls.__module__ == "vllm.model_executor.models.qwen3_moe"
+        assert len(warnings) == 1 and MOE_OPT_IN in warnings[0], warnings
+
+
+MOE_DESIGNS = {
+    "shared experts": ({"shared_expert_intermediate_size": 256},
+                       "shared experts (shared_expert_intermediate_size) are not supported"),
+    "dense layers": ({"mlp_only_layers": [1]}, "dense layers mixed in (decoder_sparse_step 1, mlp_only_layers [1])"),
+    "sparse step": ({"decoder_sparse_step": 2}, "dense layers mixed in (decoder_sparse_step 2, mlp_only_layers []"),
+}
+
+
+@pytest.mark.parametrize("design", sorted(MOE_DESIGNS))
+def test_other_moe_designs_are_refused_with_what_is_supported(design: str, vllm_cpu: None, tmp_path: Path,
+                                                              log_lines: list[logging.LogRecord]) -> None:
+    """Opted in or not, vLLM's Qwen3-MoE variants the plan does not compute run on vLLM's own
+    layers after one warning naming the variant and what is supported; strict mode raises that."""
+    from vllm_mpk.models.spec import SUPPORT_SUMMARY, UnsupportedModelError
+
+    change, why = MOE_DESIGNS[design]
+    config = {**CONFIGS["qwen3-moe"], **change}
+    cls, _ = resolve_under_options(tmp_path / "lenient", config, {"moe": True})
+    assert cls.__name__ == "Qwen3MoeForCausalLM" and not is_mpk_class(cls)
+    warnings = [r.getMessage() for r in log_lines if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and why in warnings[0] and SUPPORT_SUMMARY in warnings[0], warnings
+    with pytest.raises(UnsupportedModelError, match=r"strict mode: .*supported: architectures"):
+        resolve_under_options(tmp_path / "strict", config, {"moe": True, "strict": True})

@@ -160,17 +160,20 @@ def moe_layout_problem(layer: nn.Module, spec: ModelSpec, world_size: int) -> st
     tokens otherwise than vLLM does, or None.
 
     vLLM 0.26 builds ``mlp.experts`` as a ``MoERunner`` whose ``routed_experts`` holds ``w13_weight
-    [E, 2I, H]`` (gate rows, then up) and ``w2_weight [E, H, I]``, as loaded, under the backends of
-    ``MOE_BACKENDS_AS_LOADED``; others rearrange them after loading (FlashInfer's swap gate and up
-    or tile them, ROCm's shuffle them). The experts must be split as the plan's ranks split them
-    (``ModelSpec.shard``), and routed as the plan routes: softmax over every expert, top-k,
-    renormalised when the config says so, no grouping, bias or scaling."""
-    routed = getattr(getattr(layer.mlp, "experts", None), "routed_experts", None)
+    [E, 2I, H]`` (per expert the gate rows ``w1``, then the up rows ``w3``) and ``w2_weight [E, H,
+    I]``, as loaded, under the backends of ``MOE_BACKENDS_AS_LOADED``; others rearrange them after
+    loading (FlashInfer's swap gate and up or tile them, ROCm's shuffle them, the CPU backend's
+    ``VLLM_CPU_SGL_KERNEL`` packs them). The experts must be split as the plan's ranks split them
+    (``ModelSpec.shard``), and routed as the plan routes: the runner's router a plain
+    ``FusedTopKRouter`` (softmax over every expert, top-k, renormalised when the config says so),
+    its weights applied after the experts, unscaled, no transform around them."""
+    runner = getattr(layer.mlp, "experts", None)
+    routed = getattr(runner, "routed_experts", None)
     if routed is None:
         return f"its MLP ({type(layer.mlp).__name__}) has no fused experts at mlp.experts.routed_experts"
-    backend = getattr(routed.quant_method, "unquantized_backend", None)
-    name = getattr(backend, "name", type(routed.quant_method).__name__)
-    if name not in MOE_BACKENDS_AS_LOADED:
+    method = routed.quant_method
+    name = getattr(getattr(method, "unquantized_backend", None), "name", type(method).__name__)
+    if name not in MOE_BACKENDS_AS_LOADED or type(getattr(method, "cpu_fused_moe", None)).__name__ == "SGLFusedMOE":
         return (f"vLLM's MoE backend {name} rearranges the expert weights after loading; the megakernel reads them as "
                 f"loaded (pass --moe-backend triton)")
     parallel = routed.moe_config.moe_parallel_config
@@ -178,12 +181,15 @@ def moe_layout_problem(layer: nn.Module, spec: ModelSpec, world_size: int) -> st
         return (f"vLLM holds {routed.local_num_experts} of {spec.num_experts} experts per rank, split over "
                 f"{parallel.tp_size} ranks (expert parallelism {'on' if parallel.use_ep else 'off'}); the plan reads "
                 f"every expert, its width split over the {world_size} tensor-parallel ranks")
-    router = {"scoring": routed.scoring_func, "renormalize": routed.renormalize, "top_k": routed.top_k,
-              "grouped top-k": routed.use_grouped_topk, "custom routing": routed.custom_routing_function is not None,
-              "score bias": routed.e_score_correction_bias is not None, "scaling": routed.routed_scaling_factor}
-    planned = {"scoring": "softmax", "renormalize": spec.norm_topk_prob, "top_k": spec.num_experts_per_tok,
-               "grouped top-k": False, "custom routing": False, "score bias": False, "scaling": 1.0}
-    differs = [f"{k} {router[k]!r} (the plan: {planned[k]!r})" for k in planned if router[k] != planned[k]]
+    router = runner.router
+    seen = {"router": type(router).__name__, "scoring": getattr(router, "scoring_func", None),
+            "renormalize": getattr(router, "renormalize", None), "top_k": router.top_k,
+            "weights on input": routed.apply_router_weight_on_input,
+            "scaling": runner.routed_scaling_factor * routed.routed_scaling_factor,
+            "transforms": runner.routed_input_transform is not None or runner.routed_output_transform is not None}
+    planned = {"router": "FusedTopKRouter", "scoring": "softmax", "renormalize": spec.norm_topk_prob,
+               "top_k": spec.num_experts_per_tok, "weights on input": False, "scaling": 1.0, "transforms": False}
+    differs = [f"{k} {seen[k]!r} (the plan: {planned[k]!r})" for k in planned if seen[k] != planned[k]]
     if differs:
         return f"vLLM's router differs from the plan's softmax top-k: {', '.join(differs)}"
     return None
