@@ -1,6 +1,10 @@
-"""Tests marked ``gpu`` are skipped when torch sees no CUDA device, so CI runs on CPU-only hosts."""
+"""Tests marked ``gpu`` are skipped when torch sees no CUDA device, so CI runs on CPU-only hosts.
+Each test has a plan cache of its own (``codegen/plan_cache.py``), empty at its start: a plan one
+test compiled would otherwise be restored, not compiled, by the next (and land in the user's cache)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,3 +17,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def plan_cache_root(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The cache root the plan cache uses in this test (compiled kernels keep the configured one)."""
+    from vllm_mpk.codegen import plan_cache
+
+    root = tmp_path_factory.mktemp("plan-cache")
+    monkeypatch.setattr(plan_cache, "cache_root", lambda: root)
+    return root

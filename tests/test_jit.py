@@ -97,7 +97,7 @@ def test_build_imports_and_lays_out_cache(built: tuple[JitSpec, ModuleType], cac
     spec, module = built
     assert module.answer() == 42 and callable(module.launch_add_one)
     build_dir = spec.build_dir()
-    assert build_dir.parent == cache_dir / jit._package_version() / "sm_90a"
+    assert build_dir.parent == cache_dir / jit.package_version() / "sm_90a"
     assert build_dir.name.startswith("tiny_pybind-") and len(build_dir.name) == len("tiny_pybind-") + 12
     assert Path(module.__file__).resolve() == (build_dir / "tiny_pybind.so").resolve()
     for fname in ("tiny_pybind.cu", "binding.cpp", "build.log", "key.json"):

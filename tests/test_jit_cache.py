@@ -402,13 +402,13 @@ def test_build_timeout_must_be_positive(value: str, monkeypatch: pytest.MonkeyPa
 
 
 def test_version_comes_from_metadata_or_the_source(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert jit._package_version.__wrapped__() == vllm_mpk.__version__
+    assert jit.package_version.__wrapped__() == vllm_mpk.__version__
 
     def not_installed(name: str) -> str:
         raise jit.importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(jit.importlib.metadata, "version", not_installed)
-    assert jit._package_version.__wrapped__() == vllm_mpk.__version__
+    assert jit.package_version.__wrapped__() == vllm_mpk.__version__
 
 
 CAPI_CU = r"""

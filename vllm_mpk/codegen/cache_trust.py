@@ -17,6 +17,7 @@ import logging
 import os
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -101,8 +102,8 @@ def make_private_dirs(path: Path) -> None:
 
 
 def write_private(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
-    """Write ``path`` atomically (a temp file renamed over it), created with ``mode``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write ``path`` atomically (a temp file of this thread's own renamed over it), created with ``mode``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "wb", opener=lambda name, flags: os.open(name, flags, mode)) as out:
         out.write(data)
     os.replace(tmp, path)

@@ -93,7 +93,7 @@ def cache_root() -> Path:
 
 
 @functools.cache
-def _package_version() -> str:
+def package_version() -> str:
     """From the installed package's metadata: importing ``vllm_mpk`` here would be an import cycle
     (its ``__init__`` imports the API, which imports this module). Without an install (a source
     tree on ``PYTHONPATH``), read ``__version__`` where it is defined."""
@@ -218,7 +218,7 @@ class JitSpec:
         for inc in self.include_dirs:
             for path in sorted(p for p in inc.rglob("*") if p.suffix in HEADER_SUFFIXES and p.is_file()):
                 feed("hdr", path.relative_to(inc).as_posix(), path.read_bytes())
-        feed("flags", *self.flags(), "link", *self.link_flags, "arch", self.arch, "pkg", _package_version(),
+        feed("flags", *self.flags(), "link", *self.link_flags, "arch", self.arch, "pkg", package_version(),
              "py", sys.implementation.cache_tag, "pybind11", pybind11.__version__)
         return h.hexdigest()
 
@@ -237,7 +237,7 @@ class JitSpec:
         to change. ``create`` makes the folders (0700). Raises CacheError when neither is usable."""
         problems = []
         for root in (cache_root(), cache_trust.private_root()):
-            arch_dir = root / _package_version() / self.arch
+            arch_dir = root / package_version() / self.arch
             chain = [root, arch_dir.parent, arch_dir]
             if entry is not None:
                 chain += [arch_dir / entry, arch_dir / entry / KEY_FILE, self.so_path(arch_dir / entry)]

@@ -157,7 +157,7 @@ def nvshmem_build(spec: JitSpec) -> JitSpec:
 def module_name(plan: Plan, layout: RecordLayout, threads: int) -> str:
     """Readable: what the plan is, e.g. ``mpk_l183_t19693_w132_bs8``."""
     batch = plan.tensors["input_ids"].shape[0] if "input_ids" in plan.tensors else 0
-    name = f"mpk_l{len(plan.ops)}_t{len(plan.tasks)}_w{plan.num_workers}_bs{batch}_r{layout.words}_nt{threads}"
+    name = f"mpk_l{len(plan.ops)}_t{plan.num_tasks}_w{plan.num_workers}_bs{batch}_r{layout.words}_nt{threads}"
     return f"{name}_nvshmem" if plan_uses_nvshmem(plan) else name
 
 

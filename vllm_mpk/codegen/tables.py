@@ -130,4 +130,4 @@ def task_table(plan: Plan, variants: Variants, args: list[list[int]], layout: Re
 
 
 def trigger_counts(plan: Plan) -> np.ndarray:
-    return np.array([e.trigger_count for e in plan.events] or [0], dtype=np.int32)
+    return np.array(plan.counts.trigger_counts or [0], dtype=np.int32)

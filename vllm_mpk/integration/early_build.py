@@ -27,9 +27,14 @@ from typing import Any
 
 import torch
 
+from vllm_mpk.api import PersistentKernel
+from vllm_mpk.codegen import plan_cache
 from vllm_mpk.codegen.jit import BuildTimeoutError, JitSpec, builds_forbidden
+from vllm_mpk.codegen.ops import UnsupportedOnGPU
+from vllm_mpk.codegen.tables import all_args, record_layout
 from vllm_mpk.codegen.toolchain import BUILD_TIMEOUT_ENV, ToolchainError, build_timeout_s, check_gpu, find_nvcc
 from vllm_mpk.graph.plan import Plan
+from vllm_mpk.integration.plan_reuse import partial_cache_access
 from vllm_mpk.models.decoder import DecodeLayers, DecodeOptions, declare_decoder
 from vllm_mpk.models.spec import ModelSpec
 
@@ -87,6 +92,24 @@ def meta_bindings(plan: Plan) -> dict[str, torch.Tensor]:
     return {n: torch.empty(h.shape, dtype=h.dtype, device="meta") for n, h in plan.tensors.items()}
 
 
+def compile_plan(kernel: PersistentKernel) -> Plan:
+    """The plan of the declared ``kernel``: restored from the plan cache (deferred,
+    ``codegen/plan_cache.py``), else compiled and stored there with its record layout, unless a
+    task ties it to the KV caches' placeholder block count (it could not serve vLLM's caches)."""
+    plan = plan_cache.restore(kernel)
+    if plan is not None:
+        return plan
+    plan = kernel.compile()
+    if partial_cache_access(plan) is None:
+        try:
+            layout = record_layout(plan, all_args(plan, meta_bindings(plan)))
+        except UnsupportedOnGPU as e:  # the first decode step reports it as a failed build
+            logger.debug("--model-impl mpk: not caching a plan the GPU does not run: %s", e)
+        else:
+            plan_cache.store(kernel, plan, layout)
+    return plan
+
+
 def _run(target: Callable[..., None], *args: Any) -> None:
     threading.Thread(target=target, args=args, name="mpk-early-build", daemon=True).start()
 
@@ -134,7 +157,7 @@ class EarlyBuild:
     def _prepare(self, kernels: bool) -> None:
         plans: dict[int, Plan] = {}
         try:
-            plans = {size: layers.kernel.compile() for size, layers in self.layers.items()}
+            plans = {size: compile_plan(layers.kernel) for size, layers in self.layers.items()}
             if kernels:
                 self._start_builds(plans)
         except Exception as e:  # the first decode step plans again and reports it

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from vllm_mpk.api import PersistentKernel
+from vllm_mpk.codegen import plan_cache
 from vllm_mpk.graph.ir import Role
 from vllm_mpk.graph.lowering import lower_ops
 from vllm_mpk.models.decoder import DecodeOptions, declare_decoder
@@ -67,9 +68,12 @@ class PlanContents:
 
 
 def declared_contents(kernel: PersistentKernel) -> PlanContents:
-    """The contents of a declared (not yet compiled) plan: its tensors, and its layers lowered."""
+    """The contents of a declared (not yet compiled) plan: its tensors, and its task count from the
+    plan cache (``codegen/plan_cache.py``), else from its layers lowered."""
     allocated = tuple(t.nbytes for t in kernel.tensors.values() if t.role is not Role.INPUT)
-    return PlanContents(allocated, len(kernel.tensors), len(lower_ops(kernel.ops)))
+    counts = plan_cache.cached_counts(kernel)
+    num_tasks = len(lower_ops(kernel.ops)) if counts is None else counts.num_tasks
+    return PlanContents(allocated, len(kernel.tensors), num_tasks)
 
 
 def plan_contents(spec: ModelSpec, max_batch: int, num_workers: int, kv_splits: int | None = None,

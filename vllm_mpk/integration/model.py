@@ -378,7 +378,7 @@ class MpkRuntime:
                     "KV splits %s%s, %s, %d tasks at batch %d, %.1f MiB of device memory (%.1f MiB estimated for "
                     "vLLM's budget)", spec.num_layers, "/".join(map(str, plans)), planned.workers,
                     "/".join(map(str, planned.splits.values())), " (auto)" if self.options.kv_splits is None else "",
-                    planned.kv_cache, len(plans[self.max_batch][0].tasks), self.max_batch,
+                    planned.kv_cache, plans[self.max_batch][0].num_tasks, self.max_batch,
                     sum(map(allocated_bytes, kernels.values())) / 2**20, self.estimated_bytes / 2**20)
         return kernels
 

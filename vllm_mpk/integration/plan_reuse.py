@@ -50,9 +50,19 @@ def difference(early: DecodeLayers, now: DecodeLayers, plan: Plan) -> str | None
             return f"tensor '{name}' was {was}, is {now_handle}"
     if list(map(_layer, early.kernel.ops)) != list(map(_layer, now.kernel.ops)):
         return "the layers changed"
+    return partial_cache_access(plan)
+
+
+def partial_cache_access(plan: Plan) -> str | None:
+    """A task of ``plan`` that reads or writes only some blocks of a KV cache, which would tie the
+    plan to its block count; None where every cache access covers all blocks, and for a plan
+    restored from the plan cache, stored only without one (``early_build.compile_plan``)."""
+    if not plan.compiled:
+        return None
+    caches = kv_cache_names(plan.ops)
     for task in _cache_tasks(plan):
         for access in (*task.reads, *task.writes):
-            if access.tensor in caches and access.box[0] != (0, before[access.tensor].shape[0]):
+            if access.tensor in caches and access.box[0] != (0, plan.tensors[access.tensor].shape[0]):
                 return f"{task} accesses blocks {access.box[0]} of '{access.tensor}', not all of them"
     return None
 
@@ -63,7 +73,8 @@ def _cache_tasks(plan: Plan) -> list[Task]:
 
 def widen_kv_caches(plan: Plan, now: DecodeLayers) -> Plan:
     """``plan``, in place, with the KV cache tensors of ``now`` (whose block count differs; checked
-    by ``difference``): the handles in its tensors and ops, and the whole-cache boxes of its tasks."""
+    by ``difference``): the handles in its tensors and ops, and the whole-cache boxes of its tasks
+    (where they are compiled)."""
     handles = {n: now.kernel.tensors[n] for n in kv_cache_names(now.kernel.ops)
                if plan.tensors[n].shape != now.kernel.tensors[n].shape}
     if not handles:
@@ -73,6 +84,8 @@ def widen_kv_caches(plan: Plan, now: DecodeLayers) -> Plan:
         for role, handle in op.inputs.items():
             if handle.name in handles:
                 op.inputs[role] = handles[handle.name]
+    if not plan.compiled:  # its tasks, when compiled, are lowered from the widened ops
+        return plan
     for task in _cache_tasks(plan):
         if any(a.tensor in handles for a in (*task.reads, *task.writes)):
             task.reads = tuple(_widened(a, handles) for a in task.reads)

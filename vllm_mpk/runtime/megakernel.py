@@ -9,12 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from vllm_mpk.codegen import plan_cache
 from vllm_mpk.codegen.jit import JitSpec
 from vllm_mpk.codegen.source import generate, plan_uses_nvshmem
 from vllm_mpk.codegen.tables import (
     PrefetchPolicy,
     RecordLayout,
-    Variants,
     all_args,
     plan_variants,
     record_layout,
@@ -84,33 +84,53 @@ def bind_tensors(plan: Plan, given: Mapping[str, torch.Tensor], device: torch.de
     return bound
 
 
-def _records(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> tuple[int, Variants, list[list[int]], RecordLayout]:
-    """Threads per worker, the plan's task variants, each task's argument words and the record layout."""
-    threads = plan.ops[0].block_dim[0]
+def _layout(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> tuple[RecordLayout, list[list[int]] | None]:
+    """The plan's record layout and each task's argument words; a plan stored in the plan cache
+    (``codegen/plan_cache.py``) takes its stored layout, and its words are not computed here."""
+    layout = plan_cache.cached_layout(plan)
+    if layout is not None:
+        return layout, None
     args = all_args(plan, tensors)
-    return threads, plan_variants(plan, threads), args, record_layout(plan, args)
+    return record_layout(plan, args), args
+
+
+def _threads(plan: Plan) -> int:
+    return plan.ops[0].block_dim[0]
+
+
+def _table(plan: Plan, tensors: Mapping[str, torch.Tensor], prefetch: PrefetchPolicy, layout: RecordLayout,
+           args: list[list[int]] | None) -> np.ndarray:
+    """The task table from the plan cache where it holds it, else built (``args``: the argument
+    words where ``_layout`` computed them)."""
+    def build() -> np.ndarray:
+        words = all_args(plan, tensors) if args is None else args
+        return task_table(plan, plan_variants(plan, _threads(plan)), words, layout, tensors, prefetch)
+
+    return plan_cache.task_table(plan, tensors, prefetch, build)
 
 
 def kernel_table(plan: Plan, tensors: Mapping[str, torch.Tensor],
                  prefetch: PrefetchPolicy = PrefetchPolicy()) -> np.ndarray:
     """The task table of a plan bound to ``tensors`` under ``prefetch`` (launch data: no rebuild)."""
-    _, variants, args, layout = _records(plan, tensors)
-    return task_table(plan, variants, args, layout, tensors, prefetch)
+    return _table(plan, tensors, prefetch, *_layout(plan, tensors))
 
 
 def kernel_source(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> JitSpec:
     """The specialised source of a plan bound to ``tensors`` (what a build needs; no task table)."""
-    threads, variants, _, layout = _records(plan, tensors)
-    return generate(plan, variants, layout, threads)
+    return _source(plan, _layout(plan, tensors)[0])
+
+
+def _source(plan: Plan, layout: RecordLayout) -> JitSpec:
+    threads = _threads(plan)
+    return generate(plan, plan_variants(plan, threads), layout, threads)
 
 
 def kernel_spec(plan: Plan, tensors: Mapping[str, torch.Tensor],
                 prefetch: PrefetchPolicy = PrefetchPolicy()) -> tuple[JitSpec, np.ndarray]:
     """The specialised source and the task table of a plan bound to ``tensors`` (meta tensors do:
     only shapes and strides are read), so builds can run ahead of loading weights."""
-    threads, variants, args, layout = _records(plan, tensors)
-    return (generate(plan, variants, layout, threads),
-            task_table(plan, variants, args, layout, tensors, prefetch))
+    layout, args = _layout(plan, tensors)
+    return _source(plan, layout), _table(plan, tensors, prefetch, layout, args)
 
 
 def build_kernels(plans: Sequence[tuple[Plan, Mapping[str, torch.Tensor]]]) -> None:
@@ -148,7 +168,8 @@ class Megakernel:
         if plan.num_workers > sms:
             raise ValueError(f"the plan has {plan.num_workers} workers but {torch.cuda.get_device_name(device)} has "
                              f"{sms} SMs; a persistent kernel needs one resident worker per SM")
-        topological_order(plan.tasks, plan.events)
+        if plan.compiled:  # a plan restored from the plan cache was checked when it was compiled
+            topological_order(plan.tasks, plan.events)
         self.plan, self.device, self.timeout_ns = plan, device, int(check_timeout_s(timeout_s) * 1e9)
         self.tensors = bind_tensors(plan, tensors, device)
         spec, table = kernel_spec(plan, self.tensors, prefetch)
@@ -160,7 +181,7 @@ class Megakernel:
                 raise nvshmem.NvshmemError(f"registering the megakernel with NVSHMEM failed (status {status})")
         self.max_tasks = table.shape[1]
         self.tasks = torch.from_numpy(table).to(device)
-        self.queue_lens = torch.tensor([len(q) for q in plan.queues], dtype=torch.int32, device=device)
+        self.queue_lens = torch.tensor(plan.counts.queue_lens, dtype=torch.int32, device=device)
         ids = tensor_ids(plan)
         self.pointers = torch.tensor([self.tensors[n].data_ptr() for n in sorted(ids, key=ids.get)],
                                      dtype=torch.int64, device=device)
