@@ -69,8 +69,7 @@ __device__ void worker_loop(const KernelParams& p) {
       __syncthreads();
       if (!opened_s) gate.open();  // a body that skipped its gate must not signal before its inputs
       if (!ok_s) return;
-      if (threadIdx.x == 0) {
-        __threadfence();
+      if (threadIdx.x == 0) {  // the barrier above and the release order every thread's writes before the signal
         for (int s = 0; s < Record::kMaxSignals && r.signals[s] >= 0; ++s) add_release(p.counters + r.signals[s], 1);
         if (profile_start) profile_start[1] = global_ns();  // the task's end
       }

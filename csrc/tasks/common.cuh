@@ -97,6 +97,11 @@ __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
 }
 
+// Asks L1 for the 128-byte line holding `p`; nothing waits for it.
+__device__ __forceinline__ void prefetch_l1(const void* p) {
+  asm volatile("prefetch.global.L1 [%0];" ::"l"(p));
+}
+
 // Bulk copies from global to shared memory (the copy engine, no registers, no thread waits for
 // them to issue) completing on a shared-memory transaction barrier. Protocol, one phase per
 // batch of copies: one thread inits the barrier (then __syncthreads); each issuing thread runs

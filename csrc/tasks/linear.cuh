@@ -119,7 +119,13 @@ __device__ void linear_task(const TaskContext& c) {
     loaded = first.lo < first.hi;
     if (loaded) load_item(first.lo, 0, slices_at(0), wa, wb);
   }
+  if constexpr (normalized(MODE)) {  // the norm weights into L1 before the gate: staging reads them
+    for (int i = threadIdx.x * 64; i < K; i += NT * 64) prefetch_l1(norm_w + i);
+  }
   if (!c.inputs_ready()) return;  // the first items' weights stream while this waits
+  if constexpr (MODE == LinearMode::kResidual || MODE == LinearMode::kSiluResidual) {
+    for (int b = threadIdx.x; b < n_tok; b += NT) prefetch_l1(residual + (size_t)b * out_stride + c0);
+  }
 
   for (int i = threadIdx.x; i < rows * NB; i += NT) acc[i] = 0.f;
   if constexpr (normalized(MODE)) {
