@@ -242,7 +242,7 @@ def test_reference_executor_rejects_missing_inputs_and_unknown_order():
 
 SUPPORTED_LIST = (r"supported: architectures Qwen3ForCausalLM, LlamaForCausalLM, Qwen3MoeForCausalLM; SiLU MLP, "
                   r"dense, or mixture of experts for Qwen3MoeForCausalLM with every layer sparse \(decoder_sparse_step "
-                  r"1, no mlp_only_layers\), softmax top-k routing and no shared experts \(not yet run on a GPU\); full "
+                  r"1, no mlp_only_layers\), softmax top-k routing and no shared experts \(opt-in under vLLM\); full "
                   r"attention \(no sliding window\); head_dim in \(64, 128\); RoPE types \('default', 'llama3'\); "
                   r"no biases")
 

@@ -36,7 +36,7 @@ DEFAULT_MAX_POSITIONS = 4096  # a config that does not say how long its sequence
 SUPPORT_SUMMARY = (
     f"supported: architectures {', '.join(SUPPORTED_ARCHITECTURES)}; SiLU MLP, dense, or mixture of experts "
     f"for {', '.join(MOE_ARCHITECTURES)} with every layer sparse (decoder_sparse_step 1, no mlp_only_layers), "
-    f"softmax top-k routing and no shared experts (not yet run on a GPU); full attention (no sliding window); "
+    f"softmax top-k routing and no shared experts (opt-in under vLLM); full attention (no sliding window); "
     f"head_dim in {SUPPORTED_HEAD_DIMS}; RoPE types {SUPPORTED_ROPE_TYPES}; no biases"
 )
 
