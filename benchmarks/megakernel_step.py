@@ -6,6 +6,8 @@ For each model config and batch: random weights at a realistic scale and a KV ca
 (``layers`` order), which is the correctness reference. Prints relative logits error, greedy
 agreement, step time, and the weight + KV bytes per step as a fraction of the read roof measured in
 this run (``vllm_mpk.bench.read_roof``: a read-only stream over 4 GiB).
+A mixture-of-experts step counts only the experts its router chose (each distinct expert once per
+layer), so its fraction of the roof is its step time against the active-weight floor.
 
     python benchmarks/megakernel_step.py --models qwen3-0.6b qwen3-8b --batches 1 8
 
@@ -166,6 +168,13 @@ def time_policies(plan, tensors, mk: Megakernel, batch: int, logits: torch.Tenso
     return times
 
 
+def experts_read(mk: Megakernel, batch: int) -> int | None:
+    """The distinct experts the step's router chose, summed over layers (what a mixture-of-experts
+    step streams of its experts); None for a dense model."""
+    ids = [t for name, t in mk.tensors.items() if name.endswith(".expert_ids")]
+    return sum(int(t[:batch].unique().numel()) for t in ids) if ids else None
+
+
 def run_case(spec, batch, context, device, weights, log, trace_path=None, kv_splits: int | None = None,
              policies=(), pool_blocks: int | None = None, after_gemm: bool = False) -> dict:
     model, tensors, caches = build(spec, batch, context, device, weights, kv_splits=kv_splits, pool_blocks=pool_blocks)
@@ -207,7 +216,7 @@ def run_case(spec, batch, context, device, weights, log, trace_path=None, kv_spl
     us = time_and_profile(model.plan, tensors, mk, batch, trace_path, show=True)
     sweep = time_policies(model.plan, tensors, mk, batch, logits, policies, trace_path)
     us_after_gemm = step_us_after_lm_head_gemm(spec, mk, batch) if after_gemm else None
-    nbytes = weight_bytes(spec, weights) + sum(
+    nbytes = weight_bytes(spec, weights, experts_read(mk, batch)) + sum(
         int(tensors["seq_lens"].sum()) * spec.num_kv_heads * 2 * spec.head_dim * 2 for _ in range(spec.num_layers))
     row = {"model": spec.architecture, "layers": spec.num_layers, "hidden": spec.hidden_size, "batch": batch,
            "kv_splits": model.kv_splits, "pool_blocks": pool_blocks,

@@ -18,6 +18,7 @@ from vllm_mpk.cli import main
 from vllm_mpk.codegen.jit import compile_only
 from vllm_mpk.codegen.tasks import UnsupportedOnGPU
 from vllm_mpk.codegen.toolchain import ToolchainError, find_nvcc
+from vllm_mpk.demo import weight_bytes
 from vllm_mpk.graph.reference import ReferenceExecutor
 from vllm_mpk.graph.step_state import contiguous_block_tables
 from vllm_mpk.models import DecodeOptions, ModelSpec, build_decoder
@@ -271,3 +272,15 @@ def test_shapes_the_moe_task_bodies_do_not_take_are_refused(hidden: int, inter: 
                                 for name, h in plan.tensors.items() if name not in mpk.attached}}
     with pytest.raises(UnsupportedOnGPU, match=message):
         kernel_spec(plan, bound)
+
+
+def test_a_step_streams_only_the_experts_it_chose() -> None:
+    """The step benchmark's byte count (``vllm_mpk.demo.weight_bytes``): a MoE step reads the
+    chosen experts' gate/up and down rows, not all of them; a dense count is unchanged."""
+    spec = ModelSpec.from_hf_config(TINY_QWEN3_MOE)
+    weights = meta_weights(spec)
+    per_expert = 2 * (2 * spec.moe_intermediate_size * spec.hidden_size + spec.hidden_size * spec.moe_intermediate_size)
+    every = weight_bytes(spec, weights)
+    chosen = 5 * spec.num_layers
+    assert weight_bytes(spec, weights, chosen) == every - (spec.num_experts * spec.num_layers - chosen) * per_expert
+    assert weight_bytes(spec, weights, 0) == every - spec.num_experts * spec.num_layers * per_expert

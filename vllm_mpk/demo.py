@@ -18,11 +18,16 @@ from vllm_mpk.runtime.timing import graph_replay_us
 PAGE = 16
 
 
-def weight_bytes(spec: ModelSpec, weights: Mapping[str, torch.Tensor]) -> int:
-    """What one step streams: every weight but the embedding rows it does not look up."""
+def weight_bytes(spec: ModelSpec, weights: Mapping[str, torch.Tensor], experts_read: int | None = None) -> int:
+    """What one step streams: every weight but the embedding rows it does not look up and, in a
+    mixture-of-experts model given ``experts_read`` (the step's distinct chosen experts, summed
+    over layers), only those experts' weights."""
     head = spec.vocab_size * spec.hidden_size * 2
-    return sum(t.numel() * t.element_size() for n, t in weights.items() if n != "model.embed_tokens.weight") + (
-        head if spec.tie_word_embeddings else 0)
+    expert_names = {n for n in weights if n.endswith((".w13_weight", ".w2_weight"))} if experts_read is not None else set()
+    experts = sum(weights[n].nbytes // weights[n].shape[0] for n in expert_names) // max(1, spec.num_layers)
+    return sum(t.numel() * t.element_size() for n, t in weights.items()
+               if n != "model.embed_tokens.weight" and n not in expert_names) + (
+        head if spec.tie_word_embeddings else 0) + (experts_read or 0) * experts
 
 
 def gpu_model(spec: ModelSpec, weights: Mapping[str, torch.Tensor], batch: int, max_seq: int, multi_step: bool = False
