@@ -1,6 +1,8 @@
 """Tests marked ``gpu`` are skipped when torch sees no CUDA device, so CI runs on CPU-only hosts.
 Each test has a plan cache of its own (``codegen/plan_cache.py``), empty at its start: a plan one
-test compiled would otherwise be restored, not compiled, by the next (and land in the user's cache)."""
+test compiled would otherwise be restored, not compiled, by the next (and land in the user's cache).
+Each test starts with torch's default dtype float32: vLLM's ``set_default_torch_dtype`` does not
+restore it when the code inside raises, and a test that failed there would leave bfloat16 behind."""
 
 from __future__ import annotations
 
@@ -17,6 +19,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    torch.set_default_dtype(torch.float32)
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ running a plan through the reference executor."""
 from __future__ import annotations
 
 import json
+import sys
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,6 +65,30 @@ def run_plan(plan: Plan, inputs: dict[str, torch.Tensor], num_tokens: int, order
     executor = ReferenceExecutor(plan, {k: v.clone() for k, v in inputs.items()}, exact=exact)
     executor.run_step(num_tokens, order=order, seed=seed)
     return executor.tensors
+
+
+@contextmanager
+def vllm_platform(platform: Any) -> Iterator[None]:
+    """vLLM's current platform set to ``platform``, restored afterwards, also in the vLLM modules
+    that bound the platform before (``from vllm.platforms import current_platform`` at import): an
+    earlier test that imported them under the host's own platform must not decide their branches."""
+    import vllm.platforms as platforms
+
+    saved = platforms._current_platform
+
+    def rebind(old: Any, new: Any) -> None:
+        for module in list(sys.modules.values()):
+            if old is not None and getattr(module, "__name__", "").startswith("vllm.") and \
+                    getattr(module, "current_platform", None) is old:
+                module.current_platform = new
+
+    platforms._current_platform = platform
+    rebind(saved, platform)
+    try:
+        yield
+    finally:
+        rebind(platform, saved)
+        platforms._current_platform = saved
 
 
 @contextmanager

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.helpers import vllm_platform
 from vllm_mpk.integration.binding import (
     attention_modules,
     kv_layout_problem,
@@ -79,7 +80,6 @@ def _free_port() -> int:
 def vllm_cpu() -> Iterator[None]:
     """vLLM's CPU platform and one-rank gloo groups, restored afterwards. The groups are made under
     a config without a model, for which vLLM makes the expert-parallel group a MoE model needs."""
-    import vllm.platforms as platforms
     from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
     from vllm.distributed import parallel_state
     from vllm.platforms.cpu import CpuPlatform
@@ -87,17 +87,15 @@ def vllm_cpu() -> Iterator[None]:
     if not hasattr(torch.ops._C, "silu_and_mul"):
         lib = torch.library.Library("_C", "FRAGMENT")  # noqa: F841 (kept alive by torch's registry)
         lib.define("silu_and_mul(Tensor! out, Tensor input) -> ()")
-    saved = platforms._current_platform
-    platforms._current_platform = CpuPlatform()
-    try:
-        with set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu"))):
-            parallel_state.init_distributed_environment(1, 0, f"tcp://127.0.0.1:{_free_port()}", 0, "gloo")
-            parallel_state.initialize_model_parallel(1, 1)
-        yield
-    finally:
-        parallel_state.destroy_model_parallel()
-        parallel_state.destroy_distributed_environment()
-        platforms._current_platform = saved
+    with vllm_platform(CpuPlatform()):
+        try:
+            with set_current_vllm_config(VllmConfig(device_config=DeviceConfig(device="cpu"))):
+                parallel_state.init_distributed_environment(1, 0, f"tcp://127.0.0.1:{_free_port()}", 0, "gloo")
+                parallel_state.initialize_model_parallel(1, 1)
+            yield
+        finally:
+            parallel_state.destroy_model_parallel()
+            parallel_state.destroy_distributed_environment()
 
 
 @dataclass
