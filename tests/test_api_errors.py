@@ -17,7 +17,7 @@ from vllm_mpk.api import PersistentKernel
 from vllm_mpk.graph.reference import ReferenceExecutor
 from vllm_mpk.models import ModelSpec, UnsupportedModelError
 from vllm_mpk.models.spec import ModelConfigError
-from vllm_mpk.runtime.watchdog import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, TIMEOUT_RANGE
+from vllm_mpk.runtime.watchdog import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, MIN_TIMEOUT_S, TIMEOUT_RANGE
 
 BLOCK = (128, 1, 1)
 BATCH = 2
@@ -378,14 +378,16 @@ def test_inputs_on_another_device_are_refused():
     assert "w_meta" not in s.mpk.tensors
 
 
-@pytest.mark.parametrize("timeout_s", [0, -1.0, 1e12, float("nan"), float("inf"), True, "2"])
+@pytest.mark.parametrize("timeout_s", [0, 1e-12, MIN_TIMEOUT_S / 2, -1.0, 1e12, float("nan"), float("inf"), True, "2"])
 def test_timeout_outside_its_range_is_refused(timeout_s):
+    """1e-12 s is positive but 0 ns on the GPU's timer: every wait would time out at once."""
     with pytest.raises(ValueError, match=rf"timeout_s must be {re.escape(TIMEOUT_RANGE)}, got "):
         PersistentKernel(max_batch=1, max_seq_len=16, timeout_s=timeout_s)
 
 
 def test_timeout_range_ends_are_taken():
     assert PersistentKernel(max_batch=1, max_seq_len=16, timeout_s=MAX_TIMEOUT_S).timeout_s == MAX_TIMEOUT_S
+    assert PersistentKernel(max_batch=1, max_seq_len=16, timeout_s=MIN_TIMEOUT_S).timeout_s == MIN_TIMEOUT_S
     assert PersistentKernel(max_batch=1, max_seq_len=16).timeout_s == DEFAULT_TIMEOUT_S
 
 
