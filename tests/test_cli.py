@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.metadata
 import json
 from pathlib import Path
@@ -255,6 +256,28 @@ def test_the_other_bench_commands_rows_are_refused(tmp_path, capsys: pytest.Capt
     rows.write_text(json.dumps({k: v for k, v in row.items() if v is not None}) + "\n")
     assert main([command, "--table-only", "--rows", str(rows), "--results", str(tmp_path / "R.md")]) == 2
     assert f"line 1 is not a row of this command (it has no {missing})" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content,message", [
+    pytest.param(b"not json", "is not a Chrome trace (Expecting value", id="not-json"),
+    pytest.param(gzip.compress(b'{"traceEvents": []}')[:-9], "is not a Chrome trace (Compressed file ended", id="cut-gzip"),
+    pytest.param(b"\x1f\x8bnot gzip", "is not a Chrome trace (Unknown compression method)", id="bad-gzip"),
+    pytest.param(b"42", "is not a Chrome trace (a JSON int, not a traceEvents object or list)", id="a-number"),
+])
+def test_a_trace_that_cannot_be_read_is_one_line(tmp_path, capsys: pytest.CaptureFixture[str], content: bytes,
+                                                 message: str) -> None:
+    trace = tmp_path / "x.pt.trace.json"
+    trace.write_bytes(content)
+    assert main(["bench", "--analyze-trace", str(trace)]) == 2
+    line = capsys.readouterr().err
+    assert line.startswith(f"vllm-mpk: error: {trace} {message}") and line.count("\n") == 1, line
+
+
+def test_model_directories_that_cannot_be_written_are_one_line(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file").write_text("")
+    assert main(["bench-vllm", "--models", "qwen3-0.6b", "--prepare-models", str(tmp_path / "file")]) == 2
+    line = capsys.readouterr().err
+    assert line.startswith(f"vllm-mpk: error: --prepare-models {tmp_path / 'file'}: cannot write ") and line.count("\n") == 1
 
 
 def test_bench_files_that_cannot_be_read_or_written_are_one_line(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -419,7 +419,10 @@ def cmd_bench_vllm(args: argparse.Namespace) -> int:
     models = bench_models(args.models)
     if args.prepare_models is not None:
         for model in models:
-            print(prepare_model_dir(model, args.prepare_models))
+            try:
+                print(prepare_model_dir(model, args.prepare_models))
+            except OSError as e:
+                raise CliError(f"--prepare-models {args.prepare_models}: cannot write {e.filename} ({e.strerror})") from e
         return EXIT_OK
     check_bench_files(args.rows, args.results, args.table_only)
     rows: list[Row] = []
