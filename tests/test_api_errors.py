@@ -17,7 +17,7 @@ from vllm_mpk.api import PersistentKernel
 from vllm_mpk.graph.reference import ReferenceExecutor
 from vllm_mpk.models import ModelSpec, UnsupportedModelError
 from vllm_mpk.models.spec import ModelConfigError
-from vllm_mpk.runtime.watchdog import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, TIMEOUT_RANGE
+from vllm_mpk.runtime.watchdog import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S, MIN_TIMEOUT_S, TIMEOUT_RANGE
 
 BLOCK = (128, 1, 1)
 BATCH = 2
@@ -104,6 +104,18 @@ LAYER_ERRORS: list[tuple[str, Callable[[SimpleNamespace], object], str]] = [
      r"output 'y' has shape \(2, 48\), expected \(2, 24\)"),
     ("swiglu-grid", lambda s: s.mpk.rmsnorm_linear_silu_mul_layer(s.x, s.norm, s.w, new(s, (2, 24), "a"), 4, BLOCK),
      r"makes 4 tasks; this layer takes 1 to 3 \(24 output columns in blocks of 8\)"),
+    ("rmsnorm-eps-nan", lambda s: s.mpk.rmsnorm_layer(s.x, s.norm, new(s, (2, 32), "h"), 1, BLOCK, eps=float("nan")),
+     "rmsnorm_layer 'rmsnorm_0': eps must be a positive finite number, got nan"),
+    ("rmsnorm-linear-eps-negative", lambda s: s.mpk.rmsnorm_linear_layer(s.x, s.norm, s.w, s.y, 1, BLOCK, eps=-1e-6),
+     "rmsnorm_linear_layer 'rmsnorm_linear_0': eps must be a positive finite number, got -1e-06"),
+    ("swiglu-eps-zero", lambda s: s.mpk.rmsnorm_linear_silu_mul_layer(s.x, s.norm, s.w, new(s, (2, 24), "a"), 1, BLOCK,
+                                                                     eps=0.0),
+     "eps must be a positive finite number, got 0.0"),
+    ("attention-qk-norm-eps-inf", lambda s: attention(s, q_norm=at(s, (64,), "qn"), k_norm=at(s, (64,), "kn"),
+                                                      eps=float("inf")),
+     "eps must be a positive finite number, got inf"),
+    ("attention-scale-string", lambda s: attention(s, scale="0.125"),
+     "scale must be a positive finite number, got '0.125'"),
     ("rmsnorm-weight-shape", lambda s: s.mpk.rmsnorm_layer(s.x, at(s, (31,), "n31"), new(s, (2, 32), "h"), 1, BLOCK),
      r"rmsnorm_layer 'rmsnorm_0': weight 'n31' has shape \(31,\), expected \(32,\)"),
     ("rmsnorm-residual-alone",
@@ -378,14 +390,16 @@ def test_inputs_on_another_device_are_refused():
     assert "w_meta" not in s.mpk.tensors
 
 
-@pytest.mark.parametrize("timeout_s", [0, -1.0, 1e12, float("nan"), float("inf"), True, "2"])
+@pytest.mark.parametrize("timeout_s", [0, 1e-12, MIN_TIMEOUT_S / 2, -1.0, 1e12, float("nan"), float("inf"), True, "2"])
 def test_timeout_outside_its_range_is_refused(timeout_s):
+    """1e-12 s is positive but 0 ns on the GPU's timer: every wait would time out at once."""
     with pytest.raises(ValueError, match=rf"timeout_s must be {re.escape(TIMEOUT_RANGE)}, got "):
         PersistentKernel(max_batch=1, max_seq_len=16, timeout_s=timeout_s)
 
 
 def test_timeout_range_ends_are_taken():
     assert PersistentKernel(max_batch=1, max_seq_len=16, timeout_s=MAX_TIMEOUT_S).timeout_s == MAX_TIMEOUT_S
+    assert PersistentKernel(max_batch=1, max_seq_len=16, timeout_s=MIN_TIMEOUT_S).timeout_s == MIN_TIMEOUT_S
     assert PersistentKernel(max_batch=1, max_seq_len=16).timeout_s == DEFAULT_TIMEOUT_S
 
 

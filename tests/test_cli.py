@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.metadata
 import json
 from pathlib import Path
@@ -220,6 +221,63 @@ def test_plan_materialises_nothing_that_grows_with_max_seq_len(tmp_path, capsys:
     (tmp_path / "config.json").write_text(json.dumps(llama_config(max_position_embeddings=positions)))
     assert main(["plan", "--model", str(tmp_path), "--layers", "1", "--max-seq-len", str(positions)]) == 0
     assert f"max seq len {positions}" in capsys.readouterr().out
+
+
+BENCH_ROW = {"run": "2026-01-01T00:00:00Z", "model": "qwen3-0.6b", "impl": "vllm", "batch": 1, "tpot_ms": 5.0}
+TOOL_ROW = {"run": "2026-01-01T00:00:00Z", "card": "H100", "commit": "abc", "bench": "latency", "model": "qwen3-0.6b",
+            "impl": "vllm", "repeat": 0, "batch": 1, "input_len": 128}
+
+
+@pytest.mark.parametrize("command,good", [("bench", BENCH_ROW), ("bench-vllm", TOOL_ROW)], ids=["bench", "bench-vllm"])
+@pytest.mark.parametrize("bad,message", [
+    pytest.param("{\"run\": ", "line 2 is not JSON", id="cut-short"),
+    pytest.param("[1, 2]", "line 2 is not a row (a JSON object)", id="list"),
+    pytest.param("{}", "line 2 is not a row of this command (it has no ", id="empty"),
+    pytest.param("\udcff", "is not UTF-8 text", id="binary"),
+])
+def test_a_rows_file_that_is_not_this_commands_is_one_line(tmp_path, capsys: pytest.CaptureFixture[str], command: str,
+                                                           good: dict, bad: str, message: str) -> None:
+    """A hand-edited rows file, or another command's (``bench --rows benchmarks/vllm_tools.jsonl``)."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_bytes(f"{json.dumps(good)}\n{bad}\n".encode("utf-8", "surrogateescape"))
+    assert main([command, "--table-only", "--rows", str(rows), "--results", str(tmp_path / "R.md")]) == 2
+    line = capsys.readouterr().err
+    assert line.startswith(f"vllm-mpk: error: {rows}") and line.count("\n") == 1, line
+    assert message in line
+
+
+@pytest.mark.parametrize("command,row,missing", [
+    pytest.param("bench", {**TOOL_ROW, "bench": "serve", "batch": None}, "'batch'", id="bench-given-serve-rows"),
+    pytest.param("bench-vllm", BENCH_ROW, "'bench', 'card', 'commit', 'repeat'", id="bench-vllm-given-bench-rows"),
+])
+def test_the_other_bench_commands_rows_are_refused(tmp_path, capsys: pytest.CaptureFixture[str], command: str, row: dict,
+                                                   missing: str) -> None:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({k: v for k, v in row.items() if v is not None}) + "\n")
+    assert main([command, "--table-only", "--rows", str(rows), "--results", str(tmp_path / "R.md")]) == 2
+    assert f"line 1 is not a row of this command (it has no {missing})" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content,message", [
+    pytest.param(b"not json", "is not a Chrome trace (Expecting value", id="not-json"),
+    pytest.param(gzip.compress(b'{"traceEvents": []}')[:-9], "is not a Chrome trace (Compressed file ended", id="cut-gzip"),
+    pytest.param(b"\x1f\x8bnot gzip", "is not a Chrome trace (Unknown compression method)", id="bad-gzip"),
+    pytest.param(b"42", "is not a Chrome trace (a JSON int, not a traceEvents object or list)", id="a-number"),
+])
+def test_a_trace_that_cannot_be_read_is_one_line(tmp_path, capsys: pytest.CaptureFixture[str], content: bytes,
+                                                 message: str) -> None:
+    trace = tmp_path / "x.pt.trace.json"
+    trace.write_bytes(content)
+    assert main(["bench", "--analyze-trace", str(trace)]) == 2
+    line = capsys.readouterr().err
+    assert line.startswith(f"vllm-mpk: error: {trace} {message}") and line.count("\n") == 1, line
+
+
+def test_model_directories_that_cannot_be_written_are_one_line(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file").write_text("")
+    assert main(["bench-vllm", "--models", "qwen3-0.6b", "--prepare-models", str(tmp_path / "file")]) == 2
+    line = capsys.readouterr().err
+    assert line.startswith(f"vllm-mpk: error: --prepare-models {tmp_path / 'file'}: cannot write ") and line.count("\n") == 1
 
 
 def test_bench_files_that_cannot_be_read_or_written_are_one_line(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:

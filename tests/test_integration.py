@@ -290,7 +290,7 @@ def test_options_default_and_from_additional_config() -> None:
     ({"num_workers": -1}, r'\["num_workers"\]'),
     ({"block_dim": 512}, r'\["block_dim"\] must be one of \(128, 256\)'),
     ({"schedule": "fastest"}, r'\["schedule"\] must be one of'),
-    ({"timeout_s": 0}, r'\["timeout_s"\] must be a positive number'),
+    ({"timeout_s": 0}, r'\["timeout_s"\] must be a number of seconds from 0.001 to 3600, got 0'),
     ({"kv_splits": 0}, r'\["kv_splits"\] must be a positive integer or null \(auto.*got 0'),
     ({"kv_splits": -1}, r'\["kv_splits"\] must be a positive integer or null \(auto.*got -1'),
     ({"kv_splits": "2"}, r'\["kv_splits"\] must be a positive integer or null \(auto.*got \'2\''),

@@ -136,21 +136,28 @@ def test_second_load_checks_and_reuses_the_build(cache: Cache) -> None:
     assert again.so == first.so and len(cache.compiled) == 1
 
 
-def test_world_writable_cache_is_not_used(cache: Cache) -> None:
+def _cache_paths(cache: Cache, so: Path) -> dict[str, Path]:
+    return {"root": cache.root, "arch_dir": so.parents[1], "entry": so.parent, "key": so.parent / "key.json", "so": so}
+
+
+@pytest.mark.parametrize("mode", [0o020, 0o002], ids=["group", "others"])
+@pytest.mark.parametrize("writable", ["root", "arch_dir", "entry", "key", "so"])
+def test_cache_path_writable_by_others_is_not_used(cache: Cache, writable: str, mode: int) -> None:
     planted = probe_spec().load().so  # a build that matches its record, in a cache others may write
-    cache.root.chmod(0o777)
+    path = _cache_paths(cache, planted)[writable]
+    path.chmod(path.stat().st_mode | mode)
     module = probe_spec().load()
     assert module.so.is_relative_to(cache.fallback) and len(cache.compiled) == 2
     assert cache.loaded_from() == [planted, module.so]
     [warning] = cache.warnings
-    assert str(cache.root) in warning and f"chmod go-w {cache.root}" in warning and str(cache.fallback) in warning
+    assert f"{path} is writable by group or others" in warning and f"chmod go-w {path}" in warning
+    assert str(cache.fallback) in warning
 
 
 @pytest.mark.parametrize("foreign", ["root", "arch_dir", "entry", "key", "so"])
 def test_foreign_owned_cache_path_is_not_used(cache: Cache, foreign: str, monkeypatch: pytest.MonkeyPatch) -> None:
     planted = probe_spec().load().so
-    paths = {"root": cache.root, "arch_dir": planted.parents[1], "entry": planted.parent,
-             "key": planted.parent / "key.json", "so": planted}
+    paths = _cache_paths(cache, planted)
     foreign_inode = paths[foreign].stat().st_ino
     monkeypatch.setattr(cache_trust, "_owned_by_me", lambda st: st.st_ino != foreign_inode)
     module = probe_spec().load()

@@ -138,3 +138,12 @@ def test_plan_can_stop_at_the_final_norm():
     head.run_step(MAX_BATCH)
     logits = head.tensors["hidden"] @ weights["lm_head.weight"].T
     torch.testing.assert_close(logits, full.tensors["logits"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("wrong", ["logits", "model.embed_tokens.weight"])
+def test_generate_takes_only_an_argmax_output_as_tokens_output(wrong: str):
+    """Another op's output (the logits) or a tensor no op writes (a weight): the tokens would be
+    read from the wrong tensor, or from none."""
+    _, _, model = tiny_model(seed=5)
+    with pytest.raises(ValueError, match=f"tokens_output must be the output of an argmax_layer, got '{wrong}'"):
+        model.kernel.generate([[1, 2]], max_new_tokens=2, tokens_output=model.kernel.tensors[wrong])

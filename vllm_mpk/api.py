@@ -488,7 +488,11 @@ class PersistentKernel:
             sequences = decode_in_one_launch(self.executor(), begin, [list(p) for p in prompts], blocks,
                                              max_new_tokens, eos_token_id)
         else:
-            logits = next(op.inputs["input"].name for op in self.ops if op.outputs.get("output") is tokens_output)
+            argmax = next((op for op in self.ops if op.kind == "argmax" and op.outputs["output"] is tokens_output), None)
+            if argmax is None:
+                raise ValueError(f"tokens_output must be the output of an argmax_layer, got "
+                                 f"'{getattr(tokens_output, 'name', tokens_output)}'")
+            logits = argmax.inputs["input"].name
             sequences = decode(self.executor(), [list(p) for p in prompts], blocks, self.page_size,
                                max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, logits_name=logits,
                                tokens_name=tokens_output.name)

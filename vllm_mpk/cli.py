@@ -28,6 +28,7 @@ from vllm_mpk.bench.trace import analyze_file, format_report, trace_files
 from vllm_mpk.bench.vllm_tools import IMPLS as VLLM_TOOL_IMPLS
 from vllm_mpk.bench.vllm_tools import Settings as VllmToolSettings
 from vllm_mpk.bench.vllm_tools import run as run_vllm_tools
+from vllm_mpk.bench.vllm_tools_table import ROW_KEYS as TOOL_ROW_KEYS
 from vllm_mpk.bench.vllm_tools_table import update_results as update_tool_results
 from vllm_mpk.bench.worker import IMPLS, EngineConfig
 from vllm_mpk.check import CheckResult, check_model
@@ -418,7 +419,10 @@ def cmd_bench_vllm(args: argparse.Namespace) -> int:
     models = bench_models(args.models)
     if args.prepare_models is not None:
         for model in models:
-            print(prepare_model_dir(model, args.prepare_models))
+            try:
+                print(prepare_model_dir(model, args.prepare_models))
+            except OSError as e:
+                raise CliError(f"--prepare-models {args.prepare_models}: cannot write {e.filename} ({e.strerror})") from e
         return EXIT_OK
     check_bench_files(args.rows, args.results, args.table_only)
     rows: list[Row] = []
@@ -439,7 +443,7 @@ def cmd_bench_vllm(args: argparse.Namespace) -> int:
         print(f"{', '.join(args.benches)} for {', '.join(models)}; logs and vLLM's result files in {log_dir}",
               flush=True)
         rows = run_vllm_tools(settings, args.benches, args.rows, log_dir, model_root, on_row=print_tool_row)
-    print(update_tool_results(args.results, read_rows(args.rows)))
+    print(update_tool_results(args.results, read_rows(args.rows, TOOL_ROW_KEYS)))
     print(f"\nrewrote the vLLM tools section of {args.results} from {args.rows}")
     return EXIT_FAILED if any("error" in r for r in rows) else EXIT_OK
 

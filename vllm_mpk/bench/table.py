@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +24,37 @@ Row = dict[str, Any]
 START, END = "<!-- vllm-bench:start -->", "<!-- vllm-bench:end -->"
 HEADING = "## vLLM time per output token: stock vs `--model-impl mpk`"
 STOCK, MPK, FLOOR = "vllm", "mpk", "floor"
+ROW_KEYS = ("run", "model", "impl", "batch")  # in every row vllm-mpk bench writes, error rows too
 HOST_BOUND = 1.1  # stock TPOT within 10% of the floor: vLLM's own step sets TPOT
 HOST_WAIT_BOUND_MS = 0.05  # the engine waited at most this long a step for the GPU's tokens: the host set the pace
 COLUMNS = ("model", "batch", "TPOT vLLM", "TPOT mpk", "TPOT ×", "forward vLLM", "forward mpk", "forward ×",
            "lm_head", "overhead vLLM", "overhead mpk", "floor", "ceiling ×", "card")
 
 
-def read_rows(path: Path) -> list[Row]:
+def read_rows(path: Path, keys: Collection[str] = ROW_KEYS) -> list[Row]:
+    """The rows of a JSON-lines file (none if it is absent), each holding ``keys``; ValueError naming
+    the file and line otherwise (a hand-edited file, or another command's rows)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): give a rows file") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path}: line {number} is not JSON ({e}); remove or repair it") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: line {number} is not a row (a JSON object); remove it")
+        if missing := sorted(set(keys) - row.keys()):
+            raise ValueError(f"{path}: line {number} is not a row of this command (it has no "
+                             f"{', '.join(map(repr, missing))}): give the rows file this command wrote")
+        rows.append(row)
+    return rows
 
 
 def model_label(model: str, tensor_parallel_size: int) -> str:

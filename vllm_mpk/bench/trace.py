@@ -137,12 +137,18 @@ class Report:
 
 
 def load_events(path: str | Path) -> list[dict[str, Any]]:
-    """The trace events of a Chrome trace file (a ``traceEvents`` object or a bare list; gzip ok)."""
+    """The trace events of a Chrome trace file (a ``traceEvents`` object or a bare list; gzip ok);
+    ValueError naming the file when it is neither."""
     raw = Path(path).read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    data = json.loads(raw)
-    return data.get("traceEvents", []) if isinstance(data, dict) else data
+    try:
+        data = json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
+    except (OSError, EOFError, ValueError) as e:  # a damaged gzip stream raises OSError or EOFError
+        raise ValueError(f"{path} is not a Chrome trace ({e})") from None
+    if isinstance(data, dict):
+        return data.get("traceEvents", [])
+    if not isinstance(data, list):
+        raise ValueError(f"{path} is not a Chrome trace (a JSON {type(data).__name__}, not a traceEvents object or list)")
+    return data
 
 
 def spans(events: Iterable[dict[str, Any]]) -> list[Span]:

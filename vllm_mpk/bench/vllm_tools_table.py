@@ -17,6 +17,7 @@ from vllm_mpk.bench.runner import Row
 from vllm_mpk.bench.table import MPK, STOCK, write_section
 
 MARKERS = ("<!-- vllm-tools:start -->", "<!-- vllm-tools:end -->")
+ROW_KEYS = ("run", "card", "commit", "bench", "model", "impl", "repeat")  # in every row bench-vllm writes
 HEADING = "## vLLM's own benchmarks: stock vs `--model-impl mpk`"
 SERVE_METRICS = (("p50_ttft_ms", "TTFT p50 (ms)"), ("p99_ttft_ms", "TTFT p99 (ms)"),
                  ("p50_tpot_ms", "TPOT p50 (ms)"), ("p99_tpot_ms", "TPOT p99 (ms)"),

@@ -34,6 +34,7 @@ from vllm_mpk.graph.ops.base import (
     OpDef,
     Tile,
     expect_dtype,
+    expect_positive,
     expect_rank,
     expect_shape,
     layer_error,
@@ -125,6 +126,9 @@ class Attention(OpDef):
                 expect_shape(op, name, op.inputs[name], (hd,))
         if ("q_norm" in op.inputs) != ("k_norm" in op.inputs):
             raise layer_error(op, "q_norm and k_norm must be given together")
+        if "q_norm" in op.inputs:
+            expect_positive(op, "eps")
+        expect_positive(op, "scale")
         expect_head_tiles(op, nkv, batch, splits)
 
     def lower(self, op: Op) -> list[Tile]:

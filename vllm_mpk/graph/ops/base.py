@@ -8,6 +8,7 @@ in ``csrc/tasks/``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -103,6 +104,14 @@ def expect_dtype(op: Op, role: str, t: TensorHandle, allowed: tuple[torch.dtype,
 def expect_rank(op: Op, role: str, t: TensorHandle, rank: int) -> None:
     if len(t.shape) != rank:
         raise layer_error(op, f"{role} '{t.name}' has {len(t.shape)} dims {tuple(t.shape)}, expected {rank}")
+
+
+def expect_positive(op: Op, attr: str) -> None:
+    """``op.attrs[attr]`` is a positive finite number (RMSNorm's eps, attention's scale): a NaN,
+    negative or infinite one would turn every output into NaN or inf."""
+    value = op.attrs.get(attr)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise layer_error(op, f"{attr} must be a positive finite number, got {value!r}")
 
 
 def expect_tiles(op: Op, at_most: int, what: str) -> None:

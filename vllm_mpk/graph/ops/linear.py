@@ -21,6 +21,7 @@ from vllm_mpk.graph.ops.base import (
     Tile,
     col_box,
     expect_dtype,
+    expect_positive,
     expect_rank,
     expect_shape,
     expect_tiles,
@@ -71,8 +72,7 @@ class LinearFamily(OpDef):
             expect_shape(op, "residual", op.inputs["residual"], (batch, n))
         if self.normalized:
             expect_shape(op, "norm weight", op.inputs["norm_weight"], (k,))
-            if "eps" not in op.attrs:
-                raise layer_error(op, "eps is required")
+            expect_positive(op, "eps")
         expect_tiles(op, -(-n // self.column_align), f"{n} output columns in blocks of {self.column_align}")
 
     def lower(self, op: Op) -> list[Tile]:

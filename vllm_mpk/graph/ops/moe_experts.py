@@ -29,6 +29,7 @@ from vllm_mpk.graph.ops.base import (
     Tile,
     col_box,
     expect_dtype,
+    expect_positive,
     expect_rank,
     expect_shape,
     expect_tiles,
@@ -87,8 +88,7 @@ class RMSNormMoEGateUp(OpDef):
         top_k = ids.shape[1]
         check_routing(op, batch, experts, top_k)
         expect_shape(op, "output", out, (batch, top_k, height // 2))
-        if "eps" not in op.attrs:
-            raise layer_error(op, "eps is required")
+        expect_positive(op, "eps")
         check_grid(op, -(-(height // 2) // GATE_UP_ALIGN), max_chosen(batch, top_k, experts),
                    f"{height // 2} columns in blocks of {GATE_UP_ALIGN}; at most {batch} tokens x {top_k} choices "
                    f"of {experts} experts")

@@ -11,6 +11,7 @@ from vllm_mpk.graph.ops.base import (
     OpDef,
     Tile,
     expect_dtype,
+    expect_positive,
     expect_rank,
     expect_shape,
     expect_tiles,
@@ -38,8 +39,7 @@ class RMSNorm(OpDef):
         if "residual" in op.inputs:
             expect_shape(op, "residual", op.inputs["residual"], x.shape)
             expect_shape(op, "residual_output", op.outputs["residual_output"], x.shape)
-        if "eps" not in op.attrs:
-            raise layer_error(op, "eps is required")
+        expect_positive(op, "eps")
         expect_tiles(op, x.shape[0], f"{x.shape[0]} rows")
 
     def lower(self, op: Op) -> list[Tile]:
