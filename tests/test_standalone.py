@@ -140,6 +140,14 @@ def test_plan_can_stop_at_the_final_norm():
     torch.testing.assert_close(logits, full.tensors["logits"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("token", [-1, 10 ** 6])
+def test_generate_refuses_prompt_tokens_outside_the_vocabulary(token: int):
+    spec, _, model = tiny_model(seed=5)
+    with pytest.raises(ValueError, match=rf"prompts\[1\] holds token id {token}, outside the vocabulary "
+                                         rf"\[0, {spec.vocab_size}\)"):
+        model.kernel.generate([[1, 2], [3, token]], max_new_tokens=2, tokens_output=model.kernel.tensors["tokens"])
+
+
 @pytest.mark.parametrize("wrong", ["logits", "model.embed_tokens.weight"])
 def test_generate_takes_only_an_argmax_output_as_tokens_output(wrong: str):
     """Another op's output (the logits) or a tensor no op writes (a weight): the tokens would be

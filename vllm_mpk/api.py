@@ -474,12 +474,25 @@ class PersistentKernel:
             raise ValueError(f"num_tokens must be in [1, {self.max_batch}], got {n}")
         self.executor().run_step(n)
 
+    def _check_prompt_tokens(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Every prompt token inside the vocabulary of the embedding that reads ``input_ids`` (each
+        rank holds an equal shard of its rows); an id outside it would embed as zeros."""
+        embed = next((op for op in self.ops if op.kind == "embed" and op.inputs["input"] is self.input_ids), None)
+        if embed is None:
+            return
+        vocab = embed.inputs["weight"].shape[0] * self.world_size
+        for b, prompt in enumerate(prompts):
+            bad = next((t for t in prompt if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"prompts[{b}] holds token id {bad}, outside the vocabulary [0, {vocab})")
+
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, tokens_output: TensorHandle,
                  eos_token_id: int | None = None) -> list[list[int]]:
         """Standalone decoding: feed each prompt through the decode step token by token, then
         sample greedily (``tokens_output`` is the argmax layer's output) until ``max_new_tokens``
         or ``eos_token_id``. Requests use contiguous blocks of the attached KV caches. When meta
         tensors were given, ``tokens`` receives the sequences and ``step`` their lengths."""
+        self._check_prompt_tokens(prompts)
         blocks = contiguous_block_tables(self.max_batch, self.max_seq_len, self.page_size)
         begin = next((op for op in self.ops if op.kind == "begin_step"), None)
         if begin is not None:
