@@ -34,11 +34,11 @@ SUPPORTED_ROPE_TYPES = ("default", "llama3")
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 DEFAULT_MAX_POSITIONS = 4096  # a config that does not say how long its sequences may be
 # Above these a config is not a model anyone serves, and planning it would only exhaust memory
-# (its tiles grow with the sizes); the largest real models stay far below.
+# (its tiles grow with these sizes; not with the positions, which nothing in a plan materialises);
+# the largest real models stay far below.
 SIZE_CEILINGS = {"hidden_size": 1 << 16, "intermediate_size": 1 << 20, "moe_intermediate_size": 1 << 20,
                  "num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024,
-                 "vocab_size": 1 << 22, "max_position_embeddings": 1 << 24, "num_experts": 4096,
-                 "num_local_experts": 4096}
+                 "vocab_size": 1 << 22, "num_experts": 4096, "num_local_experts": 4096}
 SUPPORT_SUMMARY = (
     f"supported: architectures {', '.join(SUPPORTED_ARCHITECTURES)}; SiLU MLP, dense, or mixture of experts "
     f"for {', '.join(MOE_ARCHITECTURES)} with every layer sparse (decoder_sparse_step 1, no mlp_only_layers), "
