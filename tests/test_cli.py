@@ -149,6 +149,8 @@ BAD_INPUT: list[tuple[str, str | None, list[str], str]] = [
      "config key 'hidden_size' is 1073741824, above 65536: not a model's size"),
     ("config-absurd-vocabulary", json.dumps(llama_config(vocab_size=2 ** 40)), ["check"],
      "config key 'vocab_size' is 1099511627776, above 4194304"),
+    ("config-flag-as-string", json.dumps(llama_config(tie_word_embeddings="no")), ["plan"],
+     "config key 'tie_word_embeddings' must be true or false, got 'no'"),
     ("config-json-list", "[1, 2]", ["plan"], "a model config must be a JSON object of Hugging Face config keys, got list"),
     ("config-bad-json", "{", ["check"], "is not valid JSON"),
     ("config-not-utf8", "\udcff", ["plan"], "is not valid JSON"),

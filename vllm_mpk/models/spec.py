@@ -170,7 +170,7 @@ class ModelSpec:
             rope_theta=_positive_number(config, "rope_theta", _positive_number(scaling or {}, "rope_theta", 10000.0)),
             rope_scaling=scaling if rope_type != "default" else None,
             max_position_embeddings=_positive_int(config, "max_position_embeddings", DEFAULT_MAX_POSITIONS),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            tie_word_embeddings=_flag(config, "tie_word_embeddings"),
             eos_token_id=eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else None,
             **moe,
         )
@@ -219,7 +219,7 @@ def _moe_fields(config: Mapping[str, Any], arch: str) -> dict[str, Any]:
                                f"({experts})")
     return {"num_experts": experts, "num_experts_per_tok": top_k,
             "moe_intermediate_size": _positive_int(config, "moe_intermediate_size"),
-            "norm_topk_prob": bool(config.get("norm_topk_prob", False))}
+            "norm_topk_prob": _flag(config, "norm_topk_prob")}
 
 
 def _is_number(value: Any) -> bool:
@@ -238,6 +238,17 @@ def _positive_int(config: Mapping[str, Any], key: str, default: Any = _MISSING) 
     if value > SIZE_CEILINGS.get(key, value):
         raise ModelConfigError(f"config key '{key}' is {int(value)}, above {SIZE_CEILINGS[key]}: not a model's size")
     return int(value)
+
+
+def _flag(config: Mapping[str, Any], key: str) -> bool:
+    """``config[key]`` as a JSON boolean; false where absent or null. A string such as "no" would
+    otherwise read as true."""
+    value = config.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ModelConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    return value
 
 
 def _positive_number(config: Mapping[str, Any], key: str, default: float) -> float:
