@@ -15,6 +15,7 @@ from vllm_mpk.codegen.source import generate, plan_uses_nvshmem
 from vllm_mpk.codegen.tables import (
     PrefetchPolicy,
     RecordLayout,
+    Variants,
     all_args,
     plan_variants,
     record_layout,
@@ -98,13 +99,17 @@ def _threads(plan: Plan) -> int:
     return plan.ops[0].block_dim[0]
 
 
-def _table(plan: Plan, tensors: Mapping[str, torch.Tensor], prefetch: PrefetchPolicy, layout: RecordLayout,
-           args: list[list[int]] | None) -> np.ndarray:
+def _variants(plan: Plan) -> Variants:
+    return plan_variants(plan, _threads(plan))
+
+
+def _table(plan: Plan, tensors: Mapping[str, torch.Tensor], prefetch: PrefetchPolicy, variants: Variants,
+           layout: RecordLayout, args: list[list[int]] | None) -> np.ndarray:
     """The task table from the plan cache where it holds it, else built (``args``: the argument
     words where ``_layout`` computed them)."""
     def build() -> np.ndarray:
         words = all_args(plan, tensors) if args is None else args
-        return task_table(plan, plan_variants(plan, _threads(plan)), words, layout, tensors, prefetch)
+        return task_table(plan, variants, words, layout, tensors, prefetch)
 
     return plan_cache.task_table(plan, tensors, prefetch, build)
 
@@ -112,25 +117,22 @@ def _table(plan: Plan, tensors: Mapping[str, torch.Tensor], prefetch: PrefetchPo
 def kernel_table(plan: Plan, tensors: Mapping[str, torch.Tensor],
                  prefetch: PrefetchPolicy = PrefetchPolicy()) -> np.ndarray:
     """The task table of a plan bound to ``tensors`` under ``prefetch`` (launch data: no rebuild)."""
-    return _table(plan, tensors, prefetch, *_layout(plan, tensors))
+    return _table(plan, tensors, prefetch, _variants(plan), *_layout(plan, tensors))
 
 
 def kernel_source(plan: Plan, tensors: Mapping[str, torch.Tensor]) -> JitSpec:
     """The specialised source of a plan bound to ``tensors`` (what a build needs; no task table)."""
-    return _source(plan, _layout(plan, tensors)[0])
-
-
-def _source(plan: Plan, layout: RecordLayout) -> JitSpec:
-    threads = _threads(plan)
-    return generate(plan, plan_variants(plan, threads), layout, threads)
+    return generate(plan, _variants(plan), _layout(plan, tensors)[0], _threads(plan))
 
 
 def kernel_spec(plan: Plan, tensors: Mapping[str, torch.Tensor],
                 prefetch: PrefetchPolicy = PrefetchPolicy()) -> tuple[JitSpec, np.ndarray]:
     """The specialised source and the task table of a plan bound to ``tensors`` (meta tensors do:
     only shapes and strides are read), so builds can run ahead of loading weights."""
+    variants = _variants(plan)
     layout, args = _layout(plan, tensors)
-    return _source(plan, layout), _table(plan, tensors, prefetch, layout, args)
+    return (generate(plan, variants, layout, _threads(plan)),
+            _table(plan, tensors, prefetch, variants, layout, args))
 
 
 def build_kernels(plans: Sequence[tuple[Plan, Mapping[str, torch.Tensor]]]) -> None:
