@@ -13,7 +13,7 @@ from vllm_mpk.models.decoder import DecodeOptions, valid_kv_splits
 from vllm_mpk.runtime.watchdog import DEFAULT_TIMEOUT_S, TIMEOUT_RANGE, check_timeout_s
 
 BLOCK_DIMS = tuple(x for x, _, _ in SUPPORTED_BLOCK_DIMS)
-MOE_OPT_IN = ("mixture-of-experts models are opt-in while the megakernel's MoE tasks are not yet validated on a GPU: "
+MOE_OPT_IN = ("mixture-of-experts models are opt-in while the megakernel's MoE path has not yet run under vLLM on a GPU: "
               "pass --additional-config '{\"mpk\": {\"moe\": true}}' to serve them through the megakernel")
 
 
