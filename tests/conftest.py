@@ -34,3 +34,13 @@ def plan_cache_root(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     root = tmp_path_factory.mktemp("plan-cache")
     monkeypatch.setattr(plan_cache, "cache_root", lambda: root)
     return root
+
+
+@pytest.fixture(scope="session")
+def vllm_plugin_installed() -> None:
+    """Fails the test at once, saying what to install, where a vLLM engine it starts would not load
+    this package's plugin and so would time vLLM's own layers under mpk's name."""
+    from tests.helpers import plugin_missing
+
+    if (why := plugin_missing()) is not None:
+        pytest.fail(why)

@@ -24,6 +24,17 @@ REPO = Path(__file__).resolve().parents[1]
 ORDERS = ("schedule", "random", "layers")
 
 
+def plugin_missing() -> str | None:
+    """Why a vLLM started by this Python would not load this package's plugin, or None. vLLM takes
+    any ``model_impl`` string, so without the plugin ``"mpk"`` runs vLLM's own layers silently."""
+    from importlib.metadata import entry_points
+
+    found = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
+    if found.get("mpk") == "vllm_mpk.integration.plugin:register":
+        return None
+    return f"vllm_mpk's vLLM plugin is not installed for {sys.executable}: run `{sys.executable} -m pip install -e .`"
+
+
 def config_paths() -> dict[str, Path]:
     """The model configs the project ships (``vllm_mpk/configs/*.json``), else ``../shared/models``."""
     shipped = sorted((REPO / "vllm_mpk" / "configs").glob("*.json"))

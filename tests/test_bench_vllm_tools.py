@@ -30,6 +30,7 @@ from vllm_mpk.bench.vllm_tools import (
 )
 from vllm_mpk.bench.vllm_tools_table import MARKERS, render, update_results
 from vllm_mpk.cli import main
+from vllm_mpk.integration.plugin import READY_MESSAGE
 from vllm_mpk.models.catalog import shipped_config
 
 # Shaped like vLLM 0.26's files: vllm/benchmarks/latency.py main() writes avg_latency, latencies and
@@ -234,6 +235,8 @@ FAKE_VLLM = """\
         with open(os.environ["FAKE_VLLM_PIDS"], "a") as f:
             f.write(f"{{pid}}\\n")
     note(os.getpid())
+    if "--model-impl" in args and opt("--model-impl") == "mpk" and mode != "no_plugin":
+        print({ready!r}, flush=True)
     if args[:2] == ["bench", "latency"]:
         if mode == "hang":
             time.sleep(600)
@@ -282,7 +285,8 @@ def fake_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     script = bin_dir / "vllm"
-    body = textwrap.dedent(FAKE_VLLM).format(latency=repr(LATENCY_JSON), serve=repr(SERVE_JSON))
+    body = textwrap.dedent(FAKE_VLLM).format(latency=repr(LATENCY_JSON), serve=repr(SERVE_JSON),
+                                              ready=READY_MESSAGE + ": 28 layers")
     script.write_text(f"#!{sys.executable}\n{body}")
     script.chmod(0o755)
     pids = tmp_path / "pids"
@@ -326,6 +330,20 @@ def test_a_failing_or_hanging_process_is_an_error_row_and_the_run_goes_on(tmp_pa
     monkeypatch.setenv("FAKE_VLLM_MODE", "hang")
     rows = run_fake(tmp_path, ("latency",), settings(repeats=1, timeout_s=1.0))
     assert len(rows) == 2 and all(r["error"].startswith("timed out after 1 s") for r in rows)
+    assert all_gone(fake_vllm)
+
+
+def test_an_mpk_engine_that_never_readied_a_megakernel_gives_error_rows(tmp_path: Path, fake_vllm: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM takes ``--model-impl mpk`` without the plugin and runs its own layers: those numbers
+    must not be reported as mpk's; the first serve bench tells, the later ones do not run."""
+    monkeypatch.setenv("FAKE_VLLM_MODE", "no_plugin")
+    rows = run_fake(tmp_path, ("latency", "serve"), settings(repeats=1))
+    assert [(r["bench"], r["impl"], "error" in r) for r in rows] == [
+        ("latency", "vllm", False), ("latency", "mpk", True),
+        ("serve", "vllm", False), ("serve", "vllm", False), ("serve", "mpk", True), ("serve", "mpk", True)]
+    assert all("never readied a megakernel" in r["error"] for r in rows if "error" in r)
+    assert len(list((tmp_path / "logs").glob("serve-*-mpk-r0-c*.log"))) == 1  # concurrency 4 not run
     assert all_gone(fake_vllm)
 
 

@@ -97,6 +97,17 @@ def test_entry_point_is_discovered() -> None:
     assert found.get("mpk") == "vllm_mpk.integration.plugin:register"
 
 
+def test_a_missing_plugin_is_named_with_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    from tests.helpers import plugin_missing
+
+    assert plugin_missing() is None or "not installed" in plugin_missing()
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
+    assert plugin_missing() == (f"vllm_mpk's vLLM plugin is not installed for {sys.executable}: "
+                                f"run `{sys.executable} -m pip install -e .`")
+
+
 def test_register_twice_is_harmless() -> None:
     from vllm.config.scheduler import SchedulerConfig
     from vllm.model_executor.models.registry import _ModelRegistry

@@ -34,7 +34,7 @@ from vllm_mpk.models.catalog import shipped_config
 from vllm_mpk.models.spec import ModelSpec
 from vllm_mpk.models.weights import random_weights, save_checkpoint
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("vllm_plugin_installed")]
 
 STEPS = 64
 LAYERS = 4

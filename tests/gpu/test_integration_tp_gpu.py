@@ -29,7 +29,8 @@ from vllm_mpk.models.weights import random_weights, save_checkpoint
 from vllm_mpk.runtime import nvshmem
 
 _GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_GPUS < 2, reason=f"needs 2 GPUs, torch sees {_GPUS}"),
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("vllm_plugin_installed"),
+              pytest.mark.skipif(_GPUS < 2, reason=f"needs 2 GPUs, torch sees {_GPUS}"),
               pytest.mark.skipif(not has_nvshmem(), reason="NVSHMEM is not installed")]
 
 REPO = Path(__file__).resolve().parents[2]

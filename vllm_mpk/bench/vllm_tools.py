@@ -5,7 +5,9 @@ settings, each engine in a process of its own on one card.
 Models are directories holding a shipped config.json and the offline tokenizer
 (``vllm_mpk.bench.offline_tokenizer``), run with vLLM's dummy weights. The mpk engine is strict
 (it fails rather than silently running vLLM's layers) and plans decode batches up to the largest
-the benchmark makes (at most ``MAX_LINEAR_BATCH``). Repeats are interleaved between the impls
+the benchmark makes (at most ``MAX_LINEAR_BATCH``). vLLM takes any ``--model-impl`` string, so
+an mpk engine whose log never says a megakernel was ready (the plugin not installed for the
+Python that runs ``vllm``) gives error rows, not stock's numbers under mpk's name. Repeats are interleaved between the impls
 (vllm, mpk, vllm, mpk, ...) so that a drift of the host's speed falls on both.
 
 Every process (a ``vllm bench latency``, a ``vllm serve``, a ``vllm bench serve``) runs in a
@@ -34,6 +36,7 @@ from vllm_mpk.bench.offline_tokenizer import prepare_model_dir
 from vllm_mpk.bench.runner import Row, log_tail, run_id, sigterm_as_exit, with_group_killed
 from vllm_mpk.bench.table import MPK, STOCK
 from vllm_mpk.codegen.ops.linear import MAX_LINEAR_BATCH
+from vllm_mpk.integration.plugin import READY_MESSAGE
 from vllm_mpk.runtime import nvshmem
 
 IMPLS = (STOCK, MPK)
@@ -222,7 +225,8 @@ def latency_rows(settings: Settings, dirs: dict[str, Path], log_dir: Path,
                         row: Row = {"bench": "latency", "model": model, "impl": impl, "batch": batch,
                                     "input_len": input_len, "output_len": settings.output_len, "repeat": repeat,
                                     "command": shown(command, str(dirs[model]))}
-                        error = run_process(command, log_dir / f"{name}.log", settings.timeout_s)
+                        log = log_dir / f"{name}.log"
+                        error = run_process(command, log, settings.timeout_s) or megakernel_missing(impl, log)
                         on_row({**row, **({"error": error} if error else result_or_error(latency_result, out))})
 
 
@@ -268,11 +272,22 @@ def serve_one(settings: Settings, vllm: str, model: str, model_dir: str, impl: s
                 row["command"] = shown(command, model_dir)
                 if error is None:
                     failed = run_process(command, log_dir / f"{name}-c{c}.log", settings.timeout_s)
+                    error = None if failed else megakernel_missing(impl, log)  # the rest would time stock too
+                    failed = failed or error
                     on_row({**row, **({"error": failed} if failed else result_or_error(serve_result, result))})
                 else:
                     on_row({**row, "error": error})
         finally:
             stop(proc)
+
+
+def megakernel_missing(impl: str, log: Path) -> str | None:
+    """None unless ``impl`` is mpk and its engine's log never says a megakernel was ready: then why
+    its numbers are stock vLLM's."""
+    if impl != MPK or READY_MESSAGE in log.read_text(errors="replace"):
+        return None
+    return (f"the mpk engine never readied a megakernel, so vLLM's own layers ran: install vllm_mpk for the Python "
+            f"that runs {vllm_executable()} (that Python's -m pip) (log: {log})")
 
 
 def card_name() -> str:

@@ -62,6 +62,7 @@ from vllm_mpk.integration.memory import (
 )
 from vllm_mpk.integration.options import MOE_OPT_IN, MpkOptions, plan_batches
 from vllm_mpk.integration.plan_reuse import difference, widen_kv_caches
+from vllm_mpk.integration.plugin import READY_MESSAGE
 from vllm_mpk.integration.tensor_parallel import (
     agree_on_build,
     bootstrap_nvshmem,
@@ -374,7 +375,7 @@ class MpkRuntime:
             from vllm_mpk.graph.reference import ReferenceExecutor
 
             kernels = {size: ReferenceExecutor(plan, tensors) for size, (plan, tensors) in plans.items()}
-        logger.info("--model-impl mpk: megakernel ready: %d layers, decode batches of %s, %d workers, "
+        logger.info(READY_MESSAGE + ": %d layers, decode batches of %s, %d workers, "
                     "KV splits %s%s, %s, %d tasks at batch %d, %.1f MiB of device memory (%.1f MiB estimated for "
                     "vLLM's budget)", spec.num_layers, "/".join(map(str, plans)), planned.workers,
                     "/".join(map(str, planned.splits.values())), " (auto)" if self.options.kv_splits is None else "",

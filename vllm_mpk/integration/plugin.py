@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 
 MODEL_IMPL = "mpk"
 WRAPPED_MARK = "_vllm_mpk_wrapped"
+# The log line that shows a megakernel serves: vLLM takes any ``--model-impl`` string, so where this
+# plugin is not installed for the Python that runs vLLM, ``mpk`` silently means vLLM's own layers.
+READY_MESSAGE = "--model-impl mpk: megakernel ready"
 
 # A child of vLLM's "vllm" logger, so these lines use vLLM's handler, format and
 # VLLM_LOGGING_LEVEL (vLLM's logger does not propagate to the root logger).
