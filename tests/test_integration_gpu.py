@@ -55,7 +55,7 @@ from vllm import LLM, SamplingParams
 llm = LLM(model=args["model"], model_impl=args["impl"], skip_tokenizer_init=True, dtype="bfloat16", seed=0,
           max_model_len=512, gpu_memory_utilization=0.35, enforce_eager=args["eager"],
           compilation_config=None if args["eager"] or args["compilation"] is None else args["compilation"],
-          load_format=args["load_format"],
+          load_format=args["load_format"], attention_backend=args["attention_backend"],
           kv_cache_dtype=args["kv_cache_dtype"], additional_config={"mpk": args["mpk"]})
 
 def as_greedy(result):
@@ -137,14 +137,17 @@ def moe_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def stock_greedy(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path, bool], dict[str, Any]]:
-    """Stock vLLM's bs1 and bs8 greedy runs of a checkpoint, eager or with FULL decode graphs, made
-    once per module: several tests compare against the same ones (each engine start costs ~30 s)."""
-    runs: dict[tuple[Path, bool], dict[str, Any]] = {}
+    """Stock vLLM's bs1 and bs8 greedy runs of a checkpoint, eager or with FULL decode graphs, on
+    vLLM's attention backend or a given one, made once per module: several tests compare against
+    the same ones (each engine start costs ~30 s)."""
+    runs: dict[tuple[Path, bool, str | None], dict[str, Any]] = {}
 
-    def get(checkpoint: Path, eager: bool) -> dict[str, Any]:
-        if (checkpoint, eager) not in runs:
-            runs[checkpoint, eager] = run_engine(tmp_path_factory.mktemp("stock"), checkpoint, "vllm", eager=eager)[0]
-        return runs[checkpoint, eager]
+    def get(checkpoint: Path, eager: bool, attention_backend: str | None = None) -> dict[str, Any]:
+        key = (checkpoint, eager, attention_backend)
+        if key not in runs:
+            runs[key] = run_engine(tmp_path_factory.mktemp("stock"), checkpoint, "vllm", eager=eager,
+                                   attention_backend=attention_backend)[0]
+        return runs[key]
 
     return get
 
@@ -164,18 +167,21 @@ def run_engine(tmp: Path, model: Path, impl: str, *, eager: bool = False, load_f
                kv_cache_dtype: str = "auto", mpk: dict[str, Any] | None = None, steps: int = STEPS,
                batches: dict[str, list[list[int]]] | None = None, stock: dict[str, Any] | None = None,
                compilation: dict[str, Any] | None = FAST, staggered: list[int] | None = None,
-               stall: bool = False) -> tuple[dict[str, Any], str]:
+               stall: bool = False, attention_backend: str | None = None) -> tuple[dict[str, Any], str]:
     """One engine in a subprocess. Without ``stock``: each batch's greedy tokens and top logprobs
     per request. With ``stock`` (an earlier run's output): each batch's teacher-forced Comparison
     against it, as JSON. ``staggered`` (tokens per request): the engine's own requests run alone,
     then joining and leaving a running batch, compared teacher-forced. ``compilation=None``: vLLM's
     default (torch.compile, FULL_AND_PIECEWISE graphs). ``stall``: afterwards, break an event of
     every megakernel, record how the next request ends, then compare the batches again on the
-    engine that stopped (teacher-forced on ``stock``)."""
+    engine that stopped (teacher-forced on ``stock``). ``attention_backend``: vLLM's
+    ``--attention-backend`` (None: vLLM's choice, FLASH_ATTN on Hopper)."""
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     batches = batches or {"bs1": prompts(vocab, 1, 1), "bs8": prompts(vocab, 8, 8)}
-    out = tmp / f"{impl}-{eager}-{load_format}-{kv_cache_dtype}-{compilation is None}-{bool(staggered)}-{stall}.json"
+    out = tmp / (f"{impl}-{eager}-{load_format}-{kv_cache_dtype}-{compilation is None}-{bool(staggered)}-{stall}-"
+                 f"{attention_backend}.json")
     args = dict(model=str(model), impl=impl, eager=eager, compilation=compilation, load_format=load_format,
+                attention_backend=attention_backend,
                 kv_cache_dtype=kv_cache_dtype, mpk={"max_batch": 8, **(mpk or {})}, steps=steps, batches=batches,
                 stock=None if stock is None else {name: stock[name] for name in batches}, near_tie=NEAR_TIE,
                 staggered=staggered, stall=stall, candidates=CANDIDATES,
@@ -279,6 +285,27 @@ def test_fp8_kv_cache_falls_back_with_one_line(checkpoint: Path, tmp_path: Path)
     assert "fp8" in (ours["mpk"][0]["disabled"] or "")
     assert log.count("the megakernel is off") == 1, log[-4000:]
     assert all(len(r["tokens"]) == 8 for r in ours["bs8"])
+
+
+def test_triton_attention_backend_matches_stock(checkpoint: Path, tmp_path: Path, stock_greedy) -> None:
+    """TRITON_ATTN keeps FLASH_ATTN's packed K|V paged cache and its metadata fields: the megakernel
+    serves it (strict) and gives the greedy tokens of stock vLLM on the same backend."""
+    stock = stock_greedy(checkpoint, False, "TRITON_ATTN")
+    ours, log = run_engine(tmp_path, checkpoint, "mpk", mpk={"strict": True}, stock=stock,
+                           attention_backend="TRITON_ATTN")
+    assert ours["mpk"][0]["disabled"] is None and ours["mpk"][0]["steps"] > 0 and "megakernel ready" in log
+    assert_matches_stock(ours, f"{checkpoint.name} TRITON_ATTN")
+
+
+def test_flashinfer_backend_falls_back_with_one_line(checkpoint: Path, tmp_path: Path, stock_greedy) -> None:
+    """FlashInfer's metadata has no block table or sequence lengths to bind: the first decode step
+    turns the megakernel off with one warning naming the backends it takes, nothing is launched,
+    and the engine gives stock vLLM's tokens on FlashInfer."""
+    stock = stock_greedy(checkpoint, False, "FLASHINFER")
+    ours, log = run_engine(tmp_path, checkpoint, "mpk", stock=stock, attention_backend="FLASHINFER")
+    assert "FLASH_ATTN" in (ours["mpk"][0]["disabled"] or "") and ours["mpk"][0]["steps"] == 0
+    assert log.count("the megakernel is off") == 1, log[-4000:]
+    assert_matches_stock(ours, f"{checkpoint.name} FLASHINFER")
 
 
 def test_vllm_serve_on_loopback(checkpoint: Path, tmp_path: Path) -> None:
