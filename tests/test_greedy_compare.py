@@ -1,4 +1,4 @@
-"""The teacher-forced greedy comparison (tests/greedy_compare.py) against a fake engine.
+"""The teacher-forced greedy comparison (vllm_mpk/bench/greedy_compare.py) against a fake engine.
 
 Its tolerances come from a CPU measurement on the integration tests' 4-layer random checkpoints
 (seed 1), four of their bs8 prompts, 64 steps teacher-forced on float32 ``transformers``' greedy
@@ -20,7 +20,7 @@ import json
 
 import pytest
 
-from tests.greedy_compare import Comparison, Greedy, compare_teacher_forced
+from vllm_mpk.bench.greedy_compare import Comparison, Greedy, compare_teacher_forced
 
 STEPS = 12
 TIE, CLEAR = 0.05, 1.0  # stock's top-two gaps

@@ -3,7 +3,7 @@
 Each engine runs in a subprocess of its own (GPU memory and vLLM's process-wide state are freed
 when it exits), on a random checkpoint at realistic scale (normal(0, 0.02) weights saved as
 safetensors). Greedy tokens of ``model_impl="mpk"`` are compared with ``model_impl="vllm"`` on the
-same weights, teacher-forced (tests/greedy_compare.py): stock runs first; the mpk engine generates
+same weights, teacher-forced (vllm_mpk/bench/greedy_compare.py): stock runs first; the mpk engine generates
 from the same prompts, and after each step where its token differs (which must be a near tie in
 stock's top logprobs) that request restarts from the prompt plus stock's tokens through that
 step, until every step is compared. Near ties are counted and printed (``-s`` or ``-rA``), and so
@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 import torch
 
-from tests.greedy_compare import NEAR_TIE, Comparison, Greedy
 from tests.vllm_serve import serve_and_compare
+from vllm_mpk.bench.greedy_compare import NEAR_TIE, Comparison, Greedy
 from vllm_mpk.models.catalog import shipped_config
 from vllm_mpk.models.spec import ModelSpec
 from vllm_mpk.models.weights import random_weights, save_checkpoint
@@ -40,7 +40,7 @@ STEPS = 64
 LAYERS = 4
 MODELS = ("qwen3-0.6b", "llama-3.2-1b")
 MOE_MODEL, MOE_LAYERS = "qwen3-30b-a3b", 2
-CANDIDATES = 5  # logprobs per step: a near tie's token is among them (tests/greedy_compare.py)
+CANDIDATES = 5  # logprobs per step: a near tie's token is among them (vllm_mpk/bench/greedy_compare.py)
 REPO = Path(__file__).resolve().parents[1]
 FAST = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}
 
@@ -50,7 +50,7 @@ from dataclasses import asdict
 import torch
 args = json.load(open(sys.argv[1]))
 sys.path.insert(0, args["repo"])
-from tests.greedy_compare import Greedy, compare_teacher_forced
+from vllm_mpk.bench.greedy_compare import Greedy, compare_teacher_forced
 from vllm import LLM, SamplingParams
 llm = LLM(model=args["model"], model_impl=args["impl"], skip_tokenizer_init=True, dtype="bfloat16", seed=0,
           max_model_len=512, gpu_memory_utilization=0.35, enforce_eager=args["eager"],
@@ -197,7 +197,7 @@ def run_engine(tmp: Path, model: Path, impl: str, *, eager: bool = False, load_f
 
 
 def assert_matches_stock(ours: dict[str, Any], label: str) -> None:
-    """Print every batch's teacher-forced comparison, then check each (tests/greedy_compare.py)."""
+    """Print every batch's teacher-forced comparison, then check each (vllm_mpk/bench/greedy_compare.py)."""
     results = {name: Comparison.from_json(ours[name]) for name in ("bs1", "bs8")}
     for name, result in results.items():
         print(f"{label} {name}: {result.summary()}")

@@ -1,6 +1,6 @@
 """`vllm serve --model-impl mpk` on loopback, compared with stock vLLM's greedy tokens (used by the
 GPU integration tests, one GPU and tensor-parallel): completions teacher-forced on stock's tokens
-(tests/greedy_compare.py), then one streamed completion against the same request in one piece."""
+(vllm_mpk/bench/greedy_compare.py), then one streamed completion against the same request in one piece."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.greedy_compare import Comparison, Greedy, compare_teacher_forced
+from vllm_mpk.bench.greedy_compare import Comparison, Greedy, compare_teacher_forced
 
 STREAM_TOKENS = 16
 

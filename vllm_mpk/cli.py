@@ -23,6 +23,7 @@ import torch
 from vllm_mpk.bench.offline_tokenizer import prepare_model_dir
 from vllm_mpk.bench.profiling import analyze_profiles, engine_profile_dir
 from vllm_mpk.bench.runner import Row, gpu_lanes, run_engines
+from vllm_mpk.bench.soak import SoakSettings, problems, soak
 from vllm_mpk.bench.table import read_rows, update_results
 from vllm_mpk.bench.trace import analyze_file, format_report, trace_files
 from vllm_mpk.bench.vllm_tools import IMPLS as VLLM_TOOL_IMPLS
@@ -448,6 +449,61 @@ def cmd_bench_vllm(args: argparse.Namespace) -> int:
     return EXIT_FAILED if any("error" in r for r in rows) else EXIT_OK
 
 
+# soak -------------------------------------------------------------------------------------------
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    """``vllm serve --model-impl mpk`` under load for ``--minutes``, then its greedy tokens against
+    stock's; exit 0 when the soak passed (``bench/soak.py:problems``), 1 when it did not."""
+    (model,) = bench_models([args.model])
+    if (reason := bench_unavailable_reason()) is not None:
+        print(f"vllm-mpk soak runs vLLM on a GPU: {reason}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    settings = SoakSettings(model=model, minutes=args.minutes, concurrencies=tuple(args.concurrencies),
+                            input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
+                            flat_mib=args.flat_mib, port=args.port, seed=args.seed)
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="vllm_mpk_soak_"))
+    print(f"soak of {model}: {args.minutes:g} minutes of load; logs, vLLM's result files and soak.json in {log_dir}",
+          flush=True)
+    report = soak(settings, log_dir, on_line=lambda line: print(line, flush=True))
+    runs = report.runs
+    done = sum(r.get("completed", 0) for r in runs)
+    settled = [mib for t, mib in report.memory_mib if report.warm_s is not None and t >= report.warm_s]
+    print(f"\n{len(runs)} vllm bench serve runs, {done} requests completed, "
+          f"{sum(r.get('failed', 0) for r in runs)} failed; {report.drops} streams dropped part-way")
+    if settled:
+        print(f"GPU memory after the first cycle: {min(settled):.0f} to {max(settled):.0f} MiB")
+    if report.comparison is not None:
+        from vllm_mpk.bench.greedy_compare import Comparison
+
+        print(f"greedy tokens against stock's: {Comparison.from_json(report.comparison).summary()}")
+    found = problems(report, settings.flat_mib)
+    for problem in found:
+        print(f"FAILED: {problem}")
+    print("soak passed" if not found else f"soak failed ({len(found)} problems)")
+    return EXIT_FAILED if found else EXIT_OK
+
+
+def add_soak_parser(sub: argparse._SubParsersAction) -> None:
+    d = SoakSettings()
+    s = sub.add_parser("soak", help="vllm serve --model-impl mpk under vllm bench serve for a set time (random "
+                       "lengths, concurrency cycling, dropped streams), then its greedy tokens against stock's")
+    s.add_argument("--model", type=str.lower, default=d.model, help=f"a shipped config name (default {d.model})")
+    s.add_argument("--minutes", type=number_in(0), default=d.minutes, help=f"of load (default {d.minutes:g})")
+    s.add_argument("--concurrencies", nargs="+", type=POSITIVE, default=list(d.concurrencies),
+                   help="vllm bench serve --max-concurrency values, cycled")
+    s.add_argument("--input-len", type=POSITIVE, default=d.input_len, help="vllm bench serve --random-input-len")
+    s.add_argument("--output-len", type=POSITIVE, default=d.output_len, help="vllm bench serve --random-output-len")
+    s.add_argument("--range-ratio", type=number_in(0, 0.99), default=d.range_ratio,
+                   help="vllm bench serve --random-range-ratio: lengths vary by this fraction either way")
+    s.add_argument("--flat-mib", type=number_in(0), default=d.flat_mib,
+                   help="most the GPU's used memory may move after the first cycle, in MiB")
+    s.add_argument("--port", type=int_in(1, 65535), default=d.port, help="vllm serve's port")
+    s.add_argument("--seed", type=int, default=d.seed, help="seeds the weights, prompts and datasets")
+    s.add_argument("--log-dir", type=Path, default=None, help="logs and results (default a new temp folder)")
+    s.set_defaults(func=cmd_soak)
+
+
 # arguments --------------------------------------------------------------------------------------
 
 
@@ -506,6 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_profile)
     add_bench_parser(sub)
     add_bench_vllm_parser(sub)
+    add_soak_parser(sub)
     return parser
 
 

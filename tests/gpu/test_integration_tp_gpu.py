@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import torch
 
-from tests.greedy_compare import Greedy
 from tests.vllm_serve import serve_and_compare
+from vllm_mpk.bench.greedy_compare import Greedy
 from vllm_mpk.codegen.toolchain import has_nvshmem
 from vllm_mpk.models.catalog import shipped_config
 from vllm_mpk.models.spec import ModelSpec

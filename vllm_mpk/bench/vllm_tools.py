@@ -96,8 +96,9 @@ def serve_args(model_dir: str, impl: str, port: int, max_concurrency: int) -> li
     return [model_dir, "--load-format", "dummy", *mpk_args(impl, max_concurrency), "--port", str(port)]
 
 
-def num_prompts(settings: Settings, concurrency: int) -> int:
-    return max(16, settings.prompts_per_concurrency * concurrency)
+def num_prompts(per_concurrency: int, concurrency: int) -> int:
+    """``vllm bench serve --num-prompts``: enough for every client to send several, at least 16."""
+    return max(16, per_concurrency * concurrency)
 
 
 def bench_serve_args(model_dir: str, port: int, input_len: int, output_len: int, concurrency: int, prompts: int,
@@ -268,7 +269,7 @@ def serve_one(settings: Settings, vllm: str, model: str, model_dir: str, impl: s
                 result = log_dir / f"{name}-c{c}.json"
                 command = [vllm, "bench", "serve", *bench_serve_args(
                     model_dir, settings.port, settings.serve_input_len, settings.serve_output_len, c,
-                    num_prompts(settings, c), str(result))]
+                    num_prompts(settings.prompts_per_concurrency, c), str(result))]
                 row["command"] = shown(command, model_dir)
                 if error is None:
                     failed = run_process(command, log_dir / f"{name}-c{c}.log", settings.timeout_s)
