@@ -199,6 +199,13 @@ def test_render_gives_medians_spreads_ratio_and_the_commands() -> None:
         assert command in text
 
 
+def test_render_gives_each_servers_start_by_repeat() -> None:
+    rows = [{**serve_row(impl, repeat, 5.0), "server_start_s": start}
+            for impl, repeat, start in (("vllm", 0, 61.0), ("mpk", 0, 92.5), ("vllm", 1, 30.0), ("mpk", 1, 31.2))]
+    text = render(rows + [serve_row("mpk", 2, 5.0)])  # a server that never got healthy has no start
+    assert "| qwen3-0.6b | vllm | 61, 30 |" in text and "| qwen3-0.6b | mpk | 92.5, 31.2 |" in text
+
+
 def test_render_takes_each_benchmarks_latest_run() -> None:
     older = {"run": "2026-01-01T00:00:00Z", "card": "NVIDIA H200", "commit": "0ld0000"}
     text = render([{**serve_row("vllm", 0, 5.0), **older}, {**serve_row("mpk", 0, 4.0), **older},
@@ -314,7 +321,7 @@ def test_runner_interleaves_impls_and_reads_every_result(tmp_path: Path, fake_vl
     assert [(r["impl"], r["repeat"], r["concurrency"]) for r in serve] == [
         ("vllm", 0, 1), ("vllm", 0, 4), ("mpk", 0, 1), ("mpk", 0, 4),
         ("vllm", 1, 1), ("vllm", 1, 4), ("mpk", 1, 1), ("mpk", 1, 4)]
-    assert all("error" not in r and r["output_throughput"] == 409.6 for r in serve)
+    assert all("error" not in r and r["output_throughput"] == 409.6 and r["server_start_s"] > 0 for r in serve)
     assert "--model $MODEL_DIR" in latency[1]["command"] and "--model-impl mpk" in latency[1]["command"]
     assert (tmp_path / "models" / MODEL / "tokenizer.json").is_file()
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == len(rows)

@@ -235,6 +235,8 @@ def load_cycles(settings: SoakSettings, vllm: str, model_dir: Path, log_dir: Pat
             if error is None:
                 raw = json.loads(result.read_text())
                 run |= {k: raw.get(k, 0) for k in ("completed", "failed")} | {"p50_tpot_ms": raw.get("p50_tpot_ms")}
+                if run["failed"]:  # what the first failed request was told
+                    run["first_error"] = next((e for e in raw.get("errors", []) if e), None)
             else:
                 run["error"] = error
             report.runs.append(run)

@@ -261,10 +261,14 @@ def serve_one(settings: Settings, vllm: str, model: str, model_dir: str, impl: s
             on_row({**row, "error": f"port {settings.port} already answers /health: stop that server or give --port"})
         return
     with log.open("w") as out:
+        began = time.monotonic()
         proc = start(server, out)
         try:
             error = wait_healthy(proc, settings.port, settings.server_start_s, log)
+            started = round(time.monotonic() - began, 1)  # the engine start a user waits for (nvcc builds included)
             for row in rows:
+                if error is None:
+                    row["server_start_s"] = started
                 c = row["concurrency"]
                 result = log_dir / f"{name}-c{c}.json"
                 command = [vllm, "bench", "serve", *bench_serve_args(

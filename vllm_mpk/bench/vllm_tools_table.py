@@ -104,7 +104,24 @@ def serve_section(rows: list[Row]) -> list[str]:
     first = rows[0]
     return [f"### `vllm bench serve`: random dataset, {first['input_len']} input and {first['output_len']} output "
             "tokens per request", "", stamp(rows), "", *table(rows, setting, ("model", "concurrency"), SERVE_METRICS), "",
-            *failures(rows, setting), *commands(rows, ("server_command", "command"))]
+            *start_table(rows), *failures(rows, setting), *commands(rows, ("server_command", "command"))]
+
+
+def start_table(rows: list[Row]) -> list[str]:
+    """Seconds from ``vllm serve`` to its first healthy answer, per server in repeat order: the
+    first start on a machine pays the cold caches (torch.compile's; for mpk, nvcc's), later ones
+    restart from them."""
+    starts: dict[tuple[str, str], dict[int, float]] = {}
+    for r in rows:
+        if "server_start_s" in r:
+            starts.setdefault((r["model"], r["impl"]), {})[r["repeat"]] = r["server_start_s"]
+    if not starts:
+        return []
+    lines = ["Server start, seconds from `vllm serve` to its first healthy answer, by repeat (the first start "
+             "on a machine builds its caches):", "", "| model | impl | start (s) by repeat |", "|---|---|---|"]
+    lines += [f"| {model} | {impl} | {', '.join(number(by[k]) for k in sorted(by))} |"
+              for (model, impl), by in starts.items()]
+    return [*lines, ""]
 
 
 def stamp(rows: list[Row]) -> str:
