@@ -44,3 +44,21 @@ def vllm_plugin_installed() -> None:
 
     if (why := plugin_missing()) is not None:
         pytest.fail(why)
+
+
+@pytest.fixture
+def vllm_parser(monkeypatch: pytest.MonkeyPatch):
+    """Build a parser with one of vLLM's ``add_cli_args``. vLLM's engine arguments infer a device
+    as they are defined; on a host without a GPU, its CPU platform (restored afterwards) decides."""
+    import vllm.platforms as platforms
+    from vllm.platforms.cpu import CpuPlatform
+
+    monkeypatch.setattr(platforms, "_current_platform", CpuPlatform())
+    return build_parser
+
+
+def build_parser(add_args):
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser()
+    return add_args(parser) or parser

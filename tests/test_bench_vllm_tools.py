@@ -96,24 +96,6 @@ def test_vllm_random_dataset_samples_prompts_of_the_asked_length(model_dir: Path
 # command lines under vLLM's own parsers ---------------------------------------------------------
 
 
-@pytest.fixture
-def vllm_parser(monkeypatch: pytest.MonkeyPatch):
-    """Build a parser with one of vLLM's ``add_cli_args``. vLLM's engine arguments infer a device
-    as they are defined; on a host without a GPU, its CPU platform (restored afterwards) decides."""
-    import vllm.platforms as platforms
-    from vllm.platforms.cpu import CpuPlatform
-
-    monkeypatch.setattr(platforms, "_current_platform", CpuPlatform())
-    return build_parser
-
-
-def build_parser(add_args):
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = FlexibleArgumentParser()
-    return add_args(parser) or parser
-
-
 def test_latency_arguments_parse_with_vllm_bench_latency(vllm_parser) -> None:
     from vllm.benchmarks.latency import add_cli_args
 

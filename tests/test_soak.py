@@ -155,6 +155,21 @@ def test_cli_refuses_an_unknown_model_and_says_it_needs_a_gpu(capsys: pytest.Cap
     assert "vllm-mpk soak runs vLLM on a GPU: torch sees no CUDA device" in capsys.readouterr().err
 
 
-def test_the_server_runs_vllms_defaults_and_the_plugins() -> None:
-    assert soak_module.server_command("vllm", Path("/m"), MPK, 8000) == [
-        "vllm", "serve", "/m", "--model-impl", "mpk", "--port", "8000"]
+def test_the_server_runs_vllms_defaults_and_the_plugins(vllm_parser) -> None:
+    from vllm.entrypoints.openai.cli_args import make_arg_parser
+
+    command = soak_module.server_command("vllm", Path("/m"), MPK, 8001)
+    assert command[:2] == ["vllm", "serve"]
+    args = vllm_parser(make_arg_parser).parse_args(command[2:])
+    defaults = vllm_parser(make_arg_parser).parse_args(["/m"])
+    changed = {k for k, v in vars(args).items() if vars(defaults).get(k) != v}
+    assert changed == {"model_impl", "port"} and (args.model_impl, args.port) == ("mpk", 8001)
+
+
+def test_the_load_parses_with_vllm_bench_serve(vllm_parser) -> None:
+    from vllm.benchmarks.serve import add_cli_args
+
+    settings = SoakSettings(range_ratio=0.5, seed=3, port=8123)
+    args = vllm_parser(add_cli_args).parse_args(soak_module.load_args(settings, Path("/m"), 64, 2, Path("/r.json")))
+    assert (args.dataset_name, float(args.random_range_ratio), args.seed, args.max_concurrency) == ("random", 0.5, 5, 64)
+    assert (args.num_prompts, args.random_input_len, args.port, args.result_filename) == (256, 1024, 8123, "/r.json")

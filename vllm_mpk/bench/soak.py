@@ -216,6 +216,15 @@ def prepare_checkpoint(settings: SoakSettings, root: Path) -> Path:
     return directory
 
 
+def load_args(settings: SoakSettings, model_dir: Path, concurrency: int, cycle: int, result: Path) -> list[str]:
+    """``vllm bench serve``'s arguments for one run of the load: bench-vllm's, with prompt and output
+    lengths drawn around their means and a dataset seed of the cycle's own."""
+    prompts = num_prompts(settings.prompts_per_concurrency, concurrency)
+    return [*bench_serve_args(str(model_dir), settings.port, settings.input_len, settings.output_len, concurrency,
+                              prompts, str(result)),
+            "--random-range-ratio", str(settings.range_ratio), "--seed", str(settings.seed + cycle)]
+
+
 def load_cycles(settings: SoakSettings, vllm: str, model_dir: Path, log_dir: Path, report: SoakReport,
                 on_line: Callable[[str], None]) -> None:
     """``vllm bench serve`` at each concurrency in turn until the soak's minutes are up."""
@@ -226,10 +235,7 @@ def load_cycles(settings: SoakSettings, vllm: str, model_dir: Path, log_dir: Pat
         for c in settings.concurrencies:
             name = f"soak-c{c}-{cycle}"
             result = log_dir / f"{name}.json"
-            prompts = num_prompts(settings.prompts_per_concurrency, c)
-            command = [vllm, "bench", "serve", *bench_serve_args(
-                str(model_dir), settings.port, settings.input_len, settings.output_len, c, prompts, str(result)),
-                "--random-range-ratio", str(settings.range_ratio), "--seed", str(settings.seed + cycle)]
+            command = [vllm, "bench", "serve", *load_args(settings, model_dir, c, cycle, result)]
             run: dict[str, Any] = {"cycle": cycle, "concurrency": c, "at_s": round(time.monotonic() - begin, 1)}
             error = run_process(command, log_dir / f"{name}.log", settings.timeout_s)
             if error is None:
