@@ -86,6 +86,9 @@ def fake_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     script = bin_dir / "vllm"
     script.write_text(f"#!{sys.executable}\n" + textwrap.dedent(FAKE_VLLM).format(ready=READY_MESSAGE + ": 28 layers"))
     script.chmod(0o755)
+    smi = bin_dir / "nvidia-smi"  # the GPU's used memory, flat
+    smi.write_text("#!/bin/sh\necho 70000\n")
+    smi.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     # The fake needs no weights; writing 0.6B random ones would be most of the test's time.
     monkeypatch.setattr(soak_module, "prepare_checkpoint",
@@ -93,8 +96,8 @@ def fake_vllm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def run(tmp_path: Path) -> SoakReport:
-    settings = SoakSettings(minutes=0.02, concurrencies=(1, 2), check_prompts=3, check_tokens=6,
-                            memory_every_s=0.2, drop_every_s=0.2, port=free_port(), server_start_s=60,
+    settings = SoakSettings(minutes=0, concurrencies=(1, 2), check_prompts=3, check_tokens=6,
+                            memory_every_s=0.05, drop_every_s=0.2, port=free_port(), server_start_s=60,
                             timeout_s=60)
     return soak(settings, tmp_path / "logs", on_line=lambda line: None)
 
@@ -105,6 +108,7 @@ def test_a_clean_soak_passes_and_records_what_it_did(tmp_path: Path, fake_vllm: 
     assert [(r["cycle"], r["concurrency"]) for r in report.runs][:2] == [(0, 1), (0, 2)]
     assert all(r["completed"] == 16 and r["failed"] == 0 for r in report.runs)
     assert report.ready and report.alive_at_end and report.drops >= 1 and not report.drop_errors
+    assert {r["cycle"] for r in report.runs} >= {0, 1} and len(report.memory_mib) >= 2
     comparison = Comparison.from_json(report.comparison)
     assert comparison.steps == 3 * 6 and not comparison.mismatches
     assert (tmp_path / "logs" / "soak.json").is_file()
@@ -130,10 +134,14 @@ def test_memory_is_judged_after_the_first_cycle_only() -> None:
     report.memory_mib.append((30.0, 70500.0))
     assert problems(report, 256) == ["GPU memory moved 400 MiB after the first cycle (70100 to 70500; "
                                      "at most 256 allowed)"]
+    report.memory_mib = [(0.0, 1000.0), (20.0, 70150.0)]  # one sample after the first cycle measures nothing
+    assert problems(report, 256) == ["GPU memory was sampled 1 time(s) after the first cycle: run longer, or "
+                                     "check that nvidia-smi answers"]
 
 
 def test_a_near_tie_passes_and_a_real_divergence_fails() -> None:
-    base = dict(settings={}, runs=[{"concurrency": 1, "completed": 16, "failed": 0}], ready=True, alive_at_end=True)
+    base = dict(settings={}, runs=[{"concurrency": 1, "completed": 16, "failed": 0}], ready=True, alive_at_end=True,
+                warm_s=1.0, memory_mib=[(2.0, 100.0), (3.0, 100.0)])
     tie = Comparison(steps=100, near_ties=[Divergence(0, 3, 5, 6, 0.01)]).to_json()
     assert problems(SoakReport(**base, comparison=tie), 256) == []
     wrong = Comparison(steps=100, mismatches=[Divergence(0, 3, 5, 6, None)]).to_json()

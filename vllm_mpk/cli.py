@@ -489,7 +489,7 @@ def add_soak_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("soak", help="vllm serve --model-impl mpk under vllm bench serve for a set time (random "
                        "lengths, concurrency cycling, dropped streams), then its greedy tokens against stock's")
     s.add_argument("--model", type=str.lower, default=d.model, help=f"a shipped config name (default {d.model})")
-    s.add_argument("--minutes", type=number_in(0), default=d.minutes, help=f"of load (default {d.minutes:g})")
+    s.add_argument("--minutes", type=number_in(0), default=d.minutes, help=f"of load, at least two cycles of --concurrencies (default {d.minutes:g})")
     s.add_argument("--concurrencies", nargs="+", type=POSITIVE, default=list(d.concurrencies),
                    help="vllm bench serve --max-concurrency values, cycled")
     s.add_argument("--input-len", type=POSITIVE, default=d.input_len, help="vllm bench serve --random-input-len")

@@ -30,6 +30,7 @@ from typing import Any
 
 from vllm_mpk.bench.greedy_compare import Comparison, Greedy, compare_teacher_forced
 from vllm_mpk.bench.offline_tokenizer import prepare_model_dir
+from vllm_mpk.bench.runner import sigterm_as_exit
 from vllm_mpk.bench.vllm_tools import (
     MPK,
     STOCK,
@@ -47,6 +48,8 @@ from vllm_mpk.integration.plugin import READY_MESSAGE
 # Warnings of the plugin that must not appear in a soak's server log: the megakernel turned off
 # (a failed build, a moved buffer) or a watchdog stop.
 OFF_MESSAGES = ("the megakernel is off", "stopped on its watchdog")
+# What a request to the server can raise: transport errors, and replies of another shape than vLLM's.
+REQUEST_ERRORS = (OSError, http.client.HTTPException, ValueError, KeyError, TypeError, IndexError, AttributeError)
 CANDIDATES = 5  # top logprobs per step of stock's reference: a near tie's token is among them
 
 
@@ -99,7 +102,10 @@ def problems(report: SoakReport, flat_mib: float) -> list[str]:
     if not report.runs:
         out.append("no vllm bench serve run finished")
     settled = [mib for t, mib in report.memory_mib if report.warm_s is not None and t >= report.warm_s]
-    if settled and max(settled) - min(settled) > flat_mib:
+    if report.runs and len(settled) < 2:
+        out.append(f"GPU memory was sampled {len(settled)} time(s) after the first cycle: run longer, or check that "
+                   "nvidia-smi answers")
+    elif settled and max(settled) - min(settled) > flat_mib:
         out.append(f"GPU memory moved {max(settled) - min(settled):.0f} MiB after the first cycle "
                    f"({min(settled):.0f} to {max(settled):.0f}; at most {flat_mib:.0f} allowed)")
     if not report.ready:
@@ -134,7 +140,8 @@ def complete(port: int, model_dir: Path, prompts: Sequence[list[int]], max_token
             body |= {"logprobs": logprobs, "return_tokens_as_token_ids": True}
         request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
                                          {"Content-Type": "application/json"})
-        choice = json.loads(urllib.request.urlopen(request, timeout=300).read())["choices"][0]
+        with urllib.request.urlopen(request, timeout=300) as reply:
+            choice = json.loads(reply.read())["choices"][0]
         steps = None if logprobs is None else [{int(token.split(":", 1)[1]): lp for token, lp in top.items()}
                                                for top in choice["logprobs"]["top_logprobs"]]
         return Greedy(list(choice["token_ids"]), steps)
@@ -194,8 +201,8 @@ def drop_a_stream(port: int, model_dir: Path, prompt: list[int]) -> str | None:
         if not reply.readline():
             return "a streamed completion ended before its first chunk"
         return None
-    except OSError as e:
-        return f"a streamed completion failed: {e}"
+    except (OSError, http.client.HTTPException) as e:
+        return f"a streamed completion failed: {type(e).__name__}: {e}"
     finally:
         conn.close()  # the drop: the server must cancel the request and keep serving
 
@@ -227,11 +234,12 @@ def load_args(settings: SoakSettings, model_dir: Path, concurrency: int, cycle: 
 
 def load_cycles(settings: SoakSettings, vllm: str, model_dir: Path, log_dir: Path, report: SoakReport,
                 on_line: Callable[[str], None]) -> None:
-    """``vllm bench serve`` at each concurrency in turn until the soak's minutes are up."""
+    """``vllm bench serve`` at each concurrency in turn until the soak's minutes are up, at least
+    two cycles: the first warms the server up, memory is judged over the rest."""
     deadline = time.monotonic() + settings.minutes * 60
     begin = time.monotonic()
     cycle = 0
-    while time.monotonic() < deadline:
+    while cycle < 2 or time.monotonic() < deadline:
         for c in settings.concurrencies:
             name = f"soak-c{c}-{cycle}"
             result = log_dir / f"{name}.json"
@@ -241,13 +249,14 @@ def load_cycles(settings: SoakSettings, vllm: str, model_dir: Path, log_dir: Pat
             if error is None:
                 raw = json.loads(result.read_text())
                 run |= {k: raw.get(k, 0) for k in ("completed", "failed")} | {"p50_tpot_ms": raw.get("p50_tpot_ms")}
-                if run["failed"]:  # what the first failed request was told
-                    run["first_error"] = next((e for e in raw.get("errors", []) if e), None)
             else:
                 run["error"] = error
             report.runs.append(run)
             on_line(f"cycle {cycle} concurrency {c}: " + (run.get("error") or
                     f"{run['completed']} completed, {run['failed']} failed, TPOT p50 {run['p50_tpot_ms']} ms"))
+            if error is not None and not healthy(settings.port):
+                report.errors.append(f"the mpk server stopped answering during cycle {cycle}")
+                return
         cycle += 1
         if report.warm_s is None:
             report.warm_s = time.monotonic() - begin
@@ -256,6 +265,13 @@ def load_cycles(settings: SoakSettings, vllm: str, model_dir: Path, log_dir: Pat
 def soak(settings: SoakSettings, log_dir: Path, on_line: Callable[[str], None] = print) -> SoakReport:
     """The whole soak (module docstring); the report is also written to ``log_dir/soak.json``."""
     log_dir.mkdir(parents=True, exist_ok=True)
+    with sigterm_as_exit():  # SIGTERM unwinds through the finally blocks that stop the servers
+        report = stock_then_mpk(settings, log_dir, on_line)
+    (log_dir / "soak.json").write_text(json.dumps(report.to_json(), indent=1))
+    return report
+
+
+def stock_then_mpk(settings: SoakSettings, log_dir: Path, on_line: Callable[[str], None]) -> SoakReport:
     report = SoakReport(settings=asdict(settings))
     vllm = vllm_executable()
     model_dir = prepare_checkpoint(settings, log_dir / "models")
@@ -272,8 +288,11 @@ def soak(settings: SoakSettings, log_dir: Path, on_line: Callable[[str], None] =
                 if (mib := gpu_memory_mib()) is not None:
                     report.memory_mib.append((round(time.monotonic() - began, 1), mib))
 
-            def drop() -> None:
-                problem = drop_a_stream(settings.port, model_dir, prompts[0])
+            drop_rng = random.Random(settings.seed)
+
+            def drop() -> None:  # a fresh prompt each time, so each drop also runs a prefill
+                prompt = [drop_rng.randrange(vocab) for _ in range(256)]
+                problem = drop_a_stream(settings.port, model_dir, prompt)
                 report.drops += 1
                 if problem is not None:
                     report.drop_errors.append(problem)
@@ -286,13 +305,11 @@ def soak(settings: SoakSettings, log_dir: Path, on_line: Callable[[str], None] =
             finally:
                 dropping.stop()
                 memory.stop()
-            report.alive_at_end = healthy(settings.port)
             return compare_teacher_forced(
                 prompts, stock, lambda ps, ns: complete(settings.port, model_dir, ps, ns, CANDIDATES))
 
         comparison = serve(settings, vllm, model_dir, MPK, log_dir, report, load_then_compare)
         report.comparison = None if comparison is None else comparison.to_json()
-    (log_dir / "soak.json").write_text(json.dumps(report.to_json(), indent=1))
     return report
 
 
@@ -313,9 +330,12 @@ def serve(settings: SoakSettings, vllm: str, model_dir: Path, impl: str, log_dir
                 return None
             try:
                 return work()
-            except (OSError, ValueError, KeyError, AssertionError) as e:
+            except (*REQUEST_ERRORS, AssertionError) as e:
                 report.errors.append(f"{impl} server: {type(e).__name__}: {e} (log: {log})")
                 return None
+            finally:
+                if impl == MPK:
+                    report.alive_at_end = healthy(settings.port)
         finally:
             stop(proc)
             if impl == MPK:
