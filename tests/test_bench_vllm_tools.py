@@ -409,3 +409,18 @@ def test_cli_bad_arguments_are_one_line_and_exit_2(argv: list[str], message: str
     assert main(["bench-vllm", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("vllm-mpk: error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command, flag", [(["bench-vllm", "--models", MODEL], "--log-dir"),
+                                           (["bench-vllm", "--models", MODEL], "--model-root"),
+                                           (["bench", "--models", MODEL], "--log-dir"), (["soak"], "--log-dir")])
+def test_a_log_folder_that_cannot_be_written_is_one_line_before_anything_runs(
+        command: list[str], flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    files = ["--rows", str(tmp_path / "rows.jsonl"), "--results", str(tmp_path / "RESULTS.md")]
+    argv = [*command, *(files if command[0] != "soak" else []), flag, str(blocker / "logs")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"vllm-mpk: error: {flag} {blocker / 'logs'}: cannot create it (Not a directory); give a folder " \
+                  "you can write\n"

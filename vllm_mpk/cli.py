@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -354,6 +355,18 @@ def check_bench_files(rows: Path, results: Path, table_only: bool) -> None:
         raise CliError(f"--results {results}: there is no folder {results.parent}")
 
 
+def writable_folder(path: Path | None, flag: str) -> None:
+    """``path`` (a folder a run writes into) exists or is created, and can be written; None passes."""
+    if path is None:
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"{flag} {path}: cannot create it ({e.strerror}); give a folder you can write") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CliError(f"{flag} {path}: not writable; give a folder you can write")
+
+
 def bench_models(names: list[str] | None) -> list[str]:
     """The bench commands' ``--models``: the names given, else every shipped config that fits one
     GPU; each checked to be a shipped config (UnknownModelError, exit 2) before anything starts."""
@@ -380,6 +393,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CliError(f"--gpus: {e}") from e
     rows: list[Row] = []
     if not args.table_only:
+        writable_folder(args.log_dir, "--log-dir")
         if (reason := bench_unavailable_reason()) is not None:
             print(f"vllm-mpk bench runs vLLM on a GPU: {reason} (--table-only redraws the table)", file=sys.stderr)
             return EXIT_UNAVAILABLE
@@ -428,6 +442,8 @@ def cmd_bench_vllm(args: argparse.Namespace) -> int:
     check_bench_files(args.rows, args.results, args.table_only)
     rows: list[Row] = []
     if not args.table_only:
+        writable_folder(args.log_dir, "--log-dir")
+        writable_folder(args.model_root, "--model-root")
         if (reason := bench_unavailable_reason()) is not None:
             print(f"vllm-mpk bench-vllm runs vLLM on a GPU: {reason} (--table-only redraws the table)",
                   file=sys.stderr)
@@ -456,6 +472,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
     """``vllm serve --model-impl mpk`` under load for ``--minutes``, then its greedy tokens against
     stock's; exit 0 when the soak passed (``bench/soak.py:problems``), 1 when it did not."""
     (model,) = bench_models([args.model])
+    writable_folder(args.log_dir, "--log-dir")
     if (reason := bench_unavailable_reason()) is not None:
         print(f"vllm-mpk soak runs vLLM on a GPU: {reason}", file=sys.stderr)
         return EXIT_UNAVAILABLE
