@@ -154,6 +154,24 @@ def test_no_runs_no_ready_line_and_a_dead_server_are_problems() -> None:
                      "the server did not answer /health after the load"]
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--range-ratio", "1"], "--range-ratio: expected a number of at least 0 and at most 0.99, got 1"),
+    (["--minutes", "0"], "--minutes: expected a number above 0, got 0"),
+    (["--concurrencies", "0"], "--concurrencies: expected an integer of at least 1, got 0"),
+])
+def test_cli_bad_arguments_are_one_line_and_exit_2(argv: list[str], message: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["soak", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vllm-mpk: error: ") and message in err and err.count("\n") == 1
+
+
+def test_cli_takes_fixed_lengths(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(cli, "bench_unavailable_reason", lambda: "torch sees no CUDA device")
+    assert main(["soak", "--range-ratio", "0"]) == 2  # parsed; then no GPU here
+    assert "runs vLLM on a GPU" in capsys.readouterr().err
+
+
 def test_cli_refuses_an_unknown_model_and_says_it_needs_a_gpu(capsys: pytest.CaptureFixture[str],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     assert main(["soak", "--model", "nope"]) == 2

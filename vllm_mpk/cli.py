@@ -97,16 +97,17 @@ def power_of_two(text: str) -> int:
     return value
 
 
-def number_in(low: float, high: float = math.inf) -> Callable[[str], float]:
-    """An argparse type: a finite number above ``low`` and at most ``high``."""
-    bounds = f"above {low:g}" + (f" and at most {high:g}" if high < math.inf else "")
+def number_in(low: float, high: float = math.inf, low_included: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number above ``low`` (or from it) and at most ``high``."""
+    bounds = (f"of at least {low:g}" if low_included else f"above {low:g}") + \
+        (f" and at most {high:g}" if high < math.inf else "")
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number {bounds}, got {text!r}") from None
-        if not (low < value <= high and math.isfinite(value)):
+        if not ((low <= value if low_included else low < value) and value <= high and math.isfinite(value)):
             raise argparse.ArgumentTypeError(f"expected a number {bounds}, got {text}")
         return value
 
@@ -506,12 +507,13 @@ def add_soak_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("soak", help="vllm serve --model-impl mpk under vllm bench serve for a set time (random "
                        "lengths, concurrency cycling, dropped streams), then its greedy tokens against stock's")
     s.add_argument("--model", type=str.lower, default=d.model, help=f"a shipped config name (default {d.model})")
-    s.add_argument("--minutes", type=number_in(0), default=d.minutes, help=f"of load, at least two cycles of --concurrencies (default {d.minutes:g})")
+    s.add_argument("--minutes", type=number_in(0), default=d.minutes,
+                   help=f"of load, at least two cycles of --concurrencies (default {d.minutes:g})")
     s.add_argument("--concurrencies", nargs="+", type=POSITIVE, default=list(d.concurrencies),
                    help="vllm bench serve --max-concurrency values, cycled")
     s.add_argument("--input-len", type=POSITIVE, default=d.input_len, help="vllm bench serve --random-input-len")
     s.add_argument("--output-len", type=POSITIVE, default=d.output_len, help="vllm bench serve --random-output-len")
-    s.add_argument("--range-ratio", type=number_in(0, 0.99), default=d.range_ratio,
+    s.add_argument("--range-ratio", type=number_in(0, 0.99, low_included=True), default=d.range_ratio,
                    help="vllm bench serve --random-range-ratio: lengths vary by this fraction either way")
     s.add_argument("--flat-mib", type=number_in(0), default=d.flat_mib,
                    help="most the GPU's used memory may move after the first cycle, in MiB")
