@@ -9,8 +9,11 @@ PYTHONPATH, so each builds and loads its own kernels (the JIT cache keys them by
     python benchmarks/ab_step.py --tree main=. --tree split=/tmp/branch --rounds 2 -- \\
         --models qwen3-0.6b --batches 1 8 --context 8192 --kv-splits 16
 
-Everything after ``--`` goes to every tree's ``megakernel_step.py``. The rows, one per tree, round
-and case, go to ``$OUT/ab_step.jsonl`` (``--out`` elsewhere), each run's log beside them.
+Everything after ``--`` goes to every tree's ``megakernel_step.py``; ``--tree-args NAME "ARGS"``
+adds arguments for one tree only, so that one checkout can also be timed against itself under
+other options (``--tree split=/tmp/branch --tree split16=/tmp/branch --tree-args split16
+"--kv-splits 16 --kv-split-positions 256"``). The rows, one per tree, round and case, go to
+``$OUT/ab_step.jsonl`` (``--out`` elsewhere), each run's log beside them.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -80,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tree", type=tree, action="append", required=True, metavar="NAME=PATH",
                    help="a checkout to time; the first is the baseline of the ratios")
+    p.add_argument("--tree-args", nargs=2, action="append", default=[], metavar=("NAME", "ARGS"),
+                   help="more megakernel_step.py arguments for that tree only, as one shell-quoted string")
     p.add_argument("--rounds", type=int, default=2, help="runs of every tree, alternating (default 2)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per megakernel_step.py run")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "ab_step")))
@@ -87,10 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n, _ in args.tree]
     if len(set(names)) != len(names) or args.rounds < 1:
         p.error("give each --tree a name of its own, and --rounds of at least 1")
+    extra = {name: shlex.split(text) for name, text in args.tree_args}
+    if unknown := sorted(set(extra) - set(names)):
+        p.error(f"--tree-args for {', '.join(unknown)}, which no --tree names")
     rows = []
     for r in range(args.rounds):
         for name, root in args.tree:
-            for row in run_tree(name, root, step_args, args.out / f"{name}-{r}", args.timeout):
+            for row in run_tree(name, root, [*step_args, *extra.get(name, [])], args.out / f"{name}-{r}",
+                                args.timeout):
                 rows.append({**row, "round": r})
                 print(json.dumps({k: row.get(k) for k in ("tree", "model", "batch", "step_us", "error") if k in row}),
                       flush=True)

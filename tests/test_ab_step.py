@@ -30,7 +30,8 @@ FAKE_STEP = """\
         print("RuntimeError: this kernel does not build")
         sys.exit(1)
     base = float((here / "STEP_US").read_text())
-    batches = [int(b) for b in sys.argv[sys.argv.index("--batches") + 1:]]
+    last = len(sys.argv) - 1 - sys.argv[::-1].index("--batches")  # a later option wins, as in argparse
+    batches = [int(b) for b in sys.argv[last + 1:]]
     with open(Path(os.environ["OUT"]) / "megakernel_step.jsonl", "w") as log:
         for b in batches:
             log.write(json.dumps({"model": "Qwen3ForCausalLM", "layers": 28, "hidden": 1024, "batch": b,
@@ -72,6 +73,16 @@ def test_a_failing_tree_is_reported_and_the_others_still_run(tmp_path: Path,
     text = capsys.readouterr().out
     assert "FAILED broken round 0: exit 1: RuntimeError: this kernel does not build" in text
     assert "1001 [1001]" in text and "n/a" in text
+
+
+def test_one_tree_against_itself_under_other_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = make_tree(tmp_path, "a", 1000)
+    assert ab_step.main(["--tree", f"base={a}", "--tree", f"wide={a}", "--tree-args", "wide", "--batches 1 8",
+                         "--rounds", "1", "--out", str(tmp_path / "out"), "--", "--batches", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "bs8" in text and text.count("Qwen3ForCausalLM 28x1024 bs1") == 1  # one case row each, batch 8 from wide only
+    with pytest.raises(SystemExit):
+        ab_step.main(["--tree", f"base={a}", "--tree-args", "other", "--batches 8"])
 
 
 def test_a_tree_without_the_step_benchmark_is_refused(tmp_path: Path) -> None:
