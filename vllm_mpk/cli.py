@@ -486,7 +486,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
     report = soak(settings, log_dir, on_line=lambda line: print(line, flush=True))
     runs = report.runs
     done = sum(r.get("completed", 0) for r in runs)
-    settled = [mib for t, mib in report.memory_mib if report.warm_s is not None and t >= report.warm_s]
+    settled = report.settled_memory()
     print(f"\n{len(runs)} vllm bench serve runs, {done} requests completed, "
           f"{sum(r.get('failed', 0) for r in runs)} failed; {report.drops} streams dropped part-way")
     if settled:

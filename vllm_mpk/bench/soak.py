@@ -90,6 +90,10 @@ class SoakReport:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def settled_memory(self) -> list[float]:
+        """The GPU memory samples (MiB) taken after the first cycle, the ones the soak judges."""
+        return [mib for t, mib in self.memory_mib if self.warm_s is not None and t >= self.warm_s]
+
 
 def problems(report: SoakReport, flat_mib: float) -> list[str]:
     """What makes the soak fail; empty when it passed."""
@@ -101,7 +105,7 @@ def problems(report: SoakReport, flat_mib: float) -> list[str]:
     out += [f"vllm bench serve at concurrency {r['concurrency']}: {r['error']}" for r in report.runs if "error" in r]
     if not report.runs:
         out.append("no vllm bench serve run finished")
-    settled = [mib for t, mib in report.memory_mib if report.warm_s is not None and t >= report.warm_s]
+    settled = report.settled_memory()
     if report.runs and len(settled) < 2:
         out.append(f"GPU memory was sampled {len(settled)} time(s) after the first cycle: run longer, or check that "
                    "nvidia-smi answers")
