@@ -6,7 +6,9 @@ restore it when the code inside raises, and a test that failed there would leave
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -47,14 +49,16 @@ def vllm_plugin_installed() -> None:
 
 
 @pytest.fixture
-def vllm_parser(monkeypatch: pytest.MonkeyPatch):
+def vllm_parser() -> Iterator[Callable[[Callable[[Any], Any]], Any]]:
     """Build a parser with one of vLLM's ``add_cli_args``. vLLM's engine arguments infer a device
-    as they are defined; on a host without a GPU, its CPU platform (restored afterwards) decides."""
-    import vllm.platforms as platforms
+    as they are defined; on a host without a GPU, its CPU platform (restored afterwards, also in the
+    vLLM modules that bound the platform at import: ``helpers.vllm_platform``) decides."""
     from vllm.platforms.cpu import CpuPlatform
 
-    monkeypatch.setattr(platforms, "_current_platform", CpuPlatform())
-    return build_parser
+    from tests.helpers import vllm_platform
+
+    with vllm_platform(CpuPlatform()):
+        yield build_parser
 
 
 def build_parser(add_args):
