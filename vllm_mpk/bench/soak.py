@@ -43,11 +43,9 @@ from vllm_mpk.bench.vllm_tools import (
     vllm_executable,
     wait_healthy,
 )
-from vllm_mpk.integration.plugin import READY_MESSAGE
+from vllm_mpk.integration.plugin import OFF_MESSAGE, READY_MESSAGE, STOPPED_MESSAGE
 
-# Warnings of the plugin that must not appear in a soak's server log: the megakernel turned off
-# (a failed build, a moved buffer) or a watchdog stop.
-OFF_MESSAGES = ("the megakernel is off", "stopped on its watchdog")
+OFF_MESSAGES = (OFF_MESSAGE, STOPPED_MESSAGE)  # the plugin's warnings a soak's server log must not hold
 # What a request to the server can raise: transport errors, and replies of another shape than vLLM's.
 REQUEST_ERRORS = (OSError, http.client.HTTPException, ValueError, KeyError, TypeError, IndexError, AttributeError)
 CANDIDATES = 5  # top logprobs per step of stock's reference: a near tie's token is among them

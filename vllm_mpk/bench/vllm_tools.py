@@ -7,8 +7,9 @@ Models are directories holding a shipped config.json and the offline tokenizer
 (it fails rather than silently running vLLM's layers) and plans decode batches up to the largest
 the benchmark makes (at most ``MAX_LINEAR_BATCH``). vLLM takes any ``--model-impl`` string, so
 an mpk engine whose log never says a megakernel was ready (the plugin not installed for the
-Python that runs ``vllm``) gives error rows, not stock's numbers under mpk's name. Repeats are interleaved between the impls
-(vllm, mpk, vllm, mpk, ...) so that a drift of the host's speed falls on both.
+Python that runs ``vllm``) gives error rows, not stock's numbers under mpk's name. Repeats are
+interleaved between the impls (vllm, mpk, vllm, mpk, ...) so that a drift of the host's speed
+falls on both.
 
 Every process (a ``vllm bench latency``, a ``vllm serve``, a ``vllm bench serve``) runs in a
 process group of its own that is killed when it ends, times out, or the run is interrupted

@@ -62,7 +62,7 @@ from vllm_mpk.integration.memory import (
 )
 from vllm_mpk.integration.options import MOE_OPT_IN, MpkOptions, plan_batches
 from vllm_mpk.integration.plan_reuse import difference, widen_kv_caches
-from vllm_mpk.integration.plugin import READY_MESSAGE
+from vllm_mpk.integration.plugin import OFF_MESSAGE, READY_MESSAGE, STOPPED_MESSAGE
 from vllm_mpk.integration.tensor_parallel import (
     agree_on_build,
     bootstrap_nvshmem,
@@ -162,7 +162,7 @@ class MpkRuntime:
         self._release()
         if self.disabled is None:
             self.disabled = reason
-            logger.warning("--model-impl mpk: the megakernel is off, vLLM's stock layers serve every batch: %s", reason)
+            logger.warning(OFF_MESSAGE + ", vLLM's stock layers serve every batch: %s", reason)
 
     def decode(self, model: torch.nn.Module, input_ids: torch.Tensor | None, positions: torch.Tensor,
                extra: dict[str, Any]) -> torch.Tensor | None:
@@ -418,7 +418,7 @@ class MpkRuntime:
             raise MpkFallbackError(f"--model-impl mpk (strict): {what}")
         for kernel in self.kernels.values():
             kernel.reset()
-        self.disabled = f"the megakernel stopped on its watchdog: {what}"
+        self.disabled = f"{STOPPED_MESSAGE}: {what}"
         self.megakernel_graphs.clear()
         logger.warning("--model-impl mpk: %s. The requests of the steps it ran failed; vLLM's stock layers serve "
                        "every batch from now on", self.disabled)

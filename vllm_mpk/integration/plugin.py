@@ -40,6 +40,10 @@ WRAPPED_MARK = "_vllm_mpk_wrapped"
 # The log line that shows a megakernel serves: vLLM takes any ``--model-impl`` string, so where this
 # plugin is not installed for the Python that runs vLLM, ``mpk`` silently means vLLM's own layers.
 READY_MESSAGE = "--model-impl mpk: megakernel ready"
+# The warnings that the megakernel was turned off (a configuration it cannot serve, a failed build, a
+# moved buffer) or stopped on its watchdog; a soak's log must hold neither.
+OFF_MESSAGE = "--model-impl mpk: the megakernel is off"
+STOPPED_MESSAGE = "the megakernel stopped on its watchdog"
 
 # A child of vLLM's "vllm" logger, so these lines use vLLM's handler, format and
 # VLLM_LOGGING_LEVEL (vLLM's logger does not propagate to the root logger).
