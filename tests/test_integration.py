@@ -286,11 +286,12 @@ def test_options_default_and_from_additional_config() -> None:
     assert MpkOptions.from_dict({"kv_splits": 1}).kv_splits == 1
     vc = SimpleNamespace(additional_config={"mpk": {"max_batch": 16, "num_workers": 66, "block_dim": 128,
                                                     "schedule": "round_robin", "timeout_s": 5, "profile": True,
-                                                    "strict": True, "kv_splits": 4, "moe": True},
+                                                    "strict": True, "kv_splits": 4, "moe": True,
+                                                    "greedy_argmax": False},
                                            "other_plugin": {"x": 1}})
     o = MpkOptions.from_vllm_config(vc)
     assert (o.max_batch, o.num_workers, o.block_dim, o.schedule, o.timeout_s, o.profile, o.strict, o.kv_splits,
-            o.moe) == (16, 66, 128, "round_robin", 5, True, True, 4, True)
+            o.moe, o.greedy_argmax) == (16, 66, 128, "round_robin", 5, True, True, 4, True, False)
     assert not MpkOptions().moe  # mixture of experts is opt-in
 
 
@@ -310,6 +311,7 @@ def test_options_default_and_from_additional_config() -> None:
     ({"kv_splits": True}, r'\["kv_splits"\] must be a positive integer or null'),
     ({"strict": "yes"}, r'\["strict"\] must be true or false'),
     ({"moe": 1}, r'\["moe"\] must be true or false, got 1'),
+    ({"greedy_argmax": "yes"}, r'\["greedy_argmax"\] must be true or false, got \'yes\''),
     ([1, 2], "must be a JSON object"),
 ])
 def test_bad_options_name_the_key(raw: Any, match: str) -> None:

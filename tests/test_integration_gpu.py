@@ -107,6 +107,12 @@ if args["stall"]:  # an event no task will ever reach: that step's request fails
     out["mpk_stopped"] = llm.apply_model(lambda m: {"steps": m._mpk.steps, "disabled": m._mpk.disabled})
     stock = [Greedy.from_json(r) for r in args["stock"][name]]
     out["after"] = compare_teacher_forced(prompts, stock, greedy, args["near_tie"]).to_json()
+if args["argmax"]:  # the same batches without logprobs: greedy megakernel steps sampled by argmax
+    plain = SamplingParams(temperature=0.0, max_tokens=args["steps"], ignore_eos=True, detokenize=False)
+    llm.reset_prefix_cache()  # the prompts prefill as in the first run, not from its cached blocks
+    out["argmax"] = {name: [list(r.outputs[0].token_ids) for r in llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], plain, use_tqdm=False)] for name, prompts in args["batches"].items()}
+    out["argmax_steps"] = llm.collective_rpc(lambda worker: getattr(worker.model_runner.sampler, "argmax_steps", None))
 if args["impl"] == "mpk":
     out["mpk"] = llm.apply_model(lambda m: {"class": type(m).__name__, "steps": getattr(m, "_mpk", None) and m._mpk.steps,
                                             "disabled": getattr(m, "_mpk", None) and m._mpk.disabled})
@@ -167,7 +173,8 @@ def run_engine(tmp: Path, model: Path, impl: str, *, eager: bool = False, load_f
                kv_cache_dtype: str = "auto", mpk: dict[str, Any] | None = None, steps: int = STEPS,
                batches: dict[str, list[list[int]]] | None = None, stock: dict[str, Any] | None = None,
                compilation: dict[str, Any] | None = FAST, staggered: list[int] | None = None,
-               stall: bool = False, attention_backend: str | None = None) -> tuple[dict[str, Any], str]:
+               stall: bool = False, attention_backend: str | None = None,
+               argmax: bool = False) -> tuple[dict[str, Any], str]:
     """One engine in a subprocess. Without ``stock``: each batch's greedy tokens and top logprobs
     per request. With ``stock`` (an earlier run's output): each batch's teacher-forced Comparison
     against it, as JSON. ``staggered`` (tokens per request): the engine's own requests run alone,
@@ -175,7 +182,8 @@ def run_engine(tmp: Path, model: Path, impl: str, *, eager: bool = False, load_f
     default (torch.compile, FULL_AND_PIECEWISE graphs). ``stall``: afterwards, break an event of
     every megakernel, record how the next request ends, then compare the batches again on the
     engine that stopped (teacher-forced on ``stock``). ``attention_backend``: vLLM's
-    ``--attention-backend`` (None: vLLM's choice, FLASH_ATTN on Hopper)."""
+    ``--attention-backend`` (None: vLLM's choice, FLASH_ATTN on Hopper). ``argmax``: afterwards,
+    each batch's tokens again without logprobs, and each worker's count of argmax-sampled steps."""
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     batches = batches or {"bs1": prompts(vocab, 1, 1), "bs8": prompts(vocab, 8, 8)}
     out = tmp / (f"{impl}-{eager}-{load_format}-{kv_cache_dtype}-{compilation is None}-{bool(staggered)}-{stall}-"
@@ -184,7 +192,7 @@ def run_engine(tmp: Path, model: Path, impl: str, *, eager: bool = False, load_f
                 attention_backend=attention_backend,
                 kv_cache_dtype=kv_cache_dtype, mpk={"max_batch": 8, **(mpk or {})}, steps=steps, batches=batches,
                 stock=None if stock is None else {name: stock[name] for name in batches}, near_tie=NEAR_TIE,
-                staggered=staggered, stall=stall, candidates=CANDIDATES,
+                staggered=staggered, stall=stall, argmax=argmax, candidates=CANDIDATES,
                 repo=str(REPO), out=str(out))
     args_path = out.with_suffix(".args.json")  # stock's logprobs can outgrow one command-line argument
     args_path.write_text(json.dumps(args))
@@ -216,6 +224,17 @@ def test_greedy_tokens_match_stock_vllm(checkpoint: Path, tmp_path: Path, stock_
     assert ours["mpk"][0]["steps"] > 0  # warm-up and capture ran it; replays do not count
     assert "megakernel ready" in log
     assert_matches_stock(ours, f"{checkpoint.name} cuda graphs")
+
+
+def test_greedy_steps_sampled_by_argmax_give_the_samplers_tokens(checkpoint: Path, tmp_path: Path) -> None:
+    """The same engine and batches, first with logprobs (vLLM's sampler on every step), then
+    without (megakernel steps sampled by one argmax, integration/greedy_sampler.py): the same
+    forward gives the same tokens, and the argmax path did take steps."""
+    ours, log = run_engine(tmp_path, checkpoint, "mpk", mpk={"strict": True}, argmax=True)
+    assert ours["mpk"][0]["disabled"] is None and "megakernel ready" in log
+    for name in ("bs1", "bs8"):
+        assert ours["argmax"][name] == [r["tokens"] for r in ours[name]], name
+    assert all(n and n >= STEPS - 1 for n in ours["argmax_steps"]), ours["argmax_steps"]
 
 
 def test_eager_decode_steps_run_the_megakernel(checkpoint: Path, tmp_path: Path, stock_greedy) -> None:

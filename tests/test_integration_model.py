@@ -15,7 +15,7 @@ import json
 import logging
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -591,6 +591,7 @@ def test_only_graphs_holding_the_megakernel_skip_the_attention_metadata(built: B
     from vllm.config import set_current_vllm_config
     from vllm.v1.worker.gpu.model_states import init_model_state
 
+    from vllm_mpk.integration.greedy_sampler import GreedyDecodeSampler
     from vllm_mpk.integration.model_state import MpkModelState
 
     monkeypatch.setattr(DefaultModelState, "prepare_attn", stock_prepare_attn)
@@ -603,6 +604,16 @@ def test_only_graphs_holding_the_megakernel_skip_the_attention_metadata(built: B
                                   for_capture=capture) for n, mode, capture in steps]
     assert answers == [None, {"metadata": 4}, {"metadata": 2}, {"metadata": 2}, {"metadata": 2}]
     assert built_metadata == steps[1:]
+
+    # The same steps get a sampler that takes all-greedy batches by one argmax (greedy_sampler.py).
+    sampler, rejection = state.custom_sampler("vLLM's sampler")
+    assert isinstance(sampler, GreedyDecodeSampler) and rejection is None
+    assert sampler.sampler == "vLLM's sampler" and sampler.megakernel_graphs is runtime.megakernel_graphs
+    monkeypatch.setattr(state.vllm_config, "speculative_config", SimpleNamespace(method="eagle"))
+    assert state.custom_sampler("vLLM's sampler") is None  # a drafter keeps vLLM's rejection sampler
+    monkeypatch.setattr(state.vllm_config, "speculative_config", None)
+    monkeypatch.setattr(runtime, "options", replace(runtime.options, greedy_argmax=False))
+    assert state.custom_sampler("vLLM's sampler") is None
 
 
 # mixture of experts ---------------------------------------------------------------------------

@@ -9,7 +9,9 @@ positions, sequence lengths, block tables and slot mapping that the runner wrote
 persistent buffers earlier in the step (``prepare_inputs`` and the runner's own ``prepare_attn``).
 The metadata is otherwise only read by a speculative drafter, which the megakernel never runs
 with. Skipping it saves 0.15-0.27 ms of the host's step (the five shipped models, H100, bench
-rows' ``host_attn_metadata``), where the host sets a small model's TPOT.
+rows' ``host_attn_metadata``), where the host sets a small model's TPOT. For the same steps it
+gives the model runner a sampler that takes all-greedy batches by one argmax
+(``greedy_sampler.py``).
 
 Only an MPK model asks for this class, so ``self.model`` always has its ``MpkRuntime``.
 
@@ -25,6 +27,8 @@ from typing import Any
 from vllm.config import CUDAGraphMode
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
+from vllm_mpk.integration.greedy_sampler import GreedyDecodeSampler
+
 
 class MpkModelState(DefaultModelState):
     def prepare_attn(self, input_batch: Any, cudagraph_mode: CUDAGraphMode, *args: Any,
@@ -33,3 +37,9 @@ class MpkModelState(DefaultModelState):
                 and input_batch.num_tokens_after_padding in self.model._mpk.megakernel_graphs):
             return None
         return super().prepare_attn(input_batch, cudagraph_mode, *args, for_capture=for_capture, **kwargs)
+
+    def custom_sampler(self, sampler: Any) -> tuple[Any, Any] | None:
+        runtime = self.model._mpk
+        if not runtime.options.greedy_argmax or self.vllm_config.speculative_config is not None:
+            return None  # the megakernel never runs with a drafter: vLLM keeps its rejection sampler
+        return GreedyDecodeSampler(sampler, runtime.megakernel_graphs, self.max_num_reqs, self.device), None

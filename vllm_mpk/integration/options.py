@@ -38,7 +38,10 @@ class MpkOptions:
     (unsupported model, KV-cache layout, build failure). Prefill, mixed batches and decode batches
     above ``max_batch`` always run the stock layers; that is routing, not a fallback.
     ``moe``: serve mixture-of-experts models (Qwen3-MoE) through the megakernel; off, they run on
-    vLLM's own layers (``MOE_OPT_IN``)."""
+    vLLM's own layers (``MOE_OPT_IN``).
+    ``greedy_argmax``: steps that replay a megakernel graph with every request greedy and no
+    sampling feature in use take their tokens by one argmax instead of vLLM's sampler
+    (``integration/greedy_sampler.py``); false: vLLM's sampler on every step."""
 
     max_batch: int = DecodeOptions.max_batch
     num_workers: int | None = None
@@ -49,6 +52,7 @@ class MpkOptions:
     profile: bool = False
     strict: bool = False
     moe: bool = False
+    greedy_argmax: bool = True
 
     @classmethod
     def from_dict(cls, raw: Any) -> MpkOptions:
@@ -100,7 +104,7 @@ class MpkOptions:
             check_timeout_s(self.timeout_s)
         except ValueError:
             raise bad("timeout_s", TIMEOUT_RANGE) from None
-        for key in ("profile", "strict", "moe"):
+        for key in ("profile", "strict", "moe", "greedy_argmax"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "true or false")
 
