@@ -109,15 +109,19 @@ def test_a_clean_soak_passes_and_records_what_it_did(tmp_path: Path, fake_vllm: 
     assert all(r["completed"] == 16 and r["failed"] == 0 for r in report.runs)
     assert report.ready and report.alive_at_end and report.drops >= 1 and not report.drop_errors
     assert {r["cycle"] for r in report.runs} >= {0, 1} and len(report.memory_mib) >= 2
-    comparison = Comparison.from_json(report.comparison)
-    assert comparison.steps == 3 * 6 and not comparison.mismatches
+    assert list(report.comparisons) == ["with logprobs", "without logprobs"]
+    for name, comparison in report.comparisons.items():
+        comparison = Comparison.from_json(comparison)
+        assert comparison.steps == 3 * 6 and not comparison.mismatches, name
+    assert Comparison.from_json(report.comparisons["with logprobs"]).logprob_steps == 3 * 6
     assert (tmp_path / "logs" / "soak.json").is_file()
 
 
 @pytest.mark.parametrize("mode, expected", [
     ("fail_requests", "requests failed"),
     ("off", "server log: WARNING --model-impl mpk: the megakernel is off"),
-    ("diverge", "greedy tokens against stock's"),
+    ("diverge", "greedy tokens with logprobs against stock's"),
+    ("diverge", "greedy tokens without logprobs against stock's"),
 ])
 def test_each_way_a_soak_fails_is_reported(tmp_path: Path, fake_vllm: None, monkeypatch: pytest.MonkeyPatch,
                                            mode: str, expected: str) -> None:
@@ -143,9 +147,10 @@ def test_a_near_tie_passes_and_a_real_divergence_fails() -> None:
     base = dict(settings={}, runs=[{"concurrency": 1, "completed": 16, "failed": 0}], ready=True, alive_at_end=True,
                 warm_s=1.0, memory_mib=[(2.0, 100.0), (3.0, 100.0)])
     tie = Comparison(steps=100, near_ties=[Divergence(0, 3, 5, 6, 0.01)]).to_json()
-    assert problems(SoakReport(**base, comparison=tie), 256) == []
+    assert problems(SoakReport(**base, comparisons={"with logprobs": tie}), 256) == []
     wrong = Comparison(steps=100, mismatches=[Divergence(0, 3, 5, 6, None)]).to_json()
-    assert any("not make it a near tie" in p for p in problems(SoakReport(**base, comparison=wrong), 256))
+    found = problems(SoakReport(**base, comparisons={"with logprobs": tie, "without logprobs": wrong}), 256)
+    assert len(found) == 1 and "without logprobs" in found[0] and "not make it a near tie" in found[0], found
 
 
 def test_no_runs_no_ready_line_and_a_dead_server_are_problems() -> None:

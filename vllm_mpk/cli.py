@@ -491,10 +491,10 @@ def cmd_soak(args: argparse.Namespace) -> int:
           f"{sum(r.get('failed', 0) for r in runs)} failed; {report.drops} streams dropped part-way")
     if settled:
         print(f"GPU memory after the first cycle: {min(settled):.0f} to {max(settled):.0f} MiB")
-    if report.comparison is not None:
-        from vllm_mpk.bench.greedy_compare import Comparison
+    from vllm_mpk.bench.greedy_compare import Comparison
 
-        print(f"greedy tokens against stock's: {Comparison.from_json(report.comparison).summary()}")
+    for name, comparison in report.comparisons.items():
+        print(f"greedy tokens {name} against stock's: {Comparison.from_json(comparison).summary()}")
     found = problems(report, settings.flat_mib)
     for problem in found:
         print(f"FAILED: {problem}")

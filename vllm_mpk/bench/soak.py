@@ -6,8 +6,10 @@ that drops its stream part-way, over and over.
 
 It records every ``vllm bench serve`` run's completed and failed requests, the GPU's memory over
 time, the clients dropped, and the server's own warnings; then it compares the soaked server's
-greedy tokens with stock vLLM's on the same checkpoint, teacher-forced (``greedy_compare``). Stock
-runs first, briefly, for its tokens and top logprobs. The soak passes when no request failed, the
+greedy tokens with stock vLLM's on the same checkpoint, teacher-forced (``greedy_compare``), once
+asking for top logprobs (vLLM's sampler) and once without (the requests whose greedy megakernel
+steps are sampled by argmax, ``integration/greedy_sampler.py``). Stock runs first, briefly, for its
+tokens and top logprobs. The soak passes when no request failed, the
 memory stayed flat after the first cycle, the megakernel was ready and never turned off, the
 server still answers, and every divergence from stock is a near tie (``problems``).
 """
@@ -49,6 +51,9 @@ OFF_MESSAGES = (OFF_MESSAGE, STOPPED_MESSAGE)  # the plugin's warnings a soak's 
 # What a request to the server can raise: transport errors, and replies of another shape than vLLM's.
 REQUEST_ERRORS = (OSError, http.client.HTTPException, ValueError, KeyError, TypeError, IndexError, AttributeError)
 CANDIDATES = 5  # top logprobs per step of stock's reference: a near tie's token is among them
+# How the soaked server is asked for the compared tokens: with stock's candidates as logprobs (vLLM's
+# sampler on every step), and without (greedy megakernel steps sampled by argmax).
+COMPARISONS = {"with logprobs": CANDIDATES, "without logprobs": None}
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,8 @@ class SoakReport:
     warm_s: float | None = None  # when the first cycle ended: memory before it is not judged
     drops: int = 0  # streams dropped part-way
     drop_errors: list[str] = field(default_factory=list)  # what a dropping client met other than its stream
-    comparison: dict[str, Any] | None = None  # Comparison.to_json() of the soaked server against stock
+    # Comparison.to_json() of the soaked server against stock, by how it was asked (COMPARISONS)
+    comparisons: dict[str, dict[str, Any]] = field(default_factory=dict)
     ready: bool = False
     off_lines: list[str] = field(default_factory=list)
     alive_at_end: bool = False
@@ -116,11 +122,11 @@ def problems(report: SoakReport, flat_mib: float) -> list[str]:
     if not report.alive_at_end:
         out.append("the server did not answer /health after the load")
     out += report.drop_errors[:3]
-    if report.comparison is not None:
+    for name, comparison in report.comparisons.items():
         try:
-            Comparison.from_json(report.comparison).check()
+            Comparison.from_json(comparison).check()
         except AssertionError as e:
-            out.append(f"greedy tokens against stock's: {e}")
+            out.append(f"greedy tokens {name} against stock's: {e}")
     return out
 
 
@@ -307,11 +313,11 @@ def stock_then_mpk(settings: SoakSettings, log_dir: Path, on_line: Callable[[str
             finally:
                 dropping.stop()
                 memory.stop()
-            return compare_teacher_forced(
-                prompts, stock, lambda ps, ns: complete(settings.port, model_dir, ps, ns, CANDIDATES))
+            return {name: compare_teacher_forced(
+                prompts, stock, lambda ps, ns, lp=logprobs: complete(settings.port, model_dir, ps, ns, lp)).to_json()
+                for name, logprobs in COMPARISONS.items()}
 
-        comparison = serve(settings, vllm, model_dir, MPK, log_dir, report, load_then_compare)
-        report.comparison = None if comparison is None else comparison.to_json()
+        report.comparisons = serve(settings, vllm, model_dir, MPK, log_dir, report, load_then_compare) or {}
     return report
 
 
