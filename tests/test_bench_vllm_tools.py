@@ -126,6 +126,9 @@ def test_bench_serve_arguments_parse_with_vllm_bench_serve(vllm_parser) -> None:
     assert (args.random_input_len, args.random_output_len, args.max_concurrency, args.num_prompts) == (1024, 256, 4, 16)
     assert args.ignore_eos and args.save_result and args.result_filename == "/r.json"
     assert (args.percentile_metrics, args.metric_percentiles) == ("ttft,tpot,itl", "50,99")
+    assert args.temperature is None  # the server's default
+    greedy = vllm_parser(add_cli_args).parse_args(bench_serve_args("/m", 8123, 1024, 256, 4, 16, "/r.json", 0.0))
+    assert greedy.temperature == 0.0
 
 
 # vLLM's result files ---------------------------------------------------------------------------
@@ -196,6 +199,13 @@ def test_render_takes_each_benchmarks_latest_run() -> None:
     assert "Card: NVIDIA H200. Run 2026-01-01T00:00:00Z, commit 0ld0000" in text.split("vllm bench serve")[1]
     assert "abc1234" in text.split("vllm bench serve")[0]
     assert render([]).startswith("No run yet")
+
+
+def test_render_names_the_serve_runs_temperature() -> None:
+    assert "256 output tokens per request, the server's default temperature (1.0)" in render(
+        [serve_row("vllm", 0, 5.0), serve_row("mpk", 0, 4.0)])
+    assert "256 output tokens per request, temperature 0" in render(
+        [{**serve_row(impl, 0, 5.0), "temperature": 0.0} for impl in ("vllm", "mpk")])
 
 
 def test_render_lists_failures_and_leaves_an_impl_without_values_na() -> None:
@@ -402,6 +412,7 @@ def test_cli_redraws_the_table_from_rows(tmp_path: Path) -> None:
     (["--models", "nope"], "no shipped config named 'nope'"),
     (["--concurrencies", "0"], "expected an integer of at least 1, got 0"),
     (["--benches", "throughput"], "invalid choice: 'throughput'"),
+    (["--serve-temperature", "-1"], "expected a number of at least 0, got -1"),
     (["--table-only", "--rows", "/nonexistent/rows.jsonl"], "--rows /nonexistent/rows.jsonl does not exist"),
 ])
 def test_cli_bad_arguments_are_one_line_and_exit_2(argv: list[str], message: str,

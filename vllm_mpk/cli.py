@@ -453,7 +453,8 @@ def cmd_bench_vllm(args: argparse.Namespace) -> int:
             models=tuple(models), impls=tuple(args.impls), batches=tuple(args.batches),
             input_lens=tuple(args.input_lens), output_len=args.output_len, concurrencies=tuple(args.concurrencies),
             serve_input_len=args.serve_input_len, serve_output_len=args.serve_output_len,
-            prompts_per_concurrency=args.prompts_per_concurrency, repeats=args.repeats, num_iters=args.num_iters,
+            prompts_per_concurrency=args.prompts_per_concurrency, serve_temperature=args.serve_temperature,
+            repeats=args.repeats, num_iters=args.num_iters,
             num_iters_warmup=args.num_iters_warmup, port=args.port,
             timeout_s=args.timeout, server_start_s=args.server_timeout)
         log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="vllm_mpk_bench_vllm_"))
@@ -659,6 +660,9 @@ def add_bench_vllm_parser(sub: argparse._SubParsersAction) -> None:
                    help="vllm bench serve --random-output-len")
     b.add_argument("--prompts-per-concurrency", type=POSITIVE, default=d.prompts_per_concurrency,
                    help="vllm bench serve --num-prompts is this times the concurrency, at least 16")
+    b.add_argument("--serve-temperature", type=number_in(0, low_included=True), default=d.serve_temperature,
+                   help="vllm bench serve --temperature for every request (0: greedy); default: none sent, the "
+                        "server's default applies (1.0 for these checkpoints)")
     b.add_argument("--repeats", type=POSITIVE, default=d.repeats,
                    help="runs of each setting, interleaved between the impls")
     b.add_argument("--port", type=int_in(1, 65535), default=d.port, help="vllm serve's port")

@@ -60,6 +60,7 @@ class Settings:
     serve_input_len: int = 1024
     serve_output_len: int = 256
     prompts_per_concurrency: int = 4  # --num-prompts = this × the concurrency (at least 16)
+    serve_temperature: float | None = None  # vllm bench serve --temperature; None: the server's default (1.0 here)
     repeats: int = 3
     num_iters: int | None = None  # vllm bench latency --num-iters and --num-iters-warmup; None: vLLM's (30, 10)
     num_iters_warmup: int | None = None
@@ -103,10 +104,12 @@ def num_prompts(per_concurrency: int, concurrency: int) -> int:
 
 
 def bench_serve_args(model_dir: str, port: int, input_len: int, output_len: int, concurrency: int, prompts: int,
-                     result_file: str) -> list[str]:
+                     result_file: str, temperature: float | None = None) -> list[str]:
     """The arguments of ``vllm bench serve`` (after ``bench serve``). EOS is ignored so every
-    request makes ``output_len`` tokens, as dummy weights would otherwise end them anywhere."""
-    return ["--backend", "vllm", "--model", model_dir, "--port", str(port), "--dataset-name", "random",
+    request makes ``output_len`` tokens, as dummy weights would otherwise end them anywhere. Without
+    ``temperature`` the requests carry none and the server's default applies (1.0 for a checkpoint
+    without a generation config, as here)."""
+    return [*(["--temperature", str(temperature)] if temperature is not None else []),"--backend", "vllm", "--model", model_dir, "--port", str(port), "--dataset-name", "random",
             "--random-input-len", str(input_len), "--random-output-len", str(output_len), "--ignore-eos",
             "--max-concurrency", str(concurrency), "--num-prompts", str(prompts),
             "--percentile-metrics", ",".join(PERCENTILE_METRICS),
@@ -255,7 +258,8 @@ def serve_one(settings: Settings, vllm: str, model: str, model_dir: str, impl: s
     server = [vllm, "serve", *serve_args(model_dir, impl, settings.port, max(settings.concurrencies))]
     log = log_dir / f"{name}.log"
     rows = [{"bench": "serve", "model": model, "impl": impl, "concurrency": c, "input_len": settings.serve_input_len,
-             "output_len": settings.serve_output_len, "repeat": repeat, "server_command": shown(server, model_dir)}
+             "output_len": settings.serve_output_len, "temperature": settings.serve_temperature, "repeat": repeat,
+             "server_command": shown(server, model_dir)}
             for c in settings.concurrencies]
     if healthy(settings.port):  # another server would answer for this one
         for row in rows:
@@ -274,7 +278,7 @@ def serve_one(settings: Settings, vllm: str, model: str, model_dir: str, impl: s
                 result = log_dir / f"{name}-c{c}.json"
                 command = [vllm, "bench", "serve", *bench_serve_args(
                     model_dir, settings.port, settings.serve_input_len, settings.serve_output_len, c,
-                    num_prompts(settings.prompts_per_concurrency, c), str(result))]
+                    num_prompts(settings.prompts_per_concurrency, c), str(result), settings.serve_temperature)]
                 row["command"] = shown(command, model_dir)
                 if error is None:
                     failed = run_process(command, log_dir / f"{name}-c{c}.log", settings.timeout_s)

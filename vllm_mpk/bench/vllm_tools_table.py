@@ -102,8 +102,10 @@ def serve_section(rows: list[Row]) -> list[str]:
         return r["model"], r["concurrency"]
 
     first = rows[0]
+    t = first.get("temperature")
+    sampling = "the server's default temperature (1.0)" if t is None else f"temperature {t:g}"
     return [f"### `vllm bench serve`: random dataset, {first['input_len']} input and {first['output_len']} output "
-            "tokens per request", "", stamp(rows), "", *table(rows, setting, ("model", "concurrency"), SERVE_METRICS), "",
+            f"tokens per request, {sampling}", "", stamp(rows), "", *table(rows, setting, ("model", "concurrency"), SERVE_METRICS), "",
             *start_table(rows), *failures(rows, setting), *commands(rows, ("server_command", "command"))]
 
 
