@@ -93,7 +93,7 @@ def test_tensor_parallel_rows_are_their_own_lines_with_their_own_latest_run() ->
 
 def test_table_has_ratios_overhead_and_ceiling() -> None:
     md = render(ROWS)
-    assert table_cells(md, "qwen3-0.6b", 1) == ["qwen3-0.6b", "1", "1.60", "1.20", "1.33×", "0.90", "0.50", "1.80×",
+    assert table_cells(md, "qwen3-0.6b", 1) == ["qwen3-0.6b", "1", "1.60", "1.20", "1.33×", "0.90", "0.50", "1.67×",
                                                 "0.10", "0.60 (38%)", "0.60 (50%)", "—", "—", "H100 80GB HBM3"]
     assert table_cells(md, "qwen3-0.6b", 8)[4] == "0.90×"  # slower is shown as such
     # the failed mpk engine leaves dashes in its columns and a line under the table
@@ -103,6 +103,15 @@ def test_table_has_ratios_overhead_and_ceiling() -> None:
     assert "NVIDIA H100 80GB HBM3" in md and "2026-11-27T10:00:00Z" in md and "9.00" not in md
     # without floor rows the note gives the time outside the forward and says it is no bound
     assert "0.40–0.60 ms (6%–38% of it)" in md and "was not run here" in md
+
+
+def test_a_megakernel_running_its_own_lm_head_is_compared_forward_and_lm_head() -> None:
+    """With logits_in_kernel the mpk forward holds the lm_head and its compute_logits does almost
+    nothing: the forward ratio compares forward + lm_head, and each overhead subtracts its own."""
+    rows = [row("qwen3-0.6b", "vllm", 1, 1.60, 0.90, 0.10, run="2026-11-29T10:00:00Z"),
+            row("qwen3-0.6b", "mpk", 1, 1.20, 0.60, 0.0, run="2026-11-29T10:00:00Z")]
+    cells = table_cells(render(rows), "qwen3-0.6b", 1)
+    assert cells[5:11] == ["0.90", "0.60", "1.67×", "0.10 / 0.00", "0.60 (38%)", "0.60 (50%)"]
 
 
 def test_floor_rows_give_the_ceiling() -> None:
@@ -342,7 +351,7 @@ def test_the_table_takes_each_times_median_over_an_engines_rounds() -> None:
     rounds += [{**row("qwen3-0.6b", "mpk", 1, tpot, 0.5, 0.1), "round": i} for i, tpot in enumerate([1.2, 1.6, 1.3])]
     table = render(rounds)
     cells = table_cells(table, "qwen3-0.6b", 1)
-    assert cells[2:8] == ["1.70", "1.30", "1.31×", "1.00", "0.50", "2.00×"]
+    assert cells[2:8] == ["1.70", "1.30", "1.31×", "1.00", "0.50", "1.83×"]  # forward + lm_head: 1.1 / 0.6
     assert "Each engine in its own process, one model's in turn; 3 such rounds, each time the median" in table
     assert "Each engine in its own process, one model's in turn." in render(ROWS)
 

@@ -64,7 +64,8 @@ def vllm_weights(spec: ModelSpec, world: int) -> dict[str, torch.Tensor]:
 def options_by_size(max_batch: int, max_seq_len: int, world: int = 1, rank: int = 0) -> dict[int, DecodeOptions]:
     """What the runtime passes for each plan (``MpkRuntime._decode_options``)."""
     return {size: MpkOptions().decode_options(batch=size, max_seq_len=max_seq_len, page_size=PAGE,
-                                              num_workers=WORKERS, world_size=world, rank=rank)
+                                              num_workers=WORKERS, world_size=world, rank=rank,
+                                              logits=world == 1)
             for size in plan_batches(max_batch)}
 
 

@@ -224,6 +224,11 @@ class Runner:
         return self.forward(self.metadata(padded, padded), padded, mode)
 
 
+def decode_step(num_reqs: int, padded: int) -> Any:
+    """What Model Runner V2's model state reads of a pure decode batch (``InputBatch``)."""
+    return SimpleNamespace(num_reqs=num_reqs, num_tokens=num_reqs, num_tokens_after_padding=padded)
+
+
 def test_decode_steps_match_the_standalone_plan(built: Built) -> None:
     """Three ragged teacher-forced requests (crossing pages, finishing at different steps, batch
     padded to a power of two) through the vLLM binding, against the same layers planned with the
@@ -366,7 +371,8 @@ def test_memory_is_reserved_at_load_and_given_to_the_build(built: Built, stock_c
     fresh = build_model(tmp_path, built.name)
     mpk = fresh.model._mpk
     sizes = plan_batches(MAX_REQS)
-    estimate = sum(megakernel_bytes(built.spec, b, WORKERS) for b in sizes)
+    assert mpk.logits_off is None  # the plans run the lm_head beside the final norm (kernel_logits.py)
+    estimate = sum(megakernel_bytes(built.spec, b, WORKERS, final="logits") for b in sizes)
     assert mpk.reservation is not None and mpk.reservation.block is not None
     assert mpk.reservation.block.numel() == estimate
     Runner(fresh, [[1]]).step([(0, 5, 0)], 1)
@@ -377,7 +383,8 @@ def test_memory_is_reserved_at_load_and_given_to_the_build(built: Built, stock_c
     # The CPU build allocates the plan's intermediates, exactly as estimated (each rounded as the
     # caching allocator does: the split-KV arrival words are smaller than its 512-byte blocks).
     allocated = sum(allocated_bytes(k) for k in mpk.kernels.values())
-    assert allocated == sum(_rounded(n) for b in sizes for n in activation_sizes(built.spec, b, WORKERS))
+    assert allocated == sum(_rounded(n) for b in sizes for n in activation_sizes(built.spec, b, WORKERS,
+                                                                                 final="logits"))
     assert allocated < estimate
 
 
@@ -600,8 +607,8 @@ def test_only_graphs_holding_the_megakernel_skip_the_attention_metadata(built: B
     assert type(state) is MpkModelState and state.model is fresh.model
     steps = [(2, CUDAGraphMode.FULL, False), (4, CUDAGraphMode.FULL, False), (2, CUDAGraphMode.NONE, False),
              (2, CUDAGraphMode.PIECEWISE, False), (2, CUDAGraphMode.NONE, True)]
-    answers = [state.prepare_attn(SimpleNamespace(num_tokens_after_padding=n), mode, (), None, [], None,
-                                  for_capture=capture) for n, mode, capture in steps]
+    answers = [state.prepare_attn(decode_step(n, n), mode, (), None, [], None, for_capture=capture)
+               for n, mode, capture in steps]
     assert answers == [None, {"metadata": 4}, {"metadata": 2}, {"metadata": 2}, {"metadata": 2}]
     assert built_metadata == steps[1:]
 
@@ -614,6 +621,72 @@ def test_only_graphs_holding_the_megakernel_skip_the_attention_metadata(built: B
     monkeypatch.setattr(state.vllm_config, "speculative_config", None)
     monkeypatch.setattr(runtime, "options", replace(runtime.options, greedy_argmax=False))
     assert state.custom_sampler("vLLM's sampler") is None
+
+
+def test_compute_logits_takes_the_megakernels_logits_on_its_graph_replays(built: Built, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plans run the lm_head beside the final norm. A step whose model state saw a replay of a
+    megakernel graph gets those logits from compute_logits (no lm_head GEMM), close to vLLM's own
+    on the hidden states the step returned; every other call runs vLLM's lm_head."""
+    from vllm.config import CUDAGraphMode, set_current_vllm_config
+    from vllm.v1.worker.gpu.model_states import init_model_state
+
+    from vllm_mpk.integration import model as integration
+    from vllm_mpk.integration.model import MpkDecodeMixin
+
+    fresh = build_model(tmp_path, built.name)
+    model, runtime = fresh.model, fresh.model._mpk
+    runner = Runner(fresh, [[1], [2], [3], [4]])
+    runner.step([(0, 5, 0), (1, 6, 0)], 2)  # builds the megakernels
+    monkeypatch.setattr(integration, "_capturing", lambda t: True)
+    runner.step([(0, 5, 0), (1, 6, 0)], 2)  # "captures" the graph of 2
+    monkeypatch.undo()
+    hidden = runner.step([(0, 5, 1), (1, 6, 1)], 2)  # the step a replay would run
+    from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+
+    monkeypatch.setattr(DefaultModelState, "prepare_attn", lambda self, *args, **kwargs: {})  # vLLM's metadata
+    with set_current_vllm_config(fresh.vllm_config):
+        state = init_model_state(fresh.vllm_config, model, None, torch.device("cpu"))
+
+    def stock(h: torch.Tensor) -> torch.Tensor:
+        return super(MpkDecodeMixin, model).compute_logits(h)
+
+    ours = runtime.kernels[2].tensors[runtime.logits]
+    state.prepare_attn(decode_step(2, 2), CUDAGraphMode.FULL, (), None, [], None)
+    logits = model.compute_logits(hidden[:2])
+    assert logits.data_ptr() == ours.data_ptr() and logits.shape == (2, built.spec.vocab_size)
+    want = stock(hidden[:2]).float()
+    assert torch.isfinite(logits).all() and (logits - want).abs().max() <= 0.02 * want.abs().max()
+    assert model.compute_logits(hidden[:2]).data_ptr() != ours.data_ptr()  # taken once: then vLLM's lm_head
+    state.prepare_attn(decode_step(2, 2), CUDAGraphMode.FULL, (), None, [], None)
+    assert model.compute_logits(hidden[:1]).data_ptr() != ours.data_ptr()  # not this step's rows: vLLM's
+    for mode in (CUDAGraphMode.PIECEWISE, CUDAGraphMode.NONE):  # steps that did not replay a megakernel graph
+        state.prepare_attn(decode_step(2, 2), CUDAGraphMode.FULL, (), None, [], None)
+        state.prepare_attn(decode_step(2, 2), mode, (), None, [], None)
+        assert model.compute_logits(hidden[:2]).data_ptr() != ours.data_ptr()
+
+
+@pytest.mark.parametrize("why", ["option", "scaled logits", "tensor parallel"])
+def test_plans_end_at_the_final_norm_where_vllms_logits_are_not_a_plain_projection(
+        built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, why: str) -> None:
+    from vllm_mpk.integration import model as integration
+    from vllm_mpk.integration.kernel_logits import logits_problem
+
+    fresh = build_model(tmp_path, built.name)
+    model, runtime = fresh.model, fresh.model._mpk
+    if why == "option":
+        runtime.options = replace(runtime.options, logits_in_kernel=False)
+    elif why == "scaled logits":
+        monkeypatch.setattr(model.logits_processor, "scale", 0.5)
+    else:
+        monkeypatch.setattr(integration, "tp_rank_and_size", lambda: (0, 2))
+        assert "tensor parallel" in logits_problem(model, fresh.vllm_config, built.spec.vocab_size, 2)
+    runtime.note_model(model)
+    assert runtime.logits_off
+    monkeypatch.undo()
+    Runner(fresh, [[1]]).step([(0, 5, 0)], 1)
+    assert runtime.kernels and runtime.logits == ""
+    assert all("logits" not in k.tensors for k in runtime.kernels.values())
 
 
 # mixture of experts ---------------------------------------------------------------------------

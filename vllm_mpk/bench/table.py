@@ -4,9 +4,10 @@ writes (JSON lines, see ``vllm_mpk.bench.worker``). Pure functions: no GPU, no v
 For each model (and tensor-parallel size: ``qwen3-8b TP2``) the table uses the rows of the
 latest run that measured it, so stock and mpk always come from the same run on the same card(s).
 Per model and batch (milliseconds): TPOT and forward time of both impls and their ratios;
-lm_head (``compute_logits``, vLLM's GEMV for both impls; the stock row's value); overhead =
-TPOT - forward - lm_head, the step's time outside the model's GPU work (scheduling, input
-preparation, sampling, host gaps between launches); the floor, TPOT of stock vLLM with one
+lm_head (``compute_logits``: vLLM's GEMV for stock; for mpk next to nothing where the megakernel
+runs the lm_head itself, ``logits_in_kernel``, so both impls' ratios compare forward + lm_head);
+overhead = TPOT - forward - lm_head, each impl's own, the step's time outside the model's GPU work
+(scheduling, input preparation, sampling, host gaps between launches); the floor, TPOT of stock vLLM with one
 decoder layer (``floor`` rows), and the ceiling, stock TPOT / floor: the TPOT speed-up that even
 a forward taking no time could not pass. With asynchronous scheduling vLLM's host work overlaps
 the GPU's, so the overhead column does not say how far TPOT can fall; the floor does.
@@ -110,13 +111,21 @@ def table_line(model: str, batch: int, stock: Row | None, mpk: Row | None, floor
     def get(r: Row | None, key: str) -> Any:
         return None if r is None else r.get(key)
 
-    lm_head = get(stock, "lm_head_ms") if get(stock, "lm_head_ms") is not None else get(mpk, "lm_head_ms")
+    lm_s, lm_m = get(stock, "lm_head_ms"), get(mpk, "lm_head_ms")
     tpot_s, fwd_s, tpot_floor = get(stock, "tpot_ms"), get(stock, "forward_ms"), get(floor, "tpot_ms")
+    gpu_s, gpu_m = (None if r is None else gpu_step_ms(r) for r in (stock, mpk))
     cells = [model, str(batch), ms(tpot_s), ms(get(mpk, "tpot_ms")), ratio(tpot_s, get(mpk, "tpot_ms")),
-             ms(fwd_s), ms(get(mpk, "forward_ms")), ratio(fwd_s, get(mpk, "forward_ms")), ms(lm_head),
-             overhead_cell(stock, lm_head), overhead_cell(mpk, lm_head), ms(tpot_floor), ratio(tpot_s, tpot_floor),
+             ms(fwd_s), ms(get(mpk, "forward_ms")), ratio(gpu_s, gpu_m), lm_head_cell(lm_s, lm_m),
+             overhead_cell(stock, lm_s), overhead_cell(mpk, lm_m), ms(tpot_floor), ratio(tpot_s, tpot_floor),
              (get(stock, "gpu") or get(mpk, "gpu") or "—").removeprefix("NVIDIA ")]
     return "| " + " | ".join(cells) + " |"
+
+
+def lm_head_cell(stock: float | None, mpk: float | None) -> str:
+    """Stock's lm_head, and mpk's after it where they differ (the megakernel ran its own)."""
+    if stock is None or mpk is None or abs(stock - mpk) < 0.01:
+        return ms(stock if stock is not None else mpk)
+    return f"{ms(stock)} / {ms(mpk)}"
 
 
 def distinct(rows: list[Row], key: str) -> str:
@@ -293,8 +302,10 @@ def render(rows: Iterable[Row]) -> str:
     settings, host, host_lines = settings_note(ok), host_note(ok), host_table(ok)
     lines += ["", overhead_note(ok), *(["", host] if host else []), *(["", *host_lines] if host_lines else []),
               *(["", settings] if settings else []), "",
-              "forward: GPU time of the decode step's CUDA-graph replay (embedding to final norm). lm_head: "
-              "`compute_logits`. overhead = TPOT − forward − lm_head (share of that TPOT). floor: TPOT of stock "
+              "forward: GPU time of the decode step's CUDA-graph replay (embedding to final norm; for mpk with "
+              "`logits_in_kernel`, the lm_head too). lm_head: `compute_logits` (stock / mpk where they differ). "
+              "forward ×: stock's forward + lm_head over mpk's. overhead = TPOT − forward − lm_head, each impl's own "
+              "(share of that TPOT). floor: TPOT of stock "
               "vLLM with one decoder layer; ceiling: stock TPOT over the floor, the most any forward could gain."]
     failures = [f"- {label(r)} {r['impl']} batch {r['batch']}: {r['error']}" for r in rows if "error" in r]
     if failures:

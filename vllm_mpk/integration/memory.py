@@ -10,7 +10,7 @@ uncaptured decode step, so its activation buffers and task tables would sit outs
 whose own allocations then take the same memory back.
 
 The estimate comes from the plan itself: ``models/decoder.py:declare_decoder`` declares the rank's
-decode step (``final="hidden"``; under vLLM the same declaration the early build compiles,
+decode step (``final`` as the runtime builds it; under vLLM the same declaration the early build compiles,
 ``integration/early_build.py``), and the estimate sums what a build allocates for it
 (``runtime/megakernel.py:Megakernel.__init__``):
 - every tensor the plan does not attach, exactly: intermediates, split-KV scratch, all-reduce parts
@@ -77,11 +77,11 @@ def declared_contents(kernel: PersistentKernel) -> PlanContents:
 
 
 def plan_contents(spec: ModelSpec, max_batch: int, num_workers: int, kv_splits: int | None = None,
-                  world_size: int = 1) -> PlanContents:
+                  world_size: int = 1, final: str = "hidden") -> PlanContents:
     """The contents of rank 0's decode plan for ``max_batch`` (``kv_splits`` as given to the build:
     None resolves as ``build_decoder`` does), declared on meta tensors and lowered."""
     local = spec.shard(world_size)
-    options = DecodeOptions(max_batch=max_batch, num_workers=num_workers, final="hidden", kv_splits=kv_splits,
+    options = DecodeOptions(max_batch=max_batch, num_workers=num_workers, final=final, kv_splits=kv_splits,
                             world_size=world_size)
     weights = {n: torch.empty(s, dtype=torch.bfloat16, device=META) for n, s in expected_shapes(local).items()}
     cache = torch.empty(1, local.num_kv_heads, options.page_size, 2 * spec.head_dim, dtype=torch.bfloat16, device=META)
@@ -90,16 +90,17 @@ def plan_contents(spec: ModelSpec, max_batch: int, num_workers: int, kv_splits: 
 
 
 def activation_sizes(spec: ModelSpec, max_batch: int, num_workers: int, *, kv_splits: int | None = None,
-                     world_size: int = 1) -> list[int]:
+                     world_size: int = 1, final: str = "hidden") -> list[int]:
     """Bytes of each of the plan's own tensors (what the CPU reference executor allocates too)."""
-    return list(plan_contents(spec, max_batch, num_workers, kv_splits, world_size).allocated)
+    return list(plan_contents(spec, max_batch, num_workers, kv_splits, world_size, final).allocated)
 
 
 def megakernel_bytes(spec: ModelSpec, max_batch: int, num_workers: int, *, profile: bool = False,
-                     kv_splits: int | None = None, world_size: int = 1) -> int:
+                     kv_splits: int | None = None, world_size: int = 1, final: str = "hidden") -> int:
     """An upper estimate of the device memory rank's build allocates, allocator rounding included;
-    ``kv_splits`` as given to the build (None: resolved for this plan as ``build_decoder`` does)."""
-    return contents_bytes(plan_contents(spec, max_batch, num_workers, kv_splits, world_size), num_workers,
+    ``kv_splits`` as given to the build (None: resolved for this plan as ``build_decoder`` does),
+    ``final`` as the plans end under vLLM (``DecodeOptions.final``)."""
+    return contents_bytes(plan_contents(spec, max_batch, num_workers, kv_splits, world_size, final), num_workers,
                           profile=profile)
 
 

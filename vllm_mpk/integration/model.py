@@ -5,17 +5,14 @@ stock model, whose ``forward`` runs the megakernel for pure decode batches and d
 other batch to the stock ``forward`` (vLLM compiles only the inner ``Qwen3Model``, so the outer
 forward is plain Python and the stock path stays intact).
 
-What the megakernel returns: the final hidden state, not logits. vLLM's contract is that
-``forward`` returns hidden states and ``compute_logits`` turns them into logits afterwards, and
-with FULL CUDA graphs only ``forward`` is captured and replayed: on a replayed step no Python of
-the model runs, so ``compute_logits`` cannot know whether that step's hidden states came from the
-megakernel and could not swap in the megakernel's logits. Returning hidden states keeps both
-paths identical downstream (vLLM's lm_head, logits processors, every sampling parameter,
-logprobs, structured output). It costs the lm_head as one separate GEMV launch per step: the plan
-is built with ``DecodeOptions(final="hidden")``, which ends at the final RMSNorm. ``forward``
-returns a view of that output buffer, which the next step overwrites: vLLM reads it (in
-``compute_logits``, or in the copy a FULL graph makes) before it runs the next forward, in stream
-order, as with the stock path's activations.
+What the megakernel returns: the final hidden state, as vLLM's contract has ``forward`` do, so
+everything downstream (logits processors, every sampling parameter, logprobs, structured output)
+stays vLLM's. ``forward`` returns a view of that output buffer, which the next step overwrites:
+vLLM reads it (in ``compute_logits``, or in the copy a FULL graph makes) before it runs the next
+forward, in stream order, as with the stock path's activations. Where vLLM's ``compute_logits``
+is a plain projection, the plans also run the lm_head beside the final RMSNorm
+(``DecodeOptions(final="logits")``), and ``compute_logits`` takes those logits on the steps that
+replay a megakernel graph instead of launching its own GEMM (``integration/kernel_logits.py``).
 
 When it is built: the plans are declared as vLLM constructs the model, and compiled, with nvcc
 building their kernels, in the background while vLLM loads the weights, compiles and profiles
@@ -53,6 +50,7 @@ from vllm_mpk.integration.binding import (
     step_buffers,
 )
 from vllm_mpk.integration.early_build import EarlyBuild, block_table_tokens, declare_plans, nvcc_builds_here
+from vllm_mpk.integration.kernel_logits import StepLogits, logits_problem
 from vllm_mpk.integration.memory import (
     Reservation,
     allocated_bytes,
@@ -98,6 +96,9 @@ class MpkRuntime:
         self.kernels: dict[int, Any] = {}  # plan batch size -> its megakernel (plan_batches)
         self.bound: dict[str, torch.Tensor] = {}
         self.hidden = ""  # the plans' final-norm output, named when built
+        self.logits = ""  # the plans' lm_head output, named when built with one (``kernel_logits.py``)
+        self.logits_off: str | None = "the model is not constructed yet"  # why the plans have no lm_head
+        self.step_logits = StepLogits()
         self.steps = 0  # megakernel steps launched from Python (a replayed CUDA graph adds none)
         self.megakernel_graphs: set[int] = set()  # token counts whose FULL CUDA graph holds a megakernel launch
         self.stock_reasons: set[str] = set()  # why batches went to the stock layers, logged once each
@@ -123,8 +124,9 @@ class MpkRuntime:
             self.early = EarlyBuild(layers, kernels=device.type == "cuda" and nvcc_builds_here())
         else:
             world = tp_rank_and_size()[1]
+            final = "hidden" if self.logits_off else "logits"
             self.estimated_bytes = sum(megakernel_bytes(self.spec, b, workers, profile=self.options.profile,
-                                                        kv_splits=self.options.kv_splits, world_size=world)
+                                                        kv_splits=self.options.kv_splits, world_size=world, final=final)
                                        for b in plan_batches(self.max_batch))
         self.reservation = Reservation(self.estimated_bytes, device)
 
@@ -146,7 +148,27 @@ class MpkRuntime:
     def _decode_options(self, size: int, max_seq_len: int, page: int, workers: int) -> DecodeOptions:
         rank, world = tp_rank_and_size()
         return self.options.decode_options(batch=size, max_seq_len=max_seq_len, page_size=page, num_workers=workers,
-                                           world_size=world, rank=rank)
+                                           world_size=world, rank=rank, logits=self.logits_off is None)
+
+    def note_model(self, model: torch.nn.Module) -> None:
+        """Once vLLM has constructed the model: whether the plans run the lm_head (``logits_off``)."""
+        if not self.options.logits_in_kernel:
+            self.logits_off = 'additional_config["mpk"]["logits_in_kernel"] is false'
+        else:
+            self.logits_off = logits_problem(model, self.vllm_config, self.spec.vocab_size, tp_rank_and_size()[1])
+
+    def arm_logits(self, input_batch: Any) -> None:
+        """Before a step that replays the FULL graph of ``input_batch.num_tokens_after_padding``,
+        which holds a megakernel launch: its logits rows for the next ``compute_logits``."""
+        rows = None
+        if self.logits and self.kernels and input_batch.num_tokens == input_batch.num_reqs:
+            kernel = self._kernel_for(input_batch.num_tokens_after_padding)
+            rows = kernel.tensors[self.logits][:input_batch.num_reqs]
+        self.step_logits.arm(rows)
+
+    def _kernel_for(self, num_tokens: int) -> Any:
+        """The smallest plan that holds ``num_tokens``."""
+        return self.kernels[next(b for b in sorted(self.kernels) if b >= num_tokens)]
 
     def _release(self) -> None:
         if self.reservation is not None:
@@ -197,7 +219,7 @@ class MpkRuntime:
         if moved is not None:
             self.fallback(f"vLLM's '{moved}' buffer moved since the megakernel was bound to it")
             return None
-        kernel = self.kernels[next(b for b in sorted(self.kernels) if b >= batch.num_tokens)]
+        kernel = self._kernel_for(batch.num_tokens)
         self._launch(kernel, batch)
         return kernel.tensors[self.hidden][:batch.num_tokens]
 
@@ -341,6 +363,7 @@ class MpkRuntime:
             else:
                 plan = widen_kv_caches(plan, layers)
             self.hidden = layers.hidden.name
+            self.logits = layers.logits.name if layers.logits is not None else ""
             plans[size] = (plan, {**layers.kernel.attached, **buffers})
             splits[size] = layers.options.kv_splits  # the auto rule's choice per size, unless kv_splits forces one
         if early is not None and missed:
@@ -478,6 +501,7 @@ class MpkDecodeMixin:
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         spec = ModelSpec.from_hf_config(vllm_config.model_config.hf_config.to_dict())
         self._mpk = MpkRuntime(vllm_config, spec)
+        self._mpk.note_model(self)
         degrade.install_worker_hooks()  # where the host waits for a step's output, a stop fails its requests
         # vLLM constructs the model inside load_model, whose allocations it counts as the model's.
         self._mpk.reserve(self, next(self.parameters()).device)  # type: ignore[attr-defined, arg-type]
@@ -491,6 +515,11 @@ class MpkDecodeMixin:
         if hidden is not None:
             return hidden
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """The megakernel's logits where the model state armed them for this step, else vLLM's."""
+        logits = self._mpk.step_logits.take(hidden_states)
+        return logits if logits is not None else super().compute_logits(hidden_states)  # type: ignore[misc]
 
     def get_model_state_cls(self) -> type:
         """Model Runner V2's per-model state: the stock one, skipping the attention metadata on

@@ -11,7 +11,9 @@ The metadata is otherwise only read by a speculative drafter, which the megakern
 with. Skipping it saves 0.15-0.27 ms of the host's step (the five shipped models, H100, bench
 rows' ``host_attn_metadata``), where the host sets a small model's TPOT. For the same steps it
 gives the model runner a sampler that takes all-greedy batches by one argmax
-(``greedy_sampler.py``).
+(``greedy_sampler.py``), and arms the megakernel's logits for its ``compute_logits``
+(``kernel_logits.py``): this is the one place that knows, before a replay, that the replayed graph
+holds a megakernel launch.
 
 Only an MPK model asks for this class, so ``self.model`` always has its ``MpkRuntime``.
 
@@ -33,9 +35,12 @@ from vllm_mpk.integration.greedy_sampler import GreedyDecodeSampler
 class MpkModelState(DefaultModelState):
     def prepare_attn(self, input_batch: Any, cudagraph_mode: CUDAGraphMode, *args: Any,
                      for_capture: bool = False, **kwargs: Any) -> dict[str, Any] | None:
+        runtime = self.model._mpk
         if (not for_capture and cudagraph_mode == CUDAGraphMode.FULL
-                and input_batch.num_tokens_after_padding in self.model._mpk.megakernel_graphs):
+                and input_batch.num_tokens_after_padding in runtime.megakernel_graphs):
+            runtime.arm_logits(input_batch)  # this step's compute_logits takes the megakernel's
             return None
+        runtime.step_logits.arm(None)
         return super().prepare_attn(input_batch, cudagraph_mode, *args, for_capture=for_capture, **kwargs)
 
     def custom_sampler(self, sampler: Any) -> tuple[Any, Any] | None:

@@ -39,6 +39,9 @@ class MpkOptions:
     above ``max_batch`` always run the stock layers; that is routing, not a fallback.
     ``moe``: serve mixture-of-experts models (Qwen3-MoE) through the megakernel; off, they run on
     vLLM's own layers (``MOE_OPT_IN``).
+    ``logits_in_kernel``: the megakernel also runs the lm_head, and vLLM's ``compute_logits`` takes
+    its logits on steps that replay a megakernel graph (``integration/kernel_logits.py``); false: the
+    plans end at the final RMSNorm and vLLM's lm_head runs on every step.
     ``greedy_argmax``: steps that replay a megakernel graph with every request greedy and no
     sampling feature in use take their tokens by one argmax instead of vLLM's sampler
     (``integration/greedy_sampler.py``); false: vLLM's sampler on every step."""
@@ -52,6 +55,7 @@ class MpkOptions:
     profile: bool = False
     strict: bool = False
     moe: bool = False
+    logits_in_kernel: bool = True
     greedy_argmax: bool = True
 
     @classmethod
@@ -69,13 +73,14 @@ class MpkOptions:
         return cls(**raw)
 
     def decode_options(self, *, batch: int, max_seq_len: int, page_size: int, num_workers: int, world_size: int,
-                       rank: int) -> DecodeOptions:
+                       rank: int, logits: bool) -> DecodeOptions:
         """The plan options of one batch size's megakernel under vLLM: these options, vLLM's
         geometry (pages, workers, ranks), and a plan that ends at the final RMSNorm (vLLM's
-        ``compute_logits`` and sampler take the hidden state)."""
+        ``compute_logits`` and sampler take the hidden state), with the lm_head's logits beside it
+        where ``logits``."""
         return DecodeOptions(max_batch=batch, max_seq_len=max_seq_len, page_size=page_size, num_workers=num_workers,
                              block_dim=self.block_dim, schedule=self.schedule, kv_splits=self.kv_splits,
-                             world_size=world_size, rank=rank, final="hidden")
+                             world_size=world_size, rank=rank, final="logits" if logits else "hidden")
 
     @classmethod
     def from_vllm_config(cls, vllm_config: Any) -> MpkOptions:
@@ -104,7 +109,7 @@ class MpkOptions:
             check_timeout_s(self.timeout_s)
         except ValueError:
             raise bad("timeout_s", TIMEOUT_RANGE) from None
-        for key in ("profile", "strict", "moe", "greedy_argmax"):
+        for key in ("profile", "strict", "moe", "logits_in_kernel", "greedy_argmax"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "true or false")
 

@@ -35,7 +35,7 @@ from vllm_mpk.models.spec import ModelSpec
 from vllm_mpk.models.weights import EMBED, FINAL_NORM, check_weights, layer_names, lm_head
 
 TILE_COLUMNS = 16
-FINALS = ("tokens", "hidden")
+FINALS = ("tokens", "logits", "hidden")
 
 
 def valid_kv_splits(value: object) -> bool:
@@ -53,7 +53,9 @@ class DecodeOptions:
     schedule: str = DEFAULT_SCHEDULE
     world_size: int = 1  # tensor-parallel ranks
     rank: int = 0
-    final: str = "tokens"  # "tokens": lm_head and greedy argmax; "hidden": stop at the final RMSNorm
+    # "tokens": lm_head and greedy argmax; "hidden": stop at the final RMSNorm; "logits": the final
+    # RMSNorm's output and, beside it, the lm_head's (vLLM takes either: ``integration/model.py``)
+    final: str = "tokens"
     multi_step: bool = False  # begin_step first: one launch decodes many steps (standalone, one GPU)
     # attention tasks per KV head and request (split KV, merged by the last to finish); None: auto
     # (``auto_kv_splits``: 2 while the (request, KV head) pairs fill at most a quarter of the workers)
@@ -80,7 +82,7 @@ class DecodeModel:
     plan: Plan
     logits: TensorHandle | None  # None when the plan stops at the final norm
     tokens: TensorHandle | None
-    hidden: TensorHandle | None = None  # the final RMSNorm's output, when ``final="hidden"``
+    hidden: TensorHandle | None = None  # the final RMSNorm's output, when ``final`` is "hidden" or "logits"
 
     @property
     def kv_splits(self) -> int:
@@ -228,9 +230,11 @@ def declare_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cac
             x = summed(f"{p}.out", lambda out: mpk.linear_layer(act, wt["down"], out, linear_grid(h, w), block,
                                                                 name=f"{p}.down_proj"))
     final_norm = mpk.attach_input(weights[FINAL_NORM], FINAL_NORM)
-    if o.final == "hidden":  # vLLM's compute_logits applies the lm_head (and everything after it)
+    hidden = None
+    if o.final in ("hidden", "logits"):  # for vLLM's compute_logits; beside the lm_head tiles, off their path
         hidden = new("hidden", h)
         mpk.rmsnorm_layer(x, final_norm, hidden, grid_dim=b, block_dim=block, eps=spec.rms_norm_eps, name="norm")
+    if o.final == "hidden":
         return DecodeLayers(o, mpk, None, None, hidden)
     # vLLM pads the vocabulary rows; the view of the real rows aliases the weight (tied or not).
     v = local.vocab_size
@@ -238,6 +242,8 @@ def declare_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cac
     logits = mpk.new_tensor((b, v), torch.float32, "logits")
     mpk.rmsnorm_linear_layer(x, final_norm, head, logits,
                              linear_grid(v, w), block, eps=spec.rms_norm_eps, name="lm_head")
+    if o.final == "logits":
+        return DecodeLayers(o, mpk, logits, None, hidden)
     mpk.argmax_layer(logits, tokens, grid_dim=w, block_dim=block, vocab_start=o.rank * v, name="argmax")
     return DecodeLayers(o, mpk, logits, tokens, None)
 
