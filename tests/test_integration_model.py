@@ -67,7 +67,8 @@ CONFIGS = {
 CONFIGS["qwen3-moe"] = {**CONFIGS["qwen3"], "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
                         "tie_word_embeddings": False, "num_experts": 8, "num_experts_per_tok": 2,
                         "moe_intermediate_size": 128, "norm_topk_prob": True}
-OPT_IN = {"moe": True}  # every model here is served by the megakernel (MoE is opt-in)
+# Every model here is served by the megakernel (MoE is opt-in), with its logits and argmax sampler.
+OPT_IN = {"moe": True, "logits_in_kernel": True, "greedy_argmax": True}
 
 
 def _free_port() -> int:

@@ -163,6 +163,8 @@ def test_no_runs_no_ready_line_and_a_dead_server_are_problems() -> None:
     (["--range-ratio", "1"], "--range-ratio: expected a number of at least 0 and at most 0.99, got 1"),
     (["--minutes", "0"], "--minutes: expected a number above 0, got 0"),
     (["--concurrencies", "0"], "--concurrencies: expected an integer of at least 1, got 0"),
+    (["--mpk-options", "{"], "--mpk-options: expected a JSON object of mpk options"),
+    (["--mpk-options", '{"greedy": true}'], "unknown additional_config[\"mpk\"] keys ['greedy']"),
 ])
 def test_cli_bad_arguments_are_one_line_and_exit_2(argv: list[str], message: str,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
@@ -195,6 +197,10 @@ def test_the_server_runs_vllms_defaults_and_the_plugins(vllm_parser) -> None:
     defaults = vllm_parser(make_arg_parser).parse_args(["/m"])
     changed = {k for k, v in vars(args).items() if vars(defaults).get(k) != v}
     assert changed == {"model_impl", "port"} and (args.model_impl, args.port) == ("mpk", 8001)
+    opted = soak_module.server_command("vllm", Path("/m"), MPK, 8001, {"greedy_argmax": True})
+    assert vllm_parser(make_arg_parser).parse_args(opted[2:]).additional_config == {"mpk": {"greedy_argmax": True}}
+    assert "--additional-config" not in soak_module.server_command("vllm", Path("/m"), "vllm", 8001,
+                                                                   {"greedy_argmax": True})  # stock takes none
 
 
 def test_the_load_parses_with_vllm_bench_serve(vllm_parser) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -17,7 +18,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 
@@ -115,6 +116,18 @@ def number_in(low: float, high: float = math.inf, low_included: bool = False) ->
 
 
 POSITIVE = int_in(1)
+
+
+def mpk_options(text: str) -> dict[str, Any]:
+    """An argparse type: a JSON object of the plugin's options, checked as vLLM would check them."""
+    from vllm_mpk.integration.options import MpkOptions, MpkOptionsError
+
+    try:
+        raw = json.loads(text)
+        MpkOptions.from_dict(raw)
+    except (json.JSONDecodeError, MpkOptionsError, TypeError) as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object of mpk options: {e}") from None
+    return raw or {}
 BATCH = int_in(1, MAX_LINEAR_BATCH)  # the rows a GPU linear tile stages
 
 
@@ -480,7 +493,7 @@ def cmd_soak(args: argparse.Namespace) -> int:
         return EXIT_UNAVAILABLE
     settings = SoakSettings(model=model, minutes=args.minutes, concurrencies=tuple(args.concurrencies),
                             input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
-                            flat_mib=args.flat_mib, port=args.port, seed=args.seed)
+                            flat_mib=args.flat_mib, port=args.port, seed=args.seed, mpk_options=args.mpk_options)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="vllm_mpk_soak_"))
     print(f"soak of {model}: {args.minutes:g} minutes of load; logs, vLLM's result files and soak.json in {log_dir}",
           flush=True)
@@ -520,6 +533,9 @@ def add_soak_parser(sub: argparse._SubParsersAction) -> None:
                    help="most the GPU's used memory may move after the first cycle, in MiB")
     s.add_argument("--port", type=int_in(1, 65535), default=d.port, help="vllm serve's port")
     s.add_argument("--seed", type=int, default=d.seed, help="seeds the weights, prompts and datasets")
+    s.add_argument("--mpk-options", type=mpk_options, default={}, metavar="JSON",
+                   help='the mpk server\'s additional_config["mpk"], e.g. \'{"greedy_argmax": true}\' '
+                        "(default: the plugin's defaults)")
     s.add_argument("--log-dir", type=Path, default=None, help="logs and results (default a new temp folder)")
     s.set_defaults(func=cmd_soak)
 

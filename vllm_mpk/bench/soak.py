@@ -74,6 +74,7 @@ class SoakSettings:
     seed: int = 0
     timeout_s: float = 900.0  # per vllm bench serve process
     server_start_s: float = 900.0
+    mpk_options: dict[str, Any] = field(default_factory=dict)  # additional_config["mpk"]; empty: the defaults
 
 
 @dataclass
@@ -133,9 +134,11 @@ def problems(report: SoakReport, flat_mib: float) -> list[str]:
 # the server ---------------------------------------------------------------------------------------
 
 
-def server_command(vllm: str, model_dir: Path, impl: str, port: int) -> list[str]:
-    """``vllm serve`` in vLLM's default settings; the mpk engine with the plugin's defaults."""
-    return [vllm, "serve", str(model_dir), "--model-impl", impl, "--port", str(port)]
+def server_command(vllm: str, model_dir: Path, impl: str, port: int, mpk_options: dict[str, Any] | None = None) -> list[str]:
+    """``vllm serve`` in vLLM's default settings; the mpk engine with the plugin's defaults, or
+    with ``mpk_options`` (``additional_config["mpk"]``) where given."""
+    extra = ["--additional-config", json.dumps({"mpk": mpk_options})] if mpk_options and impl == MPK else []
+    return [vllm, "serve", str(model_dir), "--model-impl", impl, "--port", str(port), *extra]
 
 
 def complete(port: int, model_dir: Path, prompts: Sequence[list[int]], max_tokens: Sequence[int],
@@ -330,7 +333,7 @@ def serve(settings: SoakSettings, vllm: str, model_dir: Path, impl: str, log_dir
         report.errors.append(f"port {settings.port} already answers /health: stop that server or give --port")
         return None
     with log.open("w") as out:
-        proc = start(server_command(vllm, model_dir, impl, settings.port), out)
+        proc = start(server_command(vllm, model_dir, impl, settings.port, settings.mpk_options), out)
         try:
             error = wait_healthy(proc, settings.port, settings.server_start_s, log)
             if error is not None:

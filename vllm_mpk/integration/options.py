@@ -40,11 +40,12 @@ class MpkOptions:
     ``moe``: serve mixture-of-experts models (Qwen3-MoE) through the megakernel; off, they run on
     vLLM's own layers (``MOE_OPT_IN``).
     ``logits_in_kernel``: the megakernel also runs the lm_head, and vLLM's ``compute_logits`` takes
-    its logits on steps that replay a megakernel graph (``integration/kernel_logits.py``); false: the
-    plans end at the final RMSNorm and vLLM's lm_head runs on every step.
+    its logits on steps that replay a megakernel graph (``integration/kernel_logits.py``); false
+    (default): the plans end at the final RMSNorm and vLLM's lm_head runs on every step.
     ``greedy_argmax``: steps that replay a megakernel graph with every request greedy and no
     sampling feature in use take their tokens by one argmax instead of vLLM's sampler
-    (``integration/greedy_sampler.py``); false: vLLM's sampler on every step."""
+    (``integration/greedy_sampler.py``); false (default): vLLM's sampler on every step.
+    Both are opt-in while they have not yet run under vLLM on a GPU."""
 
     max_batch: int = DecodeOptions.max_batch
     num_workers: int | None = None
@@ -55,8 +56,8 @@ class MpkOptions:
     profile: bool = False
     strict: bool = False
     moe: bool = False
-    logits_in_kernel: bool = True
-    greedy_argmax: bool = True
+    logits_in_kernel: bool = False
+    greedy_argmax: bool = False
 
     @classmethod
     def from_dict(cls, raw: Any) -> MpkOptions:
