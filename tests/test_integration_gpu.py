@@ -216,10 +216,16 @@ def assert_matches_stock(ours: dict[str, Any], label: str) -> None:
             raise AssertionError(f"{label} {name}: {e}") from None
 
 
-def test_greedy_tokens_match_stock_vllm(checkpoint: Path, tmp_path: Path, stock_greedy) -> None:
-    """FULL decode CUDA graphs around the megakernel's launch, batch 1 and 8, strict mode."""
+HOST_STEP = {"logits_in_kernel": True, "greedy_argmax": True}  # the opt-in host-step savings
+
+
+@pytest.mark.parametrize("host_step", [{}, HOST_STEP], ids=["vllm-logits", "megakernel-logits"])
+def test_greedy_tokens_match_stock_vllm(checkpoint: Path, tmp_path: Path, stock_greedy,
+                                        host_step: dict[str, bool]) -> None:
+    """FULL decode CUDA graphs around the megakernel's launch, batch 1 and 8, strict mode; with the
+    megakernel's own lm_head, its logits and logprobs too (integration/kernel_logits.py)."""
     stock = stock_greedy(checkpoint, False)
-    ours, log = run_engine(tmp_path, checkpoint, "mpk", mpk={"strict": True}, stock=stock)
+    ours, log = run_engine(tmp_path, checkpoint, "mpk", mpk={"strict": True, **host_step}, stock=stock)
     assert ours["mpk"][0]["class"].startswith("Mpk") and ours["mpk"][0]["disabled"] is None
     assert ours["mpk"][0]["steps"] > 0  # warm-up and capture ran it; replays do not count
     assert "megakernel ready" in log
@@ -230,7 +236,7 @@ def test_greedy_steps_sampled_by_argmax_give_the_samplers_tokens(checkpoint: Pat
     """The same engine and batches, first with logprobs (vLLM's sampler on every step), then
     without (megakernel steps sampled by one argmax, integration/greedy_sampler.py): the same
     forward gives the same tokens, and the argmax path did take steps."""
-    ours, log = run_engine(tmp_path, checkpoint, "mpk", mpk={"strict": True}, argmax=True)
+    ours, log = run_engine(tmp_path, checkpoint, "mpk", mpk={"strict": True, **HOST_STEP}, argmax=True)
     assert ours["mpk"][0]["disabled"] is None and "megakernel ready" in log
     for name in ("bs1", "bs8"):
         assert ours["argmax"][name] == [r["tokens"] for r in ours[name]], name
