@@ -111,13 +111,14 @@ class Built:
 def resolve_under_options(tmp: Path, config: dict[str, Any], mpk: dict[str, Any], **engine: Any) -> tuple[type, Any]:
     """The class vLLM's registry resolves for ``model_impl="mpk"`` under a CPU VllmConfig holding
     ``mpk`` (as a worker loading the model does), and that config."""
-    from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
+    from vllm.config import CUDAGraphMode, DeviceConfig, VllmConfig, set_current_vllm_config
     from vllm.engine.arg_utils import EngineArgs
 
     tmp.mkdir(exist_ok=True)
     (tmp / "config.json").write_text(json.dumps(config))
     mc = EngineArgs(model=str(tmp), model_impl="mpk", skip_tokenizer_init=True, **engine).create_model_config()
     vc = VllmConfig(model_config=mc, device_config=DeviceConfig(device="cpu"), additional_config={"mpk": mpk})
+    vc.compilation_config.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE  # what vLLM resolves on a GPU
     with set_current_vllm_config(vc):
         cls, _ = mc.registry.resolve_model_cls(mc.architectures, mc)
     return cls, vc
@@ -656,6 +657,7 @@ def test_compute_logits_takes_the_megakernels_logits_on_its_graph_replays(built:
     state.prepare_attn(decode_step(2, 2), CUDAGraphMode.FULL, (), None, [], None)
     logits = model.compute_logits(hidden[:2])
     assert logits.data_ptr() == ours.data_ptr() and logits.shape == (2, built.spec.vocab_size)
+    assert logits.dtype == stock(hidden[:2]).dtype == torch.bfloat16  # vLLM's dtype: near ties fall alike
     want = stock(hidden[:2]).float()
     assert torch.isfinite(logits).all() and (logits - want).abs().max() <= 0.02 * want.abs().max()
     assert model.compute_logits(hidden[:2]).data_ptr() != ours.data_ptr()  # taken once: then vLLM's lm_head
@@ -667,7 +669,7 @@ def test_compute_logits_takes_the_megakernels_logits_on_its_graph_replays(built:
         assert model.compute_logits(hidden[:2]).data_ptr() != ours.data_ptr()
 
 
-@pytest.mark.parametrize("why", ["option", "scaled logits", "tensor parallel"])
+@pytest.mark.parametrize("why", ["option", "scaled logits", "tensor parallel", "no FULL graphs"])
 def test_plans_end_at_the_final_norm_where_vllms_logits_are_not_a_plain_projection(
         built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, why: str) -> None:
     from vllm_mpk.integration import model as integration
@@ -679,6 +681,10 @@ def test_plans_end_at_the_final_norm_where_vllms_logits_are_not_a_plain_projecti
         runtime.options = replace(runtime.options, logits_in_kernel=False)
     elif why == "scaled logits":
         monkeypatch.setattr(model.logits_processor, "scale", 0.5)
+    elif why == "no FULL graphs":  # eager or piecewise decode: nothing would arm the logits
+        from vllm.config import CUDAGraphMode
+
+        monkeypatch.setattr(fresh.vllm_config.compilation_config, "cudagraph_mode", CUDAGraphMode.PIECEWISE)
     else:
         monkeypatch.setattr(integration, "tp_rank_and_size", lambda: (0, 2))
         assert "tensor parallel" in logits_problem(model, fresh.vllm_config, built.spec.vocab_size, 2)

@@ -109,7 +109,7 @@ def bench_serve_args(model_dir: str, port: int, input_len: int, output_len: int,
     request makes ``output_len`` tokens, as dummy weights would otherwise end them anywhere. Without
     ``temperature`` the requests carry none and the server's default applies (1.0 for a checkpoint
     without a generation config, as here)."""
-    return [*(["--temperature", str(temperature)] if temperature is not None else []),"--backend", "vllm", "--model", model_dir, "--port", str(port), "--dataset-name", "random",
+    return [*(["--temperature", str(temperature)] if temperature is not None else []), "--backend", "vllm", "--model", model_dir, "--port", str(port), "--dataset-name", "random",
             "--random-input-len", str(input_len), "--random-output-len", str(output_len), "--ignore-eos",
             "--max-concurrency", str(concurrency), "--num-prompts", str(prompts),
             "--percentile-metrics", ",".join(PERCENTILE_METRICS),

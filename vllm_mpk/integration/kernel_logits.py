@@ -1,7 +1,8 @@
 """vLLM's ``compute_logits`` answered by the megakernel's own lm_head on the steps it ran.
 
 The plans end in two outputs side by side (``DecodeOptions(final="logits")``): the final RMSNorm's
-hidden state, which ``forward`` returns as vLLM expects, and the lm_head's float32 logits. On a
+hidden state, which ``forward`` returns as vLLM expects, and the lm_head's logits, in the model's
+dtype as vLLM's own are (bf16: near ties fall alike; only the summation order differs). On a
 replayed FULL graph no model Python runs, so ``compute_logits`` alone could not tell whose hidden
 states it gets; Model Runner V2 however asks the model state for the step's attention metadata
 first, with the batch in hand (``model_state.py``). Where that step replays a graph holding a
@@ -11,8 +12,10 @@ step, a count that does not match, a stale arm) goes to vLLM's lm_head on the hi
 are the megakernel's own and correct either way. A decode step's logits rows are its requests in
 order (one token each, ``logits_indices`` the identity).
 
-This saves the host a gather and an lm_head GEMM launch per step, and the GPU their launch gaps.
-It applies where vLLM's own ``compute_logits`` is a plain projection (``logits_problem``).
+This saves the host the lm_head GEMM's launch per step (vLLM still gathers the hidden rows it
+passes), and the GPU its launch gap. It applies where vLLM's own ``compute_logits`` is a plain
+projection and decode steps replay FULL CUDA graphs (``logits_problem``): a megakernel launched
+eagerly would run the lm_head for nothing, since only the model state arms the logits.
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ class StepLogits:
 
 def logits_problem(model: Any, vllm_config: Any, vocab_size: int, world_size: int) -> str | None:
     """Why the megakernel's lm_head cannot stand for ``model.compute_logits``, or None."""
+    from vllm.config import CUDAGraphMode
+
+    mode = getattr(getattr(vllm_config, "compilation_config", None), "cudagraph_mode", None)
+    if mode is None or mode.decode_mode() != CUDAGraphMode.FULL:
+        return "decode steps do not replay FULL CUDA graphs"
     if world_size > 1:
         return "tensor parallel (vLLM gathers each rank's vocabulary slice)"
     if getattr(vllm_config, "lora_config", None) is not None:

@@ -40,7 +40,8 @@ class MpkOptions:
     ``moe``: serve mixture-of-experts models (Qwen3-MoE) through the megakernel; off, they run on
     vLLM's own layers (``MOE_OPT_IN``).
     ``logits_in_kernel``: the megakernel also runs the lm_head, and vLLM's ``compute_logits`` takes
-    its logits on steps that replay a megakernel graph (``integration/kernel_logits.py``); false
+    its logits on steps that replay a megakernel graph (``integration/kernel_logits.py``; with FULL
+    decode graphs, one GPU, no LoRA, unscaled logits); false
     (default): the plans end at the final RMSNorm and vLLM's lm_head runs on every step.
     ``greedy_argmax``: steps that replay a megakernel graph with every request greedy and no
     sampling feature in use take their tokens by one argmax instead of vLLM's sampler

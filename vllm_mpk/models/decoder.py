@@ -53,8 +53,9 @@ class DecodeOptions:
     schedule: str = DEFAULT_SCHEDULE
     world_size: int = 1  # tensor-parallel ranks
     rank: int = 0
-    # "tokens": lm_head and greedy argmax; "hidden": stop at the final RMSNorm; "logits": the final
-    # RMSNorm's output and, beside it, the lm_head's (vLLM takes either: ``integration/model.py``)
+    # "tokens": lm_head (float32) and greedy argmax; "hidden": stop at the final RMSNorm; "logits":
+    # the final RMSNorm's output and, beside it, the lm_head's in the weights' dtype (vLLM takes
+    # either: ``integration/kernel_logits.py``)
     final: str = "tokens"
     multi_step: bool = False  # begin_step first: one launch decodes many steps (standalone, one GPU)
     # attention tasks per KV head and request (split KV, merged by the last to finish); None: auto
@@ -239,7 +240,8 @@ def declare_decoder(spec: ModelSpec, weights: Mapping[str, torch.Tensor], kv_cac
     # vLLM pads the vocabulary rows; the view of the real rows aliases the weight (tied or not).
     v = local.vocab_size
     head = mpk.attach_input(lm_head(local, weights)[:v], "lm_head.weight")
-    logits = mpk.new_tensor((b, v), torch.float32, "logits")
+    # For vLLM in its dtype (bf16), so that near ties fall as its own lm_head's do; float32 for the argmax.
+    logits = mpk.new_tensor((b, v), weights[FINAL_NORM].dtype if o.final == "logits" else torch.float32, "logits")
     mpk.rmsnorm_linear_layer(x, final_norm, head, logits,
                              linear_grid(v, w), block, eps=spec.rms_norm_eps, name="lm_head")
     if o.final == "logits":
