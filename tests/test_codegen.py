@@ -319,6 +319,26 @@ def test_qwen3_8b_megakernel_compiles_for_sm90a(qwen3_8b: Generated, tmp_path: P
     print(f"\nnvcc ({nvcc_version(nvcc)}) compiled {qwen3_8b.spec.name} in {seconds:.1f} s")
 
 
+def test_vllm_plan_with_its_own_logits_compiles_for_sm90a(tmp_path: Path) -> None:
+    """The ending plans take under vLLM with logits_in_kernel: the final norm's hidden state and,
+    beside it, the lm_head's logits in bf16 (integration/kernel_logits.py)."""
+    try:
+        find_nvcc()
+    except ToolchainError as err:
+        pytest.skip(f"cannot prove the generated CUDA compiles: {err}")
+    spec = ModelSpec.from_hf_config(load_config("qwen3-0.6b")).with_layers(1)
+    options = DecodeOptions(max_batch=4, max_seq_len=256, final="logits")
+    weights = {n: torch.empty(s, dtype=torch.bfloat16, device="meta") for n, s in expected_shapes(spec).items()}
+    caches = allocate_kv_caches(spec, 4 * 256 // options.page_size, options.page_size, device="meta")
+    model = build_decoder(spec, weights, caches, options)
+    assert model.tokens is None and model.hidden is not None
+    assert model.plan.tensors[model.logits.name].dtype == torch.bfloat16
+    g = generated(model.plan, meta_bound(model.plan, model.kernel.attached))
+    lm_head = g.variants.tasks[g.variants.of_op[next(o.index for o in model.plan.ops if o.name == "lm_head")]]
+    assert "kNorm" in lm_head.call and lm_head.call.endswith("__nv_bfloat16>")
+    assert compile_only(g.spec, tmp_path).is_file()
+
+
 # --- multi-step plans ------------------------------------------------------------------------------
 
 
