@@ -450,8 +450,9 @@ time.sleep(600)
 """
 
 DRIVER = """
-import sys
+import signal, sys
 from pathlib import Path
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as at a terminal, though started in the background
 from vllm_mpk.bench import runner, worker
 from vllm_mpk.bench.worker import EngineConfig
 worker, ready, root = sys.argv[1:]

@@ -374,7 +374,10 @@ def test_a_port_that_already_answers_starts_no_server(tmp_path: Path, fake_vllm:
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_run_kills_the_server_and_its_engine_core(tmp_path: Path, fake_vllm: Path,
                                                                  signum: int) -> None:
-    code = ("import sys; from pathlib import Path; from vllm_mpk.bench import vllm_tools as t; "
+    # SIGINT as Ctrl-C at a terminal raises it, even where the test runs as a background job (which
+    # starts with SIGINT ignored, and Python keeps an ignored SIGINT ignored).
+    code = ("import signal, sys; from pathlib import Path; from vllm_mpk.bench import vllm_tools as t; "
+            "signal.signal(signal.SIGINT, signal.default_int_handler); "
             f"t.run(t.Settings(models=({MODEL!r},), repeats=1, port={free_port()}, server_start_s=600), "
             "('serve',), Path(sys.argv[1]) / 'rows.jsonl', Path(sys.argv[1]) / 'logs', Path(sys.argv[1]) / 'm')")
     env = {**os.environ, "FAKE_VLLM_MODE": "unhealthy",
