@@ -131,22 +131,25 @@ def step_us_after_lm_head_gemm(spec: ModelSpec, mk: Megakernel, batch: int) -> f
 
 
 def prefetch_policy(text: str) -> PrefetchPolicy:
-    """``KIB:AHEAD[,KIND=KIB...]`` (``AHEAD`` defaults to 1; a KIND is a linear op kind with a cap
-    of its own)."""
+    """``KIB:AHEAD[,KIND=KIB...][@landed]`` (``AHEAD`` defaults to 1; a KIND is a linear op kind with
+    a cap of its own; ``@landed``: asked once the task before has its own weights, not at its start)."""
+    text, at, when = text.partition("@")
+    if at and when != "landed":
+        raise argparse.ArgumentTypeError(f"{text}@{when}: the only timing is @landed")
     head, *kinds = text.split(",")
     kib, _, ahead = head.partition(":")
     if any("=" not in k for k in kinds):
         raise argparse.ArgumentTypeError(f"{text!r}: each kind's cap is KIND=KIB, e.g. rmsnorm_linear_silu_mul=0")
     caps = tuple((kind, int(cap) * 1024) for kind, _, cap in (k.partition("=") for k in kinds))
     try:
-        return PrefetchPolicy(int(kib) * 1024, int(ahead or 1), caps)
+        return PrefetchPolicy(int(kib) * 1024, int(ahead or 1), caps, landed=bool(at))
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def policy_name(policy: PrefetchPolicy) -> str:
     return ",".join([f"{policy.cap_bytes // 1024}:{policy.ahead}",
-                     *(f"{kind}={cap // 1024}" for kind, cap in policy.kind_caps)])
+                     *(f"{kind}={cap // 1024}" for kind, cap in policy.kind_caps)]) + ("@landed" if policy.landed else "")
 
 
 def time_policies(plan, tensors, mk: Megakernel, batch: int, logits: torch.Tensor, policies,
@@ -288,7 +291,7 @@ def main() -> None:
     p.add_argument("--kv-splits", type=int, default=None,
                    help="attention tasks per KV head and request (split KV); default auto: 2 while KV heads x "
                         "batch x 4 <= workers, else 1 (models/decoder.py:auto_kv_splits); a value forces it")
-    p.add_argument("--prefetch", nargs="+", type=prefetch_policy, default=[], metavar="KIB:AHEAD[,KIND=KIB]",
+    p.add_argument("--prefetch", nargs="+", type=prefetch_policy, default=[], metavar="KIB:AHEAD[,KIND=KIB][@landed]",
                    help="also time each case under these L2 weight-prefetch policies (single GPU)")
     p.add_argument("--after-lm-head-gemm", action="store_true",
                    help="also time each step after a cuBLAS GEMM of lm_head's shape, in the L2 state vLLM's "

@@ -24,16 +24,24 @@ struct KernelParams {
   int32_t steps;              // decode steps in this launch
   int32_t max_tasks;
   int32_t prefetch_ahead;     // a task's weights are asked of L2 when the task this many places before it starts
+  int32_t prefetch_landed;    // 1: instead, once that task's own weights have landed (TaskContext::weights_landed)
   int64_t timeout_ns;
 };
 
-// Ask L2 to fetch a task's first weight bytes, so that they stream while the task still waits for
-// its inputs (weights never wait for activations). One thread issues it; the copy engine does the rest.
+// A task's first weight bytes to ask of L2, so that they stream while the task still waits for its
+// inputs (weights never wait for activations): {null, 0} where the record names none.
+template <typename Record>
+__device__ __forceinline__ LandedPrefetch weight_region(const KernelParams& p, const Record& r, bool* asked) {
+  if (r.prefetch_tensor < 0 || r.prefetch_len16 == 0) return {nullptr, 0, asked};
+  return {static_cast<const char*>(p.tensors[r.prefetch_tensor]) + (int64_t)r.prefetch_offset16 * 16,
+          static_cast<uint32_t>(r.prefetch_len16) * 16, asked};
+}
+
+// Ask L2 for a task's weight region now (one thread issues it; the copy engine does the rest).
 template <typename Record>
 __device__ __forceinline__ void prefetch_weights(const KernelParams& p, const Record& r) {
-  if (r.prefetch_tensor < 0 || r.prefetch_len16 == 0) return;
-  const char* base = static_cast<const char*>(p.tensors[r.prefetch_tensor]) + (int64_t)r.prefetch_offset16 * 16;
-  prefetch_l2(base, r.prefetch_len16 * 16);
+  const LandedPrefetch w = weight_region(p, r, nullptr);
+  if (w.base != nullptr) prefetch_l2(w.base, w.bytes);
 }
 
 // Record: {opcode, variant, task id, prefetch tensor, offset/16, bytes/16, waits[MAX_WAITS],
@@ -41,7 +49,7 @@ __device__ __forceinline__ void prefetch_weights(const KernelParams& p, const Re
 template <typename Record, typename Dispatch, int NT>
 __device__ void worker_loop(const KernelParams& p) {
   __shared__ int32_t epoch_s;
-  __shared__ bool ok_s, opened_s;
+  __shared__ bool ok_s, opened_s, asked_s;
   if (threadIdx.x == 0) {
     epoch_s = load_acquire(p.control + kEpoch);
     ok_s = true;
@@ -54,18 +62,23 @@ __device__ void worker_loop(const KernelParams& p) {
     const uint32_t epoch = first_epoch + static_cast<uint32_t>(step);
     for (int i = 0; i < n; ++i) {
       const Record& r = queue[i];
+      const bool ahead = p.prefetch_ahead > 0 && i + p.prefetch_ahead < n;
       if (threadIdx.x == 0) {
         if (i == 0)
           for (int d = 0; d < p.prefetch_ahead && d < n; ++d) prefetch_weights(p, queue[d]);
-        if (p.prefetch_ahead > 0 && i + p.prefetch_ahead < n) prefetch_weights(p, queue[i + p.prefetch_ahead]);
+        if (ahead && !p.prefetch_landed) prefetch_weights(p, queue[i + p.prefetch_ahead]);
+        asked_s = false;
         opened_s = false;
       }
       __syncthreads();  // the previous task is done with shared memory and the gate flags
       int64_t* profile_start = p.profile ? p.profile + ((size_t)blockIdx.x * p.max_tasks + i) * 2 : nullptr;
       const InputGate gate{r.waits, Record::kMaxWaits, p.counters, p.triggers, p.control, p.error_host, epoch, r.task,
                            p.timeout_ns, profile_start, &ok_s, &opened_s};
-      TaskContext c{r.args, p.tensors, p.num_tokens, &gate};
+      const LandedPrefetch landed = ahead && p.prefetch_landed ? weight_region(p, queue[i + p.prefetch_ahead], &asked_s)
+                                                               : LandedPrefetch{nullptr, 0, &asked_s};
+      TaskContext c{r.args, p.tensors, p.num_tokens, &gate, landed};
       Dispatch::run(r.variant, c);
+      landed.ask();  // a body with no weights of its own, or that did not say when they landed
       __syncthreads();
       if (!opened_s) gate.open();  // a body that skipped its gate must not signal before its inputs
       if (!ok_s) return;

@@ -17,13 +17,34 @@ __device__ __forceinline__ char* worker_smem() {
   return dynamic_smem;
 }
 
+// Asks L2 for `bytes` (a multiple of 16) from a 16-byte aligned address; nothing waits for it.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+}
+
+// A later task's weights to ask of L2 once this task's own have landed (the prefetch policy's
+// `landed` timing); the worker asks at the body's end where the body did not.
+struct LandedPrefetch {
+  const char* base;  // null: nothing to ask (the policy asks when tasks start, or no later task)
+  uint32_t bytes;
+  bool* asked;       // shared: whether it was asked during this task
+  __device__ void ask() const {
+    if (threadIdx.x == 0 && base != nullptr && !*asked) {
+      prefetch_l2(base, bytes);
+      *asked = true;
+    }
+  }
+};
+
 // What every task body receives: its argument words and the plan's tensor pointers.
 struct TaskContext {
   const int32_t* args;      // the record's argument words
   void* const* tensors;     // device pointers, indexed by the plan's tensor ids
   int num_tokens;           // rows of this step (<= max batch)
   const InputGate* gate;    // open() once per task, by every thread, before reading inputs
+  LandedPrefetch landed;    // weights_landed(): the body's own weights are in; a later task's may stream
   __device__ bool inputs_ready() const { return gate->open(); }
+  __device__ void weights_landed() const { landed.ask(); }
   template <typename T>
   __device__ T* ptr(int slot) const { return args[slot] < 0 ? nullptr : static_cast<T*>(tensors[args[slot]]); }
   __device__ int arg(int slot) const { return args[slot]; }
@@ -90,11 +111,6 @@ __device__ __forceinline__ void load_bf16(const __nv_bfloat16* p, float (&f)[N])
     f[2 * i] = t.x;
     f[2 * i + 1] = t.y;
   }
-}
-
-// Asks L2 for `bytes` (a multiple of 16) from a 16-byte aligned address; nothing waits for it.
-__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
 }
 
 // Asks L1 for the 128-byte line holding `p`; nothing waits for it.

@@ -223,6 +223,7 @@ __device__ void linear_task(const TaskContext& c) {
       }
     }
     __syncthreads();
+    if (k0 + KC >= K) c.weights_landed();  // every weight byte is in: a later task's may stream now
     for (int i = threadIdx.x; i < rows * NB; i += NT) {  // warps in order: deterministic sums
       const int r = i / NB, b = i % NB, group = r / 16;
       float sum = 0.f;

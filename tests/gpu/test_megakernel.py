@@ -159,16 +159,18 @@ def test_launch_replays_from_a_cuda_graph(small_step):
         assert torch.equal(mk.tensors["logits"], eager)
 
 
-@pytest.mark.parametrize("cap_kib, ahead, kind_caps", [(0, 0, ()), (96, 2, ()), (192, 3, ()), (32, 1, ()),
-                                                      (48, 1, (("rmsnorm_linear_silu_mul", 0),))])
-def test_prefetch_policies_leave_the_outputs_bit_identical(small_step, cap_kib, ahead, kind_caps):
+@pytest.mark.parametrize("cap_kib, ahead, kind_caps, landed", [
+    (0, 0, (), False), (96, 2, (), False), (192, 3, (), False), (32, 1, (), False),
+    (48, 1, (("rmsnorm_linear_silu_mul", 0),), False), (48, 1, (), True), (96, 2, (), True)])
+def test_prefetch_policies_leave_the_outputs_bit_identical(small_step, cap_kib, ahead, kind_caps, landed):
     """An L2 prefetch is only a hint: any policy (none, further ahead, more bytes, a cap per op
-    kind) gives the same logits as the default, set on a loaded kernel without a rebuild."""
+    kind, asked when the task before has its weights) gives the same logits as the default, set on
+    a loaded kernel without a rebuild."""
     model, tensors = small_step
     mk = Megakernel(model.plan, tensors)
     mk.run_step(4)
     default = mk.tensors["logits"].clone()
-    mk.set_prefetch(PrefetchPolicy(cap_kib * 1024, ahead, kind_caps))
+    mk.set_prefetch(PrefetchPolicy(cap_kib * 1024, ahead, kind_caps, landed))
     mk.tensors["logits"].fill_(float("nan"))
     mk.run_step(4)
     assert torch.equal(mk.tensors["logits"], default)

@@ -102,13 +102,13 @@ PYBIND11_MODULE(MPK_MODULE_NAME, m) {
   m.def("device_pointer", &mpk::mapped_device_pointer);
   m.def("launch", [](uintptr_t tasks, uintptr_t queue_lens, uintptr_t tensors, uintptr_t counters,
                      uintptr_t triggers, uintptr_t control, uintptr_t error_host, uintptr_t profile,
-                     int num_tokens, int steps, int max_tasks, int prefetch_ahead, int num_workers, int64_t timeout_ns,
-                     uintptr_t stream) {
+                     int num_tokens, int steps, int max_tasks, int prefetch_ahead, int prefetch_landed,
+                     int num_workers, int64_t timeout_ns, uintptr_t stream) {
     mpk::KernelParams p{reinterpret_cast<const int32_t*>(tasks), reinterpret_cast<const int32_t*>(queue_lens),
                         reinterpret_cast<void* const*>(tensors), reinterpret_cast<int32_t*>(counters),
                         reinterpret_cast<const int32_t*>(triggers), reinterpret_cast<int32_t*>(control),
                         reinterpret_cast<int32_t*>(error_host), reinterpret_cast<int64_t*>(profile), num_tokens,
-                        steps, max_tasks, prefetch_ahead, timeout_ns};
+                        steps, max_tasks, prefetch_ahead, prefetch_landed, timeout_ns};
     mpk_launch(p, num_workers, reinterpret_cast<cudaStream_t>(stream));
   });
 }

@@ -31,12 +31,15 @@ class PrefetchPolicy:
     """How far ahead a worker asks L2 for its tasks' weights: the first ``cap_bytes`` of a linear
     tile's rows (``kind_caps``: another cap for the tiles of some op kinds, e.g.
     ``(("rmsnorm_linear_silu_mul", 0),)``), when the task ``ahead`` places before it in the worker's
-    queue starts (0: never). All of it is launch data (the task table and a kernel argument), so a
-    built kernel can be timed under several policies."""
+    queue starts (0: never), or, with ``landed``, once that task's own weights are all in (a linear
+    tile, after its last multiply; another task at its end), so the two do not share DRAM. All of it
+    is launch data (the task table and kernel arguments), so a built kernel can be timed under
+    several policies."""
 
     cap_bytes: int = PREFETCH_CAP_BYTES
     ahead: int = 1
     kind_caps: tuple[tuple[str, int], ...] = ()
+    landed: bool = False
 
     def __post_init__(self) -> None:
         kinds = [kind for kind, _ in self.kind_caps]

@@ -227,7 +227,8 @@ class Megakernel:
         self.module.launch(self.tasks.data_ptr(), self.queue_lens.data_ptr(), self.pointers.data_ptr(),
                            self.counters.data_ptr(), self.triggers.data_ptr(), self.control.data_ptr(),
                            self._error_flag_address, 0 if self.profile is None else self.profile.data_ptr(),
-                           num_tokens, steps, self.max_tasks, self.prefetch.ahead, self.plan.num_workers,
+                           num_tokens, steps, self.max_tasks, self.prefetch.ahead, int(self.prefetch.landed),
+                           self.plan.num_workers,
                            self.timeout_ns, stream.cuda_stream)
 
     def set_prefetch(self, prefetch: PrefetchPolicy) -> None:
