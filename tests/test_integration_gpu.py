@@ -265,11 +265,14 @@ def test_requests_joining_and_leaving_decode_as_alone(checkpoint: Path, tmp_path
     result.check()
 
 
-def test_default_compile_mode_matches_stock(checkpoint: Path, tmp_path: Path, stock_greedy) -> None:
+@pytest.mark.parametrize("host_step", [{}, HOST_STEP], ids=["vllm-logits", "megakernel-logits"])
+def test_default_compile_mode_matches_stock(checkpoint: Path, tmp_path: Path, stock_greedy,
+                                            host_step: dict[str, bool]) -> None:
     """vLLM's default compilation (torch.compile of the stock model, FULL_AND_PIECEWISE graphs):
     the megakernel is captured in the FULL decode graphs and prefill still runs compiled."""
     stock = stock_greedy(checkpoint, False)
-    ours, log = run_engine(tmp_path, checkpoint, "mpk", mpk={"strict": True}, stock=stock, compilation=None)
+    ours, log = run_engine(tmp_path, checkpoint, "mpk", mpk={"strict": True, **host_step}, stock=stock,
+                           compilation=None)
     assert ours["mpk"][0]["disabled"] is None and "megakernel ready" in log
     assert_matches_stock(ours, f"{checkpoint.name} default compile")
 
