@@ -225,8 +225,12 @@ def test_engine_kwargs() -> None:
     assert "compilation_config" not in mpk and mpk["model_impl"] == "mpk"
     assert stock["tensor_parallel_size"] == 1
     assert engine_kwargs(EngineConfig("qwen3-8b", "mpk", tensor_parallel_size=2), Path("/m"))["tensor_parallel_size"] == 2
-    cfg = EngineConfig("qwen3-8b", "mpk", batches=(1, 16), repeats=5)
+    cfg = EngineConfig("qwen3-8b", "mpk", batches=(1, 16), repeats=5, mpk_options=(("greedy_argmax", True),))
     assert configs_from_json(worker_command([cfg], Path("r.jsonl"))[3]) == [cfg]
+    assert engine_kwargs(cfg, Path("/m"))["additional_config"] == {"mpk": {"max_batch": 16, "strict": True,
+                                                                           "greedy_argmax": True}}
+    moe = engine_kwargs(EngineConfig("qwen3-30b-a3b", "mpk", batches=(1, 8)), Path("/m"))
+    assert moe["additional_config"] == {"mpk": {"max_batch": 8, "strict": True, "moe": True}}  # measures the megakernel
     floor = engine_kwargs(EngineConfig("qwen3-0.6b", "floor"), Path("/m"))
     assert floor["model_impl"] == "vllm" and "additional_config" not in floor
     assert "num_gpu_blocks_override" not in floor

@@ -23,13 +23,16 @@ from vllm_mpk.bench.offline_tokenizer import offline_tokenizer, prepare_model_di
 from vllm_mpk.bench.vllm_tools import (
     Settings,
     bench_serve_args,
+    engine_options,
     latency_args,
     latency_result,
+    mpk_args,
     serve_args,
     serve_result,
 )
 from vllm_mpk.bench.vllm_tools_table import MARKERS, render, update_results
 from vllm_mpk.cli import main
+from vllm_mpk.integration.options import MpkOptions
 from vllm_mpk.integration.plugin import READY_MESSAGE
 from vllm_mpk.models.catalog import shipped_config
 
@@ -116,6 +119,18 @@ def test_server_arguments_parse_with_vllm_serve(vllm_parser) -> None:
     args = vllm_parser(make_arg_parser).parse_args(serve_args("/m", "mpk", 8123, 16))
     assert (args.model_tag, args.load_format, args.model_impl, args.port) == ("/m", "dummy", "mpk", 8123)
     assert args.additional_config == {"mpk": {"max_batch": 16, "strict": True}}
+    opted = vllm_parser(make_arg_parser).parse_args(serve_args("/m", "mpk", 8123, 16, {"greedy_argmax": True}))
+    assert opted.additional_config == {"mpk": {"max_batch": 16, "strict": True, "greedy_argmax": True}}
+
+
+def test_the_mpk_engine_opts_in_to_moe_and_takes_more_options() -> None:
+    """What is measured is the megakernel: a MoE model's mpk engine opts in to its MoE path."""
+    assert engine_options(Settings(models=()), "qwen3-0.6b") == {}
+    assert engine_options(Settings(models=()), "qwen3-30b-a3b") == {"moe": True}
+    both = Settings(models=(), mpk_options=(("logits_in_kernel", True),))
+    options = json.loads(mpk_args("mpk", 64, engine_options(both, "qwen3-30b-a3b"))[-1])["mpk"]
+    assert options == {"max_batch": 32, "strict": True, "moe": True, "logits_in_kernel": True}
+    assert MpkOptions.from_dict(options).moe  # options the plugin takes
 
 
 def test_bench_serve_arguments_parse_with_vllm_bench_serve(vllm_parser) -> None:
@@ -416,6 +431,7 @@ def test_cli_redraws_the_table_from_rows(tmp_path: Path) -> None:
     (["--concurrencies", "0"], "expected an integer of at least 1, got 0"),
     (["--benches", "throughput"], "invalid choice: 'throughput'"),
     (["--serve-temperature", "-1"], "expected a number of at least 0, got -1"),
+    (["--mpk-options", '{"max_batch": 0}'], "--mpk-options: expected a JSON object of mpk options"),
     (["--table-only", "--rows", "/nonexistent/rows.jsonl"], "--rows /nonexistent/rows.jsonl does not exist"),
 ])
 def test_cli_bad_arguments_are_one_line_and_exit_2(argv: list[str], message: str,

@@ -415,7 +415,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         configs = [EngineConfig(model, impl, tuple(args.batches), args.prompt_len, args.new_tokens, args.repeats,
                                 args.gpu_memory_utilization, args.vllm_compile, profile_dir=profile_dir,
                                 profile_tokens=args.profile_tokens, profile_stack_tokens=args.profile_stack_tokens,
-                                tensor_parallel_size=args.tensor_parallel_size)
+                                tensor_parallel_size=args.tensor_parallel_size,
+                                mpk_options=tuple(args.mpk_options.items()))
                    for model in args.models for impl in args.impls]
         log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="vllm_mpk_bench_"))
         together = "a model's engines side by side in one process" if args.side_by_side else "one engine a process"
@@ -467,6 +468,7 @@ def cmd_bench_vllm(args: argparse.Namespace) -> int:
             input_lens=tuple(args.input_lens), output_len=args.output_len, concurrencies=tuple(args.concurrencies),
             serve_input_len=args.serve_input_len, serve_output_len=args.serve_output_len,
             prompts_per_concurrency=args.prompts_per_concurrency, serve_temperature=args.serve_temperature,
+            mpk_options=tuple(args.mpk_options.items()),
             repeats=args.repeats, num_iters=args.num_iters,
             num_iters_warmup=args.num_iters_warmup, port=args.port,
             timeout_s=args.timeout, server_start_s=args.server_timeout)
@@ -611,6 +613,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--batches", nargs="+", type=POSITIVE, default=list(d.batches))
     b.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
                    help="stock vLLM, --model-impl mpk, and floor: stock with one decoder layer (vLLM's per-step floor)")
+    b.add_argument("--mpk-options", type=mpk_options, default={}, metavar="JSON",
+                   help='more of the mpk engine\'s additional_config["mpk"] (it is strict and planned to the largest '
+                        'batch; a MoE model gets "moe": true), e.g. \'{"greedy_argmax": true}\'')
     b.add_argument("--results", type=Path, default=Path("benchmarks/RESULTS.md"), help="markdown file to update")
     b.add_argument("--rows", type=Path, default=Path("benchmarks/vllm_bench.jsonl"),
                    help="JSON lines: new rows are appended, the table is drawn from all of them")
@@ -676,6 +681,9 @@ def add_bench_vllm_parser(sub: argparse._SubParsersAction) -> None:
                    help="vllm bench serve --random-output-len")
     b.add_argument("--prompts-per-concurrency", type=POSITIVE, default=d.prompts_per_concurrency,
                    help="vllm bench serve --num-prompts is this times the concurrency, at least 16")
+    b.add_argument("--mpk-options", type=mpk_options, default={}, metavar="JSON",
+                   help='more of the mpk engine\'s additional_config["mpk"] (it is strict and planned to the largest '
+                        'batch; a MoE model gets "moe": true), e.g. \'{"logits_in_kernel": true}\'')
     b.add_argument("--serve-temperature", type=number_in(0, low_included=True), default=d.serve_temperature,
                    help="vllm bench serve --temperature for every request (0: greedy); default: none sent, the "
                         "server's default applies (1.0 for these checkpoints)")

@@ -4,8 +4,10 @@ settings, each engine in a process of its own on one card.
 
 Models are directories holding a shipped config.json and the offline tokenizer
 (``vllm_mpk.bench.offline_tokenizer``), run with vLLM's dummy weights. The mpk engine is strict
-(it fails rather than silently running vLLM's layers) and plans decode batches up to the largest
-the benchmark makes (at most ``MAX_LINEAR_BATCH``). vLLM takes any ``--model-impl`` string, so
+(it fails rather than silently running vLLM's layers), plans decode batches up to the largest the
+benchmark makes (at most ``MAX_LINEAR_BATCH``), opts in to the megakernel's MoE path for a
+mixture-of-experts model (what is measured is the megakernel), and takes ``mpk_options`` on top
+(e.g. the host-step opt-ins). vLLM takes any ``--model-impl`` string, so
 an mpk engine whose log never says a megakernel was ready (the plugin not installed for the
 Python that runs ``vllm``) gives error rows, not stock's numbers under mpk's name. Repeats are
 interleaved between the impls (vllm, mpk, vllm, mpk, ...) so that a drift of the host's speed
@@ -28,7 +30,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -61,6 +63,7 @@ class Settings:
     serve_output_len: int = 256
     prompts_per_concurrency: int = 4  # --num-prompts = this × the concurrency (at least 16)
     serve_temperature: float | None = None  # vllm bench serve --temperature; None: the server's default (1.0 here)
+    mpk_options: tuple[tuple[str, object], ...] = ()  # more additional_config["mpk"] entries for the mpk engine
     repeats: int = 3
     num_iters: int | None = None  # vllm bench latency --num-iters and --num-iters-warmup; None: vLLM's (30, 10)
     num_iters_warmup: int | None = None
@@ -74,28 +77,41 @@ def vllm_executable() -> str:
     return shutil.which("vllm") or str(Path(sys.executable).parent / "vllm")
 
 
-def mpk_args(impl: str, max_batch: int) -> list[str]:
-    """The engine's ``--model-impl`` and, for mpk, its options: strict, planned to ``max_batch``."""
+def mpk_args(impl: str, max_batch: int, options: Mapping[str, object] | None = None) -> list[str]:
+    """The engine's ``--model-impl`` and, for mpk, its options: strict, planned to ``max_batch``,
+    and ``options`` on top."""
     args = ["--model-impl", impl]
     if impl == MPK:
-        options = {"mpk": {"max_batch": min(max_batch, MAX_LINEAR_BATCH), "strict": True}}
-        args += ["--additional-config", json.dumps(options, separators=(",", ":"))]
+        mpk = {"max_batch": min(max_batch, MAX_LINEAR_BATCH), "strict": True, **(options or {})}
+        args += ["--additional-config", json.dumps({"mpk": mpk}, separators=(",", ":"))]
     return args
 
 
+def engine_options(settings: Settings, model: str) -> dict[str, object]:
+    """The mpk engine's options for ``model`` beyond ``mpk_args``' own: the MoE opt-in for a
+    mixture-of-experts model, then ``settings.mpk_options``."""
+    from vllm_mpk.models.catalog import shipped_config
+    from vllm_mpk.models.spec import ModelSpec
+
+    moe = {"moe": True} if ModelSpec.from_hf_config(shipped_config(model)).is_moe else {}
+    return {**moe, **dict(settings.mpk_options)}
+
+
 def latency_args(model_dir: str, impl: str, batch: int, input_len: int, output_len: int, output_json: str,
-                 num_iters: int | None = None, num_iters_warmup: int | None = None) -> list[str]:
+                 num_iters: int | None = None, num_iters_warmup: int | None = None,
+                 options: Mapping[str, object] | None = None) -> list[str]:
     """The arguments of ``vllm bench latency`` (after ``bench latency``); its iteration counts only
     where given."""
     iters = [*(["--num-iters", str(num_iters)] if num_iters else []),
              *(["--num-iters-warmup", str(num_iters_warmup)] if num_iters_warmup is not None else [])]
-    return ["--model", model_dir, "--load-format", "dummy", *mpk_args(impl, batch), "--batch-size", str(batch),
+    return ["--model", model_dir, "--load-format", "dummy", *mpk_args(impl, batch, options), "--batch-size", str(batch),
             "--input-len", str(input_len), "--output-len", str(output_len), *iters, "--output-json", output_json]
 
 
-def serve_args(model_dir: str, impl: str, port: int, max_concurrency: int) -> list[str]:
+def serve_args(model_dir: str, impl: str, port: int, max_concurrency: int,
+               options: Mapping[str, object] | None = None) -> list[str]:
     """The arguments of ``vllm serve``."""
-    return [model_dir, "--load-format", "dummy", *mpk_args(impl, max_concurrency), "--port", str(port)]
+    return [model_dir, "--load-format", "dummy", *mpk_args(impl, max_concurrency, options), "--port", str(port)]
 
 
 def num_prompts(per_concurrency: int, concurrency: int) -> int:
@@ -226,7 +242,7 @@ def latency_rows(settings: Settings, dirs: dict[str, Path], log_dir: Path,
                         out = log_dir / f"{name}.json"
                         command = [vllm, "bench", "latency", *latency_args(
                             str(dirs[model]), impl, batch, input_len, settings.output_len, str(out),
-                            settings.num_iters, settings.num_iters_warmup)]
+                            settings.num_iters, settings.num_iters_warmup, engine_options(settings, model))]
                         row: Row = {"bench": "latency", "model": model, "impl": impl, "batch": batch,
                                     "input_len": input_len, "output_len": settings.output_len, "repeat": repeat,
                                     "command": shown(command, str(dirs[model]))}
@@ -255,7 +271,8 @@ def serve_one(settings: Settings, vllm: str, model: str, model_dir: str, impl: s
     """One ``vllm serve`` of ``model`` and ``impl``, ``vllm bench serve`` at each concurrency, a
     row each."""
     name = f"serve-{model}-{impl}-r{repeat}"
-    server = [vllm, "serve", *serve_args(model_dir, impl, settings.port, max(settings.concurrencies))]
+    server = [vllm, "serve", *serve_args(model_dir, impl, settings.port, max(settings.concurrencies),
+                                         engine_options(settings, model))]
     log = log_dir / f"{name}.log"
     rows = [{"bench": "serve", "model": model, "impl": impl, "concurrency": c, "input_len": settings.serve_input_len,
              "output_len": settings.serve_output_len, "temperature": settings.serve_temperature, "repeat": repeat,

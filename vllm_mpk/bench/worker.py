@@ -44,6 +44,7 @@ from vllm_mpk.bench.profiling import engine_profile_dir, profile_engine, profile
 from vllm_mpk.bench.step_timer import HOST_PARTS, HOST_PHASES
 from vllm_mpk.bench.table import FLOOR, MPK, STOCK, model_label
 from vllm_mpk.models.catalog import shipped_config
+from vllm_mpk.models.spec import ModelSpec
 
 FAST_COMPILATION = {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"}  # no torch.compile; FULL decode graphs
 STEP_TIMER = "vllm_mpk.bench.step_timer.StepTimer"
@@ -76,11 +77,14 @@ class EngineConfig:
     profile_stack_tokens: int = 12
     tensor_parallel_size: int = 1
     kv_blocks: int | None = None
+    mpk_options: tuple[tuple[str, Any], ...] = ()  # more additional_config["mpk"] entries for the mpk engine
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> EngineConfig:
-        """From ``dataclasses.asdict`` of one, through JSON (``batches`` comes back a list)."""
-        return cls(**{**raw, "batches": tuple(raw.get("batches", cls.batches))})
+        """From ``dataclasses.asdict`` of one, through JSON (``batches`` comes back a list, and
+        ``mpk_options`` a list of lists)."""
+        return cls(**{**raw, "batches": tuple(raw.get("batches", cls.batches)),
+                      "mpk_options": tuple(tuple(kv) for kv in raw.get("mpk_options", ()))})
 
     @property
     def compilation(self) -> str:
@@ -128,8 +132,10 @@ def engine_kwargs(cfg: EngineConfig, directory: Path) -> dict[str, Any]:
         kwargs["profiler_config"] = profiler_config(engine_profile_dir(cfg.profile_dir, cfg.model, cfg.impl))
     if cfg.kv_blocks is not None:
         kwargs["num_gpu_blocks_override"] = cfg.kv_blocks
-    if cfg.impl == "mpk":
-        kwargs["additional_config"] = {"mpk": {"max_batch": max(cfg.batches), "strict": True}}
+    if cfg.impl == "mpk":  # strict, planned to the largest batch; a MoE model opts in to the megakernel's MoE path
+        moe = {"moe": True} if ModelSpec.from_hf_config(shipped_config(cfg.model)).is_moe else {}
+        kwargs["additional_config"] = {"mpk": {"max_batch": max(cfg.batches), "strict": True, **moe,
+                                               **dict(cfg.mpk_options)}}
     return kwargs
 
 
