@@ -136,3 +136,12 @@ TINY_QWEN3 = {
     "vocab_size": 1000, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 256,
     "tie_word_embeddings": False, "hidden_act": "silu",
 }
+
+
+def assert_one_line_usage_error(argv: list[str], message: str, capsys: Any) -> None:
+    """``vllm-mpk argv`` exits 2 with one line on stderr, naming the CLI and holding ``message``."""
+    from vllm_mpk.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vllm-mpk: error: ") and message in err and err.count("\n") == 1, err

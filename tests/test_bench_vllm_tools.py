@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import assert_one_line_usage_error
 from vllm_mpk.bench import vllm_tools
 from vllm_mpk.bench.offline_tokenizer import offline_tokenizer, prepare_model_dir
 from vllm_mpk.bench.vllm_tools import (
@@ -436,9 +437,7 @@ def test_cli_redraws_the_table_from_rows(tmp_path: Path) -> None:
 ])
 def test_cli_bad_arguments_are_one_line_and_exit_2(argv: list[str], message: str,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench-vllm", *argv]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("vllm-mpk: error: ") and message in err and err.count("\n") == 1
+    assert_one_line_usage_error(["bench-vllm", *argv], message, capsys)
 
 
 @pytest.mark.parametrize("command, flag", [(["bench-vllm", "--models", MODEL], "--log-dir"),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import assert_one_line_usage_error
 from vllm_mpk import cli
 from vllm_mpk.bench import soak as soak_module
 from vllm_mpk.bench.greedy_compare import Comparison, Divergence
@@ -168,9 +169,7 @@ def test_no_runs_no_ready_line_and_a_dead_server_are_problems() -> None:
 ])
 def test_cli_bad_arguments_are_one_line_and_exit_2(argv: list[str], message: str,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["soak", *argv]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("vllm-mpk: error: ") and message in err and err.count("\n") == 1
+    assert_one_line_usage_error(["soak", *argv], message, capsys)
 
 
 def test_cli_takes_fixed_lengths(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

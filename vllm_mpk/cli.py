@@ -116,6 +116,7 @@ def number_in(low: float, high: float = math.inf, low_included: bool = False) ->
 
 
 POSITIVE = int_in(1)
+BATCH = int_in(1, MAX_LINEAR_BATCH)  # the rows a GPU linear tile stages
 
 
 def mpk_options(text: str) -> dict[str, Any]:
@@ -128,7 +129,6 @@ def mpk_options(text: str) -> dict[str, Any]:
     except (json.JSONDecodeError, MpkOptionsError, TypeError) as e:
         raise argparse.ArgumentTypeError(f"expected a JSON object of mpk options: {e}") from None
     return raw or {}
-BATCH = int_in(1, MAX_LINEAR_BATCH)  # the rows a GPU linear tile stages
 
 
 def check_positions(model: ResolvedModel, positions: int, what: str) -> None:

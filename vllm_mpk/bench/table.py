@@ -6,11 +6,12 @@ latest run that measured it, so stock and mpk always come from the same run on t
 Per model and batch (milliseconds): TPOT and forward time of both impls and their ratios;
 lm_head (``compute_logits``: vLLM's GEMV for stock; for mpk next to nothing where the megakernel
 runs the lm_head itself, ``logits_in_kernel``, so both impls' ratios compare forward + lm_head);
-overhead = TPOT - forward - lm_head, each impl's own, the step's time outside the model's GPU work
-(scheduling, input preparation, sampling, host gaps between launches); the floor, TPOT of stock vLLM with one
-decoder layer (``floor`` rows), and the ceiling, stock TPOT / floor: the TPOT speed-up that even
-a forward taking no time could not pass. With asynchronous scheduling vLLM's host work overlaps
-the GPU's, so the overhead column does not say how far TPOT can fall; the floor does.
+overhead = TPOT - forward - lm_head, each impl's own, the step's time outside the model's GPU
+work (scheduling, input preparation, sampling, host gaps between launches); the floor, TPOT of
+stock vLLM with one decoder layer (``floor`` rows), and the ceiling, stock TPOT / floor: the TPOT
+speed-up that even a forward taking no time could not pass. With asynchronous scheduling vLLM's
+host work overlaps the GPU's, so the overhead column does not say how far TPOT can fall; the
+floor does.
 """
 
 from __future__ import annotations

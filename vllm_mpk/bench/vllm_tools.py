@@ -90,11 +90,11 @@ def mpk_args(impl: str, max_batch: int, options: Mapping[str, object] | None = N
 def engine_options(settings: Settings, model: str) -> dict[str, object]:
     """The mpk engine's options for ``model`` beyond ``mpk_args``' own: the MoE opt-in for a
     mixture-of-experts model, then ``settings.mpk_options``."""
+    from vllm_mpk.integration.options import opt_ins
     from vllm_mpk.models.catalog import shipped_config
     from vllm_mpk.models.spec import ModelSpec
 
-    moe = {"moe": True} if ModelSpec.from_hf_config(shipped_config(model)).is_moe else {}
-    return {**moe, **dict(settings.mpk_options)}
+    return {**opt_ins(ModelSpec.from_hf_config(shipped_config(model))), **dict(settings.mpk_options)}
 
 
 def latency_args(model_dir: str, impl: str, batch: int, input_len: int, output_len: int, output_json: str,
@@ -125,12 +125,13 @@ def bench_serve_args(model_dir: str, port: int, input_len: int, output_len: int,
     request makes ``output_len`` tokens, as dummy weights would otherwise end them anywhere. Without
     ``temperature`` the requests carry none and the server's default applies (1.0 for a checkpoint
     without a generation config, as here)."""
-    return [*(["--temperature", str(temperature)] if temperature is not None else []), "--backend", "vllm", "--model", model_dir, "--port", str(port), "--dataset-name", "random",
+    return ["--backend", "vllm", "--model", model_dir, "--port", str(port), "--dataset-name", "random",
             "--random-input-len", str(input_len), "--random-output-len", str(output_len), "--ignore-eos",
             "--max-concurrency", str(concurrency), "--num-prompts", str(prompts),
             "--percentile-metrics", ",".join(PERCENTILE_METRICS),
             "--metric-percentiles", ",".join(map(str, PERCENTILES)),
-            "--save-result", "--result-filename", result_file]
+            "--save-result", "--result-filename", result_file,
+            *(["--temperature", str(temperature)] if temperature is not None else [])]
 
 
 def shown(command: Sequence[str], model_dir: str) -> str:

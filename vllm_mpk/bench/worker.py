@@ -43,6 +43,7 @@ from typing import Any
 from vllm_mpk.bench.profiling import engine_profile_dir, profile_engine, profile_passes, profiler_config
 from vllm_mpk.bench.step_timer import HOST_PARTS, HOST_PHASES
 from vllm_mpk.bench.table import FLOOR, MPK, STOCK, model_label
+from vllm_mpk.integration.options import opt_ins
 from vllm_mpk.models.catalog import shipped_config
 from vllm_mpk.models.spec import ModelSpec
 
@@ -132,9 +133,9 @@ def engine_kwargs(cfg: EngineConfig, directory: Path) -> dict[str, Any]:
         kwargs["profiler_config"] = profiler_config(engine_profile_dir(cfg.profile_dir, cfg.model, cfg.impl))
     if cfg.kv_blocks is not None:
         kwargs["num_gpu_blocks_override"] = cfg.kv_blocks
-    if cfg.impl == "mpk":  # strict, planned to the largest batch; a MoE model opts in to the megakernel's MoE path
-        moe = {"moe": True} if ModelSpec.from_hf_config(shipped_config(cfg.model)).is_moe else {}
-        kwargs["additional_config"] = {"mpk": {"max_batch": max(cfg.batches), "strict": True, **moe,
+    if cfg.impl == "mpk":  # strict, planned to the largest batch, the model's opt-ins, then the given options
+        kwargs["additional_config"] = {"mpk": {"max_batch": max(cfg.batches), "strict": True,
+                                               **opt_ins(ModelSpec.from_hf_config(shipped_config(cfg.model))),
                                                **dict(cfg.mpk_options)}}
     return kwargs
 

@@ -10,6 +10,7 @@ from vllm_mpk.api import SUPPORTED_BLOCK_DIMS
 from vllm_mpk.codegen.ops.linear import MAX_LINEAR_BATCH
 from vllm_mpk.graph.schedule import POLICIES
 from vllm_mpk.models.decoder import DecodeOptions, valid_kv_splits
+from vllm_mpk.models.spec import ModelSpec
 from vllm_mpk.runtime.watchdog import DEFAULT_TIMEOUT_S, TIMEOUT_RANGE, check_timeout_s
 
 BLOCK_DIMS = tuple(x for x, _, _ in SUPPORTED_BLOCK_DIMS)
@@ -114,6 +115,12 @@ class MpkOptions:
         for key in ("profile", "strict", "moe", "logits_in_kernel", "greedy_argmax"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "true or false")
+
+
+def opt_ins(spec: ModelSpec) -> dict[str, bool]:
+    """The options without which the megakernel does not serve ``spec`` (a benchmark that measures
+    the megakernel passes them): the MoE opt-in for a mixture-of-experts model."""
+    return {"moe": True} if spec.is_moe else {}
 
 
 def plan_batches(max_batch: int) -> tuple[int, ...]:
