@@ -224,7 +224,9 @@ def test_engine_kwargs() -> None:
     assert mpk["additional_config"] == {"mpk": {"max_batch": 8, "strict": True}}
     assert "compilation_config" not in mpk and mpk["model_impl"] == "mpk"
     assert stock["tensor_parallel_size"] == 1
-    assert engine_kwargs(EngineConfig("qwen3-8b", "mpk", tensor_parallel_size=2), Path("/m"))["tensor_parallel_size"] == 2
+    tp = engine_kwargs(EngineConfig("qwen3-8b", "mpk", tensor_parallel_size=2), Path("/m"))
+    assert tp["tensor_parallel_size"] == 2 and tp["additional_config"]["mpk"]["tensor_parallel"]  # measures the megakernel
+    assert "tensor_parallel" not in engine_kwargs(EngineConfig("qwen3-8b", "mpk"), Path("/m"))["additional_config"]["mpk"]
     cfg = EngineConfig("qwen3-8b", "mpk", batches=(1, 16), repeats=5, mpk_options=(("greedy_argmax", True),))
     assert configs_from_json(worker_command([cfg], Path("r.jsonl"))[3]) == [cfg]
     assert engine_kwargs(cfg, Path("/m"))["additional_config"] == {"mpk": {"max_batch": 16, "strict": True,

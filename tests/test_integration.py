@@ -286,15 +286,15 @@ def test_options_default_and_from_additional_config() -> None:
     assert MpkOptions.from_dict({"kv_splits": 1}).kv_splits == 1
     vc = SimpleNamespace(additional_config={"mpk": {"max_batch": 16, "num_workers": 66, "block_dim": 128,
                                                     "schedule": "round_robin", "timeout_s": 5, "profile": True,
-                                                    "strict": True, "kv_splits": 4, "moe": True,
+                                                    "strict": True, "kv_splits": 4, "moe": True, "tensor_parallel": True,
                                                     "logits_in_kernel": True, "greedy_argmax": True},
                                            "other_plugin": {"x": 1}})
     o = MpkOptions.from_vllm_config(vc)
     assert (o.max_batch, o.num_workers, o.block_dim, o.schedule, o.timeout_s, o.profile, o.strict, o.kv_splits,
-            o.moe, o.logits_in_kernel, o.greedy_argmax) == (16, 66, 128, "round_robin", 5, True, True, 4, True, True,
-                                                            True)
+            o.moe, o.tensor_parallel, o.logits_in_kernel, o.greedy_argmax) == (16, 66, 128, "round_robin", 5, True,
+                                                                               True, 4, True, True, True, True)
     assert not MpkOptions().logits_in_kernel and not MpkOptions().greedy_argmax  # opt-in until run on a GPU
-    assert not MpkOptions().moe  # mixture of experts is opt-in
+    assert not MpkOptions().moe and not MpkOptions().tensor_parallel  # MoE and TP>1 are opt-in
 
 
 @pytest.mark.parametrize("raw,match", [

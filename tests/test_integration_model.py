@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -108,16 +109,18 @@ class Built:
     weights: dict[str, torch.Tensor]  # what was loaded, in the merged layout
 
 
-def resolve_under_options(tmp: Path, config: dict[str, Any], mpk: dict[str, Any], **engine: Any) -> tuple[type, Any]:
+def resolve_under_options(tmp: Path, config: dict[str, Any], mpk: dict[str, Any], tensor_parallel_size: int = 1,
+                          **engine: Any) -> tuple[type, Any]:
     """The class vLLM's registry resolves for ``model_impl="mpk"`` under a CPU VllmConfig holding
-    ``mpk`` (as a worker loading the model does), and that config."""
-    from vllm.config import CUDAGraphMode, DeviceConfig, VllmConfig, set_current_vllm_config
+    ``mpk`` and ``tensor_parallel_size`` (as a worker loading the model does), and that config."""
+    from vllm.config import CUDAGraphMode, DeviceConfig, ParallelConfig, VllmConfig, set_current_vllm_config
     from vllm.engine.arg_utils import EngineArgs
 
     tmp.mkdir(exist_ok=True)
     (tmp / "config.json").write_text(json.dumps(config))
     mc = EngineArgs(model=str(tmp), model_impl="mpk", skip_tokenizer_init=True, **engine).create_model_config()
-    vc = VllmConfig(model_config=mc, device_config=DeviceConfig(device="cpu"), additional_config={"mpk": mpk})
+    vc = VllmConfig(model_config=mc, device_config=DeviceConfig(device="cpu"), additional_config={"mpk": mpk},
+                    parallel_config=ParallelConfig(tensor_parallel_size=tensor_parallel_size))
     vc.compilation_config.cudagraph_mode = CUDAGraphMode.FULL_AND_PIECEWISE  # what vLLM resolves on a GPU
     with set_current_vllm_config(vc):
         cls, _ = mc.registry.resolve_model_cls(mc.architectures, mc)
@@ -839,6 +842,34 @@ def test_moe_is_served_by_the_megakernel_only_when_opted_in(opted_in: bool, vllm
     else:
         assert cls.__name__ == "Qwen3MoeForCausalLM" and cls.__module__ == "vllm.model_executor.models.qwen3_moe"
         assert len(warnings) == 1 and MOE_OPT_IN in warnings[0], warnings
+
+
+@pytest.mark.parametrize("opted_in", [False, True])
+def test_tensor_parallelism_is_served_by_the_megakernel_only_when_opted_in(
+        opted_in: bool, vllm_cpu: None, tmp_path: Path, log_lines: list[logging.LogRecord]) -> None:
+    """A worker of a TP=2 engine resolves vLLM's own class after one warning that says how to opt in
+    (the megakernel is slower than stock there), however often it resolves; opted in, the MPK class,
+    silently. One GPU needs no opt-in."""
+    from vllm_mpk.integration.options import TP_OPT_IN
+
+    for _ in range(2):
+        cls, _ = resolve_under_options(tmp_path, CONFIGS["qwen3"], {"tensor_parallel": opted_in},
+                                       tensor_parallel_size=2)
+    warnings = [r.getMessage() for r in log_lines if r.levelno >= logging.WARNING]
+    assert is_mpk_class(cls) == opted_in
+    if opted_in:
+        assert not warnings, warnings
+    else:
+        assert cls.__name__ == "Qwen3ForCausalLM" and len(warnings) == 1 and TP_OPT_IN in warnings[0], warnings
+    assert is_mpk_class(resolve_under_options(tmp_path, CONFIGS["qwen3"], {})[0])
+
+
+def test_strict_mode_refuses_tensor_parallelism_that_is_not_opted_in(vllm_cpu: None, tmp_path: Path) -> None:
+    from vllm_mpk.integration.options import TP_OPT_IN
+    from vllm_mpk.models.spec import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match=re.escape(TP_OPT_IN)):
+        resolve_under_options(tmp_path, CONFIGS["qwen3"], {"strict": True}, tensor_parallel_size=2)
 
 
 MOE_DESIGNS = {

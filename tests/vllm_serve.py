@@ -58,15 +58,17 @@ def wait_healthy(server: subprocess.Popen[bytes], port: int, log_path: Path, tim
 
 
 def serve_and_compare(checkpoint: Path, tmp_path: Path, prompt: list[int], stock: Greedy,
-                      extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> Served:
-    """Start `vllm serve` on ``checkpoint`` (strict mpk, FULL decode graphs, ``extra_args``), compare
+                      extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                      mpk: dict[str, Any] | None = None) -> Served:
+    """Start `vllm serve` on ``checkpoint`` (strict mpk with ``mpk`` on top, FULL decode graphs,
+    ``extra_args``), compare
     its greedy completions of ``prompt`` with ``stock`` and stream one, then stop the server."""
     port = free_port()
     # vLLM's CLI through this interpreter: its `vllm` script may live elsewhere (or belong to another Python).
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(checkpoint), "--model-impl", "mpk",
            "--host", "127.0.0.1", "--port", str(port), "--skip-tokenizer-init", "--dtype", "bfloat16",
            "--max-model-len", "512", "--gpu-memory-utilization", "0.35", "-cc.mode=0",
-           "-cc.cudagraph_mode=FULL_DECODE_ONLY", "--additional-config", json.dumps({"mpk": {"strict": True}}),
+           "-cc.cudagraph_mode=FULL_DECODE_ONLY", "--additional-config", json.dumps({"mpk": {"strict": True, **(mpk or {})}}),
            *extra_args]
     request = {"model": str(checkpoint), "temperature": 0, "ignore_eos": True, "return_token_ids": True}
 

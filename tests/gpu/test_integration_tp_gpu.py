@@ -91,7 +91,7 @@ def run_engine(tmp: Path, model: Path, impl: str, eager: bool, tp: int = 2,
     1 s): afterwards, break an event of every rank's megakernels, record how the next request
     ends, and take the tokens again from the engine that stopped."""
     out = tmp / f"{impl}-{eager}.json"
-    mpk = {"max_batch": 8, **({"timeout_s": 1.0} if stall else {"strict": True})}
+    mpk = {"max_batch": 8, "tensor_parallel": True, **({"timeout_s": 1.0} if stall else {"strict": True})}
     args = dict(model=str(model), impl=impl, tp=tp, eager=eager, steps=STEPS, prompts=prompts(model), repo=str(REPO),
                 out=str(out), mpk=mpk, stall=stall)
     (tmp / f"{impl}-{eager}.args.json").write_text(json.dumps(args))
@@ -174,6 +174,7 @@ def test_tp2_vllm_serve_on_loopback(checkpoint: Path, tmp_path: Path, stock_tp) 
     stock = stock_tp(checkpoint, False)
     first = Greedy.from_json({"tokens": stock["tokens"][0], "logprobs": stock["logprobs"][0]})
     served = serve_and_compare(checkpoint, tmp_path, prompts(checkpoint)[0], first,
-                               ("--tensor-parallel-size", "2"), env={**os.environ, **nvshmem.ENVIRONMENT})
+                               ("--tensor-parallel-size", "2"), env={**os.environ, **nvshmem.ENVIRONMENT},
+                               mpk={"tensor_parallel": True})
     print(f"{checkpoint.name} TP=2 vllm serve: {served.comparison.summary()}")
     served.check()

@@ -135,7 +135,7 @@ def engine_kwargs(cfg: EngineConfig, directory: Path) -> dict[str, Any]:
         kwargs["num_gpu_blocks_override"] = cfg.kv_blocks
     if cfg.impl == "mpk":  # strict, planned to the largest batch, the model's opt-ins, then the given options
         kwargs["additional_config"] = {"mpk": {"max_batch": max(cfg.batches), "strict": True,
-                                               **opt_ins(ModelSpec.from_hf_config(shipped_config(cfg.model))),
+                                               **opt_ins(ModelSpec.from_hf_config(shipped_config(cfg.model)), cfg.tensor_parallel_size),
                                                **dict(cfg.mpk_options)}}
     return kwargs
 

@@ -58,7 +58,7 @@ from vllm_mpk.integration.memory import (
     declared_contents,
     megakernel_bytes,
 )
-from vllm_mpk.integration.options import MOE_OPT_IN, MpkOptions, plan_batches
+from vllm_mpk.integration.options import MOE_OPT_IN, TP_OPT_IN, MpkOptions, plan_batches
 from vllm_mpk.integration.plan_reuse import difference, widen_kv_caches
 from vllm_mpk.integration.plugin import OFF_MESSAGE, READY_MESSAGE, STOPPED_MESSAGE
 from vllm_mpk.integration.tensor_parallel import (
@@ -294,7 +294,10 @@ class MpkRuntime:
         from vllm.distributed import get_pp_group
 
         vc = self.vllm_config
-        problem = tensor_parallel_problem(self.spec, tp_rank_and_size()[1])
+        world = tp_rank_and_size()[1]
+        if world > 1 and not self.options.tensor_parallel:
+            return TP_OPT_IN
+        problem = tensor_parallel_problem(self.spec, world)
         if problem is not None:
             return problem
         if self.spec.is_moe:

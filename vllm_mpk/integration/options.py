@@ -16,6 +16,9 @@ from vllm_mpk.runtime.watchdog import DEFAULT_TIMEOUT_S, TIMEOUT_RANGE, check_ti
 BLOCK_DIMS = tuple(x for x, _, _ in SUPPORTED_BLOCK_DIMS)
 MOE_OPT_IN = ("mixture-of-experts models are opt-in while the megakernel's MoE path has not yet run under vLLM on a GPU: "
               "pass --additional-config '{\"mpk\": {\"moe\": true}}' to serve them through the megakernel")
+TP_OPT_IN = ("tensor parallelism is opt-in while the megakernel's step is slower than stock vLLM's there (two "
+             "all-reduce stages per layer; benchmarks/RESULTS.md, 'Where we are behind'): pass --additional-config "
+             "'{\"mpk\": {\"tensor_parallel\": true}}' to serve it through the megakernel")
 
 
 class MpkOptionsError(ValueError):
@@ -40,6 +43,8 @@ class MpkOptions:
     above ``max_batch`` always run the stock layers; that is routing, not a fallback.
     ``moe``: serve mixture-of-experts models (Qwen3-MoE) through the megakernel; off, they run on
     vLLM's own layers (``MOE_OPT_IN``).
+    ``tensor_parallel``: serve ``--tensor-parallel-size`` > 1 through the megakernel; off, such an
+    engine runs vLLM's own layers (``TP_OPT_IN``).
     ``logits_in_kernel``: the megakernel also runs the lm_head, and vLLM's ``compute_logits`` takes
     its logits on steps that replay a megakernel graph (``integration/kernel_logits.py``; with FULL
     decode graphs, one GPU, no LoRA, unscaled logits); false
@@ -58,6 +63,7 @@ class MpkOptions:
     profile: bool = False
     strict: bool = False
     moe: bool = False
+    tensor_parallel: bool = False
     logits_in_kernel: bool = False
     greedy_argmax: bool = False
 
@@ -112,15 +118,16 @@ class MpkOptions:
             check_timeout_s(self.timeout_s)
         except ValueError:
             raise bad("timeout_s", TIMEOUT_RANGE) from None
-        for key in ("profile", "strict", "moe", "logits_in_kernel", "greedy_argmax"):
+        for key in ("profile", "strict", "moe", "tensor_parallel", "logits_in_kernel", "greedy_argmax"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "true or false")
 
 
-def opt_ins(spec: ModelSpec) -> dict[str, bool]:
-    """The options without which the megakernel does not serve ``spec`` (a benchmark that measures
-    the megakernel passes them): the MoE opt-in for a mixture-of-experts model."""
-    return {"moe": True} if spec.is_moe else {}
+def opt_ins(spec: ModelSpec, tensor_parallel_size: int = 1) -> dict[str, bool]:
+    """The options without which the megakernel does not serve ``spec`` on ``tensor_parallel_size``
+    GPUs (a benchmark that measures the megakernel passes them): the MoE opt-in for a
+    mixture-of-experts model, the tensor-parallel one above one GPU."""
+    return {**({"moe": True} if spec.is_moe else {}), **({"tensor_parallel": True} if tensor_parallel_size > 1 else {})}
 
 
 def plan_batches(max_batch: int) -> tuple[int, ...]:

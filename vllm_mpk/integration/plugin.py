@@ -109,13 +109,14 @@ def _wrap_scheduler_cls(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def unsupported_reason(model_config: Any, arch: str, *, loaded: bool = True,
-                       options: MpkOptions | None = None) -> str | None:
+                       options: MpkOptions | None = None, tensor_parallel_size: int = 1) -> str | None:
     """Why the megakernel cannot serve this model config, or None when it can. Only the model
     config and the mpk options are read; parallelism, LoRA and the KV cache are checked by the
     worker when it builds. ``loaded=False`` skips what ``ModelConfig.__post_init__`` settles only
     after it inspects the architecture (the dtype and the checkpoint's quantization). ``options``:
     those of the VllmConfig the model is loaded under; None where there is none yet (the front end
-    making the ModelConfig), which leaves out what they decide (whether MoE is opted in)."""
+    making the ModelConfig), which leaves out what they decide (whether MoE and, above one GPU,
+    tensor parallelism are opted in)."""
     from vllm_mpk.models.spec import SUPPORT_SUMMARY, ModelSpec, UnsupportedModelError
 
     if getattr(model_config, "runner_type", "generate") != "generate":
@@ -130,10 +131,13 @@ def unsupported_reason(model_config: Any, arch: str, *, loaded: bool = True,
         return f"vLLM resolved architecture {arch}, not {spec.architecture} ({SUPPORT_SUMMARY})"
     if not loaded:
         return None
-    if spec.is_moe and options is not None and not options.moe:
-        from vllm_mpk.integration.options import MOE_OPT_IN
+    if options is not None:
+        from vllm_mpk.integration.options import MOE_OPT_IN, TP_OPT_IN
 
-        return MOE_OPT_IN
+        if spec.is_moe and not options.moe:
+            return MOE_OPT_IN
+        if tensor_parallel_size > 1 and not options.tensor_parallel:
+            return TP_OPT_IN
     if getattr(model_config, "quantization", None):
         return f"quantized weights ({model_config.quantization}) are not supported; the megakernel reads bf16"
     dtype = getattr(model_config, "dtype", None)
@@ -158,9 +162,9 @@ def route_model_cls(model_cls: type, arch: str, model_config: Any) -> type:
 
     if is_mpk_class(model_cls):
         return model_cls
-    options = _current_options()
+    options, world = _current_options()
     early = unsupported_reason(model_config, arch, loaded=False)
-    reason = early or unsupported_reason(model_config, arch, options=options)
+    reason = early or unsupported_reason(model_config, arch, options=options, tensor_parallel_size=world)
     if reason is None:
         return mpk_class(model_cls)
     if options is not None and options.strict:
@@ -182,11 +186,15 @@ def _report(model_config: Any, arch: str, reason: str, level: int) -> None:
     logger.log(level, "--model-impl mpk: %s runs on vLLM's own implementation (no megakernel): %s", arch, reason)
 
 
-def _current_options() -> MpkOptions | None:
-    """The mpk options of the VllmConfig a worker loads the model under (None elsewhere)."""
+def _current_options() -> tuple[MpkOptions | None, int]:
+    """The mpk options and tensor-parallel size of the VllmConfig a worker loads the model under
+    (None and 1 elsewhere)."""
     from vllm.config import get_current_vllm_config_or_none
 
     from vllm_mpk.integration.options import MpkOptions
 
     vllm_config = get_current_vllm_config_or_none()
-    return None if vllm_config is None else MpkOptions.from_vllm_config(vllm_config)
+    if vllm_config is None:
+        return None, 1
+    world = getattr(getattr(vllm_config, "parallel_config", None), "tensor_parallel_size", 1)
+    return MpkOptions.from_vllm_config(vllm_config), world
