@@ -615,7 +615,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="stock vLLM, --model-impl mpk, and floor: stock with one decoder layer (vLLM's per-step floor)")
     b.add_argument("--mpk-options", type=mpk_options, default={}, metavar="JSON",
                    help='more of the mpk engine\'s additional_config["mpk"] (it is strict and planned to the largest '
-                        'batch; a MoE model gets "moe": true), e.g. \'{"greedy_argmax": true}\'')
+                        'batch; a MoE model gets "moe": true, TP>1 "tensor_parallel": true), '
+                        'e.g. \'{"greedy_argmax": true}\'')
     b.add_argument("--results", type=Path, default=Path("benchmarks/RESULTS.md"), help="markdown file to update")
     b.add_argument("--rows", type=Path, default=Path("benchmarks/vllm_bench.jsonl"),
                    help="JSON lines: new rows are appended, the table is drawn from all of them")
