@@ -24,7 +24,6 @@ from vllm_mpk.bench.offline_tokenizer import offline_tokenizer, prepare_model_di
 from vllm_mpk.bench.vllm_tools import (
     Settings,
     bench_serve_args,
-    engine_options,
     latency_args,
     latency_result,
     mpk_args,
@@ -32,6 +31,7 @@ from vllm_mpk.bench.vllm_tools import (
     serve_result,
 )
 from vllm_mpk.bench.vllm_tools_table import MARKERS, render, update_results
+from vllm_mpk.bench.worker import mpk_engine_options
 from vllm_mpk.cli import main
 from vllm_mpk.integration.options import MpkOptions
 from vllm_mpk.integration.plugin import READY_MESSAGE
@@ -126,10 +126,10 @@ def test_server_arguments_parse_with_vllm_serve(vllm_parser) -> None:
 
 def test_the_mpk_engine_opts_in_to_moe_and_takes_more_options() -> None:
     """What is measured is the megakernel: a MoE model's mpk engine opts in to its MoE path."""
-    assert engine_options(Settings(models=()), "qwen3-0.6b") == {}
-    assert engine_options(Settings(models=()), "qwen3-30b-a3b") == {"moe": True}
-    both = Settings(models=(), mpk_options=(("logits_in_kernel", True),))
-    options = json.loads(mpk_args("mpk", 64, engine_options(both, "qwen3-30b-a3b"))[-1])["mpk"]
+    assert mpk_engine_options("qwen3-0.6b") == {}
+    assert mpk_engine_options("qwen3-30b-a3b") == {"moe": True}
+    both = mpk_engine_options("qwen3-30b-a3b", (("logits_in_kernel", True),))
+    options = json.loads(mpk_args("mpk", 64, both)[-1])["mpk"]
     assert options == {"max_batch": 32, "strict": True, "moe": True, "logits_in_kernel": True}
     assert MpkOptions.from_dict(options).moe  # options the plugin takes
 

@@ -131,6 +131,14 @@ def mpk_options(text: str) -> dict[str, Any]:
     return raw or {}
 
 
+def add_benchmark_mpk_options(parser: argparse.ArgumentParser, opt_ins: str, example: str) -> None:
+    """A benchmark's ``--mpk-options``: entries of its mpk engine's additional_config["mpk"] on top
+    of those it sets itself (strict, planned to the largest batch, and ``opt_ins``)."""
+    parser.add_argument("--mpk-options", type=mpk_options, default={}, metavar="JSON",
+                        help='more of the mpk engine\'s additional_config["mpk"] (it is strict and planned to the '
+                             f'largest batch; {opt_ins}), e.g. \'{example}\'')
+
+
 def check_positions(model: ResolvedModel, positions: int, what: str) -> None:
     """Sequences no longer than the model was trained for (its ``max_position_embeddings``)."""
     limit = model.spec.max_position_embeddings
@@ -613,10 +621,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--batches", nargs="+", type=POSITIVE, default=list(d.batches))
     b.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS),
                    help="stock vLLM, --model-impl mpk, and floor: stock with one decoder layer (vLLM's per-step floor)")
-    b.add_argument("--mpk-options", type=mpk_options, default={}, metavar="JSON",
-                   help='more of the mpk engine\'s additional_config["mpk"] (it is strict and planned to the largest '
-                        'batch; a MoE model gets "moe": true, TP>1 "tensor_parallel": true), '
-                        'e.g. \'{"greedy_argmax": true}\'')
+    add_benchmark_mpk_options(b, 'a MoE model gets "moe": true, TP>1 "tensor_parallel": true', '{"greedy_argmax": true}')
     b.add_argument("--results", type=Path, default=Path("benchmarks/RESULTS.md"), help="markdown file to update")
     b.add_argument("--rows", type=Path, default=Path("benchmarks/vllm_bench.jsonl"),
                    help="JSON lines: new rows are appended, the table is drawn from all of them")
@@ -682,9 +687,7 @@ def add_bench_vllm_parser(sub: argparse._SubParsersAction) -> None:
                    help="vllm bench serve --random-output-len")
     b.add_argument("--prompts-per-concurrency", type=POSITIVE, default=d.prompts_per_concurrency,
                    help="vllm bench serve --num-prompts is this times the concurrency, at least 16")
-    b.add_argument("--mpk-options", type=mpk_options, default={}, metavar="JSON",
-                   help='more of the mpk engine\'s additional_config["mpk"] (it is strict and planned to the largest '
-                        'batch; a MoE model gets "moe": true), e.g. \'{"logits_in_kernel": true}\'')
+    add_benchmark_mpk_options(b, 'a MoE model gets "moe": true', '{"logits_in_kernel": true}')
     b.add_argument("--serve-temperature", type=number_in(0, low_included=True), default=d.serve_temperature,
                    help="vllm bench serve --temperature for every request (0: greedy); default: none sent, the "
                         "server's default applies (1.0 for these checkpoints)")

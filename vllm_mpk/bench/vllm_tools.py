@@ -38,6 +38,7 @@ from typing import IO
 from vllm_mpk.bench.offline_tokenizer import prepare_model_dir
 from vllm_mpk.bench.runner import Row, log_tail, run_id, sigterm_as_exit, with_group_killed
 from vllm_mpk.bench.table import MPK, STOCK
+from vllm_mpk.bench.worker import mpk_engine_options
 from vllm_mpk.codegen.ops.linear import MAX_LINEAR_BATCH
 from vllm_mpk.integration.plugin import READY_MESSAGE
 from vllm_mpk.runtime import nvshmem
@@ -85,16 +86,6 @@ def mpk_args(impl: str, max_batch: int, options: Mapping[str, object] | None = N
         mpk = {"max_batch": min(max_batch, MAX_LINEAR_BATCH), "strict": True, **(options or {})}
         args += ["--additional-config", json.dumps({"mpk": mpk}, separators=(",", ":"))]
     return args
-
-
-def engine_options(settings: Settings, model: str) -> dict[str, object]:
-    """The mpk engine's options for ``model`` beyond ``mpk_args``' own: the MoE opt-in for a
-    mixture-of-experts model, then ``settings.mpk_options``."""
-    from vllm_mpk.integration.options import opt_ins
-    from vllm_mpk.models.catalog import shipped_config
-    from vllm_mpk.models.spec import ModelSpec
-
-    return {**opt_ins(ModelSpec.from_hf_config(shipped_config(model))), **dict(settings.mpk_options)}
 
 
 def latency_args(model_dir: str, impl: str, batch: int, input_len: int, output_len: int, output_json: str,
@@ -243,7 +234,7 @@ def latency_rows(settings: Settings, dirs: dict[str, Path], log_dir: Path,
                         out = log_dir / f"{name}.json"
                         command = [vllm, "bench", "latency", *latency_args(
                             str(dirs[model]), impl, batch, input_len, settings.output_len, str(out),
-                            settings.num_iters, settings.num_iters_warmup, engine_options(settings, model))]
+                            settings.num_iters, settings.num_iters_warmup, mpk_engine_options(model, settings.mpk_options))]
                         row: Row = {"bench": "latency", "model": model, "impl": impl, "batch": batch,
                                     "input_len": input_len, "output_len": settings.output_len, "repeat": repeat,
                                     "command": shown(command, str(dirs[model]))}
@@ -273,7 +264,7 @@ def serve_one(settings: Settings, vllm: str, model: str, model_dir: str, impl: s
     row each."""
     name = f"serve-{model}-{impl}-r{repeat}"
     server = [vllm, "serve", *serve_args(model_dir, impl, settings.port, max(settings.concurrencies),
-                                         engine_options(settings, model))]
+                                         mpk_engine_options(model, settings.mpk_options))]
     log = log_dir / f"{name}.log"
     rows = [{"bench": "serve", "model": model, "impl": impl, "concurrency": c, "input_len": settings.serve_input_len,
              "output_len": settings.serve_output_len, "temperature": settings.serve_temperature, "repeat": repeat,

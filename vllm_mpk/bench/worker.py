@@ -135,9 +135,17 @@ def engine_kwargs(cfg: EngineConfig, directory: Path) -> dict[str, Any]:
         kwargs["num_gpu_blocks_override"] = cfg.kv_blocks
     if cfg.impl == "mpk":  # strict, planned to the largest batch, the model's opt-ins, then the given options
         kwargs["additional_config"] = {"mpk": {"max_batch": max(cfg.batches), "strict": True,
-                                               **opt_ins(ModelSpec.from_hf_config(shipped_config(cfg.model)), cfg.tensor_parallel_size),
-                                               **dict(cfg.mpk_options)}}
+                                               **mpk_engine_options(cfg.model, cfg.mpk_options,
+                                                                    cfg.tensor_parallel_size)}}
     return kwargs
+
+
+def mpk_engine_options(model: str, extra: Sequence[tuple[str, Any]] = (),
+                       tensor_parallel_size: int = 1) -> dict[str, Any]:
+    """What a benchmark's mpk engine of the shipped ``model`` gets beyond its batch and strictness:
+    the opt-ins without which the megakernel would not serve it (what is measured is the
+    megakernel), then ``extra``."""
+    return {**opt_ins(ModelSpec.from_hf_config(shipped_config(model)), tensor_parallel_size), **dict(extra)}
 
 
 def token_prompts(batch: int, prompt_len: int, vocab: int) -> list[dict[str, list[int]]]:

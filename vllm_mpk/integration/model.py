@@ -58,7 +58,7 @@ from vllm_mpk.integration.memory import (
     declared_contents,
     megakernel_bytes,
 )
-from vllm_mpk.integration.options import MOE_OPT_IN, TP_OPT_IN, MpkOptions, plan_batches
+from vllm_mpk.integration.options import MpkOptions, plan_batches
 from vllm_mpk.integration.plan_reuse import difference, widen_kv_caches
 from vllm_mpk.integration.plugin import OFF_MESSAGE, READY_MESSAGE, STOPPED_MESSAGE
 from vllm_mpk.integration.tensor_parallel import (
@@ -295,13 +295,11 @@ class MpkRuntime:
 
         vc = self.vllm_config
         world = tp_rank_and_size()[1]
-        if world > 1 and not self.options.tensor_parallel:
-            return TP_OPT_IN
-        problem = tensor_parallel_problem(self.spec, world)
+        problem = self.options.missing_opt_in(self.spec, world) or tensor_parallel_problem(self.spec, world)
         if problem is not None:
             return problem
         if self.spec.is_moe:
-            problem = MOE_OPT_IN if not self.options.moe else moe_parallel_problem(getattr(vc, "parallel_config", None))
+            problem = moe_parallel_problem(getattr(vc, "parallel_config", None))
             if problem is not None:
                 return problem
         if get_pp_group().world_size != 1:

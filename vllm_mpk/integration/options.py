@@ -122,6 +122,15 @@ class MpkOptions:
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "true or false")
 
+    def missing_opt_in(self, spec: ModelSpec, tensor_parallel_size: int) -> str | None:
+        """The opt-in ``spec`` on ``tensor_parallel_size`` GPUs needs and these options lack (its
+        message), or None; ``opt_ins`` gives the options that supply them."""
+        if spec.is_moe and not self.moe:
+            return MOE_OPT_IN
+        if tensor_parallel_size > 1 and not self.tensor_parallel:
+            return TP_OPT_IN
+        return None
+
 
 def opt_ins(spec: ModelSpec, tensor_parallel_size: int = 1) -> dict[str, bool]:
     """The options without which the megakernel does not serve ``spec`` on ``tensor_parallel_size``

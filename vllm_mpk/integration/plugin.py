@@ -131,13 +131,9 @@ def unsupported_reason(model_config: Any, arch: str, *, loaded: bool = True,
         return f"vLLM resolved architecture {arch}, not {spec.architecture} ({SUPPORT_SUMMARY})"
     if not loaded:
         return None
-    if options is not None:
-        from vllm_mpk.integration.options import MOE_OPT_IN, TP_OPT_IN
-
-        if spec.is_moe and not options.moe:
-            return MOE_OPT_IN
-        if tensor_parallel_size > 1 and not options.tensor_parallel:
-            return TP_OPT_IN
+    missing = None if options is None else options.missing_opt_in(spec, tensor_parallel_size)
+    if missing is not None:
+        return missing
     if getattr(model_config, "quantization", None):
         return f"quantized weights ({model_config.quantization}) are not supported; the megakernel reads bf16"
     dtype = getattr(model_config, "dtype", None)
